@@ -1,0 +1,103 @@
+"""Training throughput (samples/s): the Hugging Face Trainer vs emocompress's Lightning loop.
+
+    python benchmarks/train_speed.py --data ../shared/data/emotion --steps 60 --warmup 10
+
+Same model (packaged all-MiniLM-L6-v2), batch size 32, max length 128, AdamW, fp32, all CPU
+threads. The HF Trainer runs with random batches and with ``group_by_length``; emocompress runs
+its real training path (oversampling + inverse class weights + length-grouped batches). Each
+figure is samples per second over ``steps`` optimizer steps after ``warmup`` untimed ones.
+Needs ``pip install -e .[bench]`` (the HF Trainer needs accelerate).
+"""
+
+import argparse
+import logging
+import tempfile
+import time
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from emocompress import pretrained
+from emocompress.classifier import EmotionClassifier
+from emocompress.data import EmotionDataModule
+
+
+class _Throughput(Callback):
+    """Samples per second over the batches after the first ``warmup``."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.samples, self.start = warmup, 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+        if batch_idx >= self.warmup:
+            self.samples += len(batch["labels"])
+
+    def on_train_end(self, trainer, pl_module):
+        self.rate = self.samples / (time.perf_counter() - self.start)
+
+
+def emocompress_rate(data: str, steps: int, warmup: int, batch_size: int) -> float:
+    datamodule = EmotionDataModule(data, batch_size=batch_size)
+    model = EmotionClassifier(id2label=datamodule.id2label)
+    meter = _Throughput(warmup)
+    trainer = Trainer(accelerator="cpu", max_steps=steps + warmup, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[meter])
+    trainer.fit(model, datamodule=datamodule)
+    return meter.rate
+
+
+def hf_trainer_rate(data: str, steps: int, warmup: int, batch_size: int, group_by_length: bool) -> float:
+    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer as HFTrainer,
+                              TrainerCallback, TrainingArguments)
+
+    datamodule = EmotionDataModule(data, batch_size=batch_size, oversample_to=None)
+    datamodule.setup("fit")
+    train = datamodule.splits["train"]
+    model = AutoModelForSequenceClassification.from_pretrained(pretrained.resolve(pretrained.PACKAGED_MINILM),
+                                                               num_labels=datamodule.num_classes)
+    timer = {}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                timer["start"] = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            timer["seconds"] = time.perf_counter() - timer["start"]
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, per_device_train_batch_size=batch_size, max_steps=steps + warmup,
+                                 learning_rate=1e-4, length_column_name="length",
+                                 train_sampling_strategy="group_by_length" if group_by_length else "random",
+                                 report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                                 disable_tqdm=True, dataloader_drop_last=True)
+        HFTrainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(
+            datamodule.tokenizer), callbacks=[Timer()]).train()
+    return steps * batch_size / timer["seconds"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/emotion")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=32)
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    rates = {
+        "HF Trainer, random batches": hf_trainer_rate(args.data, args.steps, args.warmup, args.batch_size, False),
+        "HF Trainer, group_by_length": hf_trainer_rate(args.data, args.steps, args.warmup, args.batch_size, True),
+        "emocompress (oversampled, length-grouped)": emocompress_rate(args.data, args.steps, args.warmup,
+                                                                      args.batch_size),
+    }
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up steps")
+    for name, rate in rates.items():
+        print(f"{name:<45}{rate:8.1f} samples/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Lightning callbacks: each does one thing to ``pl_module.model`` or to a run's outputs."""

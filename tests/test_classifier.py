@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
+                             recall_score)
+
+from emocompress.classifier import EmotionClassifier, classification_metrics, confusion_figure, metrics_report
+from emocompress.data import EmotionDataModule
+
+ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
+
+
+def _sklearn_report(target, preds):
+    return {
+        "accuracy": accuracy_score(target, preds),
+        "macro_f1": f1_score(target, preds, average="macro"),
+        "balanced_accuracy": balanced_accuracy_score(target, preds),
+        "cohen_kappa": cohen_kappa_score(target, preds),
+        "f1_per_class": f1_score(target, preds, average=None),
+        "accuracy_per_class": recall_score(target, preds, average=None),
+        "confusion": confusion_matrix(target, preds),
+    }
+
+
+def _assert_report_matches(report, expected, id2label):
+    for name in ("accuracy", "macro_f1", "balanced_accuracy", "cohen_kappa"):
+        assert report[name] == pytest.approx(expected[name], abs=1e-6), name
+    for i, label in id2label.items():
+        assert report["per_class"][label]["f1"] == pytest.approx(expected["f1_per_class"][i], abs=1e-6)
+        assert report["per_class"][label]["accuracy"] == pytest.approx(expected["accuracy_per_class"][i], abs=1e-6)
+    assert report["confusion_matrix"] == expected["confusion"].tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_sklearn_on_random_predictions(seed):
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, 6, (500,), generator=generator)
+    # mostly right, with an imbalance in what is predicted, so the metrics differ from each other
+    preds = torch.where(torch.rand(500, generator=generator) < 0.6, target,
+                        torch.randint(0, 3, (500,), generator=generator))
+    id2label = dict(enumerate("abcdef"))
+    metrics = classification_metrics(6)
+    for chunk_t, chunk_p in zip(target.split(64), preds.split(64)):  # batched updates, like an epoch
+        metrics.update(chunk_p, chunk_t)
+    confusion = torch.tensor(confusion_matrix(target, preds))
+    report = metrics_report(metrics.compute(), confusion, id2label)
+    _assert_report_matches(report, _sklearn_report(target, preds), id2label)
+    assert report["per_class"]["a"]["support"] == int((target == 0).sum())
+
+
+def test_model_trains_with_dropout_on(tiny_model_dir):
+    model = EmotionClassifier(tiny_model_dir, ID2LABEL)
+    assert all(module.training for module in model.model.modules())
+    assert model.model.config.id2label == ID2LABEL
+    assert model.model.config.num_labels == 3
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"id2label": {0: "joy"}}, "at least two labels"),
+    ({"lr": 0.0}, "model.lr must be positive"),
+    ({"warmup_ratio": 1.0}, r"model.warmup_ratio must be in \[0, 1\)"),
+])
+def test_bad_settings_fail_at_construction(tiny_model_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EmotionClassifier(tiny_model_dir, **{"id2label": ID2LABEL, **kwargs})
+
+
+def _trainer(tmp_path, **kwargs):
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+def test_fit_uses_class_weights_from_the_datamodule(emotion_dir, tiny_model_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, oversample_to=None, batch_size=4)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    _trainer(tmp_path, max_epochs=1, num_sanity_val_steps=0).fit(model, datamodule=dm)
+    torch.testing.assert_close(model.class_weights, torch.tensor([14 / 24, 14 / 12, 14 / 6]))
+    assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+    # the logged training loss is the class-weighted cross-entropy
+    batch = next(iter(dm.train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch)
+    weighted = F.cross_entropy(logits, batch["labels"], weight=model.class_weights)
+    plain = F.cross_entropy(logits, batch["labels"])
+    assert not torch.isclose(weighted, plain)
+
+
+def test_logged_validation_metrics_equal_sklearn(emotion_dir, tiny_model_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, eval_batch_size=3)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label)
+    trainer = _trainer(tmp_path)
+    logged = trainer.validate(model, datamodule=dm)[0]
+    # independent predictions over the same split
+    model.eval()
+    preds, target = [], []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            preds.append(model(batch).argmax(-1))
+            target.append(batch["labels"])
+    preds, target = torch.cat(preds), torch.cat(target)
+    expected = _sklearn_report(target, preds)
+    assert len(target) == 7
+    for name in ("accuracy", "macro_f1", "balanced_accuracy", "cohen_kappa"):
+        assert logged[f"val/{name}"] == pytest.approx(expected[name], abs=1e-6)
+    for i, label in dm.id2label.items():
+        assert logged[f"val/f1/{label}"] == pytest.approx(expected["f1_per_class"][i], abs=1e-6)
+        assert logged[f"val/accuracy/{label}"] == pytest.approx(expected["accuracy_per_class"][i], abs=1e-6)
+
+
+def test_predict_returns_probabilities_per_text(emotion_dir, tiny_model_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label)
+    records = [r for batch in _trainer(tmp_path).predict(model, datamodule=dm) for r in batch]
+    assert [r["line"] for r in records] == list(range(1, 10))
+    for record in records:
+        assert set(record["probs"]) == {"anger", "joy", "love"}
+        assert sum(record["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert record["label"] == max(record["probs"], key=record["probs"].get)
+
+
+def test_confusion_figure_shows_counts_and_row_percentages():
+    fig = confusion_figure(torch.tensor([[3, 1], [0, 2]]), ["joy", "sadness"])
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["3\n75.0%", "1\n25.0%", "0\n0.0%", "2\n100.0%"]

@@ -1,0 +1,130 @@
+"""The real command line, run in subprocesses on a tiny model: fit -> test -> predict, DDP, configs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from emocompress.classifier import EmotionClassifier
+from emocompress.cli import main
+
+from .conftest import REPO
+
+CONFIGS = REPO / "configs"
+
+
+def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "emocompress.cli", *map(str, args)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    return result
+
+
+def tiny_args(emotion_dir, tiny_model_dir, *extra):
+    return ["-c", CONFIGS / "base.yaml", "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir,
+            "--data.model_name", tiny_model_dir, *extra]
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_fit_test_predict(emotion_dir, tiny_model_dir, tmp_path):
+    _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir), cwd=tmp_path))
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    assert (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+    # fit tested the best checkpoint and wrote the metrics
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert report["labels"] == ["anger", "joy", "love"]
+    assert sum(map(sum, report["confusion_matrix"])) == 9
+    assert set(report) >= {"accuracy", "macro_f1", "balanced_accuracy", "cohen_kappa", "per_class"}
+
+    # the HF export loads without Lightning and gives the best checkpoint's logits
+    exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf_model")
+    assert exported.config.id2label == {0: "anger", 1: "joy", 2: "love"}
+    module = EmotionClassifier.load_from_checkpoint(best, map_location="cpu").eval()
+    batch = tokenizer(["i feel so happy", "furious today"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**batch).logits, module(batch))
+
+    # test again from the checkpoint in a fresh process: same numbers
+    _ok(run_cli("test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", best), cwd=tmp_path))
+    assert json.loads((run.parent / "version_1" / "test_metrics.json").read_text()) == report
+
+    # predict: texts in, JSON lines with labels and probabilities out
+    texts = tmp_path / "texts.txt"
+    texts.write_text("i feel so happy today\n\ni am furious\nloving and tender\n")
+    _ok(run_cli("predict", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", best,
+                                      "--data.predict_file", texts), cwd=tmp_path))
+    records = [json.loads(line) for line in (run.parent / "version_2" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["text"]) for r in records] == [
+        (1, "i feel so happy today"), (3, "i am furious"), (4, "loving and tender")]
+    for record in records:
+        assert record["label"] in report["labels"]
+        assert sum(record["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
+    # 1 process x batch 8 and 2 processes x batch 4 see the same global batches (the sampler groups
+    # for batch_size * world_size), so with unweighted loss and no dropout they train the same model.
+    same = ("--data.class_weighting", "none", "--trainer.max_epochs", 3)
+    ddp = ("--trainer.devices", 2, "--trainer.strategy", "ddp")
+    _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir, *same, "--data.batch_size", 8), cwd=tmp_path))
+    _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir, *same, *ddp, "--data.batch_size", 4), cwd=tmp_path))
+    runs = tmp_path / "logs" / "tiny"
+    weights = [torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for v in ("version_0", "version_1")]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
+    one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
+
+    # testing on 2 ranks: 9 test texts, none dropped or counted twice, the same numbers as 1 rank
+    best = next((runs / "version_1" / "checkpoints").glob("best-*.ckpt"))
+    _ok(run_cli("test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", best, *ddp), cwd=tmp_path))
+    tested = json.loads((runs / "version_2" / "test_metrics.json").read_text())
+    assert sum(map(sum, tested["confusion_matrix"])) == 9
+    assert tested["confusion_matrix"] == two["confusion_matrix"]
+    for name in ("accuracy", "macro_f1", "balanced_accuracy", "cohen_kappa"):
+        assert tested[name] == pytest.approx(two[name], abs=1e-6)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml"))
+def test_every_config_parses(experiment, capsys):
+    overlays = ["-c", str(CONFIGS / "teacher.yaml")] if experiment == "baseline.yaml" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(CONFIGS / "base.yaml"), *overlays, "-c", str(CONFIGS / experiment), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "val/macro_f1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_help(subcommand, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--data.oversample_to" in out and "--model.lr" in out and "--trainer.devices" in out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--data.oversample_to", "2"), r"data.oversample_to must be in (0, 1]"),
+    (("--data.no_such_key", "1"), "no_such_key"),
+    (("--data.class_weighting", "inverted"), "inverted"),
+])
+def test_bad_config_fails_with_a_clear_message(emotion_dir, tiny_model_dir, tmp_path, extra, message):
+    result = run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir, *extra), cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr

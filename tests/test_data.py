@@ -1,0 +1,261 @@
+import json
+from collections import Counter
+
+import datasets
+import pytest
+import torch
+
+from emocompress.data import EmotionDataModule, EpochSampler, class_weights, oversampled_counts
+
+
+def _datamodule(folder, tiny_model_dir, **kwargs) -> EmotionDataModule:
+    return EmotionDataModule(str(folder), model_name=tiny_model_dir, **kwargs)
+
+
+# ---- imbalance handling ----
+def test_oversampling_counts_and_weights_exact(emotion_dir, tiny_model_dir):
+    dm = _datamodule(emotion_dir, tiny_model_dir, oversample_to=0.5, class_weighting="inverse", batch_size=4)
+    dm.setup("fit")
+    assert dm.id2label == {0: "anger", 1: "joy", 2: "love"}
+    assert dm.counts_before == [8, 4, 2]
+    assert dm.counts_after == [8, 4, 4]  # love raised to ceil(0.5 * 8) = 4; joy already there
+    # inverse: N / (C * n_c) with N = 16 after oversampling
+    torch.testing.assert_close(dm.class_weights, torch.tensor([16 / 24, 16 / 12, 16 / 12]))
+    # and one training epoch really contains those counts
+    labels = dm.splits["train"]["labels"]
+    epoch = [labels[i] for i in dm.train_dataloader().sampler]
+    assert Counter(epoch) == {0: 8, 1: 4, 2: 4}
+
+
+@pytest.mark.parametrize(("scheme", "expected"), [
+    ("none", [1.0, 1.0, 1.0]),
+    ("inverse", [14 / 24, 14 / 12, 14 / 6]),
+    ("sqrt_inverse", [(14 / 24) ** 0.5, (14 / 12) ** 0.5, (14 / 6) ** 0.5]),
+])
+def test_class_weights_without_oversampling(emotion_dir, tiny_model_dir, scheme, expected):
+    dm = _datamodule(emotion_dir, tiny_model_dir, oversample_to=None, class_weighting=scheme)
+    dm.setup("fit")
+    assert dm.counts_after == dm.counts_before == [8, 4, 2]
+    torch.testing.assert_close(dm.class_weights, torch.tensor(expected))
+
+
+def test_full_oversampling_balances_and_weights_become_one():
+    assert oversampled_counts([5362, 572, 1304], 1.0) == [5362, 5362, 5362]
+    torch.testing.assert_close(class_weights([7, 7, 7], "inverse"), torch.ones(3))
+
+
+# ---- sampler: determinism, sharding, length grouping ----
+LABELS = [0] * 20 + [1] * 7 + [2] * 3
+LENGTHS = [(i * 7) % 40 + 1 for i in range(len(LABELS))]
+
+
+def _train_sampler(rank=0, world=1, seed=0):
+    return EpochSampler(LABELS, counts_after=[20, 10, 10], lengths=LENGTHS, batch_size=4, shuffle=True,
+                        even_shards=True, num_replicas=world, rank=rank, seed=seed)
+
+
+def test_sampler_is_seeded_and_reshuffles_each_epoch():
+    a, b = _train_sampler(), _train_sampler()
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    assert Counter(LABELS[i] for i in a) == {0: 20, 1: 10, 2: 10}
+    assert len(a) == 40
+
+
+def test_train_shards_cover_the_epoch_evenly():
+    single = _train_sampler().global_epoch().tolist()
+    shards = [list(_train_sampler(rank=r, world=3)) for r in range(3)]
+    assert {len(s) for s in shards} == {14}  # 40 padded to 42, 14 each
+    assert all(len(s) == len(_train_sampler(rank=r, world=3)) for r, s in enumerate(shards))
+    union = Counter(i for s in shards for i in s)
+    # every index of the oversampled epoch, plus the 2 padding draws
+    assert sum(union.values()) - len(single) == 2
+    assert Counter(single) - union == Counter()
+
+
+def test_eval_shards_see_every_example_exactly_once():
+    n = 31
+    shards = [list(EpochSampler([0] * n, num_replicas=2, rank=r)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(n))
+    assert [len(EpochSampler([0] * n, num_replicas=2, rank=r)) for r in range(2)] == [16, 15]
+
+
+def test_length_grouping_cuts_padding():
+    lengths = torch.randint(5, 120, (4000,), generator=torch.Generator().manual_seed(0))
+    labels = [0] * 4000
+
+    def mean_padded(sampler):
+        order = torch.tensor(list(sampler))
+        return torch.stack([lengths[b].max() for b in order.split(32)]).float().mean()
+
+    random_batches = EpochSampler(labels, batch_size=32, shuffle=True)
+    grouped = EpochSampler(labels, lengths=lengths, batch_size=32, shuffle=True)
+    assert sorted(grouped) == list(range(4000))  # same examples, only reordered
+    assert mean_padded(grouped) < 0.75 * mean_padded(random_batches)
+
+
+def test_loader_pads_each_batch_to_its_longest_text(emotion_dir, tiny_model_dir):
+    dm = _datamodule(emotion_dir, tiny_model_dir, batch_size=4)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4
+    assert batch["input_ids"].shape[1] == batch["attention_mask"].sum(dim=1).max()
+
+
+def test_max_length_truncates(emotion_dir, tiny_model_dir):
+    dm = _datamodule(emotion_dir, tiny_model_dir, max_length=5)
+    dm.setup("fit")
+    assert max(dm.splits["train"]["length"]) == 5
+
+
+# ---- sources ----
+def _rows(folder, split):
+    return [line.rsplit(";", 1) for line in (folder / f"{split}.txt").read_text().splitlines()]
+
+
+def test_csv_with_custom_columns(emotion_dir, tiny_model_dir, tmp_path):
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for split in ("train", "val", "test"):
+        rows = "\n".join(f'"{t}",{label}' for t, label in _rows(emotion_dir, split))
+        (folder / f"{split}.csv").write_text("sentence,emotion\n" + rows + "\n")
+    dm = _datamodule(folder, tiny_model_dir, text_column="sentence", label_column="emotion")
+    dm.setup("fit")
+    assert dm.counts_before == [8, 4, 2]
+
+
+def test_jsonl_and_json_with_int_labels(emotion_dir, tiny_model_dir, tmp_path):
+    folder = tmp_path / "json"
+    folder.mkdir()
+    names = ["anger", "joy", "love"]
+    for split, name, suffix in (("train", "train", ".jsonl"), ("val", "validation", ".json"),
+                                ("test", "test", ".jsonl")):
+        rows = [{"text": t, "label": names.index(label)} for t, label in _rows(emotion_dir, split)]
+        body = json.dumps(rows) if suffix == ".json" else "\n".join(json.dumps(r) for r in rows)
+        (folder / f"{name}{suffix}").write_text(body)
+    dm = _datamodule(folder, tiny_model_dir)
+    dm.setup("fit")
+    assert dm.id2label == {0: "0", 1: "1", 2: "2"}
+    assert dm.counts_before == [8, 4, 2]
+    assert len(dm.splits["val"]) == 7
+
+
+def test_dataset_name_path_loads_a_hub_layout_dataset(emotion_dir, tiny_model_dir, tmp_path):
+    # A local folder in the hub's layout goes through the same datasets.load_dataset(name) call as a hub name.
+    folder = tmp_path / "hub_layout"
+    (folder / "data").mkdir(parents=True)
+    for split, name in (("train", "train"), ("val", "validation"), ("test", "test")):
+        rows = "\n".join(f'"{t}",{label}' for t, label in _rows(emotion_dir, split))
+        (folder / "data" / f"{name}.csv").write_text("text,label\n" + rows + "\n")
+    dm = _datamodule(folder, tiny_model_dir)
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.counts_before == [8, 4, 2]
+    assert len(dm.splits["test"]) == 9
+
+
+def test_save_to_disk_with_classlabel_names(emotion_dir, tiny_model_dir, tmp_path):
+    names = ["anger", "joy", "love"]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    splits = {name: datasets.Dataset.from_dict(
+        {"text": [t for t, _ in _rows(emotion_dir, split)],
+         "label": [names.index(label) for _, label in _rows(emotion_dir, split)]}, features=features)
+        for split, name in (("train", "train"), ("val", "validation"), ("test", "test"))}
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "saved")
+    dm = _datamodule(tmp_path / "saved", tiny_model_dir)
+    assert dm.id2label == {0: "anger", 1: "joy", 2: "love"}
+    dm.setup("fit")
+    assert dm.counts_before == [8, 4, 2]
+
+
+def test_explicit_labels_set_the_order(emotion_dir, tiny_model_dir):
+    dm = _datamodule(emotion_dir, tiny_model_dir, labels=["love", "joy", "anger", "sadness"], oversample_to=None)
+    assert dm.id2label == {0: "love", 1: "joy", 2: "anger", 3: "sadness"}
+    with pytest.raises(ValueError, match=r"no train examples of \['sadness'\]"):
+        dm.setup("fit")
+
+
+def test_text_split_on_last_semicolon_and_blank_lines_skipped(tmp_path, tiny_model_dir):
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.txt").write_text("\ufeffa; b happy;joy\r\n\n  \nc mad;anger\n")
+    dm = _datamodule(tmp_path, tiny_model_dir)
+    raw = dm._raw_split("train")
+    assert raw["text"] == ["a; b happy", "c mad"]
+    assert raw["label"] == ["joy", "anger"]
+    assert raw["line"] == [1, 4]
+
+
+# ---- bad input: each names the place and the fix ----
+def _write(folder, train="happy day;joy\nmad day;anger\n", val=None, test=None):
+    folder.mkdir(exist_ok=True)
+    (folder / "train.txt").write_text(train)
+    (folder / "val.txt").write_text(val if val is not None else train)
+    (folder / "test.txt").write_text(test if test is not None else train)
+    return folder
+
+
+@pytest.mark.parametrize(("files", "stage", "message"), [
+    ({"train": "happy day;joy\nno separator here\n"}, "fit", r"train\.txt:2: no ';' separating text and label"),
+    ({"train": "happy day;joy\n ;anger\n"}, "fit", r"train\.txt:2: empty text"),
+    ({"train": "happy day;joy\nmad day;\n"}, "fit", r"train\.txt:2: empty label"),
+    ({"val": "happy day;joy\nsad day;sadness\n"}, "fit",
+     r"val\.txt:2: unknown label 'sadness', expected one of \['anger', 'joy'\]"),
+    ({"test": "\n\n"}, "test", r"test\.txt\[?.*the test split has no examples"),
+    ({"train": "happy day;joy\nglad day;joy\n"}, "fit", r"only the label\(s\) \['joy'\]"),
+])
+def test_bad_text_files(tmp_path, tiny_model_dir, files, stage, message):
+    folder = _write(tmp_path / "d", **files)
+    with pytest.raises(ValueError, match=message):
+        _datamodule(folder, tiny_model_dir).setup(stage)
+
+
+def test_missing_split_file(tmp_path, tiny_model_dir):
+    folder = _write(tmp_path / "d")
+    (folder / "val.txt").unlink()
+    with pytest.raises(ValueError, match=r"no val split; expected a file named val\{.txt"):
+        _datamodule(folder, tiny_model_dir).setup("fit")
+
+
+def test_missing_csv_column(tmp_path, tiny_model_dir):
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for split in ("train", "val", "test"):
+        (folder / f"{split}.csv").write_text("sentence,label\nhappy,joy\nmad,anger\n")
+    with pytest.raises(ValueError, match=r"train\.csv.*no column 'text'.*\['sentence', 'label'\].*data\.text_column"):
+        _datamodule(folder, tiny_model_dir).setup("fit")
+
+
+def test_empty_csv_cell_names_the_row(tmp_path, tiny_model_dir):
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for split in ("train", "val", "test"):
+        (folder / f"{split}.csv").write_text("text,label\nhappy,joy\n,anger\n")
+    with pytest.raises(ValueError, match=r"train\.csv:3: empty 'text'"):
+        _datamodule(folder, tiny_model_dir).setup("fit")
+
+
+def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="could not load .*no_such_dataset_here"):
+        _datamodule(tmp_path / "no_such_dataset_here", tiny_model_dir).setup("fit")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"oversample_to": 1.5}, r"data\.oversample_to must be in \(0, 1\]"),
+    ({"batch_size": 0}, r"data\.batch_size must be a positive integer"),
+    ({"labels": ["joy", "joy"]}, "data.labels has duplicates"),
+])
+def test_bad_settings_fail_at_construction(emotion_dir, tiny_model_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _datamodule(emotion_dir, tiny_model_dir, **kwargs)
+
+
+def test_predict_file_one_text_per_line(emotion_dir, tiny_model_dir, tmp_path):
+    (tmp_path / "texts.txt").write_text("i feel happy\n\ni am furious\n")
+    dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(tmp_path / "texts.txt"))
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["text"] == ["i feel happy", "i am furious"]
+    assert batch["line"] == [1, 3]
+    assert batch["input_ids"].shape[0] == 2
