@@ -128,3 +128,19 @@ def test_bad_config_fails_with_a_clear_message(emotion_dir, tiny_model_dir, tmp_
     result = run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir, *extra), cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_prune_and_quantize_in_one_run(emotion_dir, tiny_model_dir, tmp_path):
+    # The real configs, shrunk by tiny.yaml: pruning with recovery during fit, INT8 for the test after it.
+    args = ["-c", CONFIGS / "base.yaml", "-c", CONFIGS / "prune.yaml", "-c", CONFIGS / "quantize.yaml",
+            "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir, "--data.model_name", tiny_model_dir,
+            "--trainer.max_epochs", 2]
+    _ok(run_cli("fit", *args, cwd=tmp_path))
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
+    linears = [m.weight for m in exported.modules() if isinstance(m, torch.nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in linears)
+    assert zeros == round(0.5 * sum(w.numel() for w in linears))
+    assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert sum(map(sum, report["confusion_matrix"])) == 9

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -95,12 +96,15 @@ class EmotionClassifier(LightningModule):
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
         warmup_ratio: share of training steps with linear warm-up, in [0, 1); then linear decay to 0.
+        init_checkpoint: a Lightning checkpoint of this class whose network weights start this run (to
+            prune or distil a fine-tuned model). Unlike ``--ckpt_path``, optimizer, schedule and epochs
+            start fresh. An ``hf_model`` export works too, as ``data.model_name``.
         trust_remote_code: allow a model folder to run its own code; only for models you trust.
     """
 
     def __init__(self, model_name: str = pretrained.PACKAGED_MINILM, id2label: dict[int, str] | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                 trust_remote_code: bool = False):
+                 init_checkpoint: str | None = None, trust_remote_code: bool = False):
         super().__init__()
         if not id2label or len(id2label) < 2:
             raise ValueError(f"model.id2label needs at least two labels, got {id2label}")
@@ -114,6 +118,8 @@ class EmotionClassifier(LightningModule):
             pretrained.resolve(model_name), num_labels=len(self.id2label), id2label=self.id2label,
             label2id={name: i for i, name in self.id2label.items()}, ignore_mismatched_sizes=True,
             trust_remote_code=trust_remote_code)
+        if init_checkpoint is not None:
+            self._load_network(init_checkpoint)
         # from_pretrained returns eval mode, and Lightning keeps module modes: without this, dropout
         # would stay off during fine-tuning.
         self.model.train()
@@ -123,6 +129,18 @@ class EmotionClassifier(LightningModule):
         self.metrics = torch.nn.ModuleDict({stage: metrics.clone(prefix=f"{stage}/") for stage in ("val", "test")})
         self.confusion = torch.nn.ModuleDict({stage: MulticlassConfusionMatrix(num_classes)
                                               for stage in ("val", "test")})
+
+    def _load_network(self, path: str) -> None:
+        try:
+            # weights_only: a checkpoint is data, never code to run.
+            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+            raise ValueError(f"model.init_checkpoint: cannot read a Lightning checkpoint from {path} ({err})") from err
+        network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(network, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"model.init_checkpoint: {path} does not fit {self.hparams.model_name} with "
+                             f"{len(self.id2label)} labels (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def setup(self, stage: str):
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -1,0 +1,173 @@
+"""Global unstructured magnitude pruning of ``pl_module.model`` with recovery fine-tuning in the same fit."""
+
+from typing import Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.nn.utils import prune
+from typing_extensions import override
+
+
+def cubic_sparsity(step: int, final: float, start_step: int, end_step: int) -> float:
+    """Target sparsity at ``step`` under the schedule of Zhu & Gupta (2017), "To prune, or not to prune":
+    ``s_t = s_f * (1 - (1 - (t - t0) / (t1 - t0)) ** 3)``, rising fast first and flattening as
+    ``end_step`` nears, when the network has fewer redundant weights left to lose.
+
+    >>> [round(cubic_sparsity(t, 0.5, 0, 100), 3) for t in (0, 50, 100, 200)]
+    [0.0, 0.438, 0.5, 0.5]
+    """
+    if step <= start_step:
+        return 0.0
+    progress = min(1.0, (step - start_step) / max(1, end_step - start_step))
+    return final * (1 - (1 - progress) ** 3)
+
+
+class MagnitudePruning(Callback):
+    """Prunes the smallest-magnitude weights across all ``nn.Linear`` layers of ``pl_module.model`` (one
+    global threshold, biases never), then lets the rest of ``fit`` recover the accuracy.
+
+    Pruning uses ``torch.nn.utils.prune``: each pruned layer's ``weight`` is recomputed from
+    ``weight_orig * weight_mask`` before every forward, so pruned weights are exactly zero through every
+    optimizer step. Checkpoints store plain weights with the zeros folded in (they load into an unpruned
+    model); on resume the masks are rebuilt from those zeros. When training ends the masks are removed
+    (``prune.remove``), leaving an ordinary model whose pruned weights are zero. Each rank computes the
+    same masks from the same (DDP-synchronised) weights, so it works under DDP.
+
+    Only ``pl_module.model`` is touched: a distillation teacher or any other module is never pruned.
+
+    Logs ``prune/sparsity`` (over the pruned layers) and ``prune/sparsity/<layer>``.
+
+    Args:
+        amount: final share of the targeted weights set to zero, in [0, 0.95].
+        schedule: ``one_shot`` prunes to ``amount`` at ``start_step``; ``cubic`` raises the sparsity
+            from 0 at ``start_step`` to ``amount`` at ``end_step`` (Zhu & Gupta 2017), pruning every
+            ``every_n_steps`` optimizer steps.
+        start_step: optimizer step at which pruning starts (0: before the first step).
+        end_step: with ``cubic``, the step at which ``amount`` is reached; keep it within the first epoch
+            or two so that checkpoints chosen on validation are at the final sparsity.
+        every_n_steps: with ``cubic``, steps between pruning updates.
+        include_classifier: also prune the task head (the layers outside ``model.base_model``).
+        include_embeddings: also prune the ``nn.Embedding`` tables (word, position, token type).
+    """
+
+    def __init__(self, amount: float = 0.5, schedule: Literal["one_shot", "cubic"] = "one_shot",
+                 start_step: int = 0, end_step: int | None = None, every_n_steps: int = 50,
+                 include_classifier: bool = True, include_embeddings: bool = False):
+        if not 0 <= amount <= 0.95:
+            raise ValueError(f"MagnitudePruning.amount must be in [0, 0.95], got {amount}")
+        if start_step < 0 or every_n_steps < 1:
+            raise ValueError("MagnitudePruning.start_step must be >= 0 and every_n_steps >= 1, "
+                             f"got {start_step} and {every_n_steps}")
+        if schedule == "cubic" and (end_step is None or end_step <= start_step):
+            raise ValueError(f"MagnitudePruning.end_step must be set and > start_step ({start_step}) for the "
+                             f"cubic schedule, got {end_step}")
+        self.amount = amount
+        self.schedule = schedule
+        self.start_step = start_step
+        self.end_step = end_step
+        self.every_n_steps = every_n_steps
+        self.include_classifier = include_classifier
+        self.include_embeddings = include_embeddings
+        self.sparsity = 0.0  # sparsity reached so far; saved in checkpoints
+
+    # ---- what to prune ----
+    def parameters_to_prune(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) of each layer whose ``weight`` is pruned. Override to choose other layers."""
+        types = (nn.Linear, nn.Embedding) if self.include_embeddings else (nn.Linear,)
+        encoder = getattr(model, "base_model", model)
+        head = {id(m) for m in model.modules()} - {id(m) for m in encoder.modules()}
+        return [(name, module) for name, module in model.named_modules()
+                if isinstance(module, types) and (self.include_classifier or id(module) not in head)]
+
+    def _targets(self, pl_module: LightningModule) -> list[tuple[str, nn.Module]]:
+        return self.parameters_to_prune(pl_module.model)
+
+    def _target_sparsity(self, step: int) -> float:
+        if self.schedule == "one_shot":
+            return self.amount if step >= self.start_step else 0.0
+        return cubic_sparsity(step, self.amount, self.start_step, self.end_step)
+
+    # ---- pruning ----
+    def _prune_to(self, pl_module: LightningModule, sparsity: float) -> None:
+        targets = self._targets(pl_module)
+        total = sum(m.weight.numel() for _, m in targets)
+        already = sum(int((m.weight_mask == 0).sum()) for _, m in targets if prune.is_pruned(m))
+        # An int amount prunes exactly that many of the still-unpruned weights, so the count is exact.
+        extra = round(sparsity * total) - already
+        if extra <= 0:
+            return
+        prune.global_unstructured([(m, "weight") for _, m in targets], prune.L1Unstructured, amount=extra)
+        self.sparsity = sparsity
+        self._log(pl_module, targets)
+
+    def _log(self, pl_module: LightningModule, targets) -> None:
+        zeros = {name: int((m.weight == 0).sum()) for name, m in targets}
+        total = sum(m.weight.numel() for _, m in targets)
+        values = {"prune/sparsity": sum(zeros.values()) / total}
+        values.update({f"prune/sparsity/{name}": zeros[name] / m.weight.numel() for name, m in targets})
+        pl_module.log_dict(values, sync_dist=True)
+        rank_zero_info("pruned %d layers to %.2f%% global sparsity", len(targets), 100 * values["prune/sparsity"])
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Runs after a checkpoint is restored: rebuild the masks from the folded zeros when resuming.
+        if self.sparsity > 0:
+            for _, module in self._targets(pl_module):
+                if not prune.is_pruned(module):
+                    prune.custom_from_mask(module, "weight", mask=module.weight.detach() != 0)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step < self.start_step or (self.schedule == "cubic" and (step - self.start_step) % self.every_n_steps):
+            return
+        self._prune_to(pl_module, self._target_sparsity(step))
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.sparsity > 0:
+            self._log(pl_module, self._targets(pl_module))
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Before on_fit_end (the HF export and the test after fit): leave a plain model with zeros.
+        if self.sparsity < self.amount:
+            rank_zero_warn(f"training ended at {self.sparsity:.3f} sparsity, below the target {self.amount}: "
+                           "set MagnitudePruning.end_step within the training steps")
+        for _, module in self._targets(pl_module):
+            if prune.is_pruned(module):
+                prune.remove(module, "weight")
+
+    # ---- checkpoints ----
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # Fold masks into plain weights so the checkpoint loads into an unpruned model (HF export,
+        # test, a later run); the live model keeps its masks.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.endswith(".weight_orig")]:
+            base = key.removesuffix("_orig")
+            state[base] = state.pop(key) * state.pop(base + "_mask")
+
+    @override
+    def state_dict(self) -> dict:
+        return {"sparsity": self.sparsity}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.sparsity = state_dict["sparsity"]
+
+
+def sparsity(module: nn.Module) -> float:
+    """Share of exactly-zero entries over the ``weight`` tensors of the ``nn.Linear`` layers of ``module``.
+
+    >>> layer = nn.Linear(2, 2)
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.copy_(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    >>> sparsity(layer)
+    0.75
+    """
+    weights = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
+

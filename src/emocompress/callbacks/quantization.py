@@ -1,0 +1,223 @@
+"""Post-training dynamic INT8 quantization of ``pl_module.model``, saved to disk and reloadable.
+
+Two backends behind one option, both CPU-only:
+  * ``onnxruntime``: export with the TorchScript-based ONNX exporter (with eager attention, which
+    onnxruntime's BERT optimizer fuses into ``Attention`` nodes), optimize, then
+    ``onnxruntime.quantization.quantize_dynamic``. The deployment standard on CPU, and the fastest here.
+  * ``torch``: ``torch.ao.quantization.quantize_dynamic`` of the ``nn.Linear`` layers (deprecated in
+    recent torch, still working). Saved as a state_dict that reloads into a re-quantized skeleton with
+    ``torch.load(weights_only=True)``.
+"""
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["onnxruntime", "torch"]
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_META = "int8.json"
+_TORCH_WEIGHTS = "int8_state_dict.pt"
+_ONNX_FILE = "model.onnx"
+
+
+@contextlib.contextmanager
+def _quiet():
+    # torch.ao.quantization and the TorchScript ONNX exporter warn that they are deprecated on every call.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _quantize_torch(model: nn.Module, include_embeddings: bool) -> nn.Module:
+    """A copy of ``model`` with INT8 ``nn.Linear`` weights (and ``nn.Embedding`` tables, if asked);
+    activations are quantized on the fly per batch."""
+    from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, quantize_dynamic
+
+    spec = {nn.Linear: default_dynamic_qconfig}
+    if include_embeddings:
+        spec[nn.Embedding] = float_qparams_weight_only_qconfig
+    with _quiet():
+        return quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+class OrtClassifier(nn.Module):
+    """An ONNX Runtime session behind the ``AutoModelForSequenceClassification`` call signature:
+    ``model(input_ids=..., attention_mask=...).logits`` is a (B, C) float tensor on the CPU."""
+
+    def __init__(self, path: str | Path, config, num_threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.config = config
+
+    def forward(self, **inputs) -> SequenceClassifierOutput:
+        feeds = {name: inputs[name].cpu().numpy() for name in self.input_names}
+        return SequenceClassifierOutput(logits=torch.from_numpy(self.session.run(None, feeds)[0]))
+
+
+def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddings: bool = False,
+             out_dir: str | Path | None = None, num_threads: int | None = None, tokenizer=None) -> nn.Module:
+    """INT8 copy of a ``transformers`` sequence classifier, optionally saved to ``out_dir``.
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` model (fp32, any device; it is not changed).
+        backend: ``onnxruntime`` or ``torch`` (see the module docstring).
+        include_embeddings: quantize the embedding tables too (about half of a MiniLM's bytes).
+        out_dir: folder to save the INT8 model in (``load_int8`` reads it back); a temporary one if None
+            with ``onnxruntime``, nothing saved with ``torch``.
+        num_threads: ONNX Runtime intra-op threads (default: all cores).
+        tokenizer: saved beside the model, so the folder is all a user needs.
+
+    Returns:
+        The INT8 model, CPU-only, called like the original: ``model(**batch).logits``.
+    """
+    model = _fp32_copy(model, attn_implementation="sdpa" if backend == "torch" else "eager")
+    if backend == "torch":
+        quantized = _quantize_torch(model, include_embeddings)
+        if out_dir is not None:
+            _save(out_dir, backend, include_embeddings, model.config, tokenizer,
+                  lambda tmp: torch.save(quantized.state_dict(), tmp / _TORCH_WEIGHTS))
+        return quantized
+    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="emocompress-int8-"))
+    _save(out_dir, backend, include_embeddings, model.config, tokenizer,
+          lambda tmp: _write_onnx_int8(model, tmp / _ONNX_FILE, include_embeddings))
+    return OrtClassifier(out_dir / _ONNX_FILE, model.config, num_threads)
+
+
+def _fp32_copy(model: nn.Module, attn_implementation: str) -> nn.Module:
+    """A plain CPU fp32 eval-mode copy of ``model``. Eager attention exports as plain MatMul/Softmax,
+    which onnxruntime's BERT optimizer fuses into one Attention op; torch runs faster with sdpa."""
+    copy = AutoModelForSequenceClassification.from_config(model.config, attn_implementation=attn_implementation)
+    copy.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    return copy.eval()
+
+
+def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    config = model.config
+    names = [n for n in _INPUTS if n != "token_type_ids" or config.type_vocab_size > 1 or
+             getattr(config, "model_type", "") == "bert"]
+    example = {n: torch.ones(1, 8, dtype=torch.long) for n in names}
+    if "token_type_ids" in example:
+        example["token_type_ids"] = torch.zeros(1, 8, dtype=torch.long)
+    fp32_file = out_file.with_name("fp32.onnx")
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(model, (), str(fp32_file), kwargs=example, input_names=names, output_names=["logits"],
+                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    optimized = optimize_model(str(fp32_file), model_type="bert", num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size)
+    optimized.save_model_to_file(str(fp32_file))
+    # Without the embedding ops, only the matrix multiplications (and fused attention) become INT8.
+    op_types = None if include_embeddings else ["MatMul", "Attention"]
+    with _quiet():
+        quantize_dynamic(str(fp32_file), str(out_file), weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
+                         # the optimizer's fused ops carry no inferred types; they are all float here
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    fp32_file.unlink()
+
+
+def _save(out_dir: str | Path, backend: Backend, include_embeddings: bool, config, tokenizer, write) -> None:
+    """Write into a temporary folder, then move it into place: never a half-written artifact."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    write(tmp)
+    (tmp / _META).write_text(json.dumps({"backend": backend, "include_embeddings": include_embeddings}))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def load_int8(path: str | Path, num_threads: int | None = None) -> nn.Module:
+    """Load an INT8 model saved by ``quantize``/``Int8Quantization`` in a fresh process.
+
+    Nothing executes code from the folder: the torch backend's weights load with
+    ``torch.load(weights_only=True)`` into a freshly quantized skeleton built from ``config.json``.
+
+    Raises:
+        ValueError: ``path`` is not such a folder.
+    """
+    path = Path(path)
+    if not (path / _META).is_file():
+        raise ValueError(f"{path}: not an INT8 model folder (no {_META}); make one with Int8Quantization "
+                         "or emocompress.callbacks.quantization.quantize")
+    meta = json.loads((path / _META).read_text())
+    config = AutoConfig.from_pretrained(path)
+    if meta["backend"] == "onnxruntime":
+        return OrtClassifier(path / _ONNX_FILE, config, num_threads)
+    skeleton = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").eval()
+    model = _quantize_torch(skeleton, meta["include_embeddings"])
+    model.load_state_dict(torch.load(path / _TORCH_WEIGHTS, map_location="cpu", weights_only=True))
+    return model
+
+
+class Int8Quantization(Callback):
+    """Replaces ``pl_module.model`` with its INT8 version when ``test`` starts, so the test metrics are
+    the INT8 model's, and saves it to ``<log_dir>/<dirname>`` (reload with ``load_int8``). After ``fit``
+    (with the CLI's test of the best checkpoint) it quantizes the fine-tuned, pruned or distilled model;
+    with ``emocompress test --ckpt_path`` it quantizes a saved model. Logs ``quant/size_mb`` (the
+    weights file's bytes / 1e6). INT8 inference here is CPU-only: run the test with ``--trainer.accelerator cpu``.
+
+    Args:
+        backend: ``onnxruntime`` (default: fastest here and reloads exactly) or ``torch``.
+        include_embeddings: also quantize the embedding tables (about half of MiniLM's bytes).
+        dirname: name of the artifact folder inside the run's log directory.
+        num_threads: ONNX Runtime intra-op threads (default: all cores).
+    """
+
+    def __init__(self, backend: Backend = "onnxruntime", include_embeddings: bool = False, dirname: str = "int8",
+                 num_threads: int | None = None):
+        if backend not in ("onnxruntime", "torch"):
+            raise ValueError(f"Int8Quantization.backend must be 'onnxruntime' or 'torch', got {backend!r}")
+        if not dirname or Path(dirname).name != dirname:
+            raise ValueError(f"Int8Quantization.dirname must be a plain folder name, got {dirname!r}")
+        self.backend = backend
+        self.include_embeddings = include_embeddings
+        self.dirname = dirname
+        self.num_threads = num_threads
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type != "cpu":
+            raise ValueError("Int8Quantization: INT8 inference runs on the CPU; test with --trainer.accelerator cpu")
+        # log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask.
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        if not trainer.is_global_zero:  # each rank quantizes for itself; only rank 0 writes the artifact
+            out_dir = Path(tempfile.mkdtemp(prefix="emocompress-int8-"))
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        pl_module.model = quantize(pl_module.model, self.backend, self.include_embeddings, out_dir,
+                                   self.num_threads, tokenizer)
+        weights = out_dir / (_ONNX_FILE if self.backend == "onnxruntime" else _TORCH_WEIGHTS)
+        size_mb = weights.stat().st_size / 1e6
+        log.info("INT8 (%s) model saved to %s: %.1f MB", self.backend, out_dir, size_mb)
+        self.size_mb = size_mb
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log("quant/size_mb", self.size_mb, sync_dist=True)

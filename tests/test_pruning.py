@@ -1,0 +1,122 @@
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch import nn
+from torch.nn.utils import prune
+
+from emocompress.callbacks.pruning import MagnitudePruning, sparsity
+from emocompress.classifier import EmotionClassifier
+from emocompress.data import EmotionDataModule
+
+
+def _fit(emotion_dir, tiny_model_dir, tmp_path, callbacks, ckpt_path=None, model=None, **trainer_kwargs):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+    model = model or EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                      callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def _linear_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+class _MasksHold(Callback):
+    """After every optimizer step: pruned weights are exactly zero, and the optimizer did move the rest."""
+
+    def __init__(self):
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for module in pl_module.model.modules():
+            if hasattr(module, "weight_mask"):
+                assert torch.all(module.weight[module.weight_mask == 0] == 0)
+                self.checked += 1
+
+
+def test_one_shot_reaches_the_target_to_the_weight(emotion_dir, tiny_model_dir, tmp_path):
+    holds = _MasksHold()
+    model, _ = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.37), holds], max_epochs=2)
+    weights = _linear_weights(model.model)
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.37 * total)
+    assert holds.checked > 0
+    # masks made permanent: plain parameters, no hooks, no *_orig / *_mask
+    assert not any(prune.is_pruned(m) for m in model.model.modules())
+    assert not [k for k in model.model.state_dict() if k.endswith(("_orig", "_mask"))]
+
+
+def test_pruned_weights_stay_zero_while_recovery_trains_the_rest(emotion_dir, tiny_model_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+    before = {n: w.detach().clone() for n, w in model.model.named_parameters()}
+    model, _ = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.5), _MasksHold()],
+                    model=model, max_epochs=3)
+    after = dict(model.model.named_parameters())
+    moved = [n for n, w in before.items() if n.endswith("weight") and not torch.equal(after[n], w)]
+    kept = [after[n][after[n] != 0] for n in moved]
+    assert moved and all(k.numel() > 0 for k in kept)
+
+
+def test_head_and_other_modules_are_left_alone(emotion_dir, tiny_model_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+    model.teacher = nn.Linear(16, 16)  # stands in for a distillation teacher: never pruned
+    model, _ = _fit(emotion_dir, tiny_model_dir, tmp_path,
+                    [MagnitudePruning(amount=0.5, include_classifier=False)], model=model, max_epochs=1)
+    assert sparsity(model.teacher) == 0
+    assert sparsity(model.model.classifier) == 0
+    assert sparsity(model.model.base_model) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_embeddings_can_be_included(emotion_dir, tiny_model_dir, tmp_path):
+    model, _ = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.5, include_embeddings=True)],
+                    max_steps=1)
+    word = model.model.base_model.embeddings.word_embeddings.weight
+    assert (word == 0).float().mean() > 0.1
+
+
+def test_cubic_schedule_rises_to_the_target(emotion_dir, tiny_model_dir, tmp_path):
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(sparsity(pl_module.model))
+
+    pruning = MagnitudePruning(amount=0.6, schedule="cubic", start_step=1, end_step=7, every_n_steps=2)
+    _fit(emotion_dir, tiny_model_dir, tmp_path, [pruning, Record()], max_steps=10)
+    assert seen[0] == 0  # before start_step
+    assert all(a <= b + 1e-9 for a, b in zip(seen, seen[1:]))
+    assert 0 < seen[3] < 0.6
+    assert seen[-1] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_checkpoint_is_plain_and_resume_keeps_the_masks(emotion_dir, tiny_model_dir, tmp_path):
+    model, trainer = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.5)], max_steps=4)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert not [k for k in state["state_dict"] if k.endswith(("_orig", "_mask"))]
+    assert state["callbacks"]["MagnitudePruning"] == {"sparsity": 0.5}
+    zero_before = {k: v == 0 for k, v in state["state_dict"].items() if k.endswith("weight") and v.ndim == 2}
+
+    holds = _MasksHold()
+    resumed, _ = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.5), holds],
+                      ckpt_path=ckpt, max_steps=12)
+    assert holds.checked > 0  # masks were rebuilt on resume and held through the extra steps
+    after = resumed.state_dict()
+    for key, was_zero in zero_before.items():
+        if key.startswith("model.") and "embeddings" not in key:
+            assert torch.all(after[key][was_zero] == 0), key
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"amount": 0.99}, r"amount must be in \[0, 0.95\]"),
+    ({"amount": -0.1}, r"amount must be in \[0, 0.95\]"),
+    ({"schedule": "cubic"}, "end_step must be set"),
+])
+def test_bad_settings_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MagnitudePruning(**kwargs)

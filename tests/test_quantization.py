@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from emocompress.callbacks.quantization import Int8Quantization, OrtClassifier, load_int8, quantize
+from emocompress.classifier import EmotionClassifier
+from emocompress.data import EmotionDataModule
+
+TEXTS = ["i feel so happy today", "furious", "really loving and tender the day was"]
+
+# Reload in a fresh interpreter and print the logits, so nothing is shared with the test process.
+_RELOAD = """
+import sys, torch
+from transformers import AutoTokenizer
+from emocompress.callbacks.quantization import load_int8
+model = load_int8(sys.argv[1])
+batch = AutoTokenizer.from_pretrained(sys.argv[1])(sys.argv[2:], return_tensors="pt", padding=True)
+with torch.no_grad():
+    print(model(**batch).logits.tolist())
+"""
+
+
+@pytest.fixture
+def fp32(tiny_model_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3,
+                                                               ignore_mismatched_sizes=True).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("include_embeddings", [False, True])
+def test_saved_int8_reloads_in_a_fresh_process_with_identical_logits(fp32, tmp_path, backend, include_embeddings):
+    model, tokenizer = fp32
+    quantized = quantize(model, backend, include_embeddings, tmp_path / "int8", tokenizer=tokenizer)
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = quantized(**batch).logits
+        reference = model(**batch).logits
+    reloaded = subprocess.run([sys.executable, "-c", _RELOAD, tmp_path / "int8", *TEXTS], capture_output=True,
+                              text=True, check=True).stdout
+    assert torch.equal(torch.tensor(json.loads(reloaded)), logits)
+    assert (logits - reference).abs().max() < 0.1  # INT8 is close to fp32, not equal
+    assert logits.argmax(-1).tolist() == reference.argmax(-1).tolist()
+
+
+def test_torch_backend_makes_linear_layers_int8(fp32):
+    quantized = quantize(fp32[0], "torch")
+    linears = [m for m in quantized.modules() if isinstance(m, DynamicInt8Linear)]
+    assert len(linears) == sum(isinstance(m, torch.nn.Linear) for m in fp32[0].modules())
+    assert all(m.weight().dtype == torch.qint8 for m in linears)
+    assert not [m for m in quantized.modules() if type(m) is torch.nn.Linear]
+
+
+def test_onnxruntime_artifact_holds_int8_weights(fp32, tmp_path):
+    import onnx
+
+    quantize(fp32[0], "onnxruntime", include_embeddings=True, out_dir=tmp_path / "int8")
+    graph = onnx.load(tmp_path / "int8" / "model.onnx").graph
+    int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    big_fp32 = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2]
+    # every weight matrix (linear layers, fused attention, embeddings) is INT8; the tiny model is too
+    # small for the file size to show it (graph overhead), the benchmark measures that on MiniLM
+    assert len(int8) >= sum(isinstance(m, torch.nn.Linear) for m in fp32[0].modules())
+    assert big_fp32 == []
+
+
+def test_load_rejects_other_folders(tmp_path):
+    with pytest.raises(ValueError, match="not an INT8 model folder"):
+        load_int8(tmp_path)
+
+
+def test_bad_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend must be 'onnxruntime' or 'torch'"):
+        Int8Quantization(backend="tensorrt")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_callback_tests_the_int8_model(emotion_dir, tiny_model_dir, tmp_path, backend):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      default_root_dir=tmp_path, callbacks=[Int8Quantization(backend=backend)])
+    logged = trainer.test(model, datamodule=dm)[0]
+    assert isinstance(model.model, OrtClassifier) if backend == "onnxruntime" else \
+        any(isinstance(m, DynamicInt8Linear) for m in model.model.modules())
+    assert logged["quant/size_mb"] > 0
+    assert (tmp_path / "int8" / "int8.json").is_file()
+    assert (tmp_path / "test_metrics.json").is_file()
