@@ -3,11 +3,17 @@
     emocompress fit -c configs/base.yaml -c configs/teacher.yaml
     emocompress test -c configs/base.yaml -c configs/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/best.ckpt
     emocompress predict -c configs/base.yaml -c configs/teacher.yaml --ckpt_path ... --data.predict_file texts.txt
+    emocompress benchmark --config configs/benchmark.yaml
 """
 
+import logging
+import sys
+
 import torch
+from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
+from emocompress.benchmark import benchmark
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 
@@ -28,6 +34,12 @@ class EmoCLI(LightningCLI):
 
 
 def main(args=None):
+    args = sys.argv[1:] if args is None else args
+    if args[:1] == ["benchmark"]:
+        # Not a Trainer method: a plain function, parsed by jsonargparse from its signature and docstring.
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        CLI(benchmark, args=args[1:], as_positional=False)
+        return
     # TF32 matmuls on Ampere+ GPUs: ~2x faster, accuracy unaffected for fine-tuning. No effect on CPU.
     torch.set_float32_matmul_precision("high")
     EmoCLI(EmotionClassifier, EmotionDataModule, args=args, save_config_kwargs={"overwrite": True},

@@ -1,0 +1,274 @@
+"""Side-by-side comparison of model variants: size on disk, CPU latency, imbalance metrics.
+
+    emocompress benchmark --models '{"teacher": "logs/teacher/version_0/hf_model", "int8": "logs/int8/version_0/int8"}' \\
+        --baseline teacher --out_dir reports/benchmark
+
+Each model is an ``hf_model`` export, an INT8 folder (``Int8Quantization``) or a Lightning checkpoint. How
+things are measured (also written into the report):
+  * size: bytes of the weights file as shipped (``model.safetensors``, ``model.onnx``,
+    ``int8_state_dict.pt`` or the ``.ckpt``) / 1e6, and of the same bytes gzip-compressed (level 6);
+    gzip is where unstructured zeros pay off, dense formats store them.
+  * latency: one text at a time (batch 1) over the first ``latency_samples`` texts of the split, after
+    ``warmup`` untimed calls; median and 90th percentile of the per-call wall time, tokenization excluded.
+  * throughput: batches of ``batch_size`` consecutive texts (padded to their longest), texts per second.
+  * metrics: the whole split, with the same torchmetrics code as training.
+"""
+
+import csv
+import gzip
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+from emocompress.classifier import EmotionClassifier, classification_metrics, confusion_figure, metrics_report
+from emocompress.data import EmotionDataModule
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.onnx", "int8_state_dict.pt")
+_COLUMNS = ["model", "params", "nonzero_params", "sparsity", "size_mb", "gzip_mb", "latency_ms_median",
+            "latency_ms_p90", "throughput_per_s", "macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy",
+            "speedup", "compression", "gzip_compression"]
+
+
+def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
+    """(model in eval mode, where its tokenizer is, its weights file) for an HF export, INT8 folder or .ckpt."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        module = EmotionClassifier.load_from_checkpoint(path, map_location="cpu")
+        return module.model.eval(), module.hparams.model_name, path
+    if not path.is_dir():
+        raise ValueError(f"benchmark model {path}: not a folder or .ckpt file")
+    weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
+    if weights is None:
+        raise ValueError(f"benchmark model {path}: no weights file (one of {list(_WEIGHT_FILES)})")
+    if (path / "int8.json").is_file():
+        # INT8 artifacts are read by the quantization callback's own loader, the one place that knows the format.
+        from emocompress.callbacks.quantization import load_int8
+
+        return load_int8(path, num_threads=torch.get_num_threads()), str(path), weights
+    return AutoModelForSequenceClassification.from_pretrained(path).eval(), str(path), weights
+
+
+def file_sizes_mb(path: Path) -> tuple[float, float]:
+    """(size, gzip-compressed size) of a file in MB of 10^6 bytes."""
+    data = path.read_bytes()
+    return len(data) / 1e6, len(gzip.compress(data, compresslevel=6)) / 1e6
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, non-zero) weights of a model: float parameters, INT8 packed weights, or ONNX initializers
+    (all of a graph's constant tensors, which includes quantization scales: a few hundred values)."""
+    session = getattr(model, "session", None)
+    if session is not None:
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(model.path).graph
+        arrays = [numpy_helper.to_array(t) for t in graph.initializer]
+        return sum(a.size for a in arrays), sum(int((a != 0).sum()) for a in arrays)
+    tensors = list(model.parameters())
+    for module in model.modules():
+        # quantized modules keep their packed weight and bias behind methods
+        for attr in ("weight", "bias"):
+            value = getattr(module, attr, None)
+            value = value() if callable(value) else None
+            if value is not None:
+                tensors.append(value.dequantize() if value.is_quantized else value)
+    return sum(t.numel() for t in tensors), sum(int((t != 0).sum()) for t in tensors)
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+@torch.inference_mode()
+def time_calls(fn, inputs: list, warmup: int) -> list[float]:
+    """Wall time in ms of ``fn(x)`` for each ``x`` of ``inputs``, after ``warmup`` untimed calls."""
+    for x in inputs[:warmup]:
+        fn(x)
+    times = []
+    for x in inputs:
+        start = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (linear interpolation, as numpy's default).
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 50), percentile([1.0, 2.0, 3.0, 4.0], 90)
+    (2.5, 3.7)
+    """
+    return round(torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100).item(), 10)
+
+
+def measure(name: str, path: str, data: str, split: str, latency_samples: int, warmup: int,
+            batch_size: int, max_samples: int | None) -> tuple[dict, dict]:
+    """One row of the comparison and the model's full metrics report."""
+    model, tokenizer_path, weights = load_for_benchmark(path)
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    datamodule = EmotionDataModule(data, model_name=tokenizer_path, labels=[id2label[i] for i in range(len(id2label))],
+                                   max_samples=max_samples)
+    datamodule.setup("test" if split == "test" else "validate")
+    dataset = datamodule.splits[split].remove_columns("length")
+    collate = DataCollatorWithPadding(AutoTokenizer.from_pretrained(tokenizer_path))
+
+    def forward(batch):
+        return model(**_model_inputs(batch)).logits
+
+    singles = [collate([dataset[i]]) for i in range(min(latency_samples, len(dataset)))]
+    latency = time_calls(forward, singles, warmup)
+    batches = [collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+               for i in range(0, len(dataset), batch_size)]
+    metrics, confusion = classification_metrics(len(id2label)), torch.zeros(len(id2label), len(id2label))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            preds = forward(batch).argmax(-1)
+            metrics.update(preds, batch["labels"])
+            confusion.index_put_((batch["labels"], preds), torch.ones(len(preds)), accumulate=True)
+    throughput = len(dataset) / (time.perf_counter() - start)
+    report = metrics_report(metrics.compute(), confusion, id2label)
+    total, nonzero = count_parameters(model)
+    size_mb, gzip_mb = file_sizes_mb(weights)
+    row = {"model": name, "params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total,
+           "size_mb": size_mb, "gzip_mb": gzip_mb, "latency_ms_median": percentile(latency, 50),
+           "latency_ms_p90": percentile(latency, 90), "throughput_per_s": throughput,
+           **{k: report[k] for k in ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")}}
+    return row, report
+
+
+def _environment(num_threads: int) -> dict:
+    import transformers
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": num_threads, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "sequence_length": "each text tokenized to at most 128 tokens; batch 1 unpadded, "
+                               "batches padded to their longest text"}
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _markdown(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _per_class_rows(reports: dict[str, dict], baseline: str) -> list[dict]:
+    rows = []
+    for name, report in reports.items():
+        for label, values in report["per_class"].items():
+            base = reports[baseline]["per_class"][label]
+            rows.append({"model": name, "class": label, "support": values["support"], "f1": values["f1"],
+                         "accuracy": values["accuracy"], "f1_change": values["f1"] - base["f1"],
+                         "accuracy_change": values["accuracy"] - base["accuracy"]})
+    return rows
+
+
+def _tradeoff_plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # off-screen
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "latency_ms_median", "latency per text, batch 1 (ms, median)"),
+                           (axes[1], "size_mb", "size on disk (MB)")):
+        for row in rows:
+            ax.scatter(row[key], row["macro_f1"])
+            ax.annotate(row["model"], (row[key], row["macro_f1"]), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(label)
+        ax.set_ylabel("macro F1")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", split: Literal["test", "val"] = "test",
+              baseline: str | None = None, out_dir: str = "reports/benchmark", num_threads: int | None = None,
+              latency_samples: int = 300, warmup: int = 30, batch_size: int = 32, max_samples: int | None = None,
+              tensorboard: bool = False) -> list[dict]:
+    """Compare model variants on one data split and write a report folder.
+
+    Args:
+        models: display name -> model (``hf_model`` export, INT8 folder or Lightning ``.ckpt``), in row order.
+        data: the dataset (as ``data.data`` of the datamodule).
+        split: ``test`` or ``val``.
+        baseline: the row that ratios and per-class changes compare against; default: the first model.
+        out_dir: report folder: ``model_comparison.csv``/``.md``, ``per_class.csv``/``.md``, a confusion
+            PNG per model, ``tradeoff.png``, ``environment.json``, ``reports.json``.
+        num_threads: CPU threads for torch and ONNX Runtime; default: torch's default (all cores).
+        latency_samples: texts timed one at a time.
+        warmup: untimed calls before timing.
+        batch_size: batch size of the throughput measurement.
+        max_samples: use only the first N texts of the split (quick runs).
+        tensorboard: also log the figures to TensorBoard under ``out_dir``.
+
+    Returns:
+        The rows of ``model_comparison.csv``.
+    """
+    if not models:
+        raise ValueError("benchmark: give at least one model in --models")
+    if split not in ("test", "val"):
+        raise ValueError(f"benchmark: split must be 'test' or 'val', got {split!r}")
+    baseline = baseline or next(iter(models))
+    if baseline not in models:
+        raise ValueError(f"benchmark: baseline {baseline!r} is not one of the models {list(models)}")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    num_threads = torch.get_num_threads()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, reports = [], {}
+    for name, path in tqdm(models.items(), desc="benchmark", unit="model"):
+        row, reports[name] = measure(name, path, data, split, latency_samples, warmup, batch_size, max_samples)
+        rows.append(row)
+    base = next(r for r in rows if r["model"] == baseline)
+    for row in rows:
+        row["speedup"] = base["latency_ms_median"] / row["latency_ms_median"]
+        row["compression"] = base["size_mb"] / row["size_mb"]
+        row["gzip_compression"] = base["gzip_mb"] / row["gzip_mb"]
+    per_class = _per_class_rows(reports, baseline)
+    for stem, table, columns in (("model_comparison", rows, _COLUMNS),
+                                 ("per_class", per_class, list(per_class[0]))):
+        with (out / f"{stem}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(table)
+        (out / f"{stem}.md").write_text(_markdown(table, columns))
+    for name, report in reports.items():
+        fig = confusion_figure(torch.tensor(report["confusion_matrix"]), report["labels"], f"{name} ({split})")
+        fig.savefig(out / f"confusion_{name}.png", dpi=120)
+        fig.clf()
+    _tradeoff_plot(rows, out / "tradeoff.png")
+    (out / "environment.json").write_text(json.dumps(_environment(num_threads), indent=2))
+    (out / "reports.json").write_text(json.dumps(reports, indent=2))
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(out / "tensorboard") as writer:
+            for step, row in enumerate(rows):
+                for key in ("macro_f1", "latency_ms_median", "size_mb"):
+                    writer.add_scalar(f"bench/{key}", row[key], step)
+    log.info("benchmark report written to %s\n%s", out,
+             _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "speedup", "compression"]))
+    return rows

@@ -1,0 +1,110 @@
+import csv
+import time
+
+import pytest
+import torch
+from sklearn.metrics import f1_score, recall_score
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from emocompress.benchmark import benchmark, count_parameters, file_sizes_mb, load_for_benchmark, time_calls
+from emocompress.callbacks.quantization import quantize
+from emocompress.cli import main
+from emocompress.data import EmotionDataModule
+
+ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
+
+
+def test_file_sizes_are_megabytes_of_ten_to_the_six(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(bytes(2_500_000))
+    size, gz = file_sizes_mb(path)
+    assert size == 2.5
+    assert gz < 0.01  # all zeros compress to almost nothing
+
+
+def test_nonzero_count_sees_pruned_weights():
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight[0] = 0
+        layer.weight[1, :2] = 0
+        layer.bias.fill_(1.0)
+    assert count_parameters(layer) == (15, 15 - 6)
+
+
+def test_counts_survive_quantization(tiny_model_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    total, _ = count_parameters(model)
+    assert count_parameters(quantize(model, "torch"))[0] == total
+
+
+def test_latency_harness_on_a_stub_with_known_sleep():
+    calls = []
+
+    def stub(x):
+        calls.append(x)
+        time.sleep(0.005)
+
+    times = time_calls(stub, list(range(20)), warmup=5)
+    assert len(calls) == 25 and len(times) == 20  # warm-up calls are made but not timed
+    assert 5.0 <= sorted(times)[10] < 9.0
+
+
+@pytest.fixture
+def exported(tiny_model_dir, tmp_path):
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()},
+        ignore_mismatched_sizes=True)
+    model.save_pretrained(tmp_path / "fp32")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(tmp_path / "fp32")
+    quantize(model, "onnxruntime", include_embeddings=True, out_dir=tmp_path / "int8", tokenizer=tokenizer)
+    return tmp_path / "fp32", tmp_path / "int8"
+
+
+def test_report_folder_and_per_class_table(emotion_dir, exported, tmp_path):
+    fp32, int8 = exported
+    out = tmp_path / "report"
+    rows = benchmark({"fp32": str(fp32), "int8": str(int8)}, data=str(emotion_dir), out_dir=str(out),
+                     latency_samples=5, warmup=2)
+    with (out / "model_comparison.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["model"] for r in table] == ["fp32", "int8"]
+    assert {"size_mb", "gzip_mb", "latency_ms_median", "latency_ms_p90", "throughput_per_s", "macro_f1",
+            "balanced_accuracy", "cohen_kappa", "accuracy", "params", "nonzero_params", "speedup"} <= set(table[0])
+    assert float(table[0]["speedup"]) == 1.0
+    assert rows[0]["size_mb"] == pytest.approx((fp32 / "model.safetensors").stat().st_size / 1e6)
+    for name in ("confusion_fp32.png", "confusion_int8.png", "tradeoff.png", "model_comparison.md", "per_class.md"):
+        assert (out / name).stat().st_size > 0
+
+    # per-class F1 and accuracy equal scikit-learn's on the same model's predictions
+    model, _, _ = load_for_benchmark(fp32)
+    dm = EmotionDataModule(str(emotion_dir), model_name=str(fp32))
+    dm.setup("test")
+    preds, target = [], []
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            preds.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1))
+            target.append(batch["labels"])
+    preds, target = torch.cat(preds), torch.cat(target)
+    with (out / "per_class.csv").open() as f:
+        per_class = [r for r in csv.DictReader(f) if r["model"] == "fp32"]
+    f1 = f1_score(target, preds, average=None, labels=[0, 1, 2], zero_division=0)
+    recall = recall_score(target, preds, average=None, labels=[0, 1, 2], zero_division=0)
+    for i, row in enumerate(per_class):
+        assert row["class"] == ID2LABEL[i]
+        assert float(row["f1"]) == pytest.approx(f1[i], abs=1e-6)
+        assert float(row["accuracy"]) == pytest.approx(recall[i], abs=1e-6)
+        assert float(row["f1_change"]) == 0.0
+
+
+def test_benchmark_subcommand(emotion_dir, exported, tmp_path):
+    fp32, _ = exported
+    main(["benchmark", "--models", f'{{"fp32": "{fp32}"}}', "--data", str(emotion_dir),
+          "--out_dir", str(tmp_path / "r"), "--latency_samples", "3", "--warmup", "1"])
+    assert (tmp_path / "r" / "model_comparison.csv").is_file()
+
+
+def test_benchmark_rejects_an_unknown_baseline(exported):
+    with pytest.raises(ValueError, match="baseline 'nope' is not one of the models"):
+        benchmark({"fp32": str(exported[0])}, baseline="nope")
