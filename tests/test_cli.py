@@ -101,7 +101,8 @@ def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
         assert tested[name] == pytest.approx(two[name], abs=1e-6)
 
 
-@pytest.mark.parametrize("experiment", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml"))
+@pytest.mark.parametrize("experiment", sorted(p.name for p in CONFIGS.glob("*.yaml")
+                                              if p.name not in ("base.yaml", "benchmark.yaml")))
 def test_every_config_parses(experiment, capsys):
     overlays = ["-c", str(CONFIGS / "teacher.yaml")] if experiment == "baseline.yaml" else []
     with pytest.raises(SystemExit) as exit_info:
@@ -144,3 +145,10 @@ def test_prune_and_quantize_in_one_run(emotion_dir, tiny_model_dir, tmp_path):
     assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
     report = json.loads((run / "test_metrics.json").read_text())
     assert sum(map(sum, report["confusion_matrix"])) == 9
+
+
+def test_benchmark_config_parses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--config", str(CONFIGS / "benchmark.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "teacher (fp32)" in capsys.readouterr().out

@@ -218,21 +218,16 @@ def test_missing_split_file(tmp_path, tiny_model_dir):
         _datamodule(folder, tiny_model_dir).setup("fit")
 
 
-def test_missing_csv_column(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize(("content", "message"), [
+    ("sentence,label\nhappy,joy\nmad,anger\n", r"train\.csv.*no column 'text'.*\['sentence', 'label'\].*data\.text_column"),
+    ("text,label\nhappy,joy\n,anger\n", r"train\.csv:3: empty 'text'"),
+])
+def test_bad_csv_files(tmp_path, tiny_model_dir, content, message):
     folder = tmp_path / "csv"
     folder.mkdir()
     for split in ("train", "val", "test"):
-        (folder / f"{split}.csv").write_text("sentence,label\nhappy,joy\nmad,anger\n")
-    with pytest.raises(ValueError, match=r"train\.csv.*no column 'text'.*\['sentence', 'label'\].*data\.text_column"):
-        _datamodule(folder, tiny_model_dir).setup("fit")
-
-
-def test_empty_csv_cell_names_the_row(tmp_path, tiny_model_dir):
-    folder = tmp_path / "csv"
-    folder.mkdir()
-    for split in ("train", "val", "test"):
-        (folder / f"{split}.csv").write_text("text,label\nhappy,joy\n,anger\n")
-    with pytest.raises(ValueError, match=r"train\.csv:3: empty 'text'"):
+        (folder / f"{split}.csv").write_text(content)
+    with pytest.raises(ValueError, match=message):
         _datamodule(folder, tiny_model_dir).setup("fit")
 
 
