@@ -131,11 +131,12 @@ def test_bad_config_fails_with_a_clear_message(emotion_dir, tiny_model_dir, tmp_
     assert message in result.stderr
 
 
-def test_prune_and_quantize_in_one_run(emotion_dir, tiny_model_dir, tmp_path):
-    # The real configs, shrunk by tiny.yaml: pruning with recovery during fit, INT8 for the test after it.
+def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tmp_path):
+    # The real configs, shrunk by tiny.yaml: pruning with recovery during fit, INT8 for the test after
+    # it, on 2 DDP processes (where Lightning's own ModelPruning breaks).
     args = ["-c", CONFIGS / "base.yaml", "-c", CONFIGS / "prune.yaml", "-c", CONFIGS / "quantize.yaml",
             "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir, "--data.model_name", tiny_model_dir,
-            "--trainer.max_epochs", 2]
+            "--trainer.max_epochs", 2, "--trainer.devices", 2, "--trainer.strategy", "ddp"]
     _ok(run_cli("fit", *args, cwd=tmp_path))
     run = tmp_path / "logs" / "tiny" / "version_0"
     exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
