@@ -100,6 +100,11 @@ def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
     for name in ("accuracy", "macro_f1", "balanced_accuracy", "cohen_kappa"):
         assert tested[name] == pytest.approx(two[name], abs=1e-6)
 
+    # predicting on 2 ranks: one file, every test text once, in input order
+    _ok(run_cli("predict", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", best, *ddp), cwd=tmp_path))
+    lines = (runs / "version_3" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["line"] for line in lines] == list(range(1, 10))
+
 
 @pytest.mark.parametrize("experiment", sorted(p.name for p in CONFIGS.glob("*.yaml")
                                               if p.name not in ("base.yaml", "benchmark.yaml")))

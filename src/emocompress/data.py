@@ -374,7 +374,7 @@ class EmotionDataModule(LightningDataModule):
             lengths=dataset["length"] if train and self.hparams.group_by_length else None,
             batch_size=batch_size, shuffle=train, even_shards=train, num_replicas=world, rank=rank,
             seed=self.hparams.seed)
-        collate = _collate_predict(self.tokenizer) if split == "predict" else DataCollatorWithPadding(self.tokenizer)
+        collate = _PredictCollator(self.tokenizer) if split == "predict" else DataCollatorWithPadding(self.tokenizer)
         return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler,
                           collate_fn=collate, num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
@@ -452,7 +452,7 @@ def _encode(batch, tokenizer, max_length, label2id, where):
     return encoded
 
 
-class _collate_predict:  # noqa: N801 (used like a function)
+class _PredictCollator:
     """Pad model inputs like ``DataCollatorWithPadding`` and pass ``text``/``line`` through as lists."""
 
     def __init__(self, tokenizer):
