@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install teacher baseline test speed
+.PHONY: install teacher baseline prune int8 results test speed
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,22 @@ teacher: install
 
 baseline: install
 	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/baseline.yaml
+
+# 50% global magnitude pruning of the teacher + 2 recovery epochs, then INT8 (onnxruntime) of the pruned model
+prune: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/prune.yaml -c configs/quantize.yaml
+
+# post-training INT8 of the teacher's export, with each backend
+int8: install
+	$(BIN)/emocompress test -c configs/base.yaml -c configs/quantize.yaml --trainer.accelerator cpu \
+		--data.model_name logs/teacher/version_0/hf_model
+	$(BIN)/emocompress test -c configs/base.yaml -c configs/quantize_torch.yaml --trainer.accelerator cpu \
+		--data.model_name logs/teacher/version_0/hf_model
+
+# every run behind the README's results, then the comparison report (about 1 h 15 min on 2 CPU cores);
+# expects a fresh logs/ so that each run lands in version_0
+results: teacher baseline prune int8
+	$(BIN)/emocompress benchmark --config configs/benchmark.yaml
 
 speed: install
 	$(BIN)/python benchmarks/train_speed.py --data ../shared/data/emotion

@@ -88,6 +88,23 @@ def test_fit_uses_class_weights_from_the_datamodule(emotion_dir, tiny_model_dir,
     assert not torch.isclose(weighted, plain)
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_clipping_works_with_the_fused_optimizer(emotion_dir, tiny_model_dir, tmp_path, precision):
+    def weight_change(clip):
+        torch.manual_seed(0)
+        dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+        model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+        before = model.model.base_model.encoder.layer[0].intermediate.dense.weight.detach().clone()
+        _trainer(tmp_path, max_steps=2, num_sanity_val_steps=0, limit_val_batches=0, precision=precision,
+                 gradient_clip_val=clip).fit(model, datamodule=dm)
+        assert model.trainer.optimizers[0].defaults["fused"]
+        return (model.model.base_model.encoder.layer[0].intermediate.dense.weight - before).abs().max()
+
+    # Adam's step is about lr whatever the gradient's scale, unless the gradient is clipped far below
+    # its eps (1e-8): then the step shrinks by orders of magnitude.
+    assert weight_change(clip=1e-12) < 0.01 * weight_change(clip=None)
+
+
 def test_logged_validation_metrics_equal_sklearn(emotion_dir, tiny_model_dir, tmp_path):
     dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, eval_batch_size=3)
     model = EmotionClassifier(tiny_model_dir, dm.id2label)

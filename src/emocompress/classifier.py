@@ -215,15 +215,25 @@ class EmotionClassifier(LightningModule):
                  "probs": {name: round(float(q), 6) for name, q in zip(names, p)}}
                 for line, text, p in zip(batch["line"], batch["text"], probs)]
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if gradient_clip_val and self.trainer.precision == "bf16-mixed" and gradient_clip_algorithm in (None, "norm"):
+            # bf16 autocast scales no loss, so the gradients are final here: clip them directly, which
+            # Lightning's precision plugin refuses to do for a fused optimizer.
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         # The usual BERT recipe: no weight decay on biases and LayerNorm weights.
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim < 2 else decay).append(param)
+        # The fused kernel is ~20% faster on CPU. Lightning refuses to clip the gradients of a fused
+        # optimizer under fp16 loss scaling (the scaler would unscale inside step), so not there.
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr,
-                                      fused=True)
+                                      fused=self.trainer.precision in ("32-true", "bf16-mixed"))
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
