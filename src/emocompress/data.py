@@ -194,14 +194,15 @@ class EmotionDataModule(LightningDataModule):
         if oversample_to is not None and not 0 < oversample_to <= 1:
             raise ValueError(f"data.oversample_to must be in (0, 1] or null, got {oversample_to}")
         for key, value in (("max_length", max_length), ("batch_size", batch_size),
-                           ("eval_batch_size", eval_batch_size), ("max_samples", max_samples or 1)):
-            if value < 1:
+                           ("eval_batch_size", eval_batch_size), ("max_samples", max_samples)):
+            if value is not None and value < 1:
                 raise ValueError(f"data.{key} must be a positive integer, got {value}")
         if labels is not None and len(set(labels)) != len(labels):
             raise ValueError(f"data.labels has duplicates: {labels}")
         self.save_hyperparameters()
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(model_name))
-        self.splits: dict[str, datasets.Dataset] = {}
+        self.splits: dict[str, datasets.Dataset] = {}  # tokenized, by split name
+        self._raw: dict[str, datasets.Dataset] = {}  # parsed and validated, by split name
         self.counts_before: list[int] = []
         self.counts_after: list[int] = []
 
@@ -260,7 +261,13 @@ class EmotionDataModule(LightningDataModule):
                              "of train/val/test files, a save_to_disk folder or a reachable dataset name") from err
 
     def _raw_split(self, split: str) -> datasets.Dataset:
-        """Columns ``text`` (str), ``label`` (str) and ``line`` (where the row came from), validated."""
+        """Columns ``text`` (str), ``label`` (str) and ``line`` (where the row came from), validated;
+        read once (the label set needs the train split before ``setup`` does)."""
+        if split not in self._raw:
+            self._raw[split] = self._read_split(split)
+        return self._raw[split]
+
+    def _read_split(self, split: str) -> datasets.Dataset:
         path, where = self._locate(split)
         if path is None:
             available = list(self._dataset_dict)
