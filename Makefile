@@ -29,9 +29,9 @@ prune: install
 # post-training INT8 of the teacher's export, with each backend
 int8: install
 	$(BIN)/emocompress test -c configs/base.yaml -c configs/quantize.yaml --trainer.accelerator cpu \
-		--data.model_name logs/teacher/version_0/hf_model
+		--data.model_name logs/teacher/version_0/hf_model --trainer.logger.init_args.name int8
 	$(BIN)/emocompress test -c configs/base.yaml -c configs/quantize_torch.yaml --trainer.accelerator cpu \
-		--data.model_name logs/teacher/version_0/hf_model
+		--data.model_name logs/teacher/version_0/hf_model --trainer.logger.init_args.name int8_torch
 
 # every run behind the README's results, then the comparison report (about 1 h 15 min on 2 CPU cores);
 # expects a fresh logs/ so that each run lands in version_0
