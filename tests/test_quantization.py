@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.callbacks.quantization import Int8Quantization, OrtClassifier, load_int8, quantize
 from emocompress.classifier import EmotionClassifier
@@ -92,3 +92,18 @@ def test_callback_tests_the_int8_model(emotion_dir, tiny_model_dir, tmp_path, ba
     assert logged["quant/size_mb"] > 0
     assert (tmp_path / "int8" / "int8.json").is_file()
     assert (tmp_path / "test_metrics.json").is_file()
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "distilbert"])
+def test_onnxruntime_backend_handles_other_architectures(model_type):
+    # RoBERTa's tokenizer makes no token_type_ids; DistilBERT's forward takes none.
+    config = AutoConfig.for_model(model_type, vocab_size=50, hidden_size=16, dim=16, num_hidden_layers=2,
+                                  n_layers=2, num_attention_heads=2, n_heads=2, intermediate_size=32,
+                                  hidden_dim=32, max_position_embeddings=64, num_labels=3)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    batch = {"input_ids": torch.randint(5, 50, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    with torch.no_grad():
+        reference = model(**batch).logits
+        logits = quantize(model, "onnxruntime")(**batch).logits
+    assert logits.shape == (2, 3)
+    assert (logits - reference).abs().max() < 0.1

@@ -10,6 +10,7 @@ Two backends behind one option, both CPU-only:
 """
 
 import contextlib
+import inspect
 import json
 import logging
 import shutil
@@ -71,6 +72,8 @@ class OrtClassifier(nn.Module):
         self.config = config
 
     def forward(self, **inputs) -> SequenceClassifierOutput:
+        if "token_type_ids" not in inputs:
+            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
         feeds = {name: inputs[name].cpu().numpy() for name in self.input_names}
         return SequenceClassifierOutput(logits=torch.from_numpy(self.session.run(None, feeds)[0]))
 
@@ -118,8 +121,9 @@ def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool)
     from onnxruntime.transformers.optimizer import optimize_model
 
     config = model.config
-    names = [n for n in _INPUTS if n != "token_type_ids" or config.type_vocab_size > 1 or
-             getattr(config, "model_type", "") == "bert"]
+    # DistilBERT takes no token_type_ids; RoBERTa takes them but its tokenizer makes none (OrtClassifier
+    # then feeds zeros, the model's own default).
+    names = [n for n in _INPUTS if n in inspect.signature(model.forward).parameters]
     example = {n: torch.ones(1, 8, dtype=torch.long) for n in names}
     if "token_type_ids" in example:
         example["token_type_ids"] = torch.zeros(1, 8, dtype=torch.long)
