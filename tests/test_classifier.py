@@ -142,3 +142,24 @@ def test_confusion_figure_shows_counts_and_row_percentages():
     fig = confusion_figure(torch.tensor([[3, 1], [0, 2]]), ["joy", "sadness"])
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts == ["3\n75.0%", "1\n25.0%", "0\n0.0%", "2\n100.0%"]
+
+
+def test_init_checkpoint_starts_from_a_fine_tuned_network(emotion_dir, tiny_model_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+    tuned = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+    trainer = _trainer(tmp_path, max_steps=2, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(tuned, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    started = EmotionClassifier(tiny_model_dir, dm.id2label, init_checkpoint=str(tmp_path / "tuned.ckpt"))
+    for name, value in tuned.model.state_dict().items():
+        assert torch.equal(started.model.state_dict()[name], value), name
+    assert started.model.training  # and it fine-tunes with dropout on
+
+
+def test_init_checkpoint_errors(emotion_dir, tiny_model_dir, tmp_path):
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="model.init_checkpoint: cannot read a Lightning checkpoint"):
+        EmotionClassifier(tiny_model_dir, ID2LABEL, init_checkpoint=str(tmp_path / "junk.ckpt"))
+    torch.save({"state_dict": {"model.classifier.weight": torch.zeros(5, 16)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="does not fit"):
+        EmotionClassifier(tiny_model_dir, ID2LABEL, init_checkpoint=str(tmp_path / "other.ckpt"))

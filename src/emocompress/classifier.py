@@ -137,10 +137,12 @@ class EmotionClassifier(LightningModule):
         except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
             raise ValueError(f"model.init_checkpoint: cannot read a Lightning checkpoint from {path} ({err})") from err
         network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        missing, unexpected = self.model.load_state_dict(network, strict=False)
-        if missing or unexpected:
+        try:
+            self.model.load_state_dict(network)
+        except RuntimeError as err:  # missing, unexpected or differently shaped weights
             raise ValueError(f"model.init_checkpoint: {path} does not fit {self.hparams.model_name} with "
-                             f"{len(self.id2label)} labels (missing {missing[:3]}, unexpected {unexpected[:3]})")
+                             f"{len(self.id2label)} labels; use the data and model of the run that made it ({err})"
+                             ) from err
 
     def setup(self, stage: str):
         datamodule = getattr(self.trainer, "datamodule", None)
