@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Literal
@@ -162,6 +163,15 @@ def _environment(num_threads: int) -> dict:
                                "batches padded to their longest text"}
 
 
+def _slug(name: str) -> str:
+    """A file-name-safe version of a display name.
+
+    >>> _slug("pruned 50% + INT8 (onnxruntime)")
+    'pruned_50_INT8_onnxruntime'
+    """
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")
+
+
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -183,6 +193,12 @@ def _per_class_rows(reports: dict[str, dict], baseline: str) -> list[dict]:
     return rows
 
 
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt  # imported once a figure exists, after the off-screen backend is chosen
+
+    plt.close(fig)
+
+
 def _tradeoff_plot(rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -200,7 +216,7 @@ def _tradeoff_plot(rows: list[dict], out: Path) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _close(fig)
 
 
 def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", split: Literal["test", "val"] = "test",
@@ -214,8 +230,8 @@ def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", spli
         data: the dataset (as ``data.data`` of the datamodule).
         split: ``test`` or ``val``.
         baseline: the row that ratios and per-class changes compare against; default: the first model.
-        out_dir: report folder: ``model_comparison.csv``/``.md``, ``per_class.csv``/``.md``, a confusion
-            PNG per model, ``tradeoff.png``, ``environment.json``, ``reports.json``.
+        out_dir: report folder: ``model_comparison.csv``/``.md``, ``per_class.csv``/``.md``,
+            ``confusion_<model>.png`` per model (name made file-safe), ``tradeoff.png``, ``environment.json``, ``reports.json``.
         num_threads: CPU threads for torch and ONNX Runtime; default: torch's default (all cores).
         latency_samples: texts timed one at a time.
         warmup: untimed calls before timing.
@@ -257,8 +273,8 @@ def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", spli
         (out / f"{stem}.md").write_text(_markdown(table, columns))
     for name, report in reports.items():
         fig = confusion_figure(torch.tensor(report["confusion_matrix"]), report["labels"], f"{name} ({split})")
-        fig.savefig(out / f"confusion_{name}.png", dpi=120)
-        fig.clf()
+        fig.savefig(out / f"confusion_{_slug(name)}.png", dpi=120)
+        _close(fig)
     _tradeoff_plot(rows, out / "tradeoff.png")
     (out / "environment.json").write_text(json.dumps(_environment(num_threads), indent=2))
     (out / "reports.json").write_text(json.dumps(reports, indent=2))
