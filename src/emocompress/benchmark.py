@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from emocompress.classifier import EmotionClassifier, classification_metrics, confusion_figure, metrics_report
 from emocompress.data import EmotionDataModule
@@ -123,7 +123,7 @@ def measure(name: str, path: str, data: str, split: str, latency_samples: int, w
                                    max_samples=max_samples)
     datamodule.setup("test" if split == "test" else "validate")
     dataset = datamodule.splits[split].remove_columns("length")
-    collate = DataCollatorWithPadding(AutoTokenizer.from_pretrained(tokenizer_path))
+    collate = DataCollatorWithPadding(datamodule.tokenizer)
 
     def forward(batch):
         return model(**_model_inputs(batch)).logits
