@@ -28,6 +28,7 @@ with torch.no_grad():
 
 @pytest.fixture
 def fp32(tiny_model_dir):
+    torch.manual_seed(0)  # the 3-label head is freshly initialised: seed it, so logits are the same every run
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3,
                                                                ignore_mismatched_sizes=True).eval()
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
