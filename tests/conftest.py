@@ -37,8 +37,8 @@ def tiny_model_dir(tmp_path_factory) -> str:
     """A 2-layer, 16-wide random BERT with a word-level vocabulary, saved with its tokenizer."""
     out = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + [w for ws in CLASS_WORDS.values() for w in ws]
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary as `vocab`; a `vocab_file=` argument is silently ignored
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
     config = AutoConfig.for_model("bert", vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
                                   # no dropout, so runs that see the same batches are comparable bit for bit
@@ -57,3 +57,20 @@ def emotion_dir(tmp_path) -> Path:
     write_split(folder / "val.txt", {"anger": 3, "joy": 2, "love": 2}, seed=1)
     write_split(folder / "test.txt", {"anger": 4, "joy": 3, "love": 2}, seed=2)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny BERT with a seeded head for ``emotion_dir``'s labels: a stand-in for a fine-tuned teacher."""
+    import torch
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-teacher")
+    torch.manual_seed(0)
+    id2label = {0: "anger", 1: "joy", 2: "love"}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        ignore_mismatched_sizes=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return str(out)

@@ -109,7 +109,10 @@ def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("experiment", sorted(p.name for p in CONFIGS.glob("*.yaml")
                                               if p.name not in ("base.yaml", "benchmark.yaml")))
 def test_every_config_parses(experiment, capsys):
-    overlays = ["-c", str(CONFIGS / "teacher.yaml")] if experiment == "baseline.yaml" else []
+    # overlays that are diffs of another experiment are parsed on top of it
+    base = {"baseline.yaml": "teacher.yaml", "distill_control.yaml": "distill.yaml",
+            "distill_bilstm.yaml": "distill.yaml"}.get(experiment)
+    overlays = ["-c", str(CONFIGS / base)] if base else []
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", str(CONFIGS / "base.yaml"), *overlays, "-c", str(CONFIGS / experiment), "--print_config"])
     assert exit_info.value.code == 0
@@ -122,7 +125,17 @@ def test_help(subcommand, capsys):
         main([subcommand, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--data.oversample_to" in out and "--model.lr" in out and "--trainer.devices" in out
+    assert "--data.oversample_to" in out and "--model.help" in out and "--trainer.devices" in out
+
+
+@pytest.mark.parametrize(("model", "expected"), [("EmotionClassifier", "--model.warmup_ratio"),
+                                                 ("Distiller", "--model.temperature")])
+def test_model_help(model, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", model])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert expected in out and "--model.lr" in out
 
 
 @pytest.mark.parametrize(("extra", "message"), [

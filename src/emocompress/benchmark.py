@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from emocompress.classifier import EmotionClassifier, classification_metrics, confusion_figure, metrics_report
+from emocompress.classifier import (EmotionClassifier, classification_metrics, confusion_figure, metrics_report,
+                                    model_inputs)
 from emocompress.data import EmotionDataModule
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(t.numel() for t in tensors), sum(int((t != 0).sum()) for t in tensors)
 
 
-def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
 @torch.inference_mode()
 def time_calls(fn, inputs: list, warmup: int) -> list[float]:
     """Wall time in ms of ``fn(x)`` for each ``x`` of ``inputs``, after ``warmup`` untimed calls."""
@@ -126,7 +123,7 @@ def measure(name: str, path: str, data: str, split: str, latency_samples: int, w
     collate = DataCollatorWithPadding(datamodule.tokenizer)
 
     def forward(batch):
-        return model(**_model_inputs(batch)).logits
+        return model(**model_inputs(batch)).logits
 
     singles = [collate([dataset[i]]) for i in range(min(latency_samples, len(dataset)))]
     latency = time_calls(forward, singles, warmup)

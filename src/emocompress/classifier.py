@@ -2,7 +2,6 @@
 
 import json
 import logging
-import pickle
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
     MulticlassRecall,
 )
-from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
 
 from emocompress import pretrained
 
@@ -80,6 +79,41 @@ def confusion_figure(confusion: torch.Tensor, labels: list[str], title: str = ""
     return fig
 
 
+def model_inputs(batch: dict) -> dict:
+    """The entries of a batch that a sequence classifier takes (not ``labels``, ``idx``, ``text``...)."""
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def read_checkpoint(path: str) -> dict:
+    """A Lightning checkpoint as plain data: ``torch.load(weights_only=True)`` never runs code from it.
+
+    Raises:
+        ValueError: ``path`` is missing, not a checkpoint, or holds objects other than plain data.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint["state_dict"]  # noqa: B018 (a Lightning checkpoint has one)
+    except Exception as err:  # a foreign or truncated file fails deep in unpickling, with many error types
+        raise ValueError(f"cannot read a Lightning checkpoint from {path} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    return checkpoint
+
+
+def load_network(model: torch.nn.Module, path: str) -> None:
+    """Load the ``model.*`` weights of an ``EmotionClassifier`` (or ``Distiller``) checkpoint into ``model``.
+
+    Raises:
+        ValueError: the checkpoint cannot be read, or its weights do not fit ``model``.
+    """
+    state = read_checkpoint(path)["state_dict"]
+    network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(network)
+    except RuntimeError as err:  # missing, unexpected or differently shaped weights
+        raise ValueError(f"{path} does not fit {type(model).__name__} with {model.config.num_labels} labels; "
+                         f"use the data and model of the run that made it ({err})") from err
+
+
 class EmotionClassifier(LightningModule):
     """Fine-tunes any ``AutoModelForSequenceClassification`` with class-weighted cross-entropy.
 
@@ -114,12 +148,12 @@ class EmotionClassifier(LightningModule):
             raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.save_hyperparameters()
         self.id2label = {int(i): name for i, name in id2label.items()}
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            pretrained.resolve(model_name), num_labels=len(self.id2label), id2label=self.id2label,
-            label2id={name: i for i, name in self.id2label.items()}, ignore_mismatched_sizes=True,
-            trust_remote_code=trust_remote_code)
+        self.model = self._build_model()
         if init_checkpoint is not None:
-            self._load_network(init_checkpoint)
+            try:
+                load_network(self.model, init_checkpoint)
+            except ValueError as err:
+                raise ValueError(f"model.init_checkpoint: {err}") from err
         # from_pretrained returns eval mode, and Lightning keeps module modes: without this, dropout
         # would stay off during fine-tuning.
         self.model.train()
@@ -130,19 +164,12 @@ class EmotionClassifier(LightningModule):
         self.confusion = torch.nn.ModuleDict({stage: MulticlassConfusionMatrix(num_classes)
                                               for stage in ("val", "test")})
 
-    def _load_network(self, path: str) -> None:
-        try:
-            # weights_only: a checkpoint is data, never code to run.
-            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
-            raise ValueError(f"model.init_checkpoint: cannot read a Lightning checkpoint from {path} ({err})") from err
-        network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        try:
-            self.model.load_state_dict(network)
-        except RuntimeError as err:  # missing, unexpected or differently shaped weights
-            raise ValueError(f"model.init_checkpoint: {path} does not fit {self.hparams.model_name} with "
-                             f"{len(self.id2label)} labels; use the data and model of the run that made it ({err})"
-                             ) from err
+    def _build_model(self) -> PreTrainedModel:
+        """The network to train: ``model_name``'s pretrained encoder with a head for ``id2label``."""
+        return AutoModelForSequenceClassification.from_pretrained(
+            pretrained.resolve(self.hparams.model_name), num_labels=len(self.id2label), id2label=self.id2label,
+            label2id={name: i for i, name in self.id2label.items()}, ignore_mismatched_sizes=True,
+            trust_remote_code=self.hparams.trust_remote_code)
 
     def setup(self, stage: str):
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -151,8 +178,7 @@ class EmotionClassifier(LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (B, C) for a tokenized batch; keys other than the model's inputs are ignored."""
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return self.model(**inputs).logits
+        return self.model(**model_inputs(batch)).logits
 
     def training_step(self, batch, batch_idx):
         logits = self(batch)

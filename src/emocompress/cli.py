@@ -3,7 +3,11 @@
     emocompress fit -c configs/base.yaml -c configs/teacher.yaml
     emocompress test -c configs/base.yaml -c configs/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/best.ckpt
     emocompress predict -c configs/base.yaml -c configs/teacher.yaml --ckpt_path ... --data.predict_file texts.txt
+    emocompress fit -c configs/base.yaml -c configs/distill.yaml
     emocompress benchmark --config configs/benchmark.yaml
+
+``model`` is any ``EmotionClassifier`` subclass (``class_path: emocompress.distillation.Distiller``);
+without a ``class_path`` it is the ``EmotionClassifier``.
 """
 
 import logging
@@ -16,14 +20,16 @@ from lightning.pytorch.cli import LightningCLI
 from emocompress.benchmark import benchmark
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
+from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
 
 
 class EmoCLI(LightningCLI):
     """LightningCLI with the data -> model links, and a test of the best checkpoint after ``fit``."""
 
     def add_arguments_to_parser(self, parser):
-        parser.link_arguments("data.model_name", "model.model_name")
-        parser.link_arguments("data.id2label", "model.id2label", apply_on="instantiate")
+        parser.set_defaults({"model": {"class_path": f"{EmotionClassifier.__module__}.{EmotionClassifier.__name__}"}})
+        parser.link_arguments("data.model_name", "model.init_args.model_name")
+        parser.link_arguments("data.id2label", "model.init_args.id2label", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the best checkpoint on the test split (fit only).")
 
@@ -42,7 +48,8 @@ def main(args=None):
         return
     # TF32 matmuls on Ampere+ GPUs: ~2x faster, accuracy unaffected for fine-tuning. No effect on CPU.
     torch.set_float32_matmul_precision("high")
-    EmoCLI(EmotionClassifier, EmotionDataModule, args=args, save_config_kwargs={"overwrite": True},
+    EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args,
+           save_config_kwargs={"overwrite": True},
            trainer_defaults={"default_root_dir": "logs"})
 
 

@@ -224,6 +224,11 @@ class EmotionDataModule(LightningDataModule):
     def num_classes(self) -> int:
         return len(self.id2label)
 
+    def texts(self, split: str) -> list[str]:
+        """The raw texts of ``split`` in row order: ``texts(split)[i]`` is the text of a batch's ``idx == i``
+        (a distillation teacher with its own tokenizer reads them)."""
+        return self._raw_split(split)["text"]
+
     @property
     def class_weights(self) -> torch.Tensor:
         """(C,) loss weights from the train class sizes after oversampling; set by ``setup``."""
@@ -325,7 +330,8 @@ class EmotionDataModule(LightningDataModule):
 
     def _tokenize(self, raw: datasets.Dataset, split: str) -> datasets.Dataset:
         """Map labels to ids (rejecting unknown ones) and tokenize, once: datasets caches the result."""
-        return raw.map(_encode, batched=True, remove_columns=raw.column_names, desc=f"tokenize {split}",
+        return raw.map(_encode, batched=True, with_indices=True, remove_columns=raw.column_names,
+                       desc=f"tokenize {split}",
                        fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.hparams.max_length,
                                   "label2id": self.label2id, "where": self._locate(split)[1]})
 
@@ -449,13 +455,14 @@ def _tokenize_texts(batch, tokenizer, max_length):
     return encoded
 
 
-def _encode(batch, tokenizer, max_length, label2id, where):
+def _encode(batch, indices, tokenizer, max_length, label2id, where):
     for label, line_no in zip(batch["label"], batch["line"]):
         if label not in label2id:
             raise ValueError(f"{where}:{line_no}: unknown label {label!r}, expected one of {sorted(label2id)}; "
                              "fix the row or add the label to data.labels in your config")
     encoded = _tokenize_texts(batch, tokenizer, max_length)
     encoded["labels"] = [label2id[label] for label in batch["label"]]
+    encoded["idx"] = indices  # row of the split, so a batch can be traced back to its raw texts
     return encoded
 
 

@@ -48,6 +48,7 @@ def _quantize_torch(model: nn.Module, include_embeddings: bool) -> nn.Module:
     activations are quantized on the fly per batch."""
     from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, quantize_dynamic
 
+    # Not nn.LSTM: its quantized weights save as TorchScript objects, which weights_only loading refuses.
     spec = {nn.Linear: default_dynamic_qconfig}
     if include_embeddings:
         spec[nn.Embedding] = float_qparams_weight_only_qconfig
@@ -110,9 +111,14 @@ def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddi
 def _fp32_copy(model: nn.Module, attn_implementation: str) -> nn.Module:
     """A plain CPU fp32 eval-mode copy of ``model``. Eager attention exports as plain MatMul/Softmax,
     which onnxruntime's BERT optimizer fuses into one Attention op; torch runs faster with sdpa."""
-    copy = AutoModelForSequenceClassification.from_config(model.config, attn_implementation=attn_implementation)
+    copy = AutoModelForSequenceClassification.from_config(model.config, **_attention(model.config, attn_implementation))
     copy.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     return copy.eval()
+
+
+def _attention(config, implementation: str) -> dict:
+    """``attn_implementation`` for models with attention; recurrent students have none to choose."""
+    return {"attn_implementation": implementation} if hasattr(config, "num_attention_heads") else {}
 
 
 def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool) -> None:
@@ -132,11 +138,12 @@ def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool)
         torch.onnx.export(model, (), str(fp32_file), kwargs=example, input_names=names, output_names=["logits"],
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    optimized = optimize_model(str(fp32_file), model_type="bert", num_heads=config.num_attention_heads,
-                               hidden_size=config.hidden_size)
-    optimized.save_model_to_file(str(fp32_file))
+    if hasattr(config, "num_attention_heads"):  # a transformer: fuse attention (recurrent students have none)
+        optimized = optimize_model(str(fp32_file), model_type="bert", num_heads=config.num_attention_heads,
+                                   hidden_size=config.hidden_size)
+        optimized.save_model_to_file(str(fp32_file))
     # Without the embedding ops, only the matrix multiplications (and fused attention) become INT8.
-    op_types = None if include_embeddings else ["MatMul", "Attention"]
+    op_types = None if include_embeddings else ["MatMul", "Attention", "LSTM"]
     with _quiet():
         quantize_dynamic(str(fp32_file), str(out_file), weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
                          # the optimizer's fused ops carry no inferred types; they are all float here
@@ -176,7 +183,7 @@ def load_int8(path: str | Path, num_threads: int | None = None) -> nn.Module:
     config = AutoConfig.from_pretrained(path)
     if meta["backend"] == "onnxruntime":
         return OrtClassifier(path / _ONNX_FILE, config, num_threads)
-    skeleton = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").eval()
+    skeleton = AutoModelForSequenceClassification.from_config(config, **_attention(config, "sdpa")).eval()
     model = _quantize_torch(skeleton, meta["include_embeddings"])
     model.load_state_dict(torch.load(path / _TORCH_WEIGHTS, map_location="cpu", weights_only=True))
     return model

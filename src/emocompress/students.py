@@ -1,0 +1,136 @@
+"""Small students for distillation: a transformer cut from its teacher, and a recurrent classifier.
+
+Both are ordinary ``transformers`` models: they save with ``save_pretrained``, load with
+``AutoModelForSequenceClassification.from_pretrained`` (the recurrent one once ``emocompress`` is
+imported, which registers it), and the compression callbacks treat them like any fine-tuned model.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+def every_other_layer(num_layers: int) -> list[int]:
+    """Teacher layers a half-depth student keeps: every other one, ending with the last, whose output
+    the teacher's pooler and head were trained on.
+
+    >>> every_other_layer(6)
+    [1, 3, 5]
+    >>> every_other_layer(5)
+    [0, 2, 4]
+    """
+    return list(range(num_layers - 1, -1, -2))[::-1]
+
+
+def _layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The encoder's list of transformer blocks, with its parent and attribute name. Found by shape,
+    not by name, so BERT (``encoder.layer``), RoBERTa and DistilBERT (``transformer.layer``) all work."""
+    depth = model.config.num_hidden_layers
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, nn.ModuleList) and len(child) == depth]
+    if len(found) != 1:
+        raise ValueError(f"{type(model).__name__}: cannot tell which module list holds its {depth} layers "
+                         f"({len(found)} candidates); use model.student: pretrained with a smaller model instead")
+    return found[0]
+
+
+def keep_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A copy of ``teacher`` with only the transformer ``layers`` (0-based, in order) kept, as
+    DistilBERT initialised its student: embeddings, kept layers, pooler and head are the teacher's
+    weights, exactly. ``teacher`` is not changed.
+
+    Raises:
+        ValueError: ``layers`` is empty, unsorted, repeats a layer or names one the teacher lacks.
+    """
+    depth = teacher.config.num_hidden_layers
+    if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= depth:
+        raise ValueError(f"model.student_layers must be increasing layer numbers in [0, {depth - 1}] "
+                         f"(the teacher has {depth} layers), got {layers}")
+    student = copy.deepcopy(teacher)
+    parent, name, stack = _layer_stack(student)
+    setattr(parent, name, nn.ModuleList(stack[i] for i in layers))
+    student.config.num_hidden_layers = len(layers)
+    return student
+
+
+class RecurrentConfig(PretrainedConfig):
+    """Configuration of ``RecurrentClassifier``.
+
+    Args:
+        vocab_size: rows of the embedding table (the tokenizer's vocabulary size).
+        embedding_dim: width of the learned token embeddings.
+        hidden_size: LSTM units per direction (``bilstm``) or width of the feed-forward layer (``meanpool``).
+        encoder: ``bilstm`` (a bidirectional LSTM, max-pooled over tokens) or ``meanpool`` (token
+            embeddings averaged, then one feed-forward layer).
+        dropout: dropout before the classification layer.
+    """
+
+    model_type = "emocompress-recurrent"
+
+    def __init__(self, vocab_size: int = 30522, embedding_dim: int = 128, hidden_size: int = 128,
+                 encoder: str = "bilstm", dropout: float = 0.1, pad_token_id: int = 0, **kwargs):
+        if encoder not in ("bilstm", "meanpool"):
+            raise ValueError(f"RecurrentConfig.encoder must be 'bilstm' or 'meanpool', got {encoder!r}")
+        self.vocab_size = vocab_size
+        self.embedding_dim = embedding_dim
+        self.hidden_size = hidden_size
+        self.encoder = encoder
+        self.dropout = dropout
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+
+class RecurrentClassifier(PreTrainedModel):
+    """A non-transformer text classifier over learned token embeddings: a BiLSTM with max pooling, or
+    mean-pooled embeddings with one feed-forward layer. Called like any sequence classifier:
+    ``model(input_ids=(B, T), attention_mask=(B, T)).logits`` is (B, C); padding must be on the right
+    (the default of BERT and RoBERTa tokenizers)."""
+
+    config_class = RecurrentConfig
+    base_model_prefix = "recurrent"
+
+    def __init__(self, config: RecurrentConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_token_id)
+        if config.encoder == "bilstm":
+            # Two one-way LSTMs rather than one bidirectional: see _bilstm_max.
+            self.forward_lstm = nn.LSTM(config.embedding_dim, config.hidden_size, batch_first=True)
+            self.backward_lstm = nn.LSTM(config.embedding_dim, config.hidden_size, batch_first=True)
+            width = 2 * config.hidden_size
+        else:
+            self.feed_forward = nn.Sequential(nn.Linear(config.embedding_dim, config.hidden_size), nn.GELU())
+            width = config.hidden_size
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(width, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        tokens = self.embeddings(input_ids)  # (B, T) -> (B, T, E)
+        if self.config.encoder == "bilstm":
+            pooled = self._bilstm_max(tokens, mask)  # (B, 2H)
+        else:
+            mean = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, E)
+            pooled = self.feed_forward(mean)  # (B, H)
+        logits = self.classifier(self.dropout(pooled))  # (B, C)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def _bilstm_max(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # The backward LSTM reads each text reversed within its own length (padding stays at the end), so
+        # it starts at the text's last token, not at padding: a text gets the same logits alone or in a
+        # right-padded batch. Plain gathers rather than packed sequences, so it exports to ONNX as is.
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(mask)  # (B, T)
+        lengths = mask.sum(1, keepdim=True)  # (B, 1)
+        flip = torch.where(positions < lengths, lengths - 1 - positions, positions)[..., None]  # (B, T, 1)
+        forward, _ = self.forward_lstm(tokens)  # (B, T, E) -> (B, T, H)
+        backward, _ = self.backward_lstm(tokens.gather(1, flip.expand_as(tokens)))
+        states = torch.cat([forward, backward.gather(1, flip.expand_as(backward))], dim=-1)  # (B, T, 2H)
+        return states.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)  # (B, 2H)
+
+
+AutoConfig.register(RecurrentConfig.model_type, RecurrentConfig)
+AutoModelForSequenceClassification.register(RecurrentConfig, RecurrentClassifier)

@@ -1,0 +1,191 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+
+from emocompress.classifier import EmotionClassifier
+from emocompress.data import EmotionDataModule
+from emocompress.distillation import Distiller, distillation_losses, patient_loss
+from emocompress.students import RecurrentClassifier
+
+ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
+
+
+def _trainer(tmp_path, **kwargs):
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                   limit_val_batches=0, **kwargs)
+
+
+def _fit(emotion_dir, teacher_dir, tmp_path, max_steps=2, **kwargs):
+    dm = EmotionDataModule(str(emotion_dir), model_name=teacher_dir, batch_size=4)
+    model = Distiller(teacher=teacher_dir, model_name=teacher_dir, id2label=dm.id2label, lr=1e-2, **kwargs)
+    trainer = _trainer(tmp_path, max_steps=max_steps)
+    trainer.fit(model, datamodule=dm)
+    return model, trainer, dm
+
+
+# ---- the loss ----
+def _kl(teacher, student, temperature):
+    p = (teacher / temperature).softmax(-1)
+    return (p * (p.log() - (student / temperature).log_softmax(-1))).sum(-1).mean()
+
+
+def test_alpha_one_is_weighted_cross_entropy_and_alpha_zero_is_soft_label_kd():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 3, generator=generator), torch.randn(8, 3, generator=generator)
+    labels, weights = torch.randint(0, 3, (8,), generator=generator), torch.tensor([0.5, 1.0, 2.0])
+    hard = distillation_losses(student, teacher, labels, weights, alpha=1.0, temperature=3.0)
+    assert sum(hard.values()) == pytest.approx(F.cross_entropy(student, labels, weight=weights).item(), abs=1e-6)
+    for temperature in (1.0, 2.0, 4.0):
+        soft = distillation_losses(student, teacher, labels, weights, alpha=0.0, temperature=temperature)
+        assert soft["ce"] == 0
+        # the T^2 factor, checked against KL written out by hand
+        assert sum(soft.values()) == pytest.approx(temperature**2 * _kl(teacher, student, temperature).item(), rel=1e-5)
+    mixed = distillation_losses(student, teacher, labels, weights, alpha=0.25, temperature=2.0, mse_weight=0.5)
+    assert mixed["ce"] == pytest.approx(0.25 * hard["ce"].item())
+    assert mixed["kd"] == pytest.approx(0.75 * 4 * _kl(teacher, student, 2.0).item(), rel=1e-5)
+    assert mixed["mse"] == pytest.approx(0.5 * ((student - teacher) ** 2).mean().item(), rel=1e-6)
+
+
+def test_patient_loss_compares_normalised_first_token_states_of_mapped_layers():
+    teacher = tuple(torch.randn(2, 5, 4) for _ in range(3))  # embeddings + 2 layers
+    student = (teacher[0], 3 * teacher[2])  # student layer 0 = teacher layer 1, scaled: same direction
+    assert patient_loss(student, teacher, [1]).item() == pytest.approx(0, abs=1e-6)
+    expected = (F.normalize(teacher[2][:, 0], dim=-1) - F.normalize(teacher[1][:, 0], dim=-1)).pow(2).sum(-1).mean()
+    assert patient_loss(student, teacher, [0]).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ---- the teacher ----
+def test_teacher_is_frozen_outside_the_checkpoint_and_the_student_learns(emotion_dir, tiny_teacher_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_teacher_dir, batch_size=4)
+    model = Distiller(teacher=tiny_teacher_dir, model_name=tiny_teacher_dir, id2label=dm.id2label, lr=1e-2,
+                      student_layers=[1])
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    _trainer(tmp_path, max_steps=3).fit(model, datamodule=dm)
+    for name, value in model.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[name]), name
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert not any(m.training for m in model.teacher.modules())
+    assert any(not torch.equal(v, student_before[k]) for k, v in model.model.state_dict().items())
+    assert all(p.requires_grad for p in model.model.parameters())
+    assert not any(key.startswith("teacher") for key in model.state_dict())
+    teacher_params = {id(p) for p in model.teacher.parameters()}
+    assert not teacher_params & {id(p) for p in model.parameters()}
+
+
+def test_cached_teacher_logits_equal_live_ones_and_are_reused(emotion_dir, tiny_teacher_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    model, trainer, dm = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+    [cache_file] = cache.glob("teacher-*.pt")
+    texts = dm.texts("train")
+    with torch.no_grad():  # live: the teacher on small padded batches, in data order
+        live = torch.cat([model.teacher(**model._encode(texts[i:i + 3])).logits for i in range(0, len(texts), 3)])
+    torch.testing.assert_close(model.cached_logits, live, atol=1e-5, rtol=1e-5)
+    stored = torch.load(cache_file, weights_only=True)
+    assert len(stored["keys"]) == len(set(texts)) and stored["logits"].shape == (len(set(texts)), 3)
+
+    # training on cached logits gives the loss of training on live ones
+    cached_loss = trainer.callback_metrics["train/loss"]
+    _, live_trainer, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1)
+    assert live_trainer.callback_metrics["train/loss"].item() == pytest.approx(cached_loss.item(), abs=1e-5)
+
+    # a second run with the same teacher reads the cache and never runs the teacher over the data
+    monkeypatch.setattr(Distiller, "teacher_logits", lambda self, texts: pytest.fail("teacher ran again"))
+    again, _, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+    torch.testing.assert_close(again.cached_logits, model.cached_logits)
+
+
+def test_corrupt_cache_is_a_clear_error(emotion_dir, tiny_teacher_dir, tmp_path):
+    cache = tmp_path / "cache"
+    model, _, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+    next(cache.glob("teacher-*.pt")).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="model.logits_cache: cannot read .* delete it to recompute"):
+        _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+
+
+def test_alpha_one_control_never_runs_the_teacher(emotion_dir, tiny_teacher_dir, tmp_path, monkeypatch):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_teacher_dir, batch_size=4)
+    model = Distiller(teacher=tiny_teacher_dir, model_name=tiny_teacher_dir, id2label=dm.id2label, alpha=1.0)
+    monkeypatch.setattr(model.teacher, "forward", lambda *a, **k: pytest.fail("the teacher ran"))
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.callback_metrics["train/kd"] == 0
+    assert trainer.callback_metrics["train/loss"] == trainer.callback_metrics["train/ce"]
+
+
+def test_hidden_state_loss_and_mse_are_trained(emotion_dir, tiny_teacher_dir, tmp_path):
+    model, trainer, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, student_layers=[0], hidden_weight=1.0,
+                             mse_weight=0.1)
+    assert model.layer_map == [0]
+    metrics = trainer.callback_metrics
+    assert metrics["train/hidden"] > 0 and metrics["train/mse"] > 0
+    total = sum(metrics[f"train/{k}"] for k in ("ce", "kd", "mse", "hidden"))
+    assert metrics["train/loss"].item() == pytest.approx(total.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("student", ["bilstm", "meanpool"])
+def test_recurrent_student_distils(emotion_dir, tiny_teacher_dir, tmp_path, student):
+    model, trainer, dm = _fit(emotion_dir, tiny_teacher_dir, tmp_path, student=student, embedding_dim=8,
+                              hidden_size=8)
+    assert isinstance(model.model, RecurrentClassifier)
+    assert model.model.config.vocab_size == len(dm.tokenizer)
+    assert model.model.config.id2label == ID2LABEL
+    assert trainer.callback_metrics["train/kd"] > 0
+
+
+def test_pretrained_student_with_its_own_tokenizer(emotion_dir, tiny_teacher_dir, tiny_model_dir, tmp_path):
+    # the student reads the data module's tokens; the teacher tokenizes the raw texts itself
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+    model = Distiller(teacher=tiny_teacher_dir, student="pretrained", model_name=tiny_model_dir,
+                      id2label=dm.id2label, hidden_weight=0.5)
+    assert model.layer_map == [0, 1]  # as deep as the teacher: layer to layer
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.callback_metrics["train/kd"] > 0
+
+
+def test_teacher_from_a_classifier_checkpoint(emotion_dir, tiny_teacher_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_teacher_dir, batch_size=4)
+    tuned = EmotionClassifier(tiny_teacher_dir, dm.id2label, lr=1e-2)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(tuned, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    model = Distiller(teacher=str(tmp_path / "teacher.ckpt"), model_name=tiny_teacher_dir, id2label=dm.id2label)
+    for name, value in tuned.model.state_dict().items():
+        assert torch.equal(model.teacher.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"alpha": 1.5}, r"model.alpha must be in \[0, 1\]"),
+    ({"temperature": 0.0}, "model.temperature must be positive"),
+    ({"mse_weight": -1.0}, "model.mse_weight must be >= 0"),
+    ({"student": "bilstm", "hidden_weight": 1.0}, "model.hidden_weight needs a transformer student"),
+    ({"hidden_weight": 1.0, "logits_cache": "x"}, "set model.logits_cache to null"),
+    ({"student_layers": [5]}, "model.student_layers must be increasing"),
+    ({"id2label": {0: "joy", 1: "anger", 2: "love"}}, "distil from a teacher fine-tuned on this label set"),
+])
+def test_bad_settings_fail_at_construction(tiny_teacher_dir, kwargs, message):
+    args = {"teacher": tiny_teacher_dir, "model_name": tiny_teacher_dir, "id2label": ID2LABEL, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Distiller(**args)
+
+
+def test_layers_student_needs_the_teachers_tokenizer(tiny_teacher_dir, tmp_path):
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    vocab = AutoTokenizer.from_pretrained(tiny_teacher_dir).get_vocab()
+    BertTokenizerFast(vocab={**vocab, "extra": len(vocab)}).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="set data.model_name to the teacher"):
+        Distiller(teacher=tiny_teacher_dir, model_name=str(tmp_path / "other"), id2label=ID2LABEL)
+
+
+def test_teacher_checkpoint_errors(tiny_teacher_dir, tmp_path):
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="model.teacher: cannot read a Lightning checkpoint"):
+        Distiller(teacher=str(tmp_path / "junk.ckpt"), model_name=tiny_teacher_dir, id2label=ID2LABEL)
+    torch.save({"state_dict": {}, "hyper_parameters": {"teacher": "x", "model_name": "y", "id2label": ID2LABEL}},
+               tmp_path / "student.ckpt")
+    with pytest.raises(ValueError, match="not an EmotionClassifier checkpoint"):
+        Distiller(teacher=str(tmp_path / "student.ckpt"), model_name=tiny_teacher_dir, id2label=ID2LABEL)

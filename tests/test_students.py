@@ -1,0 +1,82 @@
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from emocompress.students import RecurrentClassifier, RecurrentConfig, every_other_layer, keep_layers
+
+
+@pytest.fixture
+def teacher(tiny_teacher_dir):
+    return AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir).eval()
+
+
+@pytest.mark.parametrize("layers", [[0], [1], [0, 1]])
+def test_keep_layers_copies_exactly_the_chosen_teacher_layers(teacher, layers):
+    student = keep_layers(teacher, layers)
+    assert student.config.num_hidden_layers == len(layers)
+    assert len(student.bert.encoder.layer) == len(layers)
+    teacher_state = teacher.state_dict()
+    for name, value in student.state_dict().items():
+        if ".encoder.layer." in name:
+            i, rest = name.split(".encoder.layer.")[1].split(".", 1)
+            source = f"bert.encoder.layer.{layers[int(i)]}.{rest}"
+        else:  # embeddings, pooler, head
+            source = name
+        assert torch.equal(value, teacher_state[source]), name
+    assert teacher.config.num_hidden_layers == 2  # the teacher is untouched
+    assert len(teacher.bert.encoder.layer) == 2
+
+
+@pytest.mark.parametrize("layers", [[], [2], [1, 0], [0, 0], [-1]])
+def test_keep_layers_rejects_impossible_layer_lists(teacher, layers):
+    with pytest.raises(ValueError, match="model.student_layers must be increasing layer numbers in \\[0, 1\\]"):
+        keep_layers(teacher, layers)
+
+
+def test_every_other_layer_keeps_the_last():
+    assert every_other_layer(12) == [1, 3, 5, 7, 9, 11]
+    assert every_other_layer(1) == [0]
+
+
+def test_layer_student_round_trips_through_save_and_load(teacher, tmp_path):
+    student = keep_layers(teacher, [1]).eval()
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    ids = torch.randint(5, 20, (3, 7))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("encoder", ["bilstm", "meanpool"])
+def test_recurrent_classifier_round_trips_and_ignores_padding(encoder, tmp_path):
+    torch.manual_seed(0)
+    model = RecurrentClassifier(RecurrentConfig(vocab_size=50, embedding_dim=8, hidden_size=6, encoder=encoder,
+                                                num_labels=3)).eval()
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
+    mask = (ids != 0).long()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    assert logits.shape == (2, 3)
+    # a text alone gives the same logits as in a right-padded batch
+    torch.testing.assert_close(model(input_ids=ids[:1, :3]).logits[0], logits[0])
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()  # registered Auto class
+    assert isinstance(loaded, RecurrentClassifier)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+def test_recurrent_classifier_learns_and_computes_its_loss():
+    torch.manual_seed(0)
+    model = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=8, hidden_size=8, num_labels=2))
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    labels = torch.tensor([0, 1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    first = model(input_ids=ids, labels=labels).loss
+    for _ in range(20):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+    assert model(input_ids=ids, labels=labels).loss < first / 4
+
+
+def test_recurrent_config_rejects_unknown_encoder():
+    with pytest.raises(ValueError, match="encoder must be 'bilstm' or 'meanpool'"):
+        RecurrentConfig(encoder="gru")
