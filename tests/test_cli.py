@@ -171,3 +171,63 @@ def test_benchmark_config_parses(capsys):
         main(["benchmark", "--config", str(CONFIGS / "benchmark.yaml"), "--print_config"])
     assert exit_info.value.code == 0
     assert "teacher (fp32)" in capsys.readouterr().out
+
+
+def distill_args(emotion_dir, teacher_dir, cache, *configs, extra=()):
+    """The real distill.yaml (plus ``configs``), shrunk by tiny.yaml, with the tiny teacher."""
+    overlays = [arg for name in ("distill.yaml", *configs) for arg in ("-c", CONFIGS / name)]
+    return ["-c", CONFIGS / "base.yaml", *overlays, "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir,
+            "--data.model_name", teacher_dir, "--model.teacher", teacher_dir, "--model.student_layers", "[1]",
+            "--model.logits_cache", cache, *extra]
+
+
+def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
+    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache")
+    _ok(run_cli("fit", *args, cwd=tmp_path))
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    assert len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 1
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert sum(map(sum, report["confusion_matrix"])) == 9
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    state = torch.load(best, weights_only=True)["state_dict"]
+    assert state and not any(k.startswith("teacher") for k in state)  # the teacher is not saved
+    exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
+    assert exported.config.num_hidden_layers == 1
+    # the student tests like any model, from its checkpoint, in a fresh process
+    _ok(run_cli("test", *args, "--ckpt_path", best, cwd=tmp_path))
+    assert json.loads((run.parent / "version_1" / "test_metrics.json").read_text()) == report
+
+
+def test_distill_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_teacher_dir, tmp_path):
+    # Distil + Prune + Quant: the student is pruned during distillation and tested as INT8, on 2 processes.
+    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "prune.yaml", "quantize.yaml",
+                        extra=("--model.student_layers", "[0, 1]", "--trainer.max_epochs", 2,
+                               "--trainer.devices", 2, "--trainer.strategy", "ddp"))
+    _ok(run_cli("fit", *args, cwd=tmp_path))
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    student = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
+    linears = [m.weight for m in student.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(int((w == 0).sum()) for w in linears) == round(0.5 * sum(w.numel() for w in linears))
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)
+    assert not any(bool((m.weight == 0).any()) for m in teacher.modules() if isinstance(m, torch.nn.Linear))
+    assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
+    assert sum(map(sum, json.loads((run / "test_metrics.json").read_text())["confusion_matrix"])) == 9
+
+
+def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp_path):
+    from emocompress.callbacks.quantization import load_int8
+    from emocompress.students import RecurrentClassifier
+
+    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "distill_bilstm.yaml", "quantize.yaml",
+                        extra=("--model.embedding_dim", 8, "--model.hidden_size", 8))
+    _ok(run_cli("fit", *args, cwd=tmp_path))
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    student = AutoModelForSequenceClassification.from_pretrained(run / "hf_model").eval()
+    assert isinstance(student, RecurrentClassifier) and student.config.encoder == "bilstm"
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf_model")
+    batch = tokenizer(["i feel so happy today", "furious", "loving and tender, very fond"], padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        fp32 = student(**batch).logits
+    int8 = load_int8(run / "int8")(**batch).logits
+    torch.testing.assert_close(int8, fp32, atol=0.05, rtol=0.05)
