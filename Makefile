@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install teacher baseline prune int8 results test speed
+.PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results test speed
 
 install: $(VENV)/.installed
 
@@ -33,9 +33,29 @@ int8: install
 	$(BIN)/emocompress test -c configs/base.yaml -c configs/quantize_torch.yaml --trainer.accelerator cpu \
 		--data.model_name logs/teacher/version_0/hf_model --trainer.logger.init_args.name int8_torch
 
+# a 3-layer student distilled from the teacher (tested as INT8 too), and its alpha = 1 control
+distill: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/quantize.yaml
+
+distill_control: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_control.yaml
+
+distill_bilstm: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_bilstm.yaml \
+		-c configs/quantize.yaml
+
+# Distil + Prune + Quant: 50% pruning of the distilled student, recovered under distillation, then INT8
+distill_prune: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/prune.yaml \
+		-c configs/quantize.yaml -c configs/distill_prune.yaml
+
+# the distillation runs (after `make teacher`) and their comparison report (about 1 h here)
+distill_results: distill distill_control distill_bilstm distill_prune
+	$(BIN)/emocompress benchmark --config configs/benchmark_distill.yaml
+
 # every run behind the README's results, then the comparison report (about 1 h 15 min on 2 CPU cores);
 # expects a fresh logs/ so that each run lands in version_0
-results: teacher baseline prune int8
+results: teacher baseline prune int8 distill_results
 	$(BIN)/emocompress benchmark --config configs/benchmark.yaml
 
 speed: install

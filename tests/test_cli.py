@@ -107,12 +107,13 @@ def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("experiment", sorted(p.name for p in CONFIGS.glob("*.yaml")
-                                              if p.name not in ("base.yaml", "benchmark.yaml")))
+                                              if p.name != "base.yaml" and not p.name.startswith("benchmark")))
 def test_every_config_parses(experiment, capsys):
     # overlays that are diffs of another experiment are parsed on top of it
-    base = {"baseline.yaml": "teacher.yaml", "distill_control.yaml": "distill.yaml",
-            "distill_bilstm.yaml": "distill.yaml"}.get(experiment)
-    overlays = ["-c", str(CONFIGS / base)] if base else []
+    bases = {"baseline.yaml": ["teacher.yaml"], "distill_control.yaml": ["distill.yaml"],
+             "distill_bilstm.yaml": ["distill.yaml"],
+             "distill_prune.yaml": ["distill.yaml", "prune.yaml", "quantize.yaml"]}.get(experiment, [])
+    overlays = [arg for name in bases for arg in ("-c", str(CONFIGS / name))]
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", str(CONFIGS / "base.yaml"), *overlays, "-c", str(CONFIGS / experiment), "--print_config"])
     assert exit_info.value.code == 0
@@ -166,11 +167,12 @@ def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tm
     assert sum(map(sum, report["confusion_matrix"])) == 9
 
 
-def test_benchmark_config_parses(capsys):
+@pytest.mark.parametrize("config", ["benchmark.yaml", "benchmark_distill.yaml"])
+def test_benchmark_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["benchmark", "--config", str(CONFIGS / "benchmark.yaml"), "--print_config"])
+        main(["benchmark", "--config", str(CONFIGS / config), "--print_config"])
     assert exit_info.value.code == 0
-    assert "teacher (fp32)" in capsys.readouterr().out
+    assert "teacher" in capsys.readouterr().out
 
 
 def distill_args(emotion_dir, teacher_dir, cache, *configs, extra=()):
@@ -191,8 +193,15 @@ def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     state = torch.load(best, weights_only=True)["state_dict"]
     assert state and not any(k.startswith("teacher") for k in state)  # the teacher is not saved
-    exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
+    exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model").eval()
     assert exported.config.num_hidden_layers == 1
+    # the benchmark reads the student from the Distiller checkpoint too: the same network as the export
+    from emocompress.benchmark import load_for_benchmark
+
+    from_checkpoint, _, _ = load_for_benchmark(best)
+    ids = torch.tensor([[2, 5, 6, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(from_checkpoint(input_ids=ids).logits, exported(input_ids=ids).logits)
     # the student tests like any model, from its checkpoint, in a fresh process
     _ok(run_cli("test", *args, "--ckpt_path", best, cwd=tmp_path))
     assert json.loads((run.parent / "version_1" / "test_metrics.json").read_text()) == report

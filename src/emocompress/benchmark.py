@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from emocompress.classifier import (EmotionClassifier, classification_metrics, confusion_figure, metrics_report,
-                                    model_inputs)
+                                    model_inputs, read_checkpoint)
 from emocompress.data import EmotionDataModule
+from emocompress.distillation import Distiller
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
     """(model in eval mode, where its tokenizer is, its weights file) for an HF export, INT8 folder or .ckpt."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        module = EmotionClassifier.load_from_checkpoint(path, map_location="cpu")
+        # A Distiller's student may be cut from its teacher: only the Distiller can rebuild it.
+        module_class = Distiller if "teacher" in read_checkpoint(str(path)).get("hyper_parameters", {}) \
+            else EmotionClassifier
+        module = module_class.load_from_checkpoint(path, map_location="cpu")
         return module.model.eval(), module.hparams.model_name, path
     if not path.is_dir():
         raise ValueError(f"benchmark model {path}: not a folder or .ckpt file")
