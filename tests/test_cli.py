@@ -240,3 +240,25 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
         fp32 = student(**batch).logits
     int8 = load_int8(run / "int8")(**batch).logits
     torch.testing.assert_close(int8, fp32, atol=0.05, rtol=0.05)
+
+
+def test_distill_ddp_two_cpu_processes_match_one(emotion_dir, tiny_teacher_dir, tmp_path):
+    # As for the classifier: 1 process x batch 8 and 2 processes x batch 4 see the same global batches;
+    # the teacher's logits come from one cache, so both runs distil the same student.
+    same = ("--data.class_weighting", "none", "--trainer.max_epochs", 2)
+    cache = tmp_path / "cache"
+    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, extra=(*same, "--data.batch_size", 8)),
+                cwd=tmp_path))
+    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, extra=(
+        *same, "--data.batch_size", 4, "--trainer.devices", 2, "--trainer.strategy", "ddp")), cwd=tmp_path))
+    runs = tmp_path / "logs" / "tiny"
+    weights = [torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for v in ("version_0", "version_1")]
+    assert weights[0].keys() == weights[1].keys()
+    # Summation order differs between 1 and 2 processes; Adam turns those float differences into
+    # weight differences of up to ~5e-5 here, against steps of lr = 1e-3 per weight.
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=1e-4, rtol=1e-4, msg=name)
+    one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
