@@ -74,3 +74,25 @@ def tiny_teacher_dir(tiny_model_dir, tmp_path_factory) -> str:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return str(out)
+
+
+class _Exploit:
+    """Unpickling this calls ``Path.touch(marker)``: a stand-in for code a planted pickle would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.fixture
+def malicious_checkpoint(tmp_path) -> tuple[Path, Path]:
+    """(a checkpoint-looking file whose unpickling would run code, the file that code would create)."""
+    import torch
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "malicious.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model_name": "x", "id2label": {0: "a", 1: "b"}},
+                "payload": _Exploit(marker)}, path)
+    return path, marker

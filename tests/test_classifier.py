@@ -163,3 +163,29 @@ def test_init_checkpoint_errors(emotion_dir, tiny_model_dir, tmp_path):
     torch.save({"state_dict": {"model.classifier.weight": torch.zeros(5, 16)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="does not fit"):
         EmotionClassifier(tiny_model_dir, ID2LABEL, init_checkpoint=str(tmp_path / "other.ckpt"))
+
+
+def test_planted_pickle_is_refused_without_running(tiny_model_dir, malicious_checkpoint):
+    path, marker = malicious_checkpoint
+    with pytest.raises(ValueError, match="model.init_checkpoint: refused to load .* could run code"):
+        EmotionClassifier(tiny_model_dir, ID2LABEL, init_checkpoint=str(path))
+    assert not marker.exists()
+
+
+def test_model_folder_code_does_not_run_without_trust_remote_code(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, folder)
+    marker = tmp_path / "pwned"
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForSequenceClassification": "evil.Model"}
+    (folder / "config.json").write_text(json.dumps(config))
+    try:
+        model = EmotionClassifier(str(folder), ID2LABEL)
+        assert type(model.model).__name__ == "BertForSequenceClassification"  # the library's own code
+    except ValueError as err:  # or transformers refuses outright
+        assert "trust_remote_code" in str(err)
+    assert not marker.exists()

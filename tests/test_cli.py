@@ -261,3 +261,12 @@ def test_distill_ddp_two_cpu_processes_match_one(emotion_dir, tiny_teacher_dir, 
     one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
     assert two["confusion_matrix"] == one["confusion_matrix"]
     assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
+
+
+def test_planted_pickle_as_ckpt_path_is_refused(emotion_dir, tiny_model_dir, tmp_path, malicious_checkpoint):
+    path, marker = malicious_checkpoint
+    result = run_cli("test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", path), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "--ckpt_path: refused to load" in result.stderr and "could run code" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()

@@ -189,3 +189,17 @@ def test_teacher_checkpoint_errors(tiny_teacher_dir, tmp_path):
                tmp_path / "student.ckpt")
     with pytest.raises(ValueError, match="not an EmotionClassifier checkpoint"):
         Distiller(teacher=str(tmp_path / "student.ckpt"), model_name=tiny_teacher_dir, id2label=ID2LABEL)
+
+
+def test_planted_pickles_are_refused_as_teacher_and_as_cache(emotion_dir, tiny_teacher_dir, tmp_path,
+                                                              malicious_checkpoint):
+    path, marker = malicious_checkpoint
+    with pytest.raises(ValueError, match="model.teacher: refused to load .* could run code"):
+        Distiller(teacher=str(path), model_name=tiny_teacher_dir, id2label=ID2LABEL)
+    cache = tmp_path / "cache"
+    model, _, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+    cache_file = next(cache.glob("teacher-*.pt"))
+    cache_file.write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="model.logits_cache: cannot read"):
+        _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+    assert not marker.exists()

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -94,6 +95,10 @@ def read_checkpoint(path: str) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         checkpoint["state_dict"]  # noqa: B018 (a Lightning checkpoint has one)
     except Exception as err:  # a foreign or truncated file fails deep in unpickling, with many error types
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise ValueError(f"refused to load {path}: it holds Python objects other than tensors and plain data, "
+                             "which could run code when unpickled; only use checkpoints written by Lightning from "
+                             "a source you trust") from err
         raise ValueError(f"cannot read a Lightning checkpoint from {path} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from err
     return checkpoint

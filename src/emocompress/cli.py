@@ -12,13 +12,14 @@ without a ``class_path`` it is the ``EmotionClassifier``.
 
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
 from emocompress.benchmark import benchmark
-from emocompress.classifier import EmotionClassifier
+from emocompress.classifier import EmotionClassifier, read_checkpoint
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
 
@@ -32,6 +33,18 @@ class EmoCLI(LightningCLI):
         parser.link_arguments("data.id2label", "model.init_args.id2label", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the best checkpoint on the test split (fit only).")
+
+    def parse_arguments(self, parser, args):
+        super().parse_arguments(parser, args)
+        # Lightning unpickles --ckpt_path (weights_only) right after parsing; reading it here first turns a
+        # refused or broken file into one clear line instead of an unpickling traceback.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            try:
+                read_checkpoint(path)
+            except ValueError as err:
+                parser.error(f"--ckpt_path: {err}")
 
     def after_fit(self):
         if self.config["fit"]["test_after_fit"] and not self.trainer.interrupted:
