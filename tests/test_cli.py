@@ -270,3 +270,50 @@ def test_planted_pickle_as_ckpt_path_is_refused(emotion_dir, tiny_model_dir, tmp
     assert "--ckpt_path: refused to load" in result.stderr and "could run code" in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+def test_sigkilled_distill_prune_fit_resumes_to_the_same_model(tiny_teacher_dir, tmp_path):
+    # Distillation with its logits cache and pruning masks, killed mid-epoch with SIGKILL, resumed with
+    # --ckpt_path last: the result is the uninterrupted run's, optimizer and schedule included.
+    import signal
+    import time
+
+    from .conftest import write_split
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_split(data / "train.txt", {"anger": 160, "joy": 80, "love": 40}, seed=0)  # 120 steps an epoch
+    write_split(data / "val.txt", {"anger": 3, "joy": 2, "love": 2}, seed=1)
+    write_split(data / "test.txt", {"anger": 4, "joy": 3, "love": 2}, seed=2)
+    args = ["fit", *distill_args(data, tiny_teacher_dir, tmp_path / "cache", "prune.yaml", extra=(
+        "--trainer.max_epochs", 2, "--trainer.limit_train_batches", 1.0, "--trainer.precision", "32-true",
+        "--test_after_fit", "false"))]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir()
+    killed.mkdir()
+    _ok(run_cli(*args, cwd=whole))
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, "-m", "emocompress.cli", *map(str, args)], cwd=killed, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)  # in epoch 1, after epoch 0's checkpoint
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # it died before finishing epoch 1
+
+    _ok(run_cli(*args, "--ckpt_path", "last", cwd=killed))
+    assert not (killed / "logs" / "tiny" / "version_1").exists()  # resumed into the killed run's folder
+    done = [torch.load(root / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+            for root in (whole, killed)]
+    assert done[1]["global_step"] == done[0]["global_step"]
+    for name, value in done[0]["state_dict"].items():
+        torch.testing.assert_close(done[1]["state_dict"][name], value, atol=1e-6, rtol=1e-6, msg=name)
+    for key in ("exp_avg", "exp_avg_sq"):
+        for index, state in done[0]["optimizer_states"][0]["state"].items():
+            torch.testing.assert_close(done[1]["optimizer_states"][0]["state"][index][key], state[key],
+                                       atol=1e-6, rtol=1e-6)
+    assert done[1]["lr_schedulers"] == done[0]["lr_schedulers"]

@@ -46,6 +46,23 @@ class EmoCLI(LightningCLI):
             except ValueError as err:
                 parser.error(f"--ckpt_path: {err}")
 
+    def before_instantiate_classes(self):
+        # `fit --ckpt_path last` must find last.ckpt in the folder of the run it resumes, but the logger
+        # would open a new version_N. Resume into the newest run of that logger name that has one.
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if self.subcommand != "fit" or config.get("ckpt_path") != "last":
+            return
+        logger = config.trainer.logger
+        args = getattr(logger, "init_args", None)
+        if args is None or args.get("version") is not None or "save_dir" not in args:
+            return
+        runs = sorted(Path(args.save_dir, args.get("name") or "").glob("version_*/checkpoints/last.ckpt"),
+                      key=lambda p: p.stat().st_mtime)
+        if runs:
+            folder = runs[-1].parents[1].name  # version_<int>, or a version the user named
+            number = folder.removeprefix("version_")
+            args.version = int(number) if number.isdigit() else folder
+
     def after_fit(self):
         if self.config["fit"]["test_after_fit"] and not self.trainer.interrupted:
             ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
