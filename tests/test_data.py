@@ -254,3 +254,118 @@ def test_predict_file_one_text_per_line(emotion_dir, tiny_model_dir, tmp_path):
     assert batch["text"] == ["i feel happy", "i am furious"]
     assert batch["line"] == [1, 3]
     assert batch["input_ids"].shape[0] == 2
+
+
+# ---- hostile input, property-based: every file either loads exactly or fails with file:line ----
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+NAMES = ["anger", "joy", "love"]
+# Any unicode but the line breaks datasets splits on (\n, \r): control characters, BOMs, ';', emoji...
+_text = st.text(st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",)), min_size=1,
+                max_size=60).filter(lambda t: t.lstrip("\ufeff").strip())  # not blank: a blank text is an error
+_hostile = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _write_files(folder, lines: list[str], newline: str, bom: bool):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.txt").write_bytes((("\ufeff" if bom else "") + newline.join(lines) + newline).encode())
+    for split in ("val", "test"):
+        (folder / f"{split}.txt").write_text("".join(f"{label} words;{label}\n" for label in NAMES))
+
+
+def _with_blanks(rows: list[str], blanks: list[str], draw_positions: list[int]) -> tuple[list[str], list[int]]:
+    """Insert blank/whitespace lines; return the lines and the 1-based line number of each row."""
+    lines, numbers = [], []
+    for i, row in enumerate(rows):
+        if i in draw_positions:
+            lines.extend(blanks)
+        lines.append(row)
+        numbers.append(len(lines))
+    return lines, numbers
+
+
+@given(data=st.data(), texts=st.lists(_text, min_size=3, max_size=12), newline=st.sampled_from(["\n", "\r\n"]),
+       bom=st.booleans(), blanks=st.lists(st.sampled_from(["", " ", "\t", "  \t "]), max_size=3))
+@_hostile
+def test_any_valid_rows_load_exactly(data, texts, newline, bom, blanks, tiny_model_dir, tmp_path_factory):
+    labels = [NAMES[i % 3] for i in range(len(texts))]
+    texts[0] = texts[0] + " " + "very long " * 2000  # far past max_length: truncated, not rejected
+    rows = [f"{t};{label}" for t, label in zip(texts, labels)]
+    positions = data.draw(st.lists(st.integers(0, len(rows) - 1), max_size=2))
+    lines, _ = _with_blanks(rows, blanks, positions)
+    folder = tmp_path_factory.mktemp("hostile")
+    _write_files(folder, lines, newline, bom)
+    dm = _datamodule(folder, tiny_model_dir)
+    dm.setup("fit")
+    raw = dm._raw_split("train")
+    # the spec: BOM and surrounding whitespace dropped, split on the last ';'
+    expected = [row.lstrip("\ufeff").strip().rpartition(";")[0].strip() for row in rows]
+    assert raw["text"] == expected
+    assert raw["label"] == labels
+    assert max(map(len, dm.splits["train"]["input_ids"])) <= 128
+
+
+@given(data=st.data(), texts=st.lists(_text.filter(lambda t: ";" not in t and t.strip()), min_size=3, max_size=8),
+       newline=st.sampled_from(["\n", "\r\n"]), bom=st.booleans(),
+       blanks=st.lists(st.sampled_from(["", " "]), max_size=2),
+       defect=st.sampled_from(["no_separator", "comma", "tab", "empty_label", "empty_text", "unknown_label",
+                               "int_label", "not_utf8"]))
+@_hostile
+def test_a_bad_row_fails_with_its_file_and_line(data, texts, newline, bom, blanks, defect, tiny_model_dir,
+                                               tmp_path_factory):
+    rows = [f"{t};{NAMES[i % 3]}" for i, t in enumerate(texts)]
+    bad = data.draw(st.integers(0, len(rows) - 1))
+    text = texts[bad]
+    rows[bad] = {"no_separator": text, "comma": f"{text},joy", "tab": f"{text}\tjoy", "empty_label": f"{text};",
+                 "empty_text": ";joy", "unknown_label": f"{text};happiness", "int_label": f"{text};1",
+                 "not_utf8": f"{text};joy"}[defect]
+    positions = data.draw(st.lists(st.integers(0, len(rows) - 1), max_size=2))
+    lines, numbers = _with_blanks(rows, blanks, positions)
+    folder = tmp_path_factory.mktemp("hostile")
+    _write_files(folder, lines, newline, bom)
+    if defect == "not_utf8":  # a Latin-1 byte in the middle of the bad row
+        raw = (folder / "train.txt").read_bytes()
+        encoded_lines = raw.split(b"\n")
+        encoded_lines[numbers[bad] - 1] = encoded_lines[numbers[bad] - 1].replace(b";joy", b"\xe9;joy")
+        (folder / "train.txt").write_bytes(b"\n".join(encoded_lines))
+    with pytest.raises(ValueError) as error:
+        dm = _datamodule(folder, tiny_model_dir, labels=NAMES)
+        dm.setup("fit")
+    assert f"{folder / 'train.txt'}:{numbers[bad]}:" in str(error.value)
+
+
+@given(labels=st.lists(st.one_of(st.sampled_from(NAMES), st.integers(0, 2), st.none(), st.floats(0, 2)),
+                       min_size=3, max_size=8))
+@_hostile
+def test_jsonl_with_mixed_label_types_loads_or_names_the_file(labels, tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mixed")
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"text {i}", "label": label}) + "\n"
+                                                for i, label in enumerate(labels)))
+    for split in ("val", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"text": "x", "label": "joy"}) + "\n")
+    try:
+        dm = _datamodule(folder, tiny_model_dir, labels=NAMES)
+        dm.setup("fit")
+    except ValueError as err:
+        assert str(folder / "train.jsonl") in str(err)
+    else:  # loaded: then every label was one of the names
+        assert all(label in NAMES for label in labels)
+
+
+def test_predict_file_with_hostile_texts(emotion_dir, tiny_model_dir, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("\ufeffhappy\r\n\r\n   \n\x00\x07 bell and null\n".encode() + ("word " * 5000).encode() + b"\n")
+    dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(texts))
+    dm.setup("predict")
+    records = dm.splits["predict"]
+    assert records["line"] == [1, 4, 5]  # blank lines skipped, the others keep their line numbers
+    assert records["text"][0] == "happy"
+    assert max(map(len, records["input_ids"])) == 128  # the long text is truncated
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["input_ids"].shape == (3, 128) and batch["line"] == [1, 4, 5]
+
+    texts.write_bytes(b"fine\nbad \xff byte\n")
+    dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(texts))
+    with pytest.raises(ValueError, match=f"{texts}:2: byte 0xff at column 5 is not UTF-8"):
+        dm.setup("predict")

@@ -294,6 +294,7 @@ class EmotionDataModule(LightningDataModule):
         return dataset
 
     def _load_file(self, path: Path) -> datasets.Dataset:
+        _check_utf8(path)
         try:
             return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # a malformed file surfaces as one of several pyarrow/datasets errors
@@ -406,6 +407,18 @@ class EmotionDataModule(LightningDataModule):
 
 
 # ---- dataset.map functions (module level, so datasets can hash them for its cache) ----
+def _check_utf8(path: Path) -> None:
+    """Raise a ``file:line`` error for bytes that are not UTF-8, which ``datasets`` reports without a place."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}:{line_no}: byte 0x{data[err.start]:02x} at column {column} is not UTF-8; "
+                         "save the file as UTF-8") from None
+
+
 def _parse_txt(batch, indices, where):
     """``text;label`` lines -> text, label, line; blank lines are skipped."""
     out = {"text": [], "label": [], "line": []}
