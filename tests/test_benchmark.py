@@ -97,6 +97,14 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, tmp_path):
         assert float(row["accuracy"]) == pytest.approx(recall[i], abs=1e-6)
         assert float(row["f1_change"]) == 0.0
 
+    # a run that fails half-way leaves the last complete report as it was, and no temporary folder
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(ValueError, match="not a folder"):
+        benchmark({"fp32": str(fp32), "broken": str(tmp_path / "missing")}, data=str(emotion_dir), out_dir=str(out),
+                  latency_samples=2, warmup=1)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == ["report.tmp"]  # the aborted one
+
 
 def test_benchmark_subcommand(emotion_dir, exported, tmp_path):
     fp32, _ = exported

@@ -108,3 +108,12 @@ def test_onnxruntime_backend_handles_other_architectures(model_type):
         logits = quantize(model, "onnxruntime")(**batch).logits
     assert logits.shape == (2, 3)
     assert (logits - reference).abs().max() < 0.1
+
+
+def test_planted_pickle_in_an_int8_folder_is_refused(fp32, tmp_path, malicious_checkpoint):
+    path, marker = malicious_checkpoint
+    quantize(fp32[0], "torch", out_dir=tmp_path / "int8")
+    (tmp_path / "int8" / "int8_state_dict.pt").write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="refused or unreadable as INT8 weights"):
+        load_int8(tmp_path / "int8")
+    assert not marker.exists()

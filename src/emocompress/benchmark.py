@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -253,8 +254,10 @@ def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", spli
     if num_threads:
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    out = final.with_name(final.name + ".tmp")  # moved into place when complete: never a half-written report
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     rows, reports = [], {}
     for name, path in tqdm(models.items(), desc="benchmark", unit="model"):
         row, reports[name] = measure(name, path, data, split, latency_samples, warmup, batch_size, max_samples)
@@ -286,6 +289,8 @@ def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", spli
             for step, row in enumerate(rows):
                 for key in ("macro_f1", "latency_ms_median", "size_mb"):
                     writer.add_scalar(f"bench/{key}", row[key], step)
-    log.info("benchmark report written to %s\n%s", out,
+    shutil.rmtree(final, ignore_errors=True)
+    out.rename(final)
+    log.info("benchmark report written to %s\n%s", final,
              _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "speedup", "compression"]))
     return rows

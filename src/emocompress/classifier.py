@@ -237,7 +237,9 @@ class EmotionClassifier(LightningModule):
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
+            tmp = out_dir / "test_metrics.json.tmp"  # replaced in one step: never a half-written file
+            tmp.write_text(json.dumps(report, indent=2))
+            tmp.replace(out_dir / "test_metrics.json")
             log.info("test metrics written to %s", out_dir / "test_metrics.json")
 
     def predict_step(self, batch, batch_idx) -> list[dict]:

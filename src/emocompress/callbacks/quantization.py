@@ -7,6 +7,11 @@ Two backends behind one option, both CPU-only:
   * ``torch``: ``torch.ao.quantization.quantize_dynamic`` of the ``nn.Linear`` layers (deprecated in
     recent torch, still working). Saved as a state_dict that reloads into a re-quantized skeleton with
     ``torch.load(weights_only=True)``.
+
+``export_onnx`` writes the same kind of folder in fp32 (for any trained, pruned or distilled model).
+Every ONNX folder holds ``model.onnx``, ``config.json``, the tokenizer and a metadata file (input
+names, ``max_length``, ``id2label``, padding token), so ``emocompress.serve`` can run it with only
+onnxruntime and tokenizers installed.
 """
 
 import contextlib
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["onnxruntime", "torch"]
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Historical name: fp32 ONNX folders carry it too (with "precision": "fp32"), because the benchmark and
+# older INT8 folders key on it.
 _META = "int8.json"
 _TORCH_WEIGHTS = "int8_state_dict.pt"
 _ONNX_FILE = "model.onnx"
@@ -80,7 +87,8 @@ class OrtClassifier(nn.Module):
 
 
 def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddings: bool = False,
-             out_dir: str | Path | None = None, num_threads: int | None = None, tokenizer=None) -> nn.Module:
+             out_dir: str | Path | None = None, num_threads: int | None = None, tokenizer=None,
+             max_length: int = 128) -> nn.Module:
     """INT8 copy of a ``transformers`` sequence classifier, optionally saved to ``out_dir``.
 
     Args:
@@ -91,21 +99,52 @@ def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddi
             with ``onnxruntime``, nothing saved with ``torch``.
         num_threads: ONNX Runtime intra-op threads (default: all cores).
         tokenizer: saved beside the model, so the folder is all a user needs.
+        max_length: tokens per text that ``emocompress.serve`` keeps (recorded, ``onnxruntime`` only).
 
     Returns:
         The INT8 model, CPU-only, called like the original: ``model(**batch).logits``.
     """
     model = _fp32_copy(model, attn_implementation="sdpa" if backend == "torch" else "eager")
+    meta = {"backend": backend, "precision": "int8", "include_embeddings": include_embeddings}
     if backend == "torch":
         quantized = _quantize_torch(model, include_embeddings)
         if out_dir is not None:
-            _save(out_dir, backend, include_embeddings, model.config, tokenizer,
+            _save(out_dir, {**meta, **_label_meta(model.config)}, model.config, tokenizer,
                   lambda tmp: torch.save(quantized.state_dict(), tmp / _TORCH_WEIGHTS))
         return quantized
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="emocompress-int8-"))
-    _save(out_dir, backend, include_embeddings, model.config, tokenizer,
+    _save(out_dir, {**meta, **_onnx_meta(model, tokenizer, max_length)}, model.config, tokenizer,
           lambda tmp: _write_onnx_int8(model, tmp / _ONNX_FILE, include_embeddings))
     return OrtClassifier(out_dir / _ONNX_FILE, model.config, num_threads)
+
+
+def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize: bool = True,
+                max_length: int = 128) -> Path:
+    """Write an fp32 ONNX copy of a ``transformers`` sequence classifier to a self-contained folder.
+
+    Works for fine-tuned, pruned (zeros stay zeros; ONNX stores them densely) and distilled models,
+    including ``RecurrentClassifier`` students. ``load_int8`` reads the folder back as an
+    ``OrtClassifier``; ``python -m emocompress.serve`` serves it with only onnxruntime and tokenizers.
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` model (any dtype and device; it is not changed).
+        out_dir: the folder to write (replaced if it exists; written under a temporary name, then renamed).
+        tokenizer: a fast ``transformers`` tokenizer, saved beside the model (its ``tokenizer.json`` is what
+            the server reads).
+        optimize: fuse attention and layer norms with onnxruntime's BERT optimizer (transformers only;
+            recurrent students have no attention to fuse).
+        max_length: tokens per text the server keeps, lowered to the model's position limit if above it.
+
+    Returns:
+        ``out_dir``, holding ``model.onnx``, ``config.json``, the tokenizer files and ``int8.json``
+        (metadata, ``"precision": "fp32"``).
+    """
+    model = _fp32_copy(model, attn_implementation="eager")
+    out_dir = Path(out_dir)
+    meta = {"backend": "onnxruntime", "precision": "fp32", **_onnx_meta(model, tokenizer, max_length)}
+    _save(out_dir, meta, model.config, tokenizer,
+          lambda tmp: _write_onnx_fp32(model, tmp / _ONNX_FILE, optimize))
+    return out_dir
 
 
 def _fp32_copy(model: nn.Module, attn_implementation: str) -> nn.Module:
@@ -121,27 +160,55 @@ def _attention(config, implementation: str) -> dict:
     return {"attn_implementation": implementation} if hasattr(config, "num_attention_heads") else {}
 
 
-def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _input_names(model: nn.Module) -> list[str]:
+    # DistilBERT takes no token_type_ids; RoBERTa takes them but its tokenizer makes none (OrtClassifier
+    # and the server then feed zeros, the model's own default).
+    return [n for n in _INPUTS if n in inspect.signature(model.forward).parameters]
+
+
+def _label_meta(config) -> dict:
+    return {"id2label": {str(i): label for i, label in config.id2label.items()}}
+
+
+def _onnx_meta(model: nn.Module, tokenizer, max_length: int) -> dict:
+    """What a server needs beyond the graph: inputs, label names, truncation length and padding token."""
+    # Longer inputs would index past the position table. The tokenizer's limit is the tighter one for
+    # RoBERTa (512 of 514 rows: its positions start after the padding index); unset, it is a huge placeholder.
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limit = min((n for n in limits if isinstance(n, int) and n < 1_000_000), default=max_length)
+    if max_length > limit:
+        log.warning("ONNX export: max_length %d is above the model's limit; the server truncates to %d",
+                    max_length, limit)
+    meta = {"input_names": _input_names(model), "max_length": min(max_length, limit), **_label_meta(model.config)}
+    if tokenizer is not None and tokenizer.pad_token is not None:
+        meta |= {"pad_token": tokenizer.pad_token, "pad_id": tokenizer.pad_token_id}
+    return meta
+
+
+def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool) -> None:
     from onnxruntime.transformers.optimizer import optimize_model
 
     config = model.config
-    # DistilBERT takes no token_type_ids; RoBERTa takes them but its tokenizer makes none (OrtClassifier
-    # then feeds zeros, the model's own default).
-    names = [n for n in _INPUTS if n in inspect.signature(model.forward).parameters]
+    names = _input_names(model)
     example = {n: torch.ones(1, 8, dtype=torch.long) for n in names}
     if "token_type_ids" in example:
         example["token_type_ids"] = torch.zeros(1, 8, dtype=torch.long)
-    fp32_file = out_file.with_name("fp32.onnx")
     with _quiet(), torch.no_grad():
-        torch.onnx.export(model, (), str(fp32_file), kwargs=example, input_names=names, output_names=["logits"],
+        torch.onnx.export(model, (), str(out_file), kwargs=example, input_names=names, output_names=["logits"],
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    if hasattr(config, "num_attention_heads"):  # a transformer: fuse attention (recurrent students have none)
-        optimized = optimize_model(str(fp32_file), model_type="bert", num_heads=config.num_attention_heads,
+    if optimize and hasattr(config, "num_attention_heads"):  # fuse attention (recurrent students have none)
+        optimized = optimize_model(str(out_file), model_type="bert", num_heads=config.num_attention_heads,
                                    hidden_size=config.hidden_size)
-        optimized.save_model_to_file(str(fp32_file))
+        optimized.save_model_to_file(str(out_file))
+
+
+def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_file = out_file.with_name("fp32.onnx")
+    _write_onnx_fp32(model, fp32_file, optimize=True)
     # Without the embedding ops, only the matrix multiplications (and fused attention) become INT8.
     op_types = None if include_embeddings else ["MatMul", "Attention", "LSTM"]
     with _quiet():
@@ -151,7 +218,7 @@ def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool)
     fp32_file.unlink()
 
 
-def _save(out_dir: str | Path, backend: Backend, include_embeddings: bool, config, tokenizer, write) -> None:
+def _save(out_dir: str | Path, meta: dict, config, tokenizer, write) -> None:
     """Write into a temporary folder, then move it into place: never a half-written artifact."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -161,13 +228,14 @@ def _save(out_dir: str | Path, backend: Backend, include_embeddings: bool, confi
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     write(tmp)
-    (tmp / _META).write_text(json.dumps({"backend": backend, "include_embeddings": include_embeddings}))
+    (tmp / _META).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 
 
 def load_int8(path: str | Path, num_threads: int | None = None) -> nn.Module:
-    """Load an INT8 model saved by ``quantize``/``Int8Quantization`` in a fresh process.
+    """Load an INT8 model saved by ``quantize``/``Int8Quantization``, or an fp32 ONNX folder written by
+    ``export_onnx``/``OnnxExport``, in a fresh process. ONNX folders load as an ``OrtClassifier``.
 
     Nothing executes code from the folder: the torch backend's weights load with
     ``torch.load(weights_only=True)`` into a freshly quantized skeleton built from ``config.json``.
@@ -177,15 +245,20 @@ def load_int8(path: str | Path, num_threads: int | None = None) -> nn.Module:
     """
     path = Path(path)
     if not (path / _META).is_file():
-        raise ValueError(f"{path}: not an INT8 model folder (no {_META}); make one with Int8Quantization "
-                         "or emocompress.callbacks.quantization.quantize")
+        raise ValueError(f"{path}: not an INT8 model folder or ONNX export (no {_META}); make one with "
+                         "Int8Quantization, OnnxExport or emocompress.callbacks.quantization.quantize/export_onnx")
     meta = json.loads((path / _META).read_text())
     config = AutoConfig.from_pretrained(path)
     if meta["backend"] == "onnxruntime":
         return OrtClassifier(path / _ONNX_FILE, config, num_threads)
     skeleton = AutoModelForSequenceClassification.from_config(config, **_attention(config, "sdpa")).eval()
     model = _quantize_torch(skeleton, meta["include_embeddings"])
-    model.load_state_dict(torch.load(path / _TORCH_WEIGHTS, map_location="cpu", weights_only=True))
+    try:
+        state = torch.load(path / _TORCH_WEIGHTS, map_location="cpu", weights_only=True)
+    except Exception as err:  # a planted pickle is refused by weights_only; a truncated file fails in many ways
+        raise ValueError(f"{path / _TORCH_WEIGHTS}: refused or unreadable as INT8 weights ({type(err).__name__}); "
+                         "re-create the folder with Int8Quantization") from err
+    model.load_state_dict(state)
     return model
 
 
@@ -223,8 +296,9 @@ class Int8Quantization(Callback):
         if not trainer.is_global_zero:  # each rank quantizes for itself; only rank 0 writes the artifact
             out_dir = Path(tempfile.mkdtemp(prefix="emocompress-int8-"))
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        max_length = getattr(getattr(trainer.datamodule, "hparams", None), "max_length", 128)
         pl_module.model = quantize(pl_module.model, self.backend, self.include_embeddings, out_dir,
-                                   self.num_threads, tokenizer)
+                                   self.num_threads, tokenizer, max_length)
         weights = out_dir / (_ONNX_FILE if self.backend == "onnxruntime" else _TORCH_WEIGHTS)
         size_mb = weights.stat().st_size / 1e6
         log.info("INT8 (%s) model saved to %s: %.1f MB", self.backend, out_dir, size_mb)

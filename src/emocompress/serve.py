@@ -1,0 +1,187 @@
+"""Predict emotions from an ONNX artifact folder with only onnxruntime, tokenizers and numpy installed.
+
+    pip install onnxruntime tokenizers numpy
+    python -m emocompress.serve logs/teacher/version_0/onnx --input texts.txt --output predictions.jsonl
+
+The folder is an fp32 export (``OnnxExport``, ``export_onnx``) or an ``onnxruntime`` INT8 folder
+(``Int8Quantization``): ``model.onnx``, ``tokenizer.json``, ``config.json`` and ``int8.json``. Nothing
+here imports torch, transformers or lightning, so a server needs none of them.
+
+Input is one text per line (stdin by default). Bytes that are not UTF-8 are replaced with U+FFFD
+rather than rejected, so one bad line cannot stop a batch. An empty or blank line is still a text:
+it is predicted from the special tokens alone (``[CLS] [SEP]``), which is the model's prior. Texts
+longer than the export's ``max_length`` tokens are truncated, as in training. Output is one JSON
+object per line: ``{"line": 1, "text": ..., "label": ..., "probs": {label: p, ...}}``; a text that
+yields no tokens at all (only with a tokenizer that adds no special tokens) gets ``"error"`` instead
+of ``label`` and ``probs``.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+_META = "int8.json"  # the metadata file of emocompress.callbacks.quantization (historical name)
+_FIX = "export one with emocompress.callbacks.export.OnnxExport or emocompress.callbacks.quantization.export_onnx"
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) logits, computed in float64 after subtracting each row's maximum.
+
+    >>> _softmax(np.array([[0.0, 0.0], [1000.0, 0.0]])).round(3).tolist()
+    [[0.5, 0.5], [1.0, 0.0]]
+    """
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _read_json(path: Path, folder: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{folder}: cannot read {path.name} ({error}); {_FIX}") from error
+
+
+class OnnxPredictor:
+    """Emotion predictions from an ONNX artifact folder on the CPU.
+
+    Args:
+        folder: the artifact folder (``model.onnx``, ``tokenizer.json``, ``config.json``, ``int8.json``).
+        num_threads: ONNX Runtime intra-op threads (default: all cores).
+        batch_size: texts per model call; batches are padded to their longest text.
+
+    Raises:
+        ValueError: ``folder`` is not a servable ONNX artifact (the message says which file is missing).
+    """
+
+    def __init__(self, folder: str | Path, num_threads: int | None = None, batch_size: int = 32):
+        folder = Path(folder)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: not a folder; {_FIX}")
+        if not (folder / _META).is_file():
+            raise ValueError(f"{folder}: no {_META}, so not a servable ONNX artifact; {_FIX}")
+        meta = _read_json(folder / _META, folder)
+        if meta.get("backend") != "onnxruntime":
+            raise ValueError(f"{folder}: a {meta.get('backend')!r} INT8 folder holds no ONNX graph; quantize with "
+                             f"Int8Quantization(backend='onnxruntime') or {_FIX}")
+        for name in ("model.onnx", "tokenizer.json", "config.json"):
+            if not (folder / name).is_file():
+                raise ValueError(f"{folder}: no {name}, so not a servable ONNX artifact; {_FIX} "
+                                 "(with the datamodule's tokenizer, which writes tokenizer.json)")
+        config = _read_json(folder / "config.json", folder)
+        # INT8 folders written before the metadata grew carry only backend and include_embeddings.
+        id2label = meta.get("id2label") or config.get("id2label")
+        if not id2label:
+            raise ValueError(f"{folder}: no id2label in {_META} or config.json; {_FIX}")
+        self.labels = [id2label[str(i)] for i in range(len(id2label))]
+        self.max_length = int(meta.get("max_length", 128))
+        self.precision = meta.get("precision", "int8")
+        self.batch_size = batch_size
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        pad_id = meta.get("pad_id", config.get("pad_token_id"))
+        pad_id = 0 if pad_id is None else pad_id
+        pad_token = meta.get("pad_token") or self.tokenizer.id_to_token(pad_id) or "[PAD]"
+        self.tokenizer.enable_truncation(self.max_length)
+        # Right padding to the batch's longest text: what the model saw in training (and RecurrentClassifier needs).
+        self.tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
+
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        # Feed only what the graph declares: DistilBERT and the recurrent students take no token_type_ids.
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
+        if unknown:
+            raise ValueError(f"{folder}: model.onnx takes inputs {sorted(unknown)} this server cannot make; {_FIX}")
+
+    def predict(self, texts: Iterable[str]) -> list[dict]:
+        """Label and class probabilities of each text.
+
+        Args:
+            texts: the texts; empty ones are predicted from the special tokens alone.
+
+        Returns:
+            One dict per text, in order: ``{"label": str, "probs": {label: float}}`` (probabilities in
+            label id order, summing to 1), or ``{"error": str}`` for a text that yields no tokens.
+        """
+        texts = list(texts)
+        results = []
+        for start in range(0, len(texts), self.batch_size):
+            results += self._predict_batch(texts[start:start + self.batch_size])
+        return results
+
+    def _predict_batch(self, texts: list[str]) -> list[dict]:
+        encodings = self.tokenizer.encode_batch(texts)
+        # A row of padding only has no tokens to attend to or pool over: its logits are meaningless.
+        rows = [i for i, enc in enumerate(encodings) if sum(enc.attention_mask) > 0]
+        results = [{"error": "the text yields no tokens (the tokenizer adds no special tokens)"} for _ in texts]
+        if not rows:
+            return results
+        columns = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+        # (B, T) int64 each: padding made every row one length, so they stack
+        feeds = {name: np.array([getattr(encodings[i], columns[name]) for i in rows], dtype=np.int64)
+                 for name in self.input_names}
+        probs = _softmax(self.session.run(None, feeds)[0])  # (B, C)
+        for i, row in zip(rows, probs):
+            results[i] = {"label": self.labels[int(row.argmax())],
+                          "probs": {label: float(p) for label, p in zip(self.labels, row)}}
+        return results
+
+
+def _lines(stream: io.TextIOBase) -> Iterator[str]:
+    for line in stream:
+        yield line.rstrip("\r\n")
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    items = iter(items)
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m emocompress.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
+    one JSON object per output line (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m emocompress.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="ONNX artifact folder (OnnxExport, export_onnx or onnxruntime INT8)")
+    parser.add_argument("--input", help="text file, one text per line; stdin if omitted")
+    parser.add_argument("--output", help="JSON-lines file to write; stdout if omitted")
+    parser.add_argument("--batch_size", type=int, default=32, help="texts per model call")
+    parser.add_argument("--num_threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    args = parser.parse_args(argv)
+    try:
+        predictor = OnnxPredictor(args.folder, args.num_threads, args.batch_size)
+    except ValueError as error:
+        parser.error(str(error))
+    with contextlib.ExitStack() as stack:
+        # utf-8-sig drops a leading byte-order mark; errors="replace" turns undecodable bytes into U+FFFD.
+        if args.input:
+            reader = stack.enter_context(open(args.input, encoding="utf-8-sig", errors="replace"))
+        else:
+            sys.stdin.reconfigure(encoding="utf-8-sig", errors="replace")
+            reader = sys.stdin
+        if args.output:
+            writer = stack.enter_context(open(args.output, "w", encoding="utf-8", newline="\n"))
+        else:
+            sys.stdout.reconfigure(encoding="utf-8", newline="\n")
+            writer = sys.stdout
+        line_no = 0
+        for chunk in _chunks(_lines(reader), predictor.batch_size):
+            for text, result in zip(chunk, predictor.predict(chunk)):
+                line_no += 1
+                writer.write(json.dumps({"line": line_no, "text": text, **result}, ensure_ascii=False) + "\n")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""ONNX deployment: fp32 export of every kind of model, INT8 agreement, and the torch-free server."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.nn.utils import prune
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from emocompress.benchmark import load_for_benchmark
+from emocompress.callbacks.export import OnnxExport
+from emocompress.callbacks.quantization import OrtClassifier, export_onnx, load_int8, quantize
+from emocompress.classifier import EmotionClassifier
+from emocompress.data import EmotionDataModule
+from emocompress.serve import OnnxPredictor, main
+from emocompress.students import RecurrentClassifier, RecurrentConfig, keep_layers
+from tests.conftest import write_split
+
+# fp32 ONNX Runtime vs PyTorch logits: the same maths in another kernel order and fused ops (~1e-6 seen).
+ATOL = 1e-4
+
+# Run the server as a deployment would: importing torch, transformers or lightning raises.
+_BLOCKED_SERVE = """
+import runpy, sys
+for name in ("torch", "transformers", "lightning"):
+    sys.modules[name] = None
+sys.argv = ["emocompress.serve", *sys.argv[1:]]
+runpy.run_module("emocompress.serve", run_name="__main__")
+"""
+
+
+def _test_texts(emotion_dir) -> list[str]:
+    return [line.rsplit(";", 1)[0] for line in (emotion_dir / "test.txt").read_text().splitlines()]
+
+
+def _logits(model, tokenizer, texts, max_length=None):
+    batch = tokenizer(texts, padding=True, truncation=max_length is not None, max_length=max_length,
+                      return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _train(model, tokenizer, train_file, steps: int = 60):
+    """Full-batch Adam steps on a train split. Trained logits are O(1), so ATOL and argmax agreement
+    mean something: a random head's logits differ by about 1e-3 between texts (1e-6 for the BiLSTM)."""
+    rows = [line.rsplit(";", 1) for line in train_file.read_text().splitlines()]
+    batch = tokenizer([text for text, _ in rows], padding=True, return_tensors="pt")
+    labels = torch.tensor([model.config.label2id[label] for _, label in rows])
+    torch.manual_seed(0)  # the BiLSTM's dropout
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    # Tensors this small gain nothing from a second thread, and on a busy machine lose 10x waiting for it.
+    torch.set_num_threads(1)
+    model.train()
+    try:
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(**batch).logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_teacher_dir, tmp_path_factory):
+    """(trained tiny BERT, trained tiny BiLSTM, tokenizer), trained once for this file on emotion_dir's
+    train split. Tests copy before changing them."""
+    train_file = write_split(tmp_path_factory.mktemp("emotion") / "train.txt", {"anger": 8, "joy": 4, "love": 2},
+                             seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    bert = _train(AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir), tokenizer, train_file)
+    torch.manual_seed(0)
+    config = RecurrentConfig(vocab_size=len(tokenizer), embedding_dim=8, hidden_size=6, encoder="bilstm",
+                             pad_token_id=tokenizer.pad_token_id, id2label=bert.config.id2label,
+                             label2id=bert.config.label2id)
+    return bert, _train(RecurrentClassifier(config), tokenizer, train_file), tokenizer
+
+
+@pytest.fixture
+def teacher(trained):
+    """(the trained tiny BERT, its tokenizer)"""
+    return trained[0], trained[2]
+
+
+def _pruned(bert):
+    model = copy.deepcopy(bert)
+    linears = [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
+    prune.global_unstructured(linears, prune.L1Unstructured, amount=0.5)
+    for module, name in linears:
+        prune.remove(module, name)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in linears)
+    assert zeros == round(0.5 * sum(m.weight.numel() for m, _ in linears))
+    return model
+
+
+_VARIANTS = {"bert": lambda bert, bilstm: bert,
+             "pruned_50": lambda bert, bilstm: _pruned(bert),  # half of all Linear weights zeroed, no recovery
+             "layer_cut": lambda bert, bilstm: keep_layers(bert, [1]),  # a copy: the teacher keeps its layers
+             "bilstm": lambda bert, bilstm: bilstm}
+
+
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+def test_fp32_onnx_matches_pytorch_logits(trained, emotion_dir, tmp_path, variant):
+    model, tokenizer = _VARIANTS[variant](*trained[:2]), trained[2]
+    texts = _test_texts(emotion_dir)  # 2 to 10 words: padded batches
+    folder = export_onnx(model, tmp_path / "onnx", tokenizer)
+    reference = _logits(model, tokenizer, texts)
+
+    ort_model = load_int8(folder)  # the benchmark's loader reads fp32 folders too
+    assert isinstance(ort_model, OrtClassifier)
+    torch.testing.assert_close(_logits(ort_model, tokenizer, texts), reference, rtol=0, atol=ATOL)
+
+    # the server tokenizes with tokenizers alone: same probabilities as PyTorch on HF-tokenized input
+    predictor = OnnxPredictor(folder)
+    served = torch.tensor([list(p["probs"].values()) for p in predictor.predict(texts)], dtype=torch.float32)
+    torch.testing.assert_close(served, reference.softmax(-1), rtol=0, atol=ATOL)
+    meta = json.loads((folder / "int8.json").read_text())
+    assert meta["precision"] == "fp32" and meta["backend"] == "onnxruntime"
+    assert meta["input_names"] == predictor.input_names
+    assert ("token_type_ids" in predictor.input_names) == (variant != "bilstm")
+    # 128 asked: lowered to the tiny BERT's 64 positions; a BiLSTM has no position limit
+    assert meta["max_length"] == (128 if variant == "bilstm" else 64)
+
+
+@pytest.mark.parametrize("variant", ["bert", "bilstm"])
+def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, variant):
+    model, tokenizer = _VARIANTS[variant](*trained[:2]), trained[2]
+    texts = _test_texts(emotion_dir)
+    int8 = quantize(model, "onnxruntime", include_embeddings=True, out_dir=tmp_path / "int8", tokenizer=tokenizer)
+    reference = _logits(model, tokenizer, texts).argmax(-1).tolist()
+    assert _logits(int8, tokenizer, texts).argmax(-1).tolist() == reference
+    # the server reads INT8 folders too, with the same metadata
+    served = OnnxPredictor(tmp_path / "int8").predict(texts)
+    assert [p["label"] for p in served] == [model.config.id2label[i] for i in reference]
+    meta_file = tmp_path / "int8" / "int8.json"
+    assert json.loads(meta_file.read_text())["precision"] == "int8"
+    # folders written before the metadata grew: labels and padding come from config.json
+    meta_file.write_text(json.dumps({"backend": "onnxruntime", "include_embeddings": True}))
+    assert OnnxPredictor(tmp_path / "int8").predict(texts) == served
+
+
+def test_server_runs_without_torch_and_answers_every_line(teacher, emotion_dir, tmp_path):
+    model, tokenizer = teacher
+    folder = export_onnx(model, tmp_path / "onnx", tokenizer)
+    long_text = " ".join(["i", "feel", "so", "happy", "furious", "today"] * 834)  # 5004 words, 5006 tokens
+    texts = [*_test_texts(emotion_dir), "", "   ", long_text]
+    raw = "\n".join(texts).encode() + b"\ni feel \xff\xfe so angry\n"  # last line is not UTF-8
+    done = subprocess.run([sys.executable, "-c", _BLOCKED_SERVE, str(folder)], input=raw, capture_output=True,
+                          check=True)
+    lines = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
+
+    decoded = [*texts, "i feel \ufffd\ufffd so angry"]
+    assert [r["line"] for r in lines] == list(range(1, len(decoded) + 1))
+    assert [r["text"] for r in lines] == decoded
+    labels = list(model.config.id2label.values())
+    expected = _logits(model, tokenizer, decoded, max_length=64).argmax(-1).tolist()
+    assert [r["label"] for r in lines] == [labels[i] for i in expected]
+    for record in lines:
+        assert list(record["probs"]) == labels
+        assert sum(record["probs"].values()) == pytest.approx(1.0, abs=1e-6)
+
+    # the same through files, in this process
+    (tmp_path / "in.txt").write_bytes(raw)
+    main([str(folder), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.jsonl"),
+          "--batch_size", "4"])
+    from_files = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["label"] for r in from_files] == [r["label"] for r in lines]
+
+
+def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
+    folder = export_onnx(teacher[0], tmp_path / "onnx", teacher[1])
+    # a tokenizer that adds no [CLS]/[SEP]: an empty text is then no tokens at all
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    empty, happy = OnnxPredictor(folder).predict(["", "happy"])
+    assert "no tokens" in empty["error"] and "label" not in empty
+    assert happy["label"] in teacher[0].config.id2label.values()
+
+
+def test_onnx_export_callback_writes_the_best_model(emotion_dir, tiny_model_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+    torch.manual_seed(0)  # the fresh head
+    module = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+    # "best" = the earliest step: the first epoch's weights, so best and final weights differ
+    best_ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="step", mode="min")
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                      max_epochs=2, limit_train_batches=2, callbacks=[best_ckpt, OnnxExport()])
+    trainer.fit(module, datamodule=dm)
+    folder = tmp_path / "onnx"
+    assert {"model.onnx", "config.json", "tokenizer.json", "int8.json"} <= {p.name for p in folder.iterdir()}
+    assert not (tmp_path / "onnx.tmp").exists()
+    meta = json.loads((folder / "int8.json").read_text())
+    assert meta["id2label"] == {str(i): label for i, label in dm.id2label.items()}
+    assert meta["max_length"] == 64  # data.max_length 128, lowered to the tiny BERT's positions
+
+    assert "epoch=0" in best_ckpt.best_model_path
+    texts = _test_texts(emotion_dir)
+    served = torch.tensor([list(p["probs"].values()) for p in OnnxPredictor(folder).predict(texts)])
+    best = copy.deepcopy(module.model)
+    state = torch.load(best_ckpt.best_model_path, weights_only=True)["state_dict"]
+    best.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    reference = _logits(best.eval(), dm.tokenizer, texts).softmax(-1)
+    torch.testing.assert_close(served, reference, rtol=0, atol=ATOL, check_dtype=False)
+    final = _logits(module.model.eval(), dm.tokenizer, texts).softmax(-1)
+    assert (final - reference).abs().max() > 10 * ATOL  # so the check above tells best from final
+
+    model, _, weights = load_for_benchmark(folder)  # `emocompress benchmark` measures the folder
+    assert isinstance(model, OrtClassifier) and weights == folder / "model.onnx"
+
+
+def test_bad_folders_are_clear_errors(teacher, tmp_path, capsys):
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'missing'}: not a folder; export one with .*OnnxExport"):
+        OnnxPredictor(tmp_path / "missing")
+    hf_model = tmp_path / "hf_model"
+    teacher[0].save_pretrained(hf_model)
+    with pytest.raises(ValueError, match=rf"{hf_model}: no int8.json, so not a servable ONNX artifact; .*OnnxExport"):
+        OnnxPredictor(hf_model)
+    quantize(teacher[0], "torch", out_dir=tmp_path / "int8_torch", tokenizer=teacher[1])
+    with pytest.raises(ValueError, match=r"'torch' INT8 folder holds no ONNX graph; .*backend='onnxruntime'"):
+        OnnxPredictor(tmp_path / "int8_torch")
+    export_onnx(teacher[0], tmp_path / "no_tokenizer")
+    with pytest.raises(ValueError, match=r"no_tokenizer: no tokenizer.json, .*with the datamodule's tokenizer"):
+        OnnxPredictor(tmp_path / "no_tokenizer")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(hf_model)])
+    assert exit_info.value.code == 2
+    assert f"{hf_model}: no int8.json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="OnnxExport.dirname must be a plain folder name"):
+        OnnxExport(dirname="a/b")
