@@ -16,24 +16,35 @@ from emocompress.callbacks.quantization import export_onnx
 log = logging.getLogger(__name__)
 
 
-def _best_model(trainer: Trainer, pl_module: LightningModule) -> tuple[nn.Module, str]:
-    """(a CPU copy of ``pl_module.model`` with the best checkpoint's weights, that checkpoint's path);
-    the final weights and ``""`` without a ``ModelCheckpoint`` or before it saved anything."""
-    model = copy.deepcopy(pl_module.model).cpu()
-    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-    if best:
-        # weights_only: a checkpoint is data, never code to run.
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model, best
+class _BestModelExport(Callback):
+    """When ``fit`` ends, rank 0 writes the best checkpoint's ``pl_module.model`` to ``<log_dir>/<dirname>``
+    with ``_write``; without a ``ModelCheckpoint`` (or before it saved anything), the final weights."""
+
+    def __init__(self, dirname: str):
+        if not dirname or Path(dirname).name != dirname:
+            raise ValueError(f"{type(self).__name__}.dirname must be a plain folder name, got {dirname!r}")
+        self.dirname = dirname
+
+    def _write(self, model: nn.Module, out: Path, datamodule) -> None:
+        raise NotImplementedError
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask.
+        out = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        if not trainer.is_global_zero:
+            return
+        model = copy.deepcopy(pl_module.model).cpu()
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if best:
+            # weights_only: a checkpoint is data, never code to run.
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        self._write(model, out, trainer.datamodule)
+        log.info("%s: exported the %s model to %s", type(self).__name__, f"best ({best})" if best else "final", out)
 
 
-def _check_dirname(owner: str, dirname: str) -> None:
-    if not dirname or Path(dirname).name != dirname:
-        raise ValueError(f"{owner}.dirname must be a plain folder name, got {dirname!r}")
-
-
-class HFExport(Callback):
+class HFExport(_BestModelExport):
     """When ``fit`` ends, write the best checkpoint's ``pl_module.model`` with ``save_pretrained``,
     plus the datamodule's tokenizer, to ``<log_dir>/<dirname>``. The model's config carries the
     label names (``id2label``), so ``AutoModelForSequenceClassification.from_pretrained(dir)`` and
@@ -47,28 +58,20 @@ class HFExport(Callback):
     """
 
     def __init__(self, dirname: str = "hf_model"):
-        _check_dirname("HFExport", dirname)
-        self.dirname = dirname
+        super().__init__(dirname)
 
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask.
-        out = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
-        if not trainer.is_global_zero:
-            return
-        model, best = _best_model(trainer, pl_module)
+    def _write(self, model: nn.Module, out: Path, datamodule) -> None:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-        log.info("exported %s model to %s", f"best ({best})" if best else "final", out)
 
 
-class OnnxExport(Callback):
+class OnnxExport(_BestModelExport):
     """When ``fit`` ends, write the best checkpoint's ``pl_module.model`` as fp32 ONNX, with the
     datamodule's tokenizer and the label names, to ``<log_dir>/<dirname>`` (see
     ``emocompress.callbacks.quantization.export_onnx``). Serve it with
@@ -84,18 +87,10 @@ class OnnxExport(Callback):
     """
 
     def __init__(self, dirname: str = "onnx", optimize: bool = True):
-        _check_dirname("OnnxExport", dirname)
-        self.dirname = dirname
+        super().__init__(dirname)
         self.optimize = optimize
 
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask.
-        out = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
-        if not trainer.is_global_zero:
-            return
-        model, best = _best_model(trainer, pl_module)
+    def _write(self, model: nn.Module, out: Path, datamodule) -> None:
         # The server truncates as training did (data.max_length).
-        max_length = getattr(getattr(trainer.datamodule, "hparams", None), "max_length", 128)
-        export_onnx(model, out, getattr(trainer.datamodule, "tokenizer", None), self.optimize, max_length)
-        log.info("exported %s model as ONNX to %s", f"best ({best})" if best else "final", out)
+        max_length = getattr(getattr(datamodule, "hparams", None), "max_length", 128)
+        export_onnx(model, out, getattr(datamodule, "tokenizer", None), self.optimize, max_length)
