@@ -105,6 +105,20 @@ def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
     lines = (runs / "version_3" / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(line)["line"] for line in lines] == list(range(1, 10))
 
+    # validating on 2 ranks logs the validation metrics of 1 rank
+    _ok(run_cli("validate", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", best), cwd=tmp_path))
+    _ok(run_cli("validate", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", best, *ddp), cwd=tmp_path))
+    for tag in ("val/macro_f1", "val/accuracy", "val/cohen_kappa", "val/f1/love"):
+        assert _last_scalar(runs / "version_5", tag) == pytest.approx(_last_scalar(runs / "version_4", tag), abs=1e-6)
+
+
+def _last_scalar(run: Path, tag: str) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return events.Scalars(tag)[-1].value
+
 
 @pytest.mark.parametrize("experiment", sorted(p.name for p in CONFIGS.glob("*.yaml")
                                               if p.name != "base.yaml" and not p.name.startswith("benchmark")))
@@ -148,6 +162,18 @@ def test_bad_config_fails_with_a_clear_message(emotion_dir, tiny_model_dir, tmp_
     result = run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir, *extra), cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--model.alpha", "2"), "model.alpha must be in [0, 1], got 2.0"),
+    (("--model.student", "gru"), "gru"),
+    (("--model.temperature", "hot"), "hot"),
+])
+def test_bad_distill_config_fails_before_any_data_is_read(emotion_dir, tiny_teacher_dir, tmp_path, extra, message):
+    result = run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", extra=extra), cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "logs").exists()
 
 
 def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tmp_path):
