@@ -335,6 +335,7 @@ def test_sigkilled_distill_prune_fit_resumes_to_the_same_model(tiny_teacher_dir,
     assert not (killed / "logs" / "tiny" / "version_1").exists()  # resumed into the killed run's folder
     done = [torch.load(root / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
             for root in (whole, killed)]
+    assert done[0]["epoch"] == 1  # last.ckpt is the latest state, whether or not val/macro_f1 improved
     assert done[1]["global_step"] == done[0]["global_step"]
     for name, value in done[0]["state_dict"].items():
         torch.testing.assert_close(done[1]["state_dict"][name], value, atol=1e-6, rtol=1e-6, msg=name)
