@@ -268,15 +268,15 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
     torch.testing.assert_close(int8, fp32, atol=0.05, rtol=0.05)
 
 
-def test_distill_ddp_two_cpu_processes_match_one(emotion_dir, tiny_teacher_dir, tmp_path):
+def test_distill_and_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_teacher_dir, tmp_path):
     # As for the classifier: 1 process x batch 8 and 2 processes x batch 4 see the same global batches;
-    # the teacher's logits come from one cache, so both runs distil the same student. fp32: under bf16
+    # the teacher's logits come from one cache, so both runs distil (and prune) the same student. fp32: under bf16
     # autocast the two runs differ by bf16 rounding (up to 1.5e-4 here), which would hide a real bug.
     same = ("--data.class_weighting", "none", "--trainer.max_epochs", 2, "--trainer.precision", "32-true")
     cache = tmp_path / "cache"
-    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, extra=(*same, "--data.batch_size", 8)),
-                cwd=tmp_path))
-    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, extra=(
+    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, "prune.yaml",
+                                     extra=(*same, "--data.batch_size", 8)), cwd=tmp_path))
+    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, "prune.yaml", extra=(
         *same, "--data.batch_size", 4, "--trainer.devices", 2, "--trainer.strategy", "ddp")), cwd=tmp_path))
     runs = tmp_path / "logs" / "tiny"
     weights = [torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -284,6 +284,8 @@ def test_distill_ddp_two_cpu_processes_match_one(emotion_dir, tiny_teacher_dir, 
     assert weights[0].keys() == weights[1].keys()
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
+    linears = [v for k, v in weights[1].items() if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k]
+    assert sum(int((w == 0).sum()) for w in linears) == round(0.5 * sum(w.numel() for w in linears))
     one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
     assert two["confusion_matrix"] == one["confusion_matrix"]
     assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
