@@ -173,6 +173,7 @@ class Distiller(EmotionClassifier):
         # Outside the module tree on purpose: not in state_dict (checkpoints), parameters() (optimizer,
         # DDP), Lightning's model.train(), or what the compression callbacks see.
         object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
+        layers = hp.student_layers or every_other_layer(teacher.config.num_hidden_layers)  # for `layers` students
         if hp.student == "pretrained":
             student = super()._build_model()
         elif hp.student == "layers":
@@ -181,7 +182,6 @@ class Distiller(EmotionClassifier):
                 raise ValueError(f"data.model_name: a 'layers' student reads the teacher's token ids, but "
                                  f"{hp.model_name}'s tokenizer differs from {hp.teacher}'s; set data.model_name "
                                  "to the teacher")
-            layers = hp.student_layers or every_other_layer(teacher.config.num_hidden_layers)
             student = keep_layers(teacher, layers).requires_grad_(True)
         else:
             tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(hp.model_name))
@@ -190,17 +190,15 @@ class Distiller(EmotionClassifier):
                 encoder=hp.student, pad_token_id=tokenizer.pad_token_id or 0, num_labels=len(self.id2label),
                 id2label=self.id2label, label2id={n: i for i, n in self.id2label.items()}))
         if hp.hidden_weight > 0:
-            self.layer_map = self._layer_map(student)
+            self.layer_map = layers if hp.student == "layers" else self._layer_map(student)
         return student
 
     def _layer_map(self, student: PreTrainedModel) -> list[int]:
-        """Teacher layer for each student layer: the kept ones, or evenly spaced ending with the last."""
+        """Teacher layer for each layer of a ``pretrained`` student: evenly spaced, ending with the last."""
         width, teacher_width = student.config.hidden_size, self.teacher.config.hidden_size
         if width != teacher_width:
             raise ValueError(f"model.hidden_weight: the student is {width} wide and the teacher {teacher_width}; "
                              "hidden states can only be matched at equal widths, set model.hidden_weight to 0")
-        if self.hparams.student == "layers":
-            return self.hparams.student_layers or every_other_layer(self.teacher.config.num_hidden_layers)
         depth, teacher_depth = student.config.num_hidden_layers, self.teacher.config.num_hidden_layers
         return [round((i + 1) * teacher_depth / depth) - 1 for i in range(depth)]
 

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from emocompress.callbacks.quantization import export_onnx
+from emocompress.callbacks.quantization import datamodule_max_length, export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,5 @@ class OnnxExport(_BestModelExport):
         self.optimize = optimize
 
     def _write(self, model: nn.Module, out: Path, datamodule) -> None:
-        # The server truncates as training did (data.max_length).
-        max_length = getattr(getattr(datamodule, "hparams", None), "max_length", 128)
-        export_onnx(model, out, getattr(datamodule, "tokenizer", None), self.optimize, max_length)
+        export_onnx(model, out, getattr(datamodule, "tokenizer", None), self.optimize,
+                    datamodule_max_length(datamodule))

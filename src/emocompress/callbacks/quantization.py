@@ -166,6 +166,11 @@ def _input_names(model: nn.Module) -> list[str]:
     return [n for n in _INPUTS if n in inspect.signature(model.forward).parameters]
 
 
+def datamodule_max_length(datamodule) -> int:
+    """Tokens per text the data kept in training (``data.max_length``), which a server must truncate to."""
+    return getattr(getattr(datamodule, "hparams", None), "max_length", 128)
+
+
 def _label_meta(config) -> dict:
     return {"id2label": {str(i): label for i, label in config.id2label.items()}}
 
@@ -296,9 +301,8 @@ class Int8Quantization(Callback):
         if not trainer.is_global_zero:  # each rank quantizes for itself; only rank 0 writes the artifact
             out_dir = Path(tempfile.mkdtemp(prefix="emocompress-int8-"))
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        max_length = getattr(getattr(trainer.datamodule, "hparams", None), "max_length", 128)
         pl_module.model = quantize(pl_module.model, self.backend, self.include_embeddings, out_dir,
-                                   self.num_threads, tokenizer, max_length)
+                                   self.num_threads, tokenizer, datamodule_max_length(trainer.datamodule))
         weights = out_dir / (_ONNX_FILE if self.backend == "onnxruntime" else _TORCH_WEIGHTS)
         size_mb = weights.stat().st_size / 1e6
         log.info("INT8 (%s) model saved to %s: %.1f MB", self.backend, out_dir, size_mb)
