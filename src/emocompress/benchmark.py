@@ -31,8 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
+from emocompress.checkpoints import read_checkpoint
 from emocompress.classifier import (EmotionClassifier, classification_metrics, confusion_figure, metrics_report,
-                                    model_inputs, read_checkpoint)
+                                    model_inputs)
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller
 

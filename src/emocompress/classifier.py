@@ -2,8 +2,6 @@
 
 import json
 import logging
-import pickle
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +18,8 @@ from torchmetrics.classification import (
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
 
 from emocompress import pretrained
+from emocompress.checkpoints import load_network
+from emocompress.outputs import atomic_write_text, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -83,40 +83,6 @@ def confusion_figure(confusion: torch.Tensor, labels: list[str], title: str = ""
 def model_inputs(batch: dict) -> dict:
     """The entries of a batch that a sequence classifier takes (not ``labels``, ``idx``, ``text``...)."""
     return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def read_checkpoint(path: str) -> dict:
-    """A Lightning checkpoint as plain data: ``torch.load(weights_only=True)`` never runs code from it.
-
-    Raises:
-        ValueError: ``path`` is missing, not a checkpoint, or holds objects other than plain data.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        checkpoint["state_dict"]  # noqa: B018 (a Lightning checkpoint has one)
-    except Exception as err:  # a foreign or truncated file fails deep in unpickling, with many error types
-        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
-            raise ValueError(f"refused to load {path}: it holds Python objects other than tensors and plain data, "
-                             "which could run code when unpickled; only use checkpoints written by Lightning from "
-                             "a source you trust") from err
-        raise ValueError(f"cannot read a Lightning checkpoint from {path} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
-    return checkpoint
-
-
-def load_network(model: torch.nn.Module, path: str) -> None:
-    """Load the ``model.*`` weights of an ``EmotionClassifier`` (or ``Distiller``) checkpoint into ``model``.
-
-    Raises:
-        ValueError: the checkpoint cannot be read, or its weights do not fit ``model``.
-    """
-    state = read_checkpoint(path)["state_dict"]
-    network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(network)
-    except RuntimeError as err:  # missing, unexpected or differently shaped weights
-        raise ValueError(f"{path} does not fit {type(model).__name__} with {model.config.num_labels} labels; "
-                         f"use the data and model of the run that made it ({err})") from err
 
 
 class EmotionClassifier(LightningModule):
@@ -233,13 +199,9 @@ class EmotionClassifier(LightningModule):
 
     def on_test_epoch_end(self):
         report = self._eval_epoch_end("test")
-        # log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask.
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        out_dir = run_dir(self.trainer)  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out_dir / "test_metrics.json.tmp"  # replaced in one step: never a half-written file
-            tmp.write_text(json.dumps(report, indent=2))
-            tmp.replace(out_dir / "test_metrics.json")
+            atomic_write_text(out_dir / "test_metrics.json", json.dumps(report, indent=2))
             log.info("test metrics written to %s", out_dir / "test_metrics.json")
 
     def predict_step(self, batch, batch_idx) -> list[dict]:

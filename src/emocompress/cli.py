@@ -19,7 +19,8 @@ from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
 from emocompress.benchmark import benchmark
-from emocompress.classifier import EmotionClassifier, read_checkpoint
+from emocompress.checkpoints import read_checkpoint
+from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
 

@@ -224,6 +224,12 @@ class EmotionDataModule(LightningDataModule):
     def num_classes(self) -> int:
         return len(self.id2label)
 
+    @property
+    def max_length(self) -> int:
+        """Tokens kept per text (``data.max_length``): what a model was trained on, and what an
+        exported model's server must truncate to."""
+        return self.hparams.max_length
+
     def texts(self, split: str) -> list[str]:
         """The raw texts of ``split`` in row order: ``texts(split)[i]`` is the text of a batch's ``idx == i``
         (a distillation teacher with its own tokenizer reads them)."""

@@ -15,7 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from emocompress import pretrained
-from emocompress.classifier import EmotionClassifier, load_network, model_inputs, read_checkpoint
+from emocompress.checkpoints import load_network, read_checkpoint
+from emocompress.classifier import EmotionClassifier, model_inputs
 from emocompress.students import RecurrentClassifier, RecurrentConfig, every_other_layer, keep_layers
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,40 @@
+"""Reading Lightning checkpoints as data: never code, and with a clear message when it fails."""
+
+import pickle
+
+import torch
+from torch import nn
+
+
+def read_checkpoint(path: str) -> dict:
+    """A Lightning checkpoint as plain data: ``torch.load(weights_only=True)`` never runs code from it.
+
+    Raises:
+        ValueError: ``path`` is missing, not a checkpoint, or holds objects other than plain data.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint["state_dict"]  # noqa: B018 (a Lightning checkpoint has one)
+    except Exception as err:  # a foreign or truncated file fails deep in unpickling, with many error types
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise ValueError(f"refused to load {path}: it holds Python objects other than tensors and plain data, "
+                             "which could run code when unpickled; only use checkpoints written by Lightning from "
+                             "a source you trust") from err
+        raise ValueError(f"cannot read a Lightning checkpoint from {path} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    return checkpoint
+
+
+def load_network(model: nn.Module, path: str) -> None:
+    """Load the ``model.*`` weights of an ``EmotionClassifier`` (or ``Distiller``) checkpoint into ``model``.
+
+    Raises:
+        ValueError: the checkpoint cannot be read, or its weights do not fit ``model``.
+    """
+    state = read_checkpoint(path)["state_dict"]
+    network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(network)
+    except RuntimeError as err:  # missing, unexpected or differently shaped weights
+        raise ValueError(f"{path} does not fit {type(model).__name__} with {model.config.num_labels} labels; "
+                         f"use the data and model of the run that made it ({err})") from err

@@ -1,0 +1,81 @@
+"""How a run's outputs are written: whole or not at all, and where they go.
+
+Torch-free on purpose: ``emocompress.serve`` uses it on servers that have only onnxruntime.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Write a folder under a temporary name beside ``path`` and move it into place only when the
+    ``with`` block ends without an error, replacing an earlier ``path``. On an error the temporary
+    folder is removed and ``path`` is left as it was: a reader never sees a half-written folder.
+
+    The caller decides whether ``path`` may be replaced: this removes an existing ``path`` folder.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> with atomic_dir(root / "out") as tmp:
+    ...     _ = (tmp / "a.txt").write_text("x")
+    >>> sorted(p.name for p in root.iterdir()), (root / "out" / "a.txt").read_text()
+    (['out'], 'x')
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique hidden name: two writers never share it, and a crash leaves nothing that looks like a result.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8", **kwargs) -> Iterator:
+    """Open a temporary file beside ``path`` for writing and move it onto ``path`` when the ``with``
+    block ends without an error; on an error it is deleted and ``path`` keeps its old content.
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "out.txt"
+    >>> with atomic_file(target) as f:
+    ...     _ = f.write("done")
+    >>> target.read_text()
+    'done'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    if "b" in mode:
+        encoding = None
+    try:
+        with os.fdopen(fd, mode, encoding=encoding, **kwargs) as f:
+            yield f
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path``'s content with ``text`` in one step (see ``atomic_file``)."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def run_dir(trainer) -> Path:
+    """The folder of a run's outputs: the logger's version folder, else the Trainer's root dir.
+
+    Under DDP ``trainer.log_dir`` is a collective (rank 0 broadcasts it): every rank must call this.
+    """
+    return Path(trainer.log_dir or trainer.default_root_dir)
