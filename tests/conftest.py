@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     # transformers 5 takes the vocabulary as `vocab`; a `vocab_file=` argument is silently ignored
     tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
     config = AutoConfig.for_model("bert", vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=512,
                                   # no dropout, so runs that see the same batches are comparable bit for bit
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
@@ -50,10 +50,10 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def emotion_dir(tmp_path) -> Path:
-    """train/val/test ``text;label`` files, imbalanced 8:4:2 in train; val and test have odd sizes."""
+    """train/val/test ``text;label`` files, imbalanced 8:4:3 in train; val and test have odd sizes."""
     folder = tmp_path / "emotion"
     folder.mkdir()
-    write_split(folder / "train.txt", {"anger": 8, "joy": 4, "love": 2}, seed=0)
+    write_split(folder / "train.txt", {"anger": 8, "joy": 4, "love": 3}, seed=0)
     write_split(folder / "val.txt", {"anger": 3, "joy": 2, "love": 2}, seed=1)
     write_split(folder / "test.txt", {"anger": 4, "joy": 3, "love": 2}, seed=2)
     return folder

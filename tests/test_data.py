@@ -1,5 +1,6 @@
 import json
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import pytest
@@ -9,6 +10,8 @@ from emocompress.data import EmotionDataModule, EpochSampler, class_weights, ove
 
 
 def _datamodule(folder, tiny_model_dir, **kwargs) -> EmotionDataModule:
+    # Hand-written files here have one or two rows a label: the rare-label rule has tests of its own.
+    kwargs.setdefault("min_label_count", 1)
     return EmotionDataModule(str(folder), model_name=tiny_model_dir, **kwargs)
 
 
@@ -17,7 +20,7 @@ def test_oversampling_counts_and_weights_exact(emotion_dir, tiny_model_dir):
     dm = _datamodule(emotion_dir, tiny_model_dir, oversample_to=0.5, class_weighting="inverse", batch_size=4)
     dm.setup("fit")
     assert dm.id2label == {0: "anger", 1: "joy", 2: "love"}
-    assert dm.counts_before == [8, 4, 2]
+    assert dm.counts_before == [8, 4, 3]
     assert dm.counts_after == [8, 4, 4]  # love raised to ceil(0.5 * 8) = 4; joy already there
     # inverse: N / (C * n_c) with N = 16 after oversampling
     torch.testing.assert_close(dm.class_weights, torch.tensor([16 / 24, 16 / 12, 16 / 12]))
@@ -29,13 +32,13 @@ def test_oversampling_counts_and_weights_exact(emotion_dir, tiny_model_dir):
 
 @pytest.mark.parametrize(("scheme", "expected"), [
     ("none", [1.0, 1.0, 1.0]),
-    ("inverse", [14 / 24, 14 / 12, 14 / 6]),
-    ("sqrt_inverse", [(14 / 24) ** 0.5, (14 / 12) ** 0.5, (14 / 6) ** 0.5]),
+    ("inverse", [15 / 24, 15 / 12, 15 / 9]),
+    ("sqrt_inverse", [(15 / 24) ** 0.5, (15 / 12) ** 0.5, (15 / 9) ** 0.5]),
 ])
 def test_class_weights_without_oversampling(emotion_dir, tiny_model_dir, scheme, expected):
     dm = _datamodule(emotion_dir, tiny_model_dir, oversample_to=None, class_weighting=scheme)
     dm.setup("fit")
-    assert dm.counts_after == dm.counts_before == [8, 4, 2]
+    assert dm.counts_after == dm.counts_before == [8, 4, 3]
     torch.testing.assert_close(dm.class_weights, torch.tensor(expected))
 
 
@@ -123,7 +126,7 @@ def test_csv_with_custom_columns(emotion_dir, tiny_model_dir, tmp_path):
         (folder / f"{split}.csv").write_text("sentence,emotion\n" + rows + "\n")
     dm = _datamodule(folder, tiny_model_dir, text_column="sentence", label_column="emotion")
     dm.setup("fit")
-    assert dm.counts_before == [8, 4, 2]
+    assert dm.counts_before == [8, 4, 3]
 
 
 def test_jsonl_and_json_with_int_labels(emotion_dir, tiny_model_dir, tmp_path):
@@ -138,7 +141,7 @@ def test_jsonl_and_json_with_int_labels(emotion_dir, tiny_model_dir, tmp_path):
     dm = _datamodule(folder, tiny_model_dir)
     dm.setup("fit")
     assert dm.id2label == {0: "0", 1: "1", 2: "2"}
-    assert dm.counts_before == [8, 4, 2]
+    assert dm.counts_before == [8, 4, 3]
     assert len(dm.splits["val"]) == 7
 
 
@@ -152,7 +155,7 @@ def test_dataset_name_path_loads_a_hub_layout_dataset(emotion_dir, tiny_model_di
     dm = _datamodule(folder, tiny_model_dir)
     dm.setup("fit")
     dm.setup("test")
-    assert dm.counts_before == [8, 4, 2]
+    assert dm.counts_before == [8, 4, 3]
     assert len(dm.splits["test"]) == 9
 
 
@@ -167,7 +170,7 @@ def test_save_to_disk_with_classlabel_names(emotion_dir, tiny_model_dir, tmp_pat
     dm = _datamodule(tmp_path / "saved", tiny_model_dir)
     assert dm.id2label == {0: "anger", 1: "joy", 2: "love"}
     dm.setup("fit")
-    assert dm.counts_before == [8, 4, 2]
+    assert dm.counts_before == [8, 4, 3]
 
 
 def test_explicit_labels_set_the_order(emotion_dir, tiny_model_dir):
@@ -181,7 +184,7 @@ def test_text_split_on_last_semicolon_and_blank_lines_skipped(tmp_path, tiny_mod
     for split in ("train", "val", "test"):
         (tmp_path / f"{split}.txt").write_text("\ufeffa; b happy;joy\r\n\n  \nc mad;anger\n")
     dm = _datamodule(tmp_path, tiny_model_dir)
-    raw = dm._raw_split("train")
+    raw = dm.raw_split("train")
     assert raw["text"] == ["a; b happy", "c mad"]
     assert raw["label"] == ["joy", "anger"]
     assert raw["line"] == [1, 4]
@@ -202,7 +205,7 @@ def _write(folder, train="happy day;joy\nmad day;anger\n", val=None, test=None):
     ({"train": "happy day;joy\nmad day;\n"}, "fit", r"train\.txt:2: empty label"),
     ({"val": "happy day;joy\nsad day;sadness\n"}, "fit",
      r"val\.txt:2: unknown label 'sadness', expected one of \['anger', 'joy'\]"),
-    ({"test": "\n\n"}, "test", r"test\.txt\[?.*the test split has no examples"),
+    ({"test": "\n\n"}, "test", r"test\.txt: the file is empty"),
     ({"train": "happy day;joy\nglad day;joy\n"}, "fit", r"only the label\(s\) \['joy'\]"),
 ])
 def test_bad_text_files(tmp_path, tiny_model_dir, files, stage, message):
@@ -231,9 +234,14 @@ def test_bad_csv_files(tmp_path, tiny_model_dir, content, message):
         _datamodule(folder, tiny_model_dir).setup("fit")
 
 
-def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir):
-    with pytest.raises(ValueError, match="could not load .*no_such_dataset_here"):
+def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
+    # A path that does not exist is a typo, never handed to the hub loader (which would report an unreachable hub).
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("handed to load_dataset"))
+    with pytest.raises(ValueError, match=r"data: .*no_such_dataset_here does not exist"):
         _datamodule(tmp_path / "no_such_dataset_here", tiny_model_dir).setup("fit")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"'no-such-name-xyz' is no local folder, and datasets.load_dataset could not"):
+        _datamodule("no-such-name-xyz", tiny_model_dir).setup("fit")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -244,6 +252,91 @@ def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir):
 def test_bad_settings_fail_at_construction(emotion_dir, tiny_model_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _datamodule(emotion_dir, tiny_model_dir, **kwargs)
+
+
+# ---- label hygiene and files without rows: each refused before training with file:line and the fix ----
+JOY_ANGER = "".join(f"glad day {i};joy\nmad day {i};anger\n" for i in range(3))  # 3 rows of each label
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    # a ';' inside a text whose label was forgotten: the text's tail becomes a label of its own
+    (JOY_ANGER + "i love it; really\n", r"train\.txt:7: label 'really' occurs only 1 time\(s\).*data\.labels"),
+    (JOY_ANGER + "so glad;Joy\n", r"train\.txt:7: label 'Joy' differs from 'joy' only by case or whitespace"),
+    (JOY_ANGER + "so glad;j\toy\n", r"train\.txt:7: label 'j\\toy' differs from 'joy' only by case"),
+])
+def test_suspect_train_labels_stop_the_run(tmp_path, tiny_model_dir, train, message):
+    folder = _write(tmp_path / "d", train=train, val=JOY_ANGER, test=JOY_ANGER)
+    with pytest.raises(ValueError, match=message):
+        _datamodule(folder, tiny_model_dir, min_label_count=3).setup("fit")
+
+
+def test_suspect_labels_are_kept_when_listed_in_data_labels(tmp_path, tiny_model_dir):
+    folder = _write(tmp_path / "d", train=JOY_ANGER + "so glad;Joy\n", val=JOY_ANGER, test=JOY_ANGER)
+    dm = _datamodule(folder, tiny_model_dir, labels=["anger", "joy", "Joy"], min_label_count=3)
+    dm.setup("fit")
+    assert dm.counts_before == [3, 3, 1]
+
+
+def test_min_label_count_default_and_setting(tmp_path, tiny_model_dir):
+    folder = _write(tmp_path / "d", train=JOY_ANGER + "calm day;calm\ncalm night;calm\n", val=JOY_ANGER,
+                    test=JOY_ANGER)
+    with pytest.raises(ValueError, match=r"train\.txt:7: label 'calm' occurs only 2 time\(s\).*min_label_count is 3"):
+        EmotionDataModule(str(folder), model_name=tiny_model_dir).setup("fit")  # the default is 3
+    dm = _datamodule(folder, tiny_model_dir, min_label_count=2)
+    assert dm.id2label == {0: "anger", 1: "calm", 2: "joy"}
+
+
+def test_conflicting_labels_are_warned_with_their_lines(tmp_path, tiny_model_dir):
+    folder = _write(tmp_path / "d", train=JOY_ANGER + "glad day 0;anger\n", val=JOY_ANGER, test=JOY_ANGER)
+    dm = _datamodule(folder, tiny_model_dir)
+    with pytest.warns(UserWarning, match=r"1 text\(s\) occur with conflicting labels .*train\.txt:1 'joy', "
+                                         r".*train\.txt:7 'anger'"):
+        dm.setup("fit")
+    assert dm.counts_before == [4, 3]  # kept, not dropped
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": "b", "label": ["joy"]}\n',
+     r"train\.jsonl:2: 'label' is \['joy'\], a list; a label must be one string or integer"),
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": "b", "label": {"name": "joy"}}\n',
+     r"train\.jsonl:2: 'label' is \{'name': 'joy'\}, a dict"),
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n\n["b", "joy"]\n', r"train\.jsonl:3: a JSON list, not an object"),
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": "b", label: joy}\n', r"train\.jsonl:2: not valid JSON"),
+    ("train.json", '[{"text": "a", "label": "joy"}, "b"]', r"train\.json: item 1: a JSON str, not an object"),
+    ("train.csv", "text,label\n", r"train\.csv: the file has a header row and no data rows"),
+    ("train.csv", "", r"train\.csv: the file is empty"),
+    ("train.txt", "\n  \n", r"train\.txt: the file is empty"),
+])
+def test_files_without_rows_and_non_scalar_labels(tmp_path, tiny_model_dir, name, content, message):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    suffix = Path(name).suffix
+    good = {".txt": JOY_ANGER, ".csv": "text,label\n" + JOY_ANGER.replace(";", ","),
+            ".json": json.dumps([{"text": f"t{i}", "label": "joy"} for i in range(3)]),
+            ".jsonl": "".join(json.dumps({"text": f"t{i}", "label": "joy"}) + "\n" for i in range(3))}[suffix]
+    (folder / name).write_text(content)
+    for split in ("val", "test"):
+        (folder / f"{split}{suffix}").write_text(good)
+    with pytest.raises(ValueError, match=message):
+        _datamodule(folder, tiny_model_dir).setup("fit")
+
+
+def test_predict_file_without_texts(emotion_dir, tiny_model_dir, tmp_path):
+    (tmp_path / "blank.txt").write_text("\n   \n\t\n")
+    dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(tmp_path / "blank.txt"))
+    with pytest.raises(ValueError, match=r"data\.predict_file: .*blank\.txt: the file is empty"):
+        dm.setup("predict")
+    (tmp_path / "blank.csv").write_text('text,id\n"  ",1\n')
+    dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(tmp_path / "blank.csv"))
+    with pytest.raises(ValueError, match=r"data\.predict_file: .*blank\.csv has no texts"):
+        dm.setup("predict")
+
+
+def test_max_length_past_the_models_positions_fails_at_construction(emotion_dir, tiny_model_dir):
+    # The tiny BERT has 512 positions: 1,024 tokens would crash at the first long batch, maybe hours in.
+    with pytest.raises(ValueError, match=r"data\.max_length is 1024, but .* takes at most 512 tokens per text"):
+        _datamodule(emotion_dir, tiny_model_dir, max_length=1024)
+    assert _datamodule(emotion_dir, tiny_model_dir, max_length=512).max_length == 512
 
 
 def test_predict_file_one_text_per_line(emotion_dir, tiny_model_dir, tmp_path):
@@ -298,7 +391,7 @@ def test_any_valid_rows_load_exactly(data, texts, newline, bom, blanks, tiny_mod
     _write_files(folder, lines, newline, bom)
     dm = _datamodule(folder, tiny_model_dir)
     dm.setup("fit")
-    raw = dm._raw_split("train")
+    raw = dm.raw_split("train")
     # the spec: BOM and surrounding whitespace dropped, split on the last ';'
     expected = [row.lstrip("\ufeff").strip().rpartition(";")[0].strip() for row in rows]
     assert raw["text"] == expected

@@ -1,17 +1,13 @@
-"""Text-classification data for emotion models: load, validate, tokenize once, oversample, weigh classes.
+"""Text-classification data for emotion models: tokenize once, oversample, weigh classes.
 
-A source is one of
-  * a folder with ``train``/``val``/``test`` files (``.txt`` as ``text;label`` split on the last ``;``,
-    or ``.csv``/``.json``/``.jsonl`` with configurable column names);
-  * a folder written by ``datasets``' ``save_to_disk``;
-  * anything else ``datasets.load_dataset`` accepts: a Hugging Face hub name or a local dataset folder.
+Reading and validating the rows of a source is ``emocompress.sources``' job; this module turns them
+into the label set, tokenized splits, class counts and seeded, sharded loaders.
 """
 
 import logging
 import math
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import Path
 from typing import Literal
 
 import datasets
@@ -19,20 +15,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
-from transformers import AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
 
 from emocompress import pretrained
+from emocompress.sources import DataSource, check_label_set
 
 log = logging.getLogger(__name__)
-
-_SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
-_BUILDERS = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json"}
-# Raw splits always hold string labels, whatever the source's label type (ints, ClassLabel ids).
-_RAW_FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("string"),
-                                   "line": datasets.Value("int64")})
-# First data row of a file is line 2 in a CSV (after the header) and line 1 elsewhere.
-_FIRST_LINE = {".csv": 2}
-
 
 def oversampled_counts(counts: Sequence[int], oversample_to: float | None) -> list[int]:
     """Class sizes after raising every class to at least ``oversample_to`` times the largest one.
@@ -178,6 +166,8 @@ class EmotionDataModule(LightningDataModule):
             ``sqrt_inverse`` or ``none``.
         group_by_length: batch texts of similar length together in training, which cuts padding.
         max_samples: keep only the first N examples of each split (quick debugging runs).
+        min_label_count: a train label seen fewer times than this stops the run (with its file and line),
+            unless it is listed in ``labels``: rare labels are usually typos or a stray ``;``.
         predict_file: texts for ``predict``: a ``.txt`` file with one text per line, or ``.csv``/``.json``/
             ``.jsonl`` with ``text_column``; default: the test split.
         num_workers: DataLoader worker processes.
@@ -188,19 +178,22 @@ class EmotionDataModule(LightningDataModule):
                  label_column: str = "label", labels: list[str] | None = None, max_length: int = 128,
                  batch_size: int = 32, eval_batch_size: int = 64, oversample_to: float | None = 0.5,
                  class_weighting: Literal["none", "inverse", "sqrt_inverse"] = "inverse",
-                 group_by_length: bool = True, max_samples: int | None = None, predict_file: str | None = None,
-                 num_workers: int = 0, seed: int = 42):
+                 group_by_length: bool = True, max_samples: int | None = None, min_label_count: int = 3,
+                 predict_file: str | None = None, num_workers: int = 0, seed: int = 42):
         super().__init__()
         if oversample_to is not None and not 0 < oversample_to <= 1:
             raise ValueError(f"data.oversample_to must be in (0, 1] or null, got {oversample_to}")
         for key, value in (("max_length", max_length), ("batch_size", batch_size),
-                           ("eval_batch_size", eval_batch_size), ("max_samples", max_samples)):
+                           ("eval_batch_size", eval_batch_size), ("max_samples", max_samples),
+                           ("min_label_count", min_label_count)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{key} must be a positive integer, got {value}")
         if labels is not None and len(set(labels)) != len(labels):
             raise ValueError(f"data.labels has duplicates: {labels}")
         self.save_hyperparameters()
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(model_name))
+        _check_max_length(max_length, model_name, self.tokenizer)
+        self.source = DataSource(data, text_column, label_column, max_samples)
         self.splits: dict[str, datasets.Dataset] = {}  # tokenized, by split name
         self._raw: dict[str, datasets.Dataset] = {}  # parsed and validated, by split name
         self.counts_before: list[int] = []
@@ -210,7 +203,11 @@ class EmotionDataModule(LightningDataModule):
     @cached_property
     def id2label(self) -> dict[int, str]:
         """Label names by class id."""
-        names = self.hparams.labels or sorted(set(self._raw_split("train")["label"]))
+        if self.hparams.labels:
+            names = self.hparams.labels
+        else:
+            names = check_label_set(self.raw_split("train"), self.source.locate("train")[1],
+                                    self.hparams.min_label_count)
         if len(names) < 2:
             raise ValueError(f"{self.hparams.data}: the train split has only the label(s) {names}; "
                              "a classifier needs at least two classes")
@@ -233,7 +230,14 @@ class EmotionDataModule(LightningDataModule):
     def texts(self, split: str) -> list[str]:
         """The raw texts of ``split`` in row order: ``texts(split)[i]`` is the text of a batch's ``idx == i``
         (a distillation teacher with its own tokenizer reads them)."""
-        return self._raw_split(split)["text"]
+        return self.raw_split(split)["text"]
+
+    def raw_split(self, split: str) -> datasets.Dataset:
+        """Columns ``text``, ``label`` (str) and ``line`` of ``split``, validated; read once (the label set
+        needs the train split before ``setup`` does)."""
+        if split not in self._raw:
+            self._raw[split] = self.source.read(split)
+        return self._raw[split]
 
     @property
     def class_weights(self) -> torch.Tensor:
@@ -242,94 +246,17 @@ class EmotionDataModule(LightningDataModule):
             raise RuntimeError("class weights need the train split: call setup('fit') first")
         return class_weights(self.counts_after, self.hparams.class_weighting)
 
-    # ---- loading and validation ----
-    def _locate(self, split: str) -> tuple[Path | None, str]:
-        """The file of ``split`` in a split-file folder (or None) and a name for error messages."""
-        folder = Path(self.hparams.data)
-        if folder.is_dir() and not (folder / "dataset_dict.json").exists():
-            for name in _SPLIT_NAMES[split]:
-                for suffix in _BUILDERS:
-                    if (folder / f"{name}{suffix}").is_file():
-                        return folder / f"{name}{suffix}", str(folder / f"{name}{suffix}")
-            if any((folder / f"train{suffix}").is_file() for suffix in _BUILDERS):
-                expected = " or ".join(f"{n}{{{','.join(_BUILDERS)}}}" for n in _SPLIT_NAMES[split])
-                raise ValueError(f"{folder}: no {split} split; expected a file named {expected}")
-        return None, f"{self.hparams.data}[{split}]"
-
-    @cached_property
-    def _dataset_dict(self) -> datasets.DatasetDict:
-        """Hub dataset, local dataset folder or save_to_disk folder, loaded once."""
-        source = self.hparams.data
-        if (Path(source) / "dataset_dict.json").exists():
-            return datasets.load_from_disk(source)
-        if Path(source).suffix and not Path(source).exists():
-            raise ValueError(f"data: {source} does not exist; give a folder of train/val/test files, "
-                             "a save_to_disk folder or a Hugging Face dataset name")
-        try:
-            return datasets.load_dataset(source)
-        except Exception as err:  # the hub and builders raise many types; all mean the same to the user
-            raise ValueError(f"data: could not load {source!r} with datasets.load_dataset ({err}); give a folder "
-                             "of train/val/test files, a save_to_disk folder or a reachable dataset name") from err
-
-    def _raw_split(self, split: str) -> datasets.Dataset:
-        """Columns ``text`` (str), ``label`` (str) and ``line`` (where the row came from), validated;
-        read once (the label set needs the train split before ``setup`` does)."""
-        if split not in self._raw:
-            self._raw[split] = self._read_split(split)
-        return self._raw[split]
-
-    def _read_split(self, split: str) -> datasets.Dataset:
-        path, where = self._locate(split)
-        if path is None:
-            available = list(self._dataset_dict)
-            name = next((n for n in _SPLIT_NAMES[split] if n in available), None)
-            if name is None:
-                raise ValueError(f"{where}: no {split} split; the dataset has {available}")
-            dataset, first_line = self._dataset_dict[name], 0
-        else:
-            dataset, first_line = self._load_file(path), _FIRST_LINE.get(path.suffix, 1)
-        if self.hparams.max_samples:
-            dataset = dataset.select(range(min(self.hparams.max_samples, len(dataset))))
-        if path is not None and path.suffix == ".txt":
-            dataset = dataset.map(_parse_txt, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                                  fn_kwargs={"where": where}, features=_RAW_FEATURES, desc=f"parse {split}")
-        else:
-            dataset = self._tabular_to_raw(dataset, where, first_line)
-        if len(dataset) == 0:
-            raise ValueError(f"{where}: the {split} split has no examples")
-        return dataset
-
-    def _load_file(self, path: Path) -> datasets.Dataset:
-        _check_utf8(path)
-        try:
-            return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
-        except Exception as err:  # a malformed file surfaces as one of several pyarrow/datasets errors
-            raise ValueError(f"{path}: could not be read as {path.suffix[1:]} ({err}); fix the file's format") from err
-
-    def _tabular_to_raw(self, dataset: datasets.Dataset, where: str, first_line: int) -> datasets.Dataset:
-        text_col, label_col = self.hparams.text_column, self.hparams.label_column
-        for key, column in (("text_column", text_col), ("label_column", label_col)):
-            if column not in dataset.column_names:
-                raise ValueError(f"{where}: no column {column!r}; the columns are {dataset.column_names}; "
-                                 f"set data.{key} to the right one")
-        feature = dataset.features[label_col]
-        names = feature.names if isinstance(feature, datasets.ClassLabel) else None
-        return dataset.map(_parse_row, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                           fn_kwargs={"where": where, "first_line": first_line, "text_col": text_col,
-                                      "label_col": label_col, "names": names},
-                           features=_RAW_FEATURES, desc=f"parse {where}")
-
     # ---- LightningDataModule hooks ----
     def prepare_data(self):
         # Runs once per node before setup: downloads a hub dataset into the datasets cache.
-        if self._locate("train")[0] is None:
-            self._dataset_dict  # noqa: B018 (load for its side effect)
+        if self.source.locate("train")[0] is None:
+            self.source.dataset_dict  # noqa: B018 (load for its side effect)
 
     def setup(self, stage: str):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
         for split in needed:
             if split not in self.splits:
-                self.splits[split] = self._tokenize(self._raw_split(split), split)
+                self.splits[split] = self._tokenize(self.raw_split(split), split)
         if stage == "fit" and not self.counts_after:
             self._count_classes()
         if stage == "predict" and "predict" not in self.splits:
@@ -340,14 +267,14 @@ class EmotionDataModule(LightningDataModule):
         return raw.map(_encode, batched=True, with_indices=True, remove_columns=raw.column_names,
                        desc=f"tokenize {split}",
                        fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.hparams.max_length,
-                                  "label2id": self.label2id, "where": self._locate(split)[1]})
+                                  "label2id": self.label2id, "where": self.source.locate(split)[1]})
 
     def _count_classes(self):
         labels = torch.tensor(self.splits["train"]["labels"])
         self.counts_before = torch.bincount(labels, minlength=self.num_classes).tolist()
         if 0 in self.counts_before:
             missing = [self.id2label[i] for i, n in enumerate(self.counts_before) if n == 0]
-            raise ValueError(f"{self._locate('train')[1]}: no train examples of {missing}; "
+            raise ValueError(f"{self.source.locate('train')[1]}: no train examples of {missing}; "
                              "remove them from data.labels or add examples")
         self.counts_after = oversampled_counts(self.counts_before, self.hparams.oversample_to)
         weights = self.class_weights
@@ -364,20 +291,9 @@ class EmotionDataModule(LightningDataModule):
 
     def _predict_split(self) -> datasets.Dataset:
         if self.hparams.predict_file is None:
-            raw = self._raw_split("test")
+            raw = self.raw_split("test")
         else:
-            path = Path(self.hparams.predict_file)
-            if not path.is_file():
-                raise ValueError(f"data.predict_file: {path} does not exist")
-            if path.suffix not in _BUILDERS:
-                raise ValueError(f"data.predict_file: {path} must end in one of {list(_BUILDERS)}")
-            raw = self._load_file(path)
-            column = "text" if path.suffix == ".txt" else self.hparams.text_column
-            if column not in raw.column_names:
-                raise ValueError(f"{path}: no column {column!r}; the columns are {raw.column_names}; "
-                                 "set data.text_column")
-            raw = raw.map(_parse_text_lines, batched=True, with_indices=True, remove_columns=raw.column_names,
-                          fn_kwargs={"column": column, "first_line": _FIRST_LINE.get(path.suffix, 1)})
+            raw = self.source.read_texts(self.hparams.predict_file)
         return raw.map(_tokenize_texts, batched=True, remove_columns=[c for c in raw.column_names
                                                                       if c not in ("text", "line")],
                        fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.hparams.max_length})
@@ -412,62 +328,19 @@ class EmotionDataModule(LightningDataModule):
         return self._loader("predict", train=False)
 
 
-# ---- dataset.map functions (module level, so datasets can hash them for its cache) ----
-def _check_utf8(path: Path) -> None:
-    """Raise a ``file:line`` error for bytes that are not UTF-8, which ``datasets`` reports without a place."""
-    data = path.read_bytes()
+def _check_max_length(max_length: int, model_name: str, tokenizer) -> None:
+    """Refuse a ``max_length`` past the model's position table, which would crash at the first long batch."""
     try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_no = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise ValueError(f"{path}:{line_no}: byte 0x{data[err.start]:02x} at column {column} is not UTF-8; "
-                         "save the file as UTF-8") from None
+        config = AutoConfig.from_pretrained(pretrained.resolve(model_name))
+    except Exception:  # noqa: BLE001 (a folder AutoConfig cannot read fails, clearly, when the model is built)
+        return
+    limit = pretrained.position_limit(config, tokenizer)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"data.max_length is {max_length}, but {model_name} takes at most {limit} tokens per text "
+                         f"(its position limit); set data.max_length to {limit} or less")
 
 
-def _parse_txt(batch, indices, where):
-    """``text;label`` lines -> text, label, line; blank lines are skipped."""
-    out = {"text": [], "label": [], "line": []}
-    for raw, i in zip(batch["text"], indices):
-        line_no = i + 1
-        line = raw.lstrip("\ufeff").strip()
-        if not line:
-            continue
-        text, sep, label = line.rpartition(";")
-        if not sep:
-            raise ValueError(f"{where}:{line_no}: no ';' separating text and label; each line must be 'text;label'")
-        if not text.strip():
-            raise ValueError(f"{where}:{line_no}: empty text before ';'; remove the line or add its text")
-        if not label.strip():
-            raise ValueError(f"{where}:{line_no}: empty label after ';'; each line must be 'text;label'")
-        out["text"].append(text.strip())
-        out["label"].append(label.strip())
-        out["line"].append(line_no)
-    return out
-
-
-def _parse_row(batch, indices, where, first_line, text_col, label_col, names):
-    """Rows of a table -> text, label (as str; ClassLabel ids become their names), line."""
-    out = {"text": [], "label": [], "line": []}
-    for text, label, i in zip(batch[text_col], batch[label_col], indices):
-        line_no = i + first_line
-        if text is None or not str(text).strip():
-            raise ValueError(f"{where}:{line_no}: empty {text_col!r}; remove the row or add its text")
-        if label is None or not str(label).strip():
-            raise ValueError(f"{where}:{line_no}: empty {label_col!r}; every row needs a label")
-        out["text"].append(str(text).strip())
-        out["label"].append(names[label] if names is not None else str(label).strip())
-        out["line"].append(line_no)
-    return out
-
-
-def _parse_text_lines(batch, indices, column, first_line):
-    """One text per line or row -> text, line; blank texts are skipped."""
-    kept = [(str(t).lstrip("\ufeff").strip(), i + first_line) for t, i in zip(batch[column], indices)
-            if t is not None and str(t).strip("\ufeff \t\r")]
-    return {"text": [t for t, _ in kept], "line": [i for _, i in kept]}
-
-
+# ---- dataset.map functions (module level, so datasets can hash them for its cache) ----
 def _tokenize_texts(batch, tokenizer, max_length):
     encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
     encoded["length"] = [len(ids) for ids in encoded["input_ids"]]

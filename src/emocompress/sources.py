@@ -1,0 +1,303 @@
+"""Reading a text-classification source into validated rows: ``text``, ``label`` (a string) and ``line``.
+
+A source is one of
+  * a folder with ``train``/``val``/``test`` files (``.txt`` as ``text;label`` split on the last ``;``,
+    or ``.csv``/``.json``/``.jsonl`` with configurable column names);
+  * a folder written by ``datasets``' ``save_to_disk``;
+  * anything else ``datasets.load_dataset`` accepts: a Hugging Face hub name or a local dataset folder.
+
+Every defect that would silently change what a model learns stops the run with ``file:line`` and the
+fix: rows that do not parse, labels that are not scalars, files without rows, and (``check_label_set``)
+train labels that are too rare or differ from another only by case or whitespace, the usual traces of
+a stray ``;`` or a typo. Texts that occur with conflicting labels are only warned about.
+"""
+
+import json
+from collections import Counter, defaultdict
+from functools import cached_property
+from pathlib import Path
+
+import datasets
+from lightning.pytorch.utilities import rank_zero_warn
+
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
+BUILDERS = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+# Raw splits always hold string labels, whatever the source's label type (ints, ClassLabel ids).
+_RAW_FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("string"),
+                                   "line": datasets.Value("int64")})
+# First data row of a file is line 2 in a CSV (after the header) and line 1 elsewhere.
+_FIRST_LINE = {".csv": 2}
+_FIX_SOURCE = "give a folder of train/val/test files, a save_to_disk folder or a Hugging Face dataset name"
+
+
+class DataSource:
+    """The splits of one text-classification source, each read once and validated row by row.
+
+    Args:
+        data: folder of split files, ``save_to_disk`` folder, or ``datasets.load_dataset`` name.
+        text_column: text column of CSV/JSON/hub data.
+        label_column: label column of CSV/JSON/hub data.
+        max_samples: keep only the first N rows of each split.
+    """
+
+    def __init__(self, data: str, text_column: str = "text", label_column: str = "label",
+                 max_samples: int | None = None):
+        self.data = data
+        self.text_column = text_column
+        self.label_column = label_column
+        self.max_samples = max_samples
+
+    def locate(self, split: str) -> tuple[Path | None, str]:
+        """The file of ``split`` in a split-file folder (or None) and a name for error messages."""
+        folder = Path(self.data)
+        if folder.is_dir() and not (folder / "dataset_dict.json").exists():
+            for name in SPLIT_NAMES[split]:
+                for suffix in BUILDERS:
+                    if (folder / f"{name}{suffix}").is_file():
+                        return folder / f"{name}{suffix}", str(folder / f"{name}{suffix}")
+            if any((folder / f"train{suffix}").is_file() for suffix in BUILDERS):
+                expected = " or ".join(f"{n}{{{','.join(BUILDERS)}}}" for n in SPLIT_NAMES[split])
+                raise ValueError(f"{folder}: no {split} split; expected a file named {expected}")
+        return None, f"{self.data}[{split}]"
+
+    def has_split(self, split: str) -> bool:
+        """Whether the source has ``split``, without reading its rows."""
+        try:
+            path, _ = self.locate(split)
+        except ValueError:
+            return False
+        return path is not None or any(name in self.dataset_dict for name in SPLIT_NAMES[split])
+
+    @cached_property
+    def dataset_dict(self) -> datasets.DatasetDict:
+        """Hub dataset, local dataset folder or save_to_disk folder, loaded once."""
+        source = self.data
+        if (Path(source) / "dataset_dict.json").exists():
+            return datasets.load_from_disk(source)
+        if _looks_like_a_path(source) and not Path(source).expanduser().exists():
+            # A hub name is `name` or `owner/name`; this is a local path with a typo, not a dataset to download.
+            raise ValueError(f"data: {source} does not exist (resolved to {Path(source).expanduser().absolute()}); "
+                             f"{_FIX_SOURCE}")
+        try:
+            return datasets.load_dataset(source)
+        except Exception as err:  # the hub and builders raise many types; all mean the same to the user
+            raise ValueError(f"data: {source!r} is no local folder, and datasets.load_dataset could not load it "
+                             f"({err}); {_FIX_SOURCE} that is reachable") from err
+
+    def read(self, split: str) -> datasets.Dataset:
+        """Columns ``text`` (str), ``label`` (str) and ``line`` (where the row came from), validated."""
+        path, where = self.locate(split)
+        if path is None:
+            available = list(self.dataset_dict)
+            name = next((n for n in SPLIT_NAMES[split] if n in available), None)
+            if name is None:
+                raise ValueError(f"{where}: no {split} split; the dataset has {available}")
+            dataset, first_line = self.dataset_dict[name], 0
+        else:
+            dataset, first_line = _load_file(path), _FIRST_LINE.get(path.suffix, 1)
+        if self.max_samples:
+            dataset = dataset.select(range(min(self.max_samples, len(dataset))))
+        if path is not None and path.suffix == ".txt":
+            dataset = dataset.map(_parse_txt, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                                  fn_kwargs={"where": where}, features=_RAW_FEATURES, desc=f"parse {split}")
+        else:
+            dataset = self._tabular_to_raw(dataset, where, first_line)
+        if len(dataset) == 0:
+            raise ValueError(f"{where}: the {split} split has no examples")
+        warn_conflicting_labels(dataset, where)
+        return dataset
+
+    def read_texts(self, path: str | Path) -> datasets.Dataset:
+        """Columns ``text`` and ``line`` of a file to predict: one text per line of a ``.txt``, or the
+        ``text_column`` of a table; blank texts are skipped."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"data.predict_file: {path} does not exist")
+        if path.suffix not in BUILDERS:
+            raise ValueError(f"data.predict_file: {path} must end in one of {list(BUILDERS)}")
+        try:
+            raw = _load_file(path)
+        except ValueError as err:
+            raise ValueError(f"data.predict_file: {err}") from None
+        column = "text" if path.suffix == ".txt" else self.text_column
+        if column not in raw.column_names:
+            raise ValueError(f"{path}: no column {column!r}; the columns are {raw.column_names}; set data.text_column")
+        raw = raw.map(_parse_text_lines, batched=True, with_indices=True, remove_columns=raw.column_names,
+                      fn_kwargs={"column": column, "first_line": _FIRST_LINE.get(path.suffix, 1)})
+        if len(raw) == 0:
+            raise ValueError(f"data.predict_file: {path} has no texts (every line or {column!r} is blank); "
+                             "give a file with one text per line")
+        return raw
+
+    def _tabular_to_raw(self, dataset: datasets.Dataset, where: str, first_line: int) -> datasets.Dataset:
+        text_col, label_col = self.text_column, self.label_column
+        for key, column in (("text_column", text_col), ("label_column", label_col)):
+            if column not in dataset.column_names:
+                raise ValueError(f"{where}: no column {column!r}; the columns are {dataset.column_names}; "
+                                 f"set data.{key} to the right one")
+        feature = dataset.features[label_col]
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+        return dataset.map(_parse_row, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                           fn_kwargs={"where": where, "first_line": first_line, "text_col": text_col,
+                                      "label_col": label_col, "names": names},
+                           features=_RAW_FEATURES, desc=f"parse {where}")
+
+
+def check_label_set(raw: datasets.Dataset, where: str, min_count: int) -> list[str]:
+    """The sorted label set of a train split, refusing labels that look like mistakes.
+
+    Raises:
+        ValueError: two labels differ only by case or whitespace (``Joy`` and ``joy``), or a label occurs
+            fewer than ``min_count`` times; the message names the first row of the suspect label.
+    """
+    counts = Counter(raw["label"])
+    first_line: dict[str, int] = {}
+    for label, line in zip(raw["label"], raw["line"]):
+        first_line.setdefault(label, line)
+    variants = defaultdict(list)
+    for label in counts:
+        variants["".join(label.split()).casefold()].append(label)
+    for group in variants.values():
+        if len(group) > 1:
+            common, odd = sorted(group, key=lambda label: (-counts[label], first_line[label]))[:2]
+            raise ValueError(f"{where}:{first_line[odd]}: label {odd!r} differs from {common!r} only by case or "
+                             f"whitespace; fix the row(s), or list both in data.labels to keep them as two classes")
+    rare = sorted((label for label in counts if counts[label] < min_count), key=first_line.get)
+    if rare:
+        label = rare[0]
+        raise ValueError(f"{where}:{first_line[label]}: label {label!r} occurs only {counts[label]} time(s) in the "
+                         f"train split (data.min_label_count is {min_count}), the trace of a typo or a stray ';'; "
+                         "fix the row, or add the label to data.labels (or lower data.min_label_count) to keep it")
+    return sorted(counts)
+
+
+def warn_conflicting_labels(raw: datasets.Dataset, where: str, shown: int = 3) -> int:
+    """Warn about texts that occur more than once with different labels; return how many there are."""
+    labels_of: dict[str, dict[str, int]] = defaultdict(dict)
+    for text, label, line in zip(raw["text"], raw["label"], raw["line"]):
+        labels_of[text].setdefault(label, line)
+    conflicts = [rows for rows in labels_of.values() if len(rows) > 1]
+    if conflicts:
+        examples = "; ".join(", ".join(f"{where}:{line} {label!r}" for label, line in rows.items())
+                             for rows in conflicts[:shown])
+        rank_zero_warn(f"{where}: {len(conflicts)} text(s) occur with conflicting labels (kept as they are), "
+                       f"e.g. {examples}; deduplicate or fix them if they are mistakes")
+    return len(conflicts)
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """``./x``, ``/x``, ``~/x``, ``a/b/c`` or ``x.csv`` are paths; ``emotion`` and ``owner/name`` may be hub names.
+
+    >>> [_looks_like_a_path(s) for s in ("../data/emotion", "dair-ai/emotion", "emotion", "data/a/b", "x.csv")]
+    [True, False, False, True, True]
+    """
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or Path(source).suffix in BUILDERS
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    _check_content(path)
+    try:
+        return datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+    except Exception as err:  # a malformed file surfaces as one of several pyarrow/datasets errors
+        raise ValueError(f"{path}: could not be read as {path.suffix[1:]} ({err}); fix the file's format") from err
+
+
+def _check_content(path: Path) -> None:
+    """Refuse, with a place, what ``datasets`` reports without one: bytes that are not UTF-8, a file
+    with no rows, and JSON rows that are not objects."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}:{line_no}: byte 0x{data[err.start]:02x} at column {column} is not UTF-8; "
+                         "save the file as UTF-8") from None
+    lines = [line for line in text.lstrip("\ufeff").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: the file is empty; add rows or remove the file")
+    if path.suffix == ".csv" and len(lines) == 1:
+        raise ValueError(f"{path}: the file has a header row and no data rows; add rows below the header")
+    if path.suffix in (".json", ".jsonl"):
+        _check_json_rows(path, text)
+
+
+def _check_json_rows(path: Path, text: str) -> None:
+    """Every row of a JSON-lines file (or of a JSON array) must be an object."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        document = None  # JSON lines: checked line by line below
+    if isinstance(document, list):
+        rows = [(f"{path}: item {i}", row) for i, row in enumerate(document)]
+    elif isinstance(document, dict):
+        return  # one object, or the `{"data": [...]}` layout datasets reads
+    else:
+        rows = []
+        for line_no, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{line_no}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}); each line must be one JSON "
+                                 'object such as {"text": "...", "label": "..."}') from None
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a JSON {type(row).__name__}, not an object; each row must be one JSON "
+                             'object such as {"text": "...", "label": "..."}')
+
+
+# ---- dataset.map functions (module level, so datasets can hash them for its cache) ----
+def _parse_txt(batch, indices, where):
+    """``text;label`` lines -> text, label, line; blank lines are skipped."""
+    out = {"text": [], "label": [], "line": []}
+    for raw, i in zip(batch["text"], indices):
+        line_no = i + 1
+        line = raw.lstrip("\ufeff").strip()
+        if not line:
+            continue
+        text, sep, label = line.rpartition(";")
+        if not sep:
+            raise ValueError(f"{where}:{line_no}: no ';' separating text and label; each line must be 'text;label'")
+        if not text.strip():
+            raise ValueError(f"{where}:{line_no}: empty text before ';'; remove the line or add its text")
+        if not label.strip():
+            raise ValueError(f"{where}:{line_no}: empty label after ';'; each line must be 'text;label'")
+        out["text"].append(text.strip())
+        out["label"].append(label.strip())
+        out["line"].append(line_no)
+    return out
+
+
+def _label_string(label, where: str, label_col: str) -> str:
+    """A label as the string the label set uses: strings stripped, integers (and integral floats, which
+    a JSON column mixing ints and floats is read as) in decimal; anything else is refused."""
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ValueError(f"{where}: {label_col!r} is {label!r}, a {type(label).__name__}; a label must be one "
+                         "string or integer (for several labels per text, keep one row per label you train on)")
+    return str(label).strip()
+
+
+def _parse_row(batch, indices, where, first_line, text_col, label_col, names):
+    """Rows of a table -> text, label (as str; ClassLabel ids become their names), line."""
+    out = {"text": [], "label": [], "line": []}
+    for text, label, i in zip(batch[text_col], batch[label_col], indices):
+        line_no = i + first_line
+        if text is None or not str(text).strip():
+            raise ValueError(f"{where}:{line_no}: empty {text_col!r}; remove the row or add its text")
+        if label is None or not str(label).strip():
+            raise ValueError(f"{where}:{line_no}: empty {label_col!r}; every row needs a label")
+        out["text"].append(str(text).strip())
+        out["label"].append(names[label] if names is not None else _label_string(label, f"{where}:{line_no}", label_col))
+        out["line"].append(line_no)
+    return out
+
+
+def _parse_text_lines(batch, indices, column, first_line):
+    """One text per line or row -> text, line; blank texts are skipped."""
+    kept = [(str(t).lstrip("\ufeff").strip(), i + first_line) for t, i in zip(batch[column], indices)
+            if t is not None and str(t).strip("\ufeff \t\r")]
+    return {"text": [t for t, _ in kept], "line": [i for _, i in kept]}
