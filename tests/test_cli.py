@@ -354,3 +354,83 @@ def test_sigkilled_distill_prune_fit_resumes_to_the_same_model(tiny_teacher_dir,
             torch.testing.assert_close(done[1]["optimizer_states"][0]["state"][index][key], state[key],
                                        atol=1e-6, rtol=1e-6)
     assert done[1]["lr_schedulers"] == done[0]["lr_schedulers"]
+
+
+# ---- nothing lost, nothing guessed (issue 10): each refusal is one line, before any training ----
+def _run_in_process(args, monkeypatch, cwd):
+    monkeypatch.chdir(cwd)
+    main([str(a) for a in args])
+
+
+def _refused(args, capsys, monkeypatch, cwd) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        _run_in_process(args, monkeypatch, cwd)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_resume_only_continues_the_run_it_belongs_to(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false")]
+    _run_in_process(args, monkeypatch, tmp_path)  # version_0: finished, 1 epoch of 1
+    finished = tmp_path / "logs" / "tiny" / "version_0"
+    before = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()}
+
+    err = _refused([*args, "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
+    assert "logs/tiny/version_0 already finished its 1 epochs" in err
+
+    err = _refused([*args, "--model.lr", "5e-4", "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
+    assert "no run under logs/tiny was started with this config" in err and "--trainer.logger.init_args.version" in err
+
+    # A second run of the same config killed before its first epoch end: its folder has a config, no last.ckpt.
+    killed = finished.with_name("version_1")
+    killed.mkdir()
+    (killed / "config.yaml").write_text((finished / "config.yaml").read_text())
+    err = _refused([*args, "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
+    assert "logs/tiny/version_1 has no checkpoints/last.ckpt" in err
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()} == before  # untouched
+
+    # Named explicitly, with more epochs, the finished run is trained further in its own folder.
+    _run_in_process([*args, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", "0",
+                     "--ckpt_path", "last"], monkeypatch, tmp_path)
+    assert "resuming logs/tiny/version_0 from logs/tiny/version_0/checkpoints/last.ckpt (epoch 0" in \
+        capsys.readouterr().err
+    assert torch.load(finished / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "logs" / "tiny" / "version_2").exists()
+
+
+def test_fit_without_a_test_split_stops_before_training(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    (emotion_dir / "test.txt").unlink()
+    err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir)], capsys, monkeypatch, tmp_path)
+    assert "has no test split, and fit tests the best checkpoint" in err and "--test_after_fit false" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip"])
+def test_broken_checkpoints_are_named(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch, content):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(content)
+    err = _refused(["test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", broken)], capsys, monkeypatch,
+                   tmp_path)
+    assert f"--ckpt_path: cannot read a Lightning checkpoint from {broken}" in err
+    err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, "--model.init_checkpoint", broken)], capsys,
+                   monkeypatch, tmp_path)
+    assert f"model.init_checkpoint: cannot read a Lightning checkpoint from {broken}" in err
+    err = _refused(["test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", tmp_path / "nope.ckpt")], capsys,
+                   monkeypatch, tmp_path)
+    assert f"--ckpt_path: {tmp_path / 'nope.ckpt'} does not exist" in err
+
+
+def test_testing_a_fresh_head_warns_loudly(emotion_dir, tiny_model_dir, tmp_path, monkeypatch):
+    with pytest.warns(UserWarning, match="test WITHOUT --ckpt_path on a model whose classification head was just "
+                                         "initialised at random"):
+        _run_in_process(["test", *tiny_args(emotion_dir, tiny_model_dir)], monkeypatch, tmp_path)
+
+
+def test_data_errors_print_one_line_without_a_traceback(emotion_dir, tiny_model_dir, tmp_path):
+    (emotion_dir / "val.txt").write_text("happy day;joy\nglum day;gloom\n")
+    result = run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"emocompress: error: {emotion_dir / 'val.txt'}:2: unknown label 'gloom'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -120,3 +120,21 @@ def test_checkpoint_is_plain_and_resume_keeps_the_masks(emotion_dir, tiny_model_
 def test_bad_settings_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MagnitudePruning(**kwargs)
+
+
+def test_a_model_with_only_a_head_to_prune_is_refused_before_training():
+    # A BiLSTM student's only nn.Linear is its head: pruning would cut the head alone and report success.
+    from types import SimpleNamespace
+
+    from emocompress.students import RecurrentClassifier, RecurrentConfig
+
+    bilstm = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3))
+    callback = MagnitudePruning(amount=0.5)
+    with pytest.raises(ValueError, match=r"MagnitudePruning: RecurrentClassifier has no prunable layers outside its "
+                                         r"classification head \(targets: \['classifier'\]\)"):
+        callback.setup(None, SimpleNamespace(model=bilstm), "fit")
+    # its embedding table is prunable when asked for; a mean-pool student has a feed-forward layer
+    MagnitudePruning(amount=0.5, include_embeddings=True).setup(None, SimpleNamespace(model=bilstm), "fit")
+    meanpool = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3,
+                                                   encoder="meanpool"))
+    callback.setup(None, SimpleNamespace(model=meanpool), "fit")

@@ -125,6 +125,7 @@ class EmotionClassifier(LightningModule):
                 load_network(self.model, init_checkpoint)
             except ValueError as err:
                 raise ValueError(f"model.init_checkpoint: {err}") from err
+            self.head_is_new = False
         # from_pretrained returns eval mode, and Lightning keeps module modes: without this, dropout
         # would stay off during fine-tuning.
         self.model.train()
@@ -136,11 +137,14 @@ class EmotionClassifier(LightningModule):
                                               for stage in ("val", "test")})
 
     def _build_model(self) -> PreTrainedModel:
-        """The network to train: ``model_name``'s pretrained encoder with a head for ``id2label``."""
-        return AutoModelForSequenceClassification.from_pretrained(
+        """The network to train: ``model_name``'s pretrained encoder with a head for ``id2label``. Sets
+        ``head_is_new`` when weights of the head were initialised at random (no fine-tuned head to reuse)."""
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             pretrained.resolve(self.hparams.model_name), num_labels=len(self.id2label), id2label=self.id2label,
             label2id={name: i for i, name in self.id2label.items()}, ignore_mismatched_sizes=True,
-            trust_remote_code=self.hparams.trust_remote_code)
+            trust_remote_code=self.hparams.trust_remote_code, output_loading_info=True)
+        self.head_is_new = bool(info["missing_keys"] or info["mismatched_keys"])
+        return model
 
     def setup(self, stage: str):
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -11,18 +11,51 @@ without a ``class_path`` it is the ``EmotionClassifier``.
 """
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from emocompress.benchmark import benchmark
 from emocompress.checkpoints import read_checkpoint
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
+
+log = logging.getLogger(__name__)
+# Settings that may differ between a run and its resumption.
+_RESUME_FLAGS = ("ckpt_path", "config")
+# --ckpt_path values that Lightning resolves itself rather than reading a file.
+_CKPT_KEYWORDS = ("best", "last", "hpc")
+
+
+def _comparable(config: str) -> dict:
+    """A dumped run config without what a resume changes (``ckpt_path``, the logger's ``version``)."""
+    config = yaml.safe_load(config) or {}
+    for key in _RESUME_FLAGS:
+        config.pop(key, None)
+    logger = (config.get("trainer") or {}).get("logger")
+    if isinstance(logger, dict):
+        (logger.get("init_args") or {}).pop("version", None)
+    return config
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now, not the stream of the first call (``main`` may run many
+    times in one process, as in tests, each with its own stderr)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
 
 
 class EmoCLI(LightningCLI):
@@ -46,23 +79,71 @@ class EmoCLI(LightningCLI):
                 read_checkpoint(path)
             except ValueError as err:
                 parser.error(f"--ckpt_path: {err}")
+        elif path and path not in _CKPT_KEYWORDS and not path.startswith("registry"):
+            parser.error(f"--ckpt_path: {path} does not exist; give a .ckpt file of a run (checkpoints/ in its "
+                         "folder), or 'last' to resume")
 
     def before_instantiate_classes(self):
-        # `fit --ckpt_path last` must find last.ckpt in the folder of the run it resumes, but the logger
-        # would open a new version_N. Resume into the newest run of that logger name that has one.
-        config = self.config.get(self.subcommand) if self.subcommand else None
-        if self.subcommand != "fit" or config.get("ckpt_path") != "last":
-            return
-        logger = config.trainer.logger
-        args = getattr(logger, "init_args", None)
-        if args is None or args.get("version") is not None or "save_dir" not in args:
-            return
-        runs = sorted(Path(args.save_dir, args.get("name") or "").glob("version_*/checkpoints/last.ckpt"),
-                      key=lambda p: p.stat().st_mtime)
-        if runs:
-            folder = runs[-1].parents[1].name  # version_<int>, or a version the user named
-            number = folder.removeprefix("version_")
-            args.version = int(number) if number.isdigit() else folder
+        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
+            self._resume_into_its_own_run(self.config.fit)
+
+    def _resume_into_its_own_run(self, config):
+        """``fit --ckpt_path last`` continues the run it belongs to, in that run's folder, or refuses.
+
+        The logger would open a new version_N, where Lightning finds no last.ckpt. The run is the newest one
+        under the logger's name whose saved config equals this one (resume flags aside), or the version named
+        with ``--trainer.logger.init_args.version``. Resuming anything else would train another run on new
+        settings and overwrite its config, metrics and exports.
+        """
+        args = getattr(config.trainer.logger, "init_args", None)
+        if args is None or "save_dir" not in args:
+            return  # not a logger with version folders: Lightning's own lookup of "last"
+        root = Path(args.save_dir, args.get("name") or "")
+        choose = ("pass --ckpt_path <file.ckpt> to start a new run from a checkpoint, or "
+                  "--trainer.logger.init_args.version <N> to continue version_<N>")
+        if args.get("version") is not None:
+            version = args.version
+            folder = root / (f"version_{version}" if isinstance(version, int) else str(version))
+        else:
+            current = _comparable(self._parser("fit").dump(config, skip_none=False))
+            same = [path.parent for path in root.glob("*/config.yaml") if _comparable(path.read_text()) == current]
+            if not same:
+                raise ValueError(f"--ckpt_path last: no run under {root} was started with this config, so none is "
+                                 f"this run to resume; {choose}")
+            folder = max(same, key=lambda run: (run / "config.yaml").stat().st_mtime)
+        last = folder / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ValueError(f"--ckpt_path last: {folder} has no checkpoints/last.ckpt (it stopped before its first "
+                             f"epoch ended); start it again without --ckpt_path, or {choose}")
+        state = read_checkpoint(str(last))
+        epoch, step = state.get("epoch", 0), state.get("global_step", 0)
+        max_epochs = config.trainer.get("max_epochs")
+        if isinstance(max_epochs, int) and max_epochs > 0 and epoch + 1 >= max_epochs:
+            raise ValueError(f"--ckpt_path last: {folder} already finished its {max_epochs} epochs (last.ckpt is "
+                             f"from epoch {epoch}); nothing to resume. To train it further, raise "
+                             f"--trainer.max_epochs and name the run with --trainer.logger.init_args.version")
+        name = folder.name
+        number = name.removeprefix("version_")
+        args.version = int(number) if number.isdigit() else name
+        log.info("resuming %s from %s (epoch %d, global step %d)", folder, last, epoch, step)
+
+    def before_fit(self):
+        source = getattr(self.datamodule, "source", None)
+        if self.config.fit.test_after_fit and source is not None and not source.has_split("test"):
+            raise ValueError(f"data: {source.data} has no test split, and fit tests the best checkpoint when it "
+                             "ends; add a test file, or pass --test_after_fit false")
+
+    def before_test(self):
+        self._warn_if_untrained("test")
+
+    def before_predict(self):
+        self._warn_if_untrained("predict")
+
+    def _warn_if_untrained(self, subcommand: str):
+        if self.config[subcommand].get("ckpt_path") is None and getattr(self.model, "head_is_new", False):
+            rank_zero_warn(f"{subcommand} WITHOUT --ckpt_path on a model whose classification head was just "
+                           "initialised at random: its outputs mean nothing. Pass --ckpt_path <best .ckpt> of a fit, "
+                           "or --data.model_name <its hf_model export>.")
 
     def after_fit(self):
         if self.config["fit"]["test_after_fit"] and not self.trainer.interrupted:
@@ -72,9 +153,26 @@ class EmoCLI(LightningCLI):
 
 def main(args=None):
     args = sys.argv[1:] if args is None else args
+    # Our own log lines (what was written where, what is resumed) go to stderr like Lightning's.
+    package_log = logging.getLogger("emocompress")
+    if not package_log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
+    try:
+        _run(args)
+    except ValueError as err:
+        # Our errors name the file, line or config key and the fix: one line, not a traceback.
+        if os.environ.get("EMOCOMPRESS_DEBUG"):
+            raise
+        sys.stderr.write(f"emocompress: error: {err}\n(set EMOCOMPRESS_DEBUG=1 to see the traceback)\n")
+        sys.exit(2)
+
+
+def _run(args: list[str]) -> None:
     if args[:1] == ["benchmark"]:
         # Not a Trainer method: a plain function, parsed by jsonargparse from its signature and docstring.
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
         CLI(benchmark, args=args[1:], as_positional=False)
         return
     # TF32 matmuls on Ampere+ GPUs: ~2x faster, accuracy unaffected for fine-tuning. No effect on CPU.

@@ -9,6 +9,9 @@ from torch import nn
 from torch.nn.utils import prune
 from typing_extensions import override
 
+# Top-level module names of a transformers classification head (BERT/RoBERTa/DistilBERT/recurrent students).
+_HEAD_NAMES = ("classifier", "pre_classifier", "score")
+
 
 def cubic_sparsity(step: int, final: float, start_step: int, end_step: int) -> float:
     """Target sparsity at ``step`` under the schedule of Zhu & Gupta (2017), "To prune, or not to prune":
@@ -83,6 +86,18 @@ class MagnitudePruning(Callback):
 
     def _targets(self, pl_module: LightningModule) -> list[tuple[str, nn.Module]]:
         return self.parameters_to_prune(pl_module.model)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Before any training: a model whose only nn.Linear is its head (a BiLSTM student) would have
+        # its head pruned alone, and the run would report success.
+        if stage != "fit":
+            return
+        names = [name for name, _ in self._targets(pl_module)]
+        if not any(name.split(".")[0] not in _HEAD_NAMES for name in names):
+            raise ValueError(f"MagnitudePruning: {type(pl_module.model).__name__} has no prunable layers outside its "
+                             f"classification head (targets: {names or 'none'}); prune a transformer model, set "
+                             "include_embeddings: true to prune its embedding table, or remove the callback")
 
     def _target_sparsity(self, step: int) -> float:
         if self.schedule == "one_shot":
