@@ -151,8 +151,8 @@ class EmoCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
-def main(args=None):
-    args = sys.argv[1:] if args is None else args
+def main(args: list[str] | None = None):
+    """``emocompress <subcommand> ...``: ``args`` as on the command line, default ``sys.argv[1:]``."""
     # Our own log lines (what was written where, what is resumed) go to stderr like Lightning's.
     package_log = logging.getLogger("emocompress")
     if not package_log.handlers:
@@ -170,10 +170,11 @@ def main(args=None):
         sys.exit(2)
 
 
-def _run(args: list[str]) -> None:
-    if args[:1] == ["benchmark"]:
+def _run(args: list[str] | None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["benchmark"]:
         # Not a Trainer method: a plain function, parsed by jsonargparse from its signature and docstring.
-        CLI(benchmark, args=args[1:], as_positional=False)
+        CLI(benchmark, args=argv[1:], as_positional=False)
         return
     # TF32 matmuls on Ampere+ GPUs: ~2x faster, accuracy unaffected for fine-tuning. No effect on CPU.
     torch.set_float32_matmul_precision("high")

@@ -6,6 +6,7 @@ into the label set, tokenized splits, class counts and seeded, sharded loaders.
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Literal
@@ -171,7 +172,8 @@ class EmotionDataModule(LightningDataModule):
         predict_file: texts for ``predict``: a ``.txt`` file with one text per line, or ``.csv``/``.json``/
             ``.jsonl`` with ``text_column``; default: the test split.
         num_workers: DataLoader worker processes.
-        seed: seed of the oversampling draws and the shuffling (the same on every rank).
+        seed: seed of the oversampling draws and the shuffling (the same on every rank); default: the run's
+            ``seed_everything``, so one ``--seed_everything N`` makes a whole run, data order included, seed N.
     """
 
     def __init__(self, data: str, model_name: str = pretrained.PACKAGED_MINILM, text_column: str = "text",
@@ -179,7 +181,7 @@ class EmotionDataModule(LightningDataModule):
                  batch_size: int = 32, eval_batch_size: int = 64, oversample_to: float | None = 0.5,
                  class_weighting: Literal["none", "inverse", "sqrt_inverse"] = "inverse",
                  group_by_length: bool = True, max_samples: int | None = None, min_label_count: int = 3,
-                 predict_file: str | None = None, num_workers: int = 0, seed: int = 42):
+                 predict_file: str | None = None, num_workers: int = 0, seed: int | None = None):
         super().__init__()
         if oversample_to is not None and not 0 < oversample_to <= 1:
             raise ValueError(f"data.oversample_to must be in (0, 1] or null, got {oversample_to}")
@@ -226,6 +228,14 @@ class EmotionDataModule(LightningDataModule):
         """Tokens kept per text (``data.max_length``): what a model was trained on, and what an
         exported model's server must truncate to."""
         return self.hparams.max_length
+
+    @property
+    def seed(self) -> int:
+        """``data.seed``, else the seed ``seed_everything`` set for the run (Lightning exports it as
+        ``PL_GLOBAL_SEED``, in every DDP process), else 0."""
+        if self.hparams.seed is not None:
+            return self.hparams.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def texts(self, split: str) -> list[str]:
         """The raw texts of ``split`` in row order: ``texts(split)[i]`` is the text of a batch's ``idx == i``
@@ -277,12 +287,10 @@ class EmotionDataModule(LightningDataModule):
             raise ValueError(f"{self.source.locate('train')[1]}: no train examples of {missing}; "
                              "remove them from data.labels or add examples")
         self.counts_after = oversampled_counts(self.counts_before, self.hparams.oversample_to)
-        weights = self.class_weights
-        lines = [f"{'class':<12}{'before':>8}{'after':>8}{'weight':>8}"]
-        for i, name in self.id2label.items():
-            lines.append(f"{name:<12}{self.counts_before[i]:>8}{self.counts_after[i]:>8}{weights[i].item():>8.3f}")
         rank_zero_info("train class counts (oversample_to=%s, class_weighting=%s):\n%s",
-                       self.hparams.oversample_to, self.hparams.class_weighting, "\n".join(lines))
+                       self.hparams.oversample_to, self.hparams.class_weighting,
+                       class_table(list(self.id2label.values()), self.counts_before, self.counts_after,
+                                   self.class_weights.tolist()))
         if self.trainer is not None and self.trainer.logger is not None:
             self.trainer.logger.log_hyperparams(
                 {f"class_count/{when}/{self.id2label[i]}": n
@@ -309,7 +317,7 @@ class EmotionDataModule(LightningDataModule):
             labels, counts_after=self.counts_after if train else None,
             lengths=dataset["length"] if train and self.hparams.group_by_length else None,
             batch_size=batch_size, shuffle=train, even_shards=train, num_replicas=world, rank=rank,
-            seed=self.hparams.seed)
+            seed=self.seed)
         collate = _PredictCollator(self.tokenizer) if split == "predict" else DataCollatorWithPadding(self.tokenizer)
         return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler,
                           collate_fn=collate, num_workers=self.hparams.num_workers,
@@ -326,6 +334,19 @@ class EmotionDataModule(LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader("predict", train=False)
+
+
+def class_table(names: list[str], before: list[int], after: list[int], weights: list[float]) -> str:
+    """The class counts before and after oversampling and the loss weights, as printed before training.
+
+    >>> print(class_table(["joy", "love"], [4, 1], [4, 2], [0.75, 1.5]))
+    class         before   after  weight
+    joy                4       4   0.750
+    love               1       2   1.500
+    """
+    lines = [f"{'class':<12}{'before':>8}{'after':>8}{'weight':>8}"]
+    lines += [f"{name:<12}{n:>8}{m:>8}{w:>8.3f}" for name, n, m, w in zip(names, before, after, weights)]
+    return "\n".join(lines)
 
 
 def _check_max_length(max_length: int, model_name: str, tokenizer) -> None:
