@@ -8,7 +8,8 @@ from lightning.pytorch import Trainer
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.callbacks.quantization import Int8Quantization, OrtClassifier, load_int8, quantize
+from emocompress.artifacts import OrtClassifier, load_artifact, quantize
+from emocompress.callbacks.quantization import Int8Quantization
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 
@@ -18,8 +19,8 @@ TEXTS = ["i feel so happy today", "furious", "really loving and tender the day w
 _RELOAD = """
 import sys, torch
 from transformers import AutoTokenizer
-from emocompress.callbacks.quantization import load_int8
-model = load_int8(sys.argv[1])
+from emocompress.artifacts import load_artifact
+model = load_artifact(sys.argv[1])
 batch = AutoTokenizer.from_pretrained(sys.argv[1])(sys.argv[2:], return_tensors="pt", padding=True)
 with torch.no_grad():
     print(model(**batch).logits.tolist())
@@ -73,7 +74,7 @@ def test_onnxruntime_artifact_holds_int8_weights(fp32, tmp_path):
 
 def test_load_rejects_other_folders(tmp_path):
     with pytest.raises(ValueError, match="not an INT8 model folder"):
-        load_int8(tmp_path)
+        load_artifact(tmp_path)
 
 
 def test_bad_backend_is_a_clear_error():
@@ -115,5 +116,5 @@ def test_planted_pickle_in_an_int8_folder_is_refused(fp32, tmp_path, malicious_c
     quantize(fp32[0], "torch", out_dir=tmp_path / "int8")
     (tmp_path / "int8" / "int8_state_dict.pt").write_bytes(path.read_bytes())
     with pytest.raises(ValueError, match="refused or unreadable as INT8 weights"):
-        load_int8(tmp_path / "int8")
+        load_artifact(tmp_path / "int8")
     assert not marker.exists()
