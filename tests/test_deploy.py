@@ -20,6 +20,7 @@ from emocompress.callbacks.export import OnnxExport
 from emocompress.artifacts import OrtClassifier, export_onnx, load_artifact, quantize
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
+from emocompress import serve
 from emocompress.serve import OnnxPredictor, main
 from emocompress.students import RecurrentClassifier, RecurrentConfig, keep_layers
 from tests.conftest import write_split
@@ -299,3 +300,40 @@ def test_load_int8_is_still_an_alias(onnx_folder):
 
     assert load_int8 is load_artifact and old_load_int8 is load_artifact and old_export_onnx is export_onnx
     assert isinstance(load_int8(onnx_folder), OrtClassifier)
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "symlink"])
+def test_serve_refuses_to_write_over_its_input(onnx_folder, tmp_path, capsys, spelling):
+    text_file = tmp_path / "texts.txt"
+    text_file.write_text("i feel so happy\nfurious\n")
+    output = {"same": str(text_file), "dotted": f"{tmp_path}/./texts.txt", "symlink": str(tmp_path / "link.txt")}[spelling]
+    if spelling == "symlink":
+        (tmp_path / "link.txt").symlink_to(text_file)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(onnx_folder), "--input", str(text_file), "--output", output])
+    assert exit_info.value.code == 2
+    assert "is the --input file" in capsys.readouterr().err
+    assert text_file.read_text() == "i feel so happy\nfurious\n"
+
+
+def test_serve_crash_midway_keeps_the_earlier_output(onnx_folder, tmp_path, monkeypatch):
+    text_file, out_file = tmp_path / "texts.txt", tmp_path / "out.jsonl"
+    text_file.write_text("i feel so happy\nfurious\nloving\nglad\nmad\n")
+    main([str(onnx_folder), "--input", str(text_file), "--output", str(out_file), "--batch_size", "2"])
+    earlier = out_file.read_text()
+    assert len(earlier.splitlines()) == 5
+
+    predict, calls = serve.OnnxPredictor.predict, []
+
+    def fail_after_first_chunk(self, texts):
+        calls.append(len(texts))
+        if len(calls) > 1:
+            raise RuntimeError("killed midway")
+        return predict(self, texts)
+
+    monkeypatch.setattr(serve.OnnxPredictor, "predict", fail_after_first_chunk)
+    with pytest.raises(RuntimeError, match="killed midway"):
+        main([str(onnx_folder), "--input", str(text_file), "--output", str(out_file), "--batch_size", "2"])
+    assert calls == [2, 2]  # the first chunk was written (to the temporary file) before the crash
+    assert out_file.read_text() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "texts.txt"]  # no temporary file left

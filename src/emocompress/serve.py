@@ -14,13 +14,16 @@ it is predicted from the special tokens alone (``[CLS] [SEP]``), which is the mo
 longer than the export's ``max_length`` tokens are truncated, as in training. Output is one JSON
 object per line: ``{"line": 1, "text": ..., "label": ..., "probs": {label: p, ...}}``; a text that
 yields no tokens at all (only with a tokenizer that adds no special tokens) gets ``"error"`` instead
-of ``label`` and ``probs``.
+of ``label`` and ``probs``. ``--output`` is written under a temporary name and moved into place
+when every line is done, so a crash leaves an earlier output whole; ``--output`` naming the
+``--input`` file is refused before anything is written.
 """
 
 import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -31,6 +34,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from emocompress.artifact_format import FIX, ONNX_FILE, TOKENIZER_FILE, read_metadata
+from emocompress.outputs import atomic_file
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -135,6 +139,16 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def _same_file(a: str, b: str) -> bool:
+    """``a`` and ``b`` name one file: the same path spelled differently, a symlink or a hard link."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m emocompress.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
     one JSON object per output line (see the module docstring)."""
@@ -145,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=32, help="texts per model call")
     parser.add_argument("--num_threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     args = parser.parse_args(argv)
+    if args.input and args.output and _same_file(args.input, args.output):
+        # Opening the output for writing would empty the input before a line is read.
+        parser.error(f"--output {args.output} is the --input file {args.input}; write the predictions elsewhere")
     try:
         predictor = OnnxPredictor(args.folder, args.num_threads, args.batch_size)
     except ValueError as error:
@@ -156,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             sys.stdin.reconfigure(encoding="utf-8-sig", errors="replace")
             reader = sys.stdin
-        if args.output:
+        if args.output and (not os.path.exists(args.output) or os.path.isfile(args.output)):
+            # Moved onto args.output only when every line is written: a crash keeps an earlier output whole.
+            writer = stack.enter_context(atomic_file(args.output, "w", encoding="utf-8", newline="\n"))
+        elif args.output:  # a device or pipe (/dev/stdout, a FIFO): nothing to replace, write through
             writer = stack.enter_context(open(args.output, "w", encoding="utf-8", newline="\n"))
         else:
             sys.stdout.reconfigure(encoding="utf-8", newline="\n")
