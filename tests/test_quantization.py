@@ -9,6 +9,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.artifacts import OrtClassifier, load_artifact, quantize
+from emocompress.callbacks.metrics import TestMetricsWriter
 from emocompress.callbacks.quantization import Int8Quantization
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
@@ -87,13 +88,28 @@ def test_callback_tests_the_int8_model(emotion_dir, tiny_model_dir, tmp_path, ba
     dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir)
     model = EmotionClassifier(tiny_model_dir, dm.id2label)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      default_root_dir=tmp_path, callbacks=[Int8Quantization(backend=backend)])
+                      default_root_dir=tmp_path, callbacks=[Int8Quantization(backend=backend), TestMetricsWriter()])
     logged = trainer.test(model, datamodule=dm)[0]
     assert isinstance(model.model, OrtClassifier) if backend == "onnxruntime" else \
         any(isinstance(m, DynamicInt8Linear) for m in model.model.modules())
     assert logged["quant/size_mb"] > 0
     assert (tmp_path / "int8" / "int8.json").is_file()
-    assert (tmp_path / "test_metrics.json").is_file()
+    report = json.loads((tmp_path / "test_metrics.json").read_text())  # TestMetricsWriter: the INT8 model's report
+    assert report["macro_f1"] == pytest.approx(logged["test/macro_f1"])
+    assert report == model.test_report
+
+
+def test_test_metrics_writer_writes_rank_zero_report_only(tmp_path):
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(test_report={"macro_f1": 0.5, "per_class": {"joy": {"f1": 0.5}}})
+    for rank, folder in enumerate([tmp_path / "rank0", tmp_path / "rank1"]):
+        trainer = SimpleNamespace(log_dir=str(folder), default_root_dir=str(folder), is_global_zero=rank == 0)
+        TestMetricsWriter().on_test_end(trainer, module)
+    assert json.loads((tmp_path / "rank0" / "test_metrics.json").read_text()) == module.test_report
+    assert not (tmp_path / "rank1").exists()
+    with pytest.raises(ValueError, match="plain file name"):
+        TestMetricsWriter(filename="a/b.json")
 
 
 @pytest.mark.parametrize("model_type", ["roberta", "distilbert"])
