@@ -226,7 +226,8 @@ def test_bad_folders_are_clear_errors(teacher, tmp_path, capsys):
         OnnxPredictor(tmp_path / "missing")
     hf_model = tmp_path / "hf_model"
     teacher[0].save_pretrained(hf_model)
-    with pytest.raises(ValueError, match=rf"{hf_model}: no int8.json, so not an INT8 model folder or ONNX export; .*OnnxExport"):
+    with pytest.raises(ValueError, match=rf"{hf_model}: no int8.json, so not an INT8 model folder or ONNX export; "
+                                         r".*OnnxExport"):
         OnnxPredictor(hf_model)
     quantize(teacher[0], "torch", out_dir=tmp_path / "int8_torch", tokenizer=teacher[1])
     with pytest.raises(ValueError, match=r"'torch' INT8 folder holds no ONNX graph; .*backend='onnxruntime'"):
@@ -258,7 +259,8 @@ def _with_meta(onnx_folder, tmp_path, **changes):
 
 
 _BAD_META = {  # int8.json changes -> what the message says (after the file's path)
-    "labels_differ": ({"id2label": {"0": "anger", "1": "joy", "2": "sadness"}}, r"id2label .* differs from .*config\.json"),
+    "labels_differ": ({"id2label": {"0": "anger", "1": "joy", "2": "sadness"}},
+                      r"id2label .* differs from .*config\.json"),
     "label_gap": ({"id2label": {"0": "anger", "1": "joy", "3": "love"}}, r"id2label must map the class ids 0 to 2"),
     "label_not_int": ({"id2label": {"0": "anger", "1": "joy", "x": "love"}}, r"id2label must map the class ids"),
     "max_length_0": ({"max_length": 0}, r"max_length 0 is not an integer from 1 to the model's 64 positions"),
@@ -306,7 +308,8 @@ def test_load_int8_is_still_an_alias(onnx_folder):
 def test_serve_refuses_to_write_over_its_input(onnx_folder, tmp_path, capsys, spelling):
     text_file = tmp_path / "texts.txt"
     text_file.write_text("i feel so happy\nfurious\n")
-    output = {"same": str(text_file), "dotted": f"{tmp_path}/./texts.txt", "symlink": str(tmp_path / "link.txt")}[spelling]
+    output = {"same": str(text_file), "dotted": f"{tmp_path}/./texts.txt",
+              "symlink": str(tmp_path / "link.txt")}[spelling]
     if spelling == "symlink":
         (tmp_path / "link.txt").symlink_to(text_file)
     with pytest.raises(SystemExit) as exit_info:
