@@ -2,6 +2,8 @@
 
 import copy
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -15,9 +17,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.benchmark import load_for_benchmark
 from emocompress.callbacks.export import OnnxExport
-from emocompress.callbacks.quantization import OrtClassifier, export_onnx, load_int8, quantize
+from emocompress.artifacts import OrtClassifier, export_onnx, load_artifact, quantize
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
+from emocompress import serve
 from emocompress.serve import OnnxPredictor, main
 from emocompress.students import RecurrentClassifier, RecurrentConfig, keep_layers
 from tests.conftest import write_split
@@ -114,7 +117,7 @@ def test_fp32_onnx_matches_pytorch_logits(trained, emotion_dir, tmp_path, varian
     folder = export_onnx(model, tmp_path / "onnx", tokenizer)
     reference = _logits(model, tokenizer, texts)
 
-    ort_model = load_int8(folder)  # the benchmark's loader reads fp32 folders too
+    ort_model = load_artifact(folder)  # the benchmark's loader reads fp32 folders too
     assert isinstance(ort_model, OrtClassifier)
     torch.testing.assert_close(_logits(ort_model, tokenizer, texts), reference, rtol=0, atol=ATOL)
 
@@ -219,11 +222,12 @@ def test_onnx_export_callback_writes_the_best_model(emotion_dir, tiny_model_dir,
 
 
 def test_bad_folders_are_clear_errors(teacher, tmp_path, capsys):
-    with pytest.raises(ValueError, match=rf"{tmp_path / 'missing'}: not a folder; export one with .*OnnxExport"):
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'missing'}: not a folder; re-export with .*OnnxExport"):
         OnnxPredictor(tmp_path / "missing")
     hf_model = tmp_path / "hf_model"
     teacher[0].save_pretrained(hf_model)
-    with pytest.raises(ValueError, match=rf"{hf_model}: no int8.json, so not a servable ONNX artifact; .*OnnxExport"):
+    with pytest.raises(ValueError, match=rf"{hf_model}: no int8.json, so not an INT8 model folder or ONNX export; "
+                                         r".*OnnxExport"):
         OnnxPredictor(hf_model)
     quantize(teacher[0], "torch", out_dir=tmp_path / "int8_torch", tokenizer=teacher[1])
     with pytest.raises(ValueError, match=r"'torch' INT8 folder holds no ONNX graph; .*backend='onnxruntime'"):
@@ -237,3 +241,102 @@ def test_bad_folders_are_clear_errors(teacher, tmp_path, capsys):
     assert f"{hf_model}: no int8.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="OnnxExport.dirname must be a plain folder name"):
         OnnxExport(dirname="a/b")
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(trained, tmp_path_factory):
+    """One fp32 ONNX export of the trained tiny BERT for this file (exporting costs seconds); copy it to change it."""
+    return export_onnx(trained[0], tmp_path_factory.mktemp("export") / "onnx", trained[2])
+
+
+def _with_meta(onnx_folder, tmp_path, **changes):
+    """A copy of ``onnx_folder`` whose int8.json has ``changes`` (a None value removes the key)."""
+    folder = shutil.copytree(onnx_folder, tmp_path / "onnx")
+    meta = json.loads((folder / "int8.json").read_text())
+    meta.update(changes)
+    (folder / "int8.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    return folder
+
+
+_BAD_META = {  # int8.json changes -> what the message says (after the file's path)
+    "labels_differ": ({"id2label": {"0": "anger", "1": "joy", "2": "sadness"}},
+                      r"id2label .* differs from .*config\.json"),
+    "label_gap": ({"id2label": {"0": "anger", "1": "joy", "3": "love"}}, r"id2label must map the class ids 0 to 2"),
+    "label_not_int": ({"id2label": {"0": "anger", "1": "joy", "x": "love"}}, r"id2label must map the class ids"),
+    "max_length_0": ({"max_length": 0}, r"max_length 0 is not an integer from 1 to the model's 64 positions"),
+    "max_length_negative": ({"max_length": -1}, r"max_length -1 is not an integer"),
+    "max_length_huge": ({"max_length": 10**9}, r"max_length 1000000000 is not an integer"),
+    "max_length_above_positions": ({"max_length": 65}, r"max_length 65 is not an integer"),
+    "max_length_text": ({"max_length": "64"}, r"max_length '64' is not an integer"),
+    "pad_id_past_vocab": ({"pad_id": 28}, r"pad_id 28 is not a token id of .*tokenizer\.json \(28 tokens\)"),
+    "pad_id_negative": ({"pad_id": -1}, r"pad_id -1 is not a token id"),
+    "unknown_backend": ({"backend": "tensorrt"}, r"unknown backend 'tensorrt'"),
+    "unknown_precision": ({"precision": "int4"}, r"unknown precision 'int4'"),
+}
+
+
+@pytest.mark.parametrize("reader", [OnnxPredictor, load_artifact], ids=["serve", "load_artifact"])
+@pytest.mark.parametrize("case", list(_BAD_META))
+def test_bad_metadata_is_refused_naming_the_file(onnx_folder, tmp_path, reader, case):
+    changes, message = _BAD_META[case]
+    folder = _with_meta(onnx_folder, tmp_path, **changes)
+    with pytest.raises(ValueError, match=re.escape(str(folder / "int8.json")) + ": " + message + ".*re-export with"):
+        reader(folder)
+
+
+def test_metadata_of_older_folders_falls_back_to_config(onnx_folder, tmp_path):
+    # INT8 folders written before the metadata grew: only backend and include_embeddings
+    folder = _with_meta(onnx_folder, tmp_path, include_embeddings=False, precision=None, input_names=None,
+                        max_length=None, id2label=None, pad_token=None, pad_id=None)
+    assert set(json.loads((folder / "int8.json").read_text())) == {"backend", "include_embeddings"}
+    predictor = OnnxPredictor(folder)
+    assert predictor.labels == ["anger", "joy", "love"]  # config.json's id2label
+    assert predictor.max_length == 64  # the default 128, lowered to the tiny BERT's positions
+    assert isinstance(load_artifact(folder), OrtClassifier)
+
+
+def test_load_int8_is_still_an_alias(onnx_folder):
+    from emocompress.artifacts import load_int8
+    from emocompress.callbacks.quantization import export_onnx as old_export_onnx
+    from emocompress.callbacks.quantization import load_int8 as old_load_int8
+
+    assert load_int8 is load_artifact and old_load_int8 is load_artifact and old_export_onnx is export_onnx
+    assert isinstance(load_int8(onnx_folder), OrtClassifier)
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "symlink"])
+def test_serve_refuses_to_write_over_its_input(onnx_folder, tmp_path, capsys, spelling):
+    text_file = tmp_path / "texts.txt"
+    text_file.write_text("i feel so happy\nfurious\n")
+    output = {"same": str(text_file), "dotted": f"{tmp_path}/./texts.txt",
+              "symlink": str(tmp_path / "link.txt")}[spelling]
+    if spelling == "symlink":
+        (tmp_path / "link.txt").symlink_to(text_file)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(onnx_folder), "--input", str(text_file), "--output", output])
+    assert exit_info.value.code == 2
+    assert "is the --input file" in capsys.readouterr().err
+    assert text_file.read_text() == "i feel so happy\nfurious\n"
+
+
+def test_serve_crash_midway_keeps_the_earlier_output(onnx_folder, tmp_path, monkeypatch):
+    text_file, out_file = tmp_path / "texts.txt", tmp_path / "out.jsonl"
+    text_file.write_text("i feel so happy\nfurious\nloving\nglad\nmad\n")
+    main([str(onnx_folder), "--input", str(text_file), "--output", str(out_file), "--batch_size", "2"])
+    earlier = out_file.read_text()
+    assert len(earlier.splitlines()) == 5
+
+    predict, calls = serve.OnnxPredictor.predict, []
+
+    def fail_after_first_chunk(self, texts):
+        calls.append(len(texts))
+        if len(calls) > 1:
+            raise RuntimeError("killed midway")
+        return predict(self, texts)
+
+    monkeypatch.setattr(serve.OnnxPredictor, "predict", fail_after_first_chunk)
+    with pytest.raises(RuntimeError, match="killed midway"):
+        main([str(onnx_folder), "--input", str(text_file), "--output", str(out_file), "--batch_size", "2"])
+    assert calls == [2, 2]  # the first chunk was written (to the temporary file) before the crash
+    assert out_file.read_text() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "texts.txt"]  # no temporary file left

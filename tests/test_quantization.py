@@ -8,7 +8,9 @@ from lightning.pytorch import Trainer
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.callbacks.quantization import Int8Quantization, OrtClassifier, load_int8, quantize
+from emocompress.artifacts import OrtClassifier, load_artifact, quantize
+from emocompress.callbacks.metrics import TestMetricsWriter
+from emocompress.callbacks.quantization import Int8Quantization
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 
@@ -18,8 +20,8 @@ TEXTS = ["i feel so happy today", "furious", "really loving and tender the day w
 _RELOAD = """
 import sys, torch
 from transformers import AutoTokenizer
-from emocompress.callbacks.quantization import load_int8
-model = load_int8(sys.argv[1])
+from emocompress.artifacts import load_artifact
+model = load_artifact(sys.argv[1])
 batch = AutoTokenizer.from_pretrained(sys.argv[1])(sys.argv[2:], return_tensors="pt", padding=True)
 with torch.no_grad():
     print(model(**batch).logits.tolist())
@@ -73,7 +75,7 @@ def test_onnxruntime_artifact_holds_int8_weights(fp32, tmp_path):
 
 def test_load_rejects_other_folders(tmp_path):
     with pytest.raises(ValueError, match="not an INT8 model folder"):
-        load_int8(tmp_path)
+        load_artifact(tmp_path)
 
 
 def test_bad_backend_is_a_clear_error():
@@ -86,13 +88,28 @@ def test_callback_tests_the_int8_model(emotion_dir, tiny_model_dir, tmp_path, ba
     dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir)
     model = EmotionClassifier(tiny_model_dir, dm.id2label)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      default_root_dir=tmp_path, callbacks=[Int8Quantization(backend=backend)])
+                      default_root_dir=tmp_path, callbacks=[Int8Quantization(backend=backend), TestMetricsWriter()])
     logged = trainer.test(model, datamodule=dm)[0]
     assert isinstance(model.model, OrtClassifier) if backend == "onnxruntime" else \
         any(isinstance(m, DynamicInt8Linear) for m in model.model.modules())
     assert logged["quant/size_mb"] > 0
     assert (tmp_path / "int8" / "int8.json").is_file()
-    assert (tmp_path / "test_metrics.json").is_file()
+    report = json.loads((tmp_path / "test_metrics.json").read_text())  # TestMetricsWriter: the INT8 model's report
+    assert report["macro_f1"] == pytest.approx(logged["test/macro_f1"])
+    assert report == model.test_report
+
+
+def test_test_metrics_writer_writes_rank_zero_report_only(tmp_path):
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(test_report={"macro_f1": 0.5, "per_class": {"joy": {"f1": 0.5}}})
+    for rank, folder in enumerate([tmp_path / "rank0", tmp_path / "rank1"]):
+        trainer = SimpleNamespace(log_dir=str(folder), default_root_dir=str(folder), is_global_zero=rank == 0)
+        TestMetricsWriter().on_test_end(trainer, module)
+    assert json.loads((tmp_path / "rank0" / "test_metrics.json").read_text()) == module.test_report
+    assert not (tmp_path / "rank1").exists()
+    with pytest.raises(ValueError, match="plain file name"):
+        TestMetricsWriter(filename="a/b.json")
 
 
 @pytest.mark.parametrize("model_type", ["roberta", "distilbert"])
@@ -115,5 +132,5 @@ def test_planted_pickle_in_an_int8_folder_is_refused(fp32, tmp_path, malicious_c
     quantize(fp32[0], "torch", out_dir=tmp_path / "int8")
     (tmp_path / "int8" / "int8_state_dict.pt").write_bytes(path.read_bytes())
     with pytest.raises(ValueError, match="refused or unreadable as INT8 weights"):
-        load_int8(tmp_path / "int8")
+        load_artifact(tmp_path / "int8")
     assert not marker.exists()

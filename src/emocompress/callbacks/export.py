@@ -3,15 +3,15 @@ or as an fp32 ONNX folder that serves with only onnxruntime and tokenizers (``On
 
 import copy
 import logging
-import shutil
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from emocompress.callbacks.quantization import datamodule_max_length, export_onnx
+from emocompress.artifacts import datamodule_max_length, export_onnx
+from emocompress.checkpoints import load_network
+from emocompress.outputs import atomic_dir, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,13 @@ class _BestModelExport(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask.
-        out = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        out = run_dir(trainer) / self.dirname  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
         model = copy.deepcopy(pl_module.model).cpu()
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best:
-            # weights_only: a checkpoint is data, never code to run.
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+            load_network(model, best)
         self._write(model, out, trainer.datamodule)
         log.info("%s: exported the %s model to %s", type(self).__name__, f"best ({best})" if best else "final", out)
 
@@ -61,20 +58,17 @@ class HFExport(_BestModelExport):
         super().__init__(dirname)
 
     def _write(self, model: nn.Module, out: Path, datamodule) -> None:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer = getattr(datamodule, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
 
 
 class OnnxExport(_BestModelExport):
     """When ``fit`` ends, write the best checkpoint's ``pl_module.model`` as fp32 ONNX, with the
     datamodule's tokenizer and the label names, to ``<log_dir>/<dirname>`` (see
-    ``emocompress.callbacks.quantization.export_onnx``). Serve it with
+    ``emocompress.artifacts.export_onnx``). Serve it with
     ``python -m emocompress.serve <dir>``; benchmark it like an INT8 folder.
 
     Works for fine-tuned, pruned and distilled runs (the model is the student). The folder is

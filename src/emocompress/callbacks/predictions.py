@@ -9,6 +9,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from emocompress.outputs import atomic_file, run_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -26,8 +28,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     @override
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
-        # log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask.
-        default_path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        default_path = run_dir(trainer) / "predictions.jsonl"  # a collective under DDP: every rank asks
         records = [record for batch in predictions for record in batch]
         if trainer.world_size > 1:
             # Each rank predicted its own shard; gather them so one file holds every input once.
@@ -37,10 +38,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         path = Path(self.output_path) if self.output_path else default_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w") as f:
+        with atomic_file(path) as f:  # a reader never sees half a file, and a crash keeps the old one
             for record in sorted(records, key=lambda r: r["line"]):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        tmp.replace(path)
         log.info("wrote %d predictions to %s", len(records), path)

@@ -1,0 +1,275 @@
+"""ONNX and INT8 artifacts of a ``transformers`` sequence classifier: write them, read them back.
+
+Two INT8 backends behind one option, both CPU-only:
+  * ``onnxruntime``: export with the TorchScript-based ONNX exporter (with eager attention, which
+    onnxruntime's BERT optimizer fuses into ``Attention`` nodes), optimize, then
+    ``onnxruntime.quantization.quantize_dynamic``. The deployment standard on CPU, and the fastest here.
+  * ``torch``: ``torch.ao.quantization.quantize_dynamic`` of the ``nn.Linear`` layers (deprecated in
+    recent torch, still working). Saved as a state_dict that reloads into a re-quantized skeleton with
+    ``torch.load(weights_only=True)``.
+
+``export_onnx`` writes the same kind of folder in fp32 (for any trained, pruned or distilled model).
+Every ONNX folder holds ``model.onnx``, ``config.json``, the tokenizer and a metadata file (input
+names, ``max_length``, ``id2label``, padding token; format in ``emocompress.artifact_format``), so
+``emocompress.serve`` can run it with only onnxruntime and tokenizers installed. ``load_artifact``
+reads any of these folders back. The ``Int8Quantization`` and ``OnnxExport`` callbacks call this module.
+"""
+
+import contextlib
+import inspect
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from emocompress.artifact_format import (
+    DEFAULT_MAX_LENGTH,
+    META_FILE,
+    ONNX_FILE,
+    TORCH_WEIGHTS_FILE,
+    ArtifactMeta,
+    read_metadata,
+)
+from emocompress.outputs import atomic_dir
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["onnxruntime", "torch"]
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@contextlib.contextmanager
+def _quiet():
+    # torch.ao.quantization and the TorchScript ONNX exporter warn that they are deprecated on every call.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _quantize_torch(model: nn.Module, include_embeddings: bool) -> nn.Module:
+    """A copy of ``model`` with INT8 ``nn.Linear`` weights (and ``nn.Embedding`` tables, if asked);
+    activations are quantized on the fly per batch."""
+    from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, quantize_dynamic
+
+    # Not nn.LSTM: its quantized weights save as TorchScript objects, which weights_only loading refuses.
+    spec = {nn.Linear: default_dynamic_qconfig}
+    if include_embeddings:
+        spec[nn.Embedding] = float_qparams_weight_only_qconfig
+    with _quiet():
+        return quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+class OrtClassifier(nn.Module):
+    """An ONNX Runtime session behind the ``AutoModelForSequenceClassification`` call signature:
+    ``model(input_ids=..., attention_mask=...).logits`` is a (B, C) float tensor on the CPU."""
+
+    def __init__(self, path: str | Path, config, num_threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.config = config
+
+    def forward(self, **inputs) -> SequenceClassifierOutput:
+        if "token_type_ids" not in inputs:
+            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        feeds = {name: inputs[name].cpu().numpy() for name in self.input_names}
+        return SequenceClassifierOutput(logits=torch.from_numpy(self.session.run(None, feeds)[0]))
+
+
+def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddings: bool = False,
+             out_dir: str | Path | None = None, num_threads: int | None = None, tokenizer=None,
+             max_length: int = DEFAULT_MAX_LENGTH) -> nn.Module:
+    """INT8 copy of a ``transformers`` sequence classifier, optionally saved to ``out_dir``.
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` model (fp32, any device; it is not changed).
+        backend: ``onnxruntime`` or ``torch`` (see the module docstring).
+        include_embeddings: quantize the embedding tables too (about half of a MiniLM's bytes).
+        out_dir: folder to save the INT8 model in (``load_artifact`` reads it back); a temporary one if None
+            with ``onnxruntime``, nothing saved with ``torch``.
+        num_threads: ONNX Runtime intra-op threads (default: all cores).
+        tokenizer: saved beside the model, so the folder is all a user needs.
+        max_length: tokens per text that ``emocompress.serve`` keeps (recorded, ``onnxruntime`` only).
+
+    Returns:
+        The INT8 model, CPU-only, called like the original: ``model(**batch).logits``.
+    """
+    model = _fp32_copy(model, attn_implementation="sdpa" if backend == "torch" else "eager")
+    meta = {"backend": backend, "precision": "int8", "include_embeddings": include_embeddings}
+    if backend == "torch":
+        quantized = _quantize_torch(model, include_embeddings)
+        if out_dir is not None:
+            _save(out_dir, ArtifactMeta(**meta, id2label=_id2label(model.config)), model.config, tokenizer,
+                  lambda tmp: torch.save(quantized.state_dict(), tmp / TORCH_WEIGHTS_FILE))
+        return quantized
+    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="emocompress-int8-"))
+    _save(out_dir, _onnx_meta(model, tokenizer, max_length, **meta), model.config, tokenizer,
+          lambda tmp: _write_onnx_int8(model, tmp / ONNX_FILE, include_embeddings))
+    return OrtClassifier(out_dir / ONNX_FILE, model.config, num_threads)
+
+
+def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize: bool = True,
+                max_length: int = DEFAULT_MAX_LENGTH) -> Path:
+    """Write an fp32 ONNX copy of a ``transformers`` sequence classifier to a self-contained folder.
+
+    Works for fine-tuned, pruned (zeros stay zeros; ONNX stores them densely) and distilled models,
+    including ``RecurrentClassifier`` students. ``load_artifact`` reads the folder back as an
+    ``OrtClassifier``; ``python -m emocompress.serve`` serves it with only onnxruntime and tokenizers.
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` model (any dtype and device; it is not changed).
+        out_dir: the folder to write (replaced if it exists; written under a temporary name, then renamed).
+        tokenizer: a fast ``transformers`` tokenizer, saved beside the model (its ``tokenizer.json`` is what
+            the server reads).
+        optimize: fuse attention and layer norms with onnxruntime's BERT optimizer (transformers only;
+            recurrent students have no attention to fuse).
+        max_length: tokens per text the server keeps, lowered to the model's position limit if above it.
+
+    Returns:
+        ``out_dir``, holding ``model.onnx``, ``config.json``, the tokenizer files and ``int8.json``
+        (metadata, ``"precision": "fp32"``).
+    """
+    model = _fp32_copy(model, attn_implementation="eager")
+    out_dir = Path(out_dir)
+    meta = _onnx_meta(model, tokenizer, max_length, backend="onnxruntime", precision="fp32")
+    _save(out_dir, meta, model.config, tokenizer,
+          lambda tmp: _write_onnx_fp32(model, tmp / ONNX_FILE, optimize))
+    return out_dir
+
+
+def _fp32_copy(model: nn.Module, attn_implementation: str) -> nn.Module:
+    """A plain CPU fp32 eval-mode copy of ``model``. Eager attention exports as plain MatMul/Softmax,
+    which onnxruntime's BERT optimizer fuses into one Attention op; torch runs faster with sdpa."""
+    copy = AutoModelForSequenceClassification.from_config(model.config, **_attention(model.config, attn_implementation))
+    copy.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    return copy.eval()
+
+
+def _attention(config, implementation: str) -> dict:
+    """``attn_implementation`` for models with attention; recurrent students have none to choose."""
+    return {"attn_implementation": implementation} if hasattr(config, "num_attention_heads") else {}
+
+
+def _input_names(model: nn.Module) -> list[str]:
+    # DistilBERT takes no token_type_ids; RoBERTa takes them but its tokenizer makes none (OrtClassifier
+    # and the server then feed zeros, the model's own default).
+    return [n for n in _INPUTS if n in inspect.signature(model.forward).parameters]
+
+
+def datamodule_max_length(datamodule) -> int:
+    """Tokens per text the data kept in training (``EmotionDataModule.max_length``), which a server must
+    truncate to; ``DEFAULT_MAX_LENGTH`` for a datamodule without one (or none at all)."""
+    return getattr(datamodule, "max_length", DEFAULT_MAX_LENGTH)
+
+
+def _id2label(config) -> dict[str, str]:
+    return {str(i): label for i, label in config.id2label.items()}
+
+
+def _onnx_meta(model: nn.Module, tokenizer, max_length: int, **meta) -> ArtifactMeta:
+    """``meta`` plus what a server needs beyond the graph: inputs, label names, truncation length and
+    padding token."""
+    # Longer inputs would index past the position table. The tokenizer's limit is the tighter one for
+    # RoBERTa (512 of 514 rows: its positions start after the padding index); unset, it is a huge placeholder.
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limit = min((n for n in limits if isinstance(n, int) and n < 1_000_000), default=max_length)
+    if max_length > limit:
+        log.warning("ONNX export: max_length %d is above the model's limit; the server truncates to %d",
+                    max_length, limit)
+    if tokenizer is not None and tokenizer.pad_token is not None:
+        meta |= {"pad_token": tokenizer.pad_token, "pad_id": tokenizer.pad_token_id}
+    return ArtifactMeta(**meta, input_names=_input_names(model), max_length=min(max_length, limit),
+                        id2label=_id2label(model.config))
+
+
+def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool) -> None:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    config = model.config
+    names = _input_names(model)
+    example = {n: torch.ones(1, 8, dtype=torch.long) for n in names}
+    if "token_type_ids" in example:
+        example["token_type_ids"] = torch.zeros(1, 8, dtype=torch.long)
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(model, (), str(out_file), kwargs=example, input_names=names, output_names=["logits"],
+                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    if optimize and hasattr(config, "num_attention_heads"):  # fuse attention (recurrent students have none)
+        optimized = optimize_model(str(out_file), model_type="bert", num_heads=config.num_attention_heads,
+                                   hidden_size=config.hidden_size)
+        optimized.save_model_to_file(str(out_file))
+
+
+def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_file = out_file.with_name("fp32.onnx")
+    _write_onnx_fp32(model, fp32_file, optimize=True)
+    # Without the embedding ops, only the matrix multiplications (and fused attention) become INT8.
+    op_types = None if include_embeddings else ["MatMul", "Attention", "LSTM"]
+    with _quiet():
+        quantize_dynamic(str(fp32_file), str(out_file), weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
+                         # the optimizer's fused ops carry no inferred types; they are all float here
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    fp32_file.unlink()
+
+
+def _save(out_dir: str | Path, meta: ArtifactMeta, config, tokenizer, write) -> None:
+    """Write the folder under a temporary name and move it into place: never a half-written artifact."""
+    with atomic_dir(out_dir) as tmp:
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write(tmp)
+        (tmp / META_FILE).write_text(meta.to_json(), encoding="utf-8")
+
+
+def load_artifact(path: str | Path, num_threads: int | None = None) -> nn.Module:
+    """Load an INT8 model saved by ``quantize``/``Int8Quantization``, or an fp32 ONNX folder written by
+    ``export_onnx``/``OnnxExport``, in a fresh process. ONNX folders load as an ``OrtClassifier``.
+
+    Nothing executes code from the folder: the torch backend's weights load with
+    ``torch.load(weights_only=True)`` into a freshly quantized skeleton built from ``config.json``.
+
+    Args:
+        path: the artifact folder.
+        num_threads: ONNX Runtime intra-op threads (default: all cores).
+
+    Returns:
+        The model, CPU-only, called like a ``transformers`` classifier: ``model(**batch).logits``.
+
+    Raises:
+        ValueError: ``path`` is not such a folder, its metadata is refused (see
+            ``emocompress.artifact_format.read_metadata``) or its weights are unreadable.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    config = AutoConfig.from_pretrained(path)
+    if meta.backend == "onnxruntime":
+        return OrtClassifier(path / ONNX_FILE, config, num_threads)
+    skeleton = AutoModelForSequenceClassification.from_config(config, **_attention(config, "sdpa")).eval()
+    model = _quantize_torch(skeleton, meta.include_embeddings)
+    try:
+        state = torch.load(path / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # a planted pickle is refused by weights_only; a truncated file fails in many ways
+        raise ValueError(f"{path / TORCH_WEIGHTS_FILE}: refused or unreadable as INT8 weights ({type(err).__name__}); "
+                         "re-create the folder with Int8Quantization") from err
+    model.load_state_dict(state)
+    return model
+
+
+# The old name, kept for one release so scripts written against it keep working.
+load_int8 = load_artifact
