@@ -1,6 +1,5 @@
 """A transformer emotion classifier as a LightningModule: weighted loss, imbalance-aware metrics."""
 
-import json
 import logging
 
 import torch
@@ -19,7 +18,6 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, ge
 
 from emocompress import pretrained
 from emocompress.checkpoints import load_network
-from emocompress.outputs import atomic_write_text, run_dir
 
 log = logging.getLogger(__name__)
 
