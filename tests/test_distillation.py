@@ -5,7 +5,7 @@ from lightning.pytorch import Trainer
 
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
-from emocompress.distillation import Distiller, distillation_losses, patient_loss
+from emocompress.distillation import Distiller, Teacher, distillation_losses, patient_loss
 from emocompress.students import RecurrentClassifier
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
@@ -81,7 +81,7 @@ def test_cached_teacher_logits_equal_live_ones_and_are_reused(emotion_dir, tiny_
     [cache_file] = cache.glob("teacher-*.pt")
     texts = dm.texts("train")
     with torch.no_grad():  # live: the teacher on small padded batches, in data order
-        live = torch.cat([model.teacher(**model._encode(texts[i:i + 3])).logits for i in range(0, len(texts), 3)])
+        live = torch.cat([model.teacher(**model._teacher.encode(texts[i:i + 3])).logits for i in range(0, len(texts), 3)])
     torch.testing.assert_close(model.cached_logits, live, atol=1e-5, rtol=1e-5)
     stored = torch.load(cache_file, weights_only=True)
     assert len(stored["keys"]) == len(set(texts)) and stored["logits"].shape == (len(set(texts)), 3)
@@ -92,7 +92,7 @@ def test_cached_teacher_logits_equal_live_ones_and_are_reused(emotion_dir, tiny_
     assert live_trainer.callback_metrics["train/loss"].item() == pytest.approx(cached_loss.item(), abs=1e-5)
 
     # a second run with the same teacher reads the cache and never runs the teacher over the data
-    monkeypatch.setattr(Distiller, "teacher_logits", lambda self, texts: pytest.fail("teacher ran again"))
+    monkeypatch.setattr(Teacher, "logits", lambda self, texts: pytest.fail("teacher ran again"))
     again, _, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
     torch.testing.assert_close(again.cached_logits, model.cached_logits)
 
@@ -144,6 +144,18 @@ def test_pretrained_student_with_its_own_tokenizer(emotion_dir, tiny_teacher_dir
     trainer = _trainer(tmp_path, max_steps=2)
     trainer.fit(model, datamodule=dm)
     assert trainer.callback_metrics["train/kd"] > 0
+
+
+@pytest.mark.parametrize("student", ["layers", "bilstm", "pretrained"])
+def test_each_tokenizer_is_read_once(tiny_teacher_dir, monkeypatch, student):
+    # data.model_name is the teacher here: its tokenizer serves the teacher and the student
+    from transformers import AutoTokenizer
+
+    read, original = [], AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: read.append(a[0]) or original(*a, **k))
+    Distiller(teacher=tiny_teacher_dir, model_name=tiny_teacher_dir, id2label=ID2LABEL, student=student,
+              embedding_dim=8, hidden_size=8)
+    assert read == [tiny_teacher_dir]
 
 
 def test_teacher_from_a_classifier_checkpoint(emotion_dir, tiny_teacher_dir, tmp_path):

@@ -2,12 +2,21 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from emocompress.students import RecurrentClassifier, RecurrentConfig, every_other_layer, keep_layers
+from emocompress.students import RecurrentClassifier, RecurrentConfig, build_student, every_other_layer, keep_layers
+
+ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
 
 
 @pytest.fixture
 def teacher(tiny_teacher_dir):
     return AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir).eval()
+
+
+@pytest.fixture
+def tokenizer(tiny_teacher_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_teacher_dir)
 
 
 @pytest.mark.parametrize("layers", [[0], [1], [0, 1]])
@@ -80,3 +89,41 @@ def test_recurrent_classifier_learns_and_computes_its_loss():
 def test_recurrent_config_rejects_unknown_encoder():
     with pytest.raises(ValueError, match="encoder must be 'bilstm' or 'meanpool'"):
         RecurrentConfig(encoder="gru")
+
+
+def test_build_student_layers_keeps_the_given_layers_and_trains_them(teacher):
+    student = build_student("layers", teacher, ID2LABEL, layers=[1])
+    assert type(student) is type(teacher) and student is not teacher
+    assert len(student.bert.encoder.layer) == 1 and student.classifier.out_features == 3
+    assert all(p.requires_grad for p in student.parameters())
+    assert not {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}  # a copy
+
+
+@pytest.mark.parametrize(("encoder", "params"), [
+    # embeddings V*E + per direction an LSTM 4H(E+H) + 8H biases + head 2H*C + C
+    ("bilstm", lambda v, e, h, c: v * e + 2 * (4 * h * (e + h) + 8 * h) + 2 * h * c + c),
+    # embeddings V*E + feed-forward E*H + H + head H*C + C
+    ("meanpool", lambda v, e, h, c: v * e + e * h + h + h * c + c),
+])
+def test_build_student_recurrent_sizes(teacher, tokenizer, encoder, params):
+    student = build_student(encoder, teacher, ID2LABEL, tokenizer=tokenizer, embedding_dim=8, hidden_size=6)
+    assert isinstance(student, RecurrentClassifier) and student.config.encoder == encoder
+    assert student.config.id2label == ID2LABEL and student.classifier.out_features == 3
+    assert student.config.pad_token_id == tokenizer.pad_token_id
+    assert sum(p.numel() for p in student.parameters()) == params(len(tokenizer), 8, 6, 3)
+
+
+def test_build_student_pretrained_is_what_the_builder_returns(teacher, tiny_model_dir):
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3,
+                                                               ignore_mismatched_sizes=True)
+    student = build_student("pretrained", teacher, ID2LABEL, pretrained_builder=lambda: fresh)
+    assert student is fresh and student.config.num_hidden_layers == 2 and student.classifier.out_features == 3
+
+
+@pytest.mark.parametrize(("kind", "error", "message"), [
+    ("layers", TypeError, "needs layers"), ("pretrained", TypeError, "needs pretrained_builder"),
+    ("bilstm", TypeError, "needs tokenizer"), ("gru", ValueError, "model.student must be one of"),
+])
+def test_build_student_says_what_is_missing(teacher, kind, error, message):
+    with pytest.raises(error, match=message):
+        build_student(kind, teacher, ID2LABEL)

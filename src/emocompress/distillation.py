@@ -3,9 +3,10 @@
     emocompress fit -c configs/base.yaml -c configs/distill.yaml
 """
 
+import contextlib
 import hashlib
 import logging
-import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +18,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from emocompress import pretrained
 from emocompress.checkpoints import load_network, read_checkpoint
 from emocompress.classifier import EmotionClassifier, model_inputs
-from emocompress.students import RecurrentClassifier, RecurrentConfig, every_other_layer, keep_layers
+from emocompress.outputs import atomic_file
+from emocompress.students import build_student, every_other_layer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,16 @@ def patient_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple
     return torch.stack(terms).mean()
 
 
+def _spread_layer_map(student: PreTrainedModel, teacher: PreTrainedModel) -> list[int]:
+    """Teacher layer for each layer of a ``pretrained`` student: evenly spaced, ending with the last."""
+    width, teacher_width = student.config.hidden_size, teacher.config.hidden_size
+    if width != teacher_width:
+        raise ValueError(f"model.hidden_weight: the student is {width} wide and the teacher {teacher_width}; "
+                         "hidden states can only be matched at equal widths, set model.hidden_weight to 0")
+    depth, teacher_depth = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    return [round((i + 1) * teacher_depth / depth) - 1 for i in range(depth)]
+
+
 def load_teacher(source: str, trust_remote_code: bool = False) -> tuple[PreTrainedModel, object]:
     """The teacher network and its tokenizer from an ``hf_model`` export folder, a hub name, or an
     ``EmotionClassifier`` Lightning checkpoint (``.ckpt``, read with ``weights_only=True``).
@@ -101,10 +113,113 @@ def load_teacher(source: str, trust_remote_code: bool = False) -> tuple[PreTrain
     return model, AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
 
 
-def _tokenizer_spec(tokenizer) -> str:
+def tokenizer_spec(tokenizer) -> str:
     """Everything that decides how a tokenizer splits text (vocabulary, normalizer, special tokens)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+
+
+class Teacher:
+    """A frozen, fine-tuned classifier and its tokenizer: its logits (or outputs) for raw texts, and the
+    on-disk cache of its logits. In eval mode, without gradients, never changed.
+
+    Not an ``nn.Module`` on purpose: a LightningModule holding it does not see its network, so the
+    teacher is not in ``state_dict`` (checkpoints), ``parameters()`` (optimizer, DDP), Lightning's
+    ``model.train()``, or what the compression callbacks see.
+
+    Args:
+        source: an ``hf_model`` export folder, a hub name, or a classifier ``.ckpt`` (``load_teacher``).
+        id2label: the data's labels, which the teacher must predict in the same order; None skips the check.
+        trust_remote_code: allow the model folder to run its own code.
+        batch_size: texts per forward pass when computing logits.
+
+    Raises:
+        ValueError: the teacher cannot be loaded, or predicts other labels than ``id2label``.
+    """
+
+    def __init__(self, source: str, id2label: dict[int, str] | None = None, trust_remote_code: bool = False,
+                 batch_size: int = 64):
+        network, self.tokenizer = load_teacher(source, trust_remote_code)
+        labels = {int(i): name for i, name in (id2label or {}).items()}
+        if labels and network.config.id2label != labels:
+            raise ValueError(f"model.teacher: {source} predicts {network.config.id2label}, but the data's labels "
+                             f"are {labels}; distil from a teacher fine-tuned on this label set")
+        self.network = network.requires_grad_(False).eval()
+        self.batch_size = batch_size
+        self.device = torch.device("cpu")
+        self.max_length: int | None = None
+        self._forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def tokenizer_for(self, model_name: str):
+        """``model_name``'s tokenizer; the teacher's own if it was read from there, so it is read once."""
+        path = pretrained.resolve(model_name)
+        return self.tokenizer if self.tokenizer.name_or_path == path else AutoTokenizer.from_pretrained(path)
+
+    def prepare(self, device: torch.device, max_length: int,
+                forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        """Run on ``device``, truncating texts to ``max_length`` tokens as the data does; call before
+        the methods below. ``forward_context``: the precision context (autocast) for ``logits``."""
+        self.network.to(device)
+        self.device, self.max_length, self._forward_context = device, max_length, forward_context
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The teacher's inputs for raw ``texts``: (N, T) tensors, padded to the longest, on its device."""
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                                 return_tensors="pt")
+        return {k: v.to(self.device) for k, v in encoded.items()}
+
+    @torch.no_grad()
+    def outputs(self, texts: list[str], **kwargs):
+        """The network's output for raw ``texts`` (``kwargs`` such as ``output_hidden_states`` go to it)."""
+        return self.network(**self.encode(texts), **kwargs)
+
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        """(N, C) float logits for raw ``texts`` on the CPU, computed in batches of similar length."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.network.config.num_labels)
+        with self._forward_context():
+            for start in range(0, len(texts), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                out[rows] = self.outputs([texts[i] for i in rows]).logits.float().cpu()
+        return out
+
+    def cache_file(self, folder: str | Path) -> Path:
+        """The cache file in ``folder``, named by a hash of the weights, the tokenizer and ``max_length``."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.network.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tokenizer_spec(self.tokenizer).encode())
+        digest.update(f"max_length={self.max_length}".encode())
+        return Path(folder) / f"teacher-{digest.hexdigest()[:16]}.pt"
+
+    def cached_logits(self, texts: Iterable[str], folder: str | Path, write: bool = True) -> torch.Tensor:
+        """(N, C) logits for ``texts``: from ``folder``'s cache, computing the missing ones and, if
+        ``write``, adding them to it. Under DDP every rank computes the same logits; one writes.
+
+        Raises:
+            ValueError: the cache file exists but is not a teacher-logits cache.
+        """
+        texts = list(texts)
+        path = self.cache_file(folder)
+        keys = [hashlib.sha1(text.encode()).hexdigest() for text in texts]
+        known: dict[str, torch.Tensor] = {}
+        if path.exists():
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                known = dict(zip(stored["keys"], stored["logits"]))
+            except Exception as err:  # truncated or foreign file: unpickling raises many types
+                raise ValueError(f"model.logits_cache: cannot read {path} as a teacher-logits cache "
+                                 f"({type(err).__name__}); delete it to recompute") from err
+        missing = {key: text for key, text in zip(keys, texts) if key not in known}
+        if missing:
+            known.update(zip(missing, self.logits(list(missing.values()))))
+            if write:
+                with atomic_file(path, "wb") as f:  # a reader never sees half a file
+                    torch.save({"keys": list(known), "logits": torch.stack(list(known.values()))}, f)
+        rank_zero_info(f"teacher logits: {len(keys) - len(missing)} of {len(keys)} train texts from {path}, "
+                       f"{len(missing)} computed")
+        return torch.stack([known[key] for key in keys])
 
 
 class Distiller(EmotionClassifier):
@@ -162,113 +277,47 @@ class Distiller(EmotionClassifier):
         if hidden_weight > 0 and logits_cache is not None:
             raise ValueError("model.hidden_weight > 0 needs the teacher's hidden states on every batch, which are "
                              "not cached: set model.logits_cache to null or model.hidden_weight to 0")
+        # Before the base class builds the student, which a `layers` student cuts from the teacher. A plain
+        # object, not a module: outside the module tree (see Teacher), so not checkpointed, optimized or pruned.
+        self._teacher = Teacher(teacher, kwargs.get("id2label"), kwargs.get("trust_remote_code", False),
+                                teacher_batch_size)
+        self.layer_map = None
+        if student == "layers":  # the teacher layers it keeps, which are also its Patient-KD layer map
+            self.layer_map = student_layers or every_other_layer(self.teacher.config.num_hidden_layers)
         super().__init__(**kwargs)
+        if hidden_weight > 0 and student == "pretrained":
+            self.layer_map = _spread_layer_map(self.model, self.teacher)
+
+    @property
+    def teacher(self) -> PreTrainedModel:
+        """The frozen teacher network (outside the module tree)."""
+        return self._teacher.network
 
     # ---- building: the base class calls this from __init__ ----
     def _build_model(self) -> PreTrainedModel:
         hp = self.hparams
-        teacher, self.teacher_tokenizer = load_teacher(hp.teacher, hp.trust_remote_code)
-        if teacher.config.id2label != self.id2label:
-            raise ValueError(f"model.teacher: {hp.teacher} predicts {teacher.config.id2label}, but the data's labels "
-                             f"are {self.id2label}; distil from a teacher fine-tuned on this label set")
-        # Outside the module tree on purpose: not in state_dict (checkpoints), parameters() (optimizer,
-        # DDP), Lightning's model.train(), or what the compression callbacks see.
-        object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
-        layers = hp.student_layers or every_other_layer(teacher.config.num_hidden_layers)  # for `layers` students
-        if hp.student == "pretrained":
-            student = super()._build_model()
-        elif hp.student == "layers":
-            tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(hp.model_name))
-            if _tokenizer_spec(tokenizer) != _tokenizer_spec(self.teacher_tokenizer):
-                raise ValueError(f"data.model_name: a 'layers' student reads the teacher's token ids, but "
-                                 f"{hp.model_name}'s tokenizer differs from {hp.teacher}'s; set data.model_name "
-                                 "to the teacher")
-            student = keep_layers(teacher, layers).requires_grad_(True)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(hp.model_name))
-            student = RecurrentClassifier(RecurrentConfig(
-                vocab_size=len(tokenizer), embedding_dim=hp.embedding_dim, hidden_size=hp.hidden_size,
-                encoder=hp.student, pad_token_id=tokenizer.pad_token_id or 0, num_labels=len(self.id2label),
-                id2label=self.id2label, label2id={n: i for i, n in self.id2label.items()}))
-        if hp.hidden_weight > 0:
-            self.layer_map = layers if hp.student == "layers" else self._layer_map(student)
-        return student
+        tokenizer = None if hp.student == "pretrained" else self._teacher.tokenizer_for(hp.model_name)
+        if hp.student == "layers" and tokenizer_spec(tokenizer) != tokenizer_spec(self._teacher.tokenizer):
+            raise ValueError(f"data.model_name: a 'layers' student reads the teacher's token ids, but "
+                             f"{hp.model_name}'s tokenizer differs from {hp.teacher}'s; set data.model_name "
+                             "to the teacher")
+        return build_student(hp.student, self.teacher, self.id2label, tokenizer=tokenizer, layers=self.layer_map,
+                             embedding_dim=hp.embedding_dim, hidden_size=hp.hidden_size,
+                             pretrained_builder=super()._build_model)
 
-    def _layer_map(self, student: PreTrainedModel) -> list[int]:
-        """Teacher layer for each layer of a ``pretrained`` student: evenly spaced, ending with the last."""
-        width, teacher_width = student.config.hidden_size, self.teacher.config.hidden_size
-        if width != teacher_width:
-            raise ValueError(f"model.hidden_weight: the student is {width} wide and the teacher {teacher_width}; "
-                             "hidden states can only be matched at equal widths, set model.hidden_weight to 0")
-        depth, teacher_depth = student.config.num_hidden_layers, self.teacher.config.num_hidden_layers
-        return [round((i + 1) * teacher_depth / depth) - 1 for i in range(depth)]
-
-    # ---- the teacher ----
     @property
     def _needs_teacher(self) -> bool:
         hp = self.hparams
         return hp.alpha < 1 or hp.mse_weight > 0 or hp.hidden_weight > 0
 
     def on_fit_start(self):
-        self.teacher.to(self.device)
         datamodule = self.trainer.datamodule
+        self._teacher.prepare(self.device, datamodule.max_length, self.trainer.precision_plugin.forward_context)
         self.train_texts = datamodule.texts("train")
-        self.max_length = datamodule.hparams.get("max_length", 128)
         self.cached_logits = None
         if self._needs_teacher and self.hparams.logits_cache is not None:
-            self.cached_logits = self._load_or_compute_logits().to(self.device)
-
-    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.teacher_tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
-                                         return_tensors="pt")
-        return {k: v.to(self.device) for k, v in encoded.items()}
-
-    @torch.no_grad()
-    def teacher_logits(self, texts: list[str]) -> torch.Tensor:
-        """(N, C) float logits of the teacher for raw ``texts``, in batches of similar length."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), len(self.id2label))
-        size = self.hparams.teacher_batch_size
-        with self.trainer.precision_plugin.forward_context():
-            for start in range(0, len(texts), size):
-                rows = order[start:start + size]
-                out[rows] = self.teacher(**self._encode([texts[i] for i in rows])).logits.float().cpu()
-        return out
-
-    def _cache_file(self) -> Path:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.teacher.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        digest.update(_tokenizer_spec(self.teacher_tokenizer).encode())
-        digest.update(f"max_length={self.max_length}".encode())
-        return Path(self.hparams.logits_cache) / f"teacher-{digest.hexdigest()[:16]}.pt"
-
-    def _load_or_compute_logits(self) -> torch.Tensor:
-        """(N, C) teacher logits for the train texts: from the cache, computing (and adding) the missing ones."""
-        path = self._cache_file()
-        keys = [hashlib.sha1(text.encode()).hexdigest() for text in self.train_texts]
-        known: dict[str, torch.Tensor] = {}
-        if path.exists():
-            try:
-                stored = torch.load(path, map_location="cpu", weights_only=True)
-                known = dict(zip(stored["keys"], stored["logits"]))
-            except Exception as err:  # truncated or foreign file: unpickling raises many types
-                raise ValueError(f"model.logits_cache: cannot read {path} as a teacher-logits cache "
-                                 f"({type(err).__name__}); delete it to recompute") from err
-        missing = {key: text for key, text in zip(keys, self.train_texts) if key not in known}
-        if missing:
-            known.update(zip(missing, self.teacher_logits(list(missing.values()))))
-            # Every rank computes the same logits; one writes, to a temporary file moved into place, so a
-            # reader never sees half a file.
-            if self.trainer.is_global_zero:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save({"keys": list(known), "logits": torch.stack(list(known.values()))}, tmp)
-                os.replace(tmp, path)
-        rank_zero_info(f"teacher logits: {len(keys) - len(missing)} of {len(keys)} train texts from {path}, "
-                       f"{len(missing)} computed")
-        return torch.stack([known[key] for key in keys])
+            self.cached_logits = self._teacher.cached_logits(self.train_texts, self.hparams.logits_cache,
+                                                             write=self.trainer.is_global_zero).to(self.device)
 
     # ---- training ----
     def training_step(self, batch, batch_idx):
@@ -280,9 +329,8 @@ class Distiller(EmotionClassifier):
         elif self.cached_logits is not None:
             teacher_logits, teacher_hidden = self.cached_logits[batch["idx"]], None
         else:
-            with torch.no_grad():
-                out = self.teacher(**self._encode([self.train_texts[i] for i in batch["idx"].tolist()]),
-                                   output_hidden_states=hidden)
+            out = self._teacher.outputs([self.train_texts[i] for i in batch["idx"].tolist()],
+                                        output_hidden_states=hidden)
             teacher_logits, teacher_hidden = out.logits, out.hidden_states
         losses = distillation_losses(student.logits, teacher_logits, batch["labels"], self.class_weights,
                                      hp.alpha, hp.temperature, hp.mse_weight)

@@ -6,6 +6,8 @@ imported, which registers it), and the compression callbacks treat them like any
 """
 
 import copy
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -130,6 +132,46 @@ class RecurrentClassifier(PreTrainedModel):
         backward, _ = self.backward_lstm(tokens.gather(1, flip.expand_as(tokens)))
         states = torch.cat([forward, backward.gather(1, flip.expand_as(backward))], dim=-1)  # (B, T, 2H)
         return states.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)  # (B, 2H)
+
+
+def build_student(kind: Literal["layers", "pretrained", "bilstm", "meanpool"], teacher: PreTrainedModel,
+                  id2label: dict[int, str], *, tokenizer=None, layers: list[int] | None = None,
+                  embedding_dim: int = 128, hidden_size: int = 128,
+                  pretrained_builder: Callable[[], PreTrainedModel] | None = None) -> PreTrainedModel:
+    """The student network of a distillation, ready to train (all its parameters require gradients).
+
+    Args:
+        kind: ``layers``: a copy of ``teacher`` keeping ``layers`` (``keep_layers``); ``pretrained``: what
+            ``pretrained_builder()`` returns (a pretrained model with a fresh head); ``bilstm`` / ``meanpool``:
+            a ``RecurrentClassifier`` over ``tokenizer``'s vocabulary, learned from scratch.
+        teacher: the fine-tuned teacher network; it is not changed.
+        id2label: label names by class id, for a recurrent student's head.
+        tokenizer: the tokenizer whose ids the student reads; a recurrent student needs it (vocabulary size,
+            padding id). Loaded by the caller, so it is read once.
+        layers: teacher layers (0-based, increasing) a ``layers`` student keeps, e.g. ``every_other_layer``.
+        embedding_dim: token embedding width of a recurrent student.
+        hidden_size: LSTM units per direction (``bilstm``) or feed-forward width (``meanpool``).
+        pretrained_builder: builds a ``pretrained`` student.
+
+    Raises:
+        TypeError: ``kind`` needs an argument that was not given.
+        ValueError: ``kind`` is unknown, or ``layers`` are impossible for the teacher.
+    """
+    needs = {"layers": ("layers", layers), "pretrained": ("pretrained_builder", pretrained_builder),
+             "bilstm": ("tokenizer", tokenizer), "meanpool": ("tokenizer", tokenizer)}
+    if kind not in needs:
+        raise ValueError(f"model.student must be one of {list(needs)}, got {kind!r}")
+    name, value = needs[kind]
+    if value is None:
+        raise TypeError(f"build_student: a {kind!r} student needs {name}")
+    if kind == "layers":
+        return keep_layers(teacher, layers).requires_grad_(True)
+    if kind == "pretrained":
+        return pretrained_builder()
+    return RecurrentClassifier(RecurrentConfig(
+        vocab_size=len(tokenizer), embedding_dim=embedding_dim, hidden_size=hidden_size, encoder=kind,
+        pad_token_id=tokenizer.pad_token_id or 0, num_labels=len(id2label), id2label=id2label,
+        label2id={n: i for i, n in id2label.items()}))
 
 
 AutoConfig.register(RecurrentConfig.model_type, RecurrentConfig)
