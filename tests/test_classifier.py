@@ -76,7 +76,7 @@ def test_fit_uses_class_weights_from_the_datamodule(emotion_dir, tiny_model_dir,
     model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     _trainer(tmp_path, max_epochs=1, num_sanity_val_steps=0).fit(model, datamodule=dm)
-    torch.testing.assert_close(model.class_weights, torch.tensor([14 / 24, 14 / 12, 14 / 6]))
+    torch.testing.assert_close(model.class_weights, torch.tensor([15 / 24, 15 / 12, 15 / 9]))
     assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     # the logged training loss is the class-weighted cross-entropy
     batch = next(iter(dm.train_dataloader()))

@@ -114,7 +114,7 @@ _VARIANTS = {"bert": lambda bert, bilstm: bert,
 def test_fp32_onnx_matches_pytorch_logits(trained, emotion_dir, tmp_path, variant):
     model, tokenizer = _VARIANTS[variant](*trained[:2]), trained[2]
     texts = _test_texts(emotion_dir)  # 2 to 10 words: padded batches
-    folder = export_onnx(model, tmp_path / "onnx", tokenizer)
+    folder = export_onnx(model, tmp_path / "onnx", tokenizer, max_length=1024)
     reference = _logits(model, tokenizer, texts)
 
     ort_model = load_artifact(folder)  # the benchmark's loader reads fp32 folders too
@@ -129,8 +129,8 @@ def test_fp32_onnx_matches_pytorch_logits(trained, emotion_dir, tmp_path, varian
     assert meta["precision"] == "fp32" and meta["backend"] == "onnxruntime"
     assert meta["input_names"] == predictor.input_names
     assert ("token_type_ids" in predictor.input_names) == (variant != "bilstm")
-    # 128 asked: lowered to the tiny BERT's 64 positions; a BiLSTM has no position limit
-    assert meta["max_length"] == (128 if variant == "bilstm" else 64)
+    # 1,024 asked: lowered to the tiny BERT's 512 positions; a BiLSTM has no position limit
+    assert meta["max_length"] == (1024 if variant == "bilstm" else 512)
 
 
 @pytest.mark.parametrize("variant", ["bert", "bilstm"])
@@ -138,11 +138,19 @@ def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, varia
     model, tokenizer = _VARIANTS[variant](*trained[:2]), trained[2]
     texts = _test_texts(emotion_dir)
     int8 = quantize(model, "onnxruntime", include_embeddings=True, out_dir=tmp_path / "int8", tokenizer=tokenizer)
-    reference = _logits(model, tokenizer, texts).argmax(-1).tolist()
-    assert _logits(int8, tokenizer, texts).argmax(-1).tolist() == reference
+    fp32_logits = _logits(model, tokenizer, texts)
+    reference = fp32_logits.argmax(-1).tolist()
+    # INT8 moves logits, so a near-tie may flip: every text whose fp32 winner leads by more than the variant's
+    # INT8 error keeps its label, and most texts are that clear. The tiny BERT moves by hundredths; the tiny
+    # BiLSTM (6 LSTM units: coarse per-tensor scales) by up to 0.84 measured on an AMD EPYC, less on a Xeon.
+    top2 = fp32_logits.topk(2, dim=-1).values
+    clear = ((top2[:, 0] - top2[:, 1]) > {"bert": 0.1, "bilstm": 1.0}[variant]).tolist()
+    assert sum(clear) >= len(texts) / 2
+    int8_labels = _logits(int8, tokenizer, texts).argmax(-1).tolist()
+    assert [a for a, c in zip(int8_labels, clear) if c] == [r for r, c in zip(reference, clear) if c]
     # the server reads INT8 folders too, with the same metadata
     served = OnnxPredictor(tmp_path / "int8").predict(texts)
-    assert [p["label"] for p in served] == [model.config.id2label[i] for i in reference]
+    assert [p["label"] for p in served] == [model.config.id2label[i] for i in int8_labels]
     meta_file = tmp_path / "int8" / "int8.json"
     assert json.loads(meta_file.read_text())["precision"] == "int8"
     # folders written before the metadata grew: labels and padding come from config.json
@@ -164,7 +172,7 @@ def test_server_runs_without_torch_and_answers_every_line(teacher, emotion_dir, 
     assert [r["line"] for r in lines] == list(range(1, len(decoded) + 1))
     assert [r["text"] for r in lines] == decoded
     labels = list(model.config.id2label.values())
-    expected = _logits(model, tokenizer, decoded, max_length=64).argmax(-1).tolist()
+    expected = _logits(model, tokenizer, decoded, max_length=128).argmax(-1).tolist()
     assert [r["label"] for r in lines] == [labels[i] for i in expected]
     for record in lines:
         assert list(record["probs"]) == labels
@@ -204,7 +212,7 @@ def test_onnx_export_callback_writes_the_best_model(emotion_dir, tiny_model_dir,
     assert not (tmp_path / "onnx.tmp").exists()
     meta = json.loads((folder / "int8.json").read_text())
     assert meta["id2label"] == {str(i): label for i, label in dm.id2label.items()}
-    assert meta["max_length"] == 64  # data.max_length 128, lowered to the tiny BERT's positions
+    assert meta["max_length"] == 128  # data.max_length, within the tiny BERT's 512 positions
 
     assert "epoch=0" in best_ckpt.best_model_path
     texts = _test_texts(emotion_dir)
@@ -263,10 +271,10 @@ _BAD_META = {  # int8.json changes -> what the message says (after the file's pa
                       r"id2label .* differs from .*config\.json"),
     "label_gap": ({"id2label": {"0": "anger", "1": "joy", "3": "love"}}, r"id2label must map the class ids 0 to 2"),
     "label_not_int": ({"id2label": {"0": "anger", "1": "joy", "x": "love"}}, r"id2label must map the class ids"),
-    "max_length_0": ({"max_length": 0}, r"max_length 0 is not an integer from 1 to the model's 64 positions"),
+    "max_length_0": ({"max_length": 0}, r"max_length 0 is not an integer from 1 to the model's 512 positions"),
     "max_length_negative": ({"max_length": -1}, r"max_length -1 is not an integer"),
     "max_length_huge": ({"max_length": 10**9}, r"max_length 1000000000 is not an integer"),
-    "max_length_above_positions": ({"max_length": 65}, r"max_length 65 is not an integer"),
+    "max_length_above_positions": ({"max_length": 513}, r"max_length 513 is not an integer"),
     "max_length_text": ({"max_length": "64"}, r"max_length '64' is not an integer"),
     "pad_id_past_vocab": ({"pad_id": 28}, r"pad_id 28 is not a token id of .*tokenizer\.json \(28 tokens\)"),
     "pad_id_negative": ({"pad_id": -1}, r"pad_id -1 is not a token id"),
@@ -291,7 +299,7 @@ def test_metadata_of_older_folders_falls_back_to_config(onnx_folder, tmp_path):
     assert set(json.loads((folder / "int8.json").read_text())) == {"backend", "include_embeddings"}
     predictor = OnnxPredictor(folder)
     assert predictor.labels == ["anger", "joy", "love"]  # config.json's id2label
-    assert predictor.max_length == 64  # the default 128, lowered to the tiny BERT's positions
+    assert predictor.max_length == 128  # the default, within the tiny BERT's 512 positions
     assert isinstance(load_artifact(folder), OrtClassifier)
 
 

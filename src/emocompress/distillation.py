@@ -301,6 +301,9 @@ class Distiller(EmotionClassifier):
             raise ValueError(f"data.model_name: a 'layers' student reads the teacher's token ids, but "
                              f"{hp.model_name}'s tokenizer differs from {hp.teacher}'s; set data.model_name "
                              "to the teacher")
+        if hp.student != "pretrained":  # a pretrained student's builder sets it from its loading report
+            # A layers student starts with the teacher's trained head; a recurrent one is random throughout.
+            self.head_is_new = hp.student in ("bilstm", "meanpool")
         return build_student(hp.student, self.teacher, self.id2label, tokenizer=tokenizer, layers=self.layer_map,
                              embedding_dim=hp.embedding_dim, hidden_size=hp.hidden_size,
                              pretrained_builder=super()._build_model)
