@@ -7,10 +7,12 @@ from sklearn.metrics import f1_score, recall_score
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.benchmark import benchmark, count_parameters, file_sizes_mb, load_for_benchmark, time_calls
+from emocompress.benchmark import (benchmark, check_out_dir, count_parameters, file_sizes_mb, load_for_benchmark,
+                                   time_calls)
 from emocompress.callbacks.quantization import quantize
 from emocompress.cli import main
 from emocompress.data import EmotionDataModule
+from tests.conftest import REPO
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
 
@@ -97,13 +99,18 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, tmp_path):
         assert float(row["accuracy"]) == pytest.approx(recall[i], abs=1e-6)
         assert float(row["f1_change"]) == 0.0
 
-    # a run that fails half-way leaves the last complete report as it was, and no temporary folder
+    # a run with a bad model path fails before measuring: the last complete report is left as it was, no temp folder
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     with pytest.raises(ValueError, match="not a folder"):
         benchmark({"fp32": str(fp32), "broken": str(tmp_path / "missing")}, data=str(emotion_dir), out_dir=str(out),
                   latency_samples=2, warmup=1)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == ["report.tmp"]  # the aborted one
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+    # re-running into a previous report replaces it
+    (out / "confusion_int8.png").unlink()
+    benchmark({"fp32": str(fp32)}, data=str(emotion_dir), out_dir=str(out), latency_samples=2, warmup=1)
+    assert not (out / "confusion_int8.png").exists() and (out / "confusion_fp32.png").is_file()
 
 
 def test_benchmark_subcommand(emotion_dir, exported, tmp_path):
@@ -111,6 +118,49 @@ def test_benchmark_subcommand(emotion_dir, exported, tmp_path):
     main(["benchmark", "--models", f'{{"fp32": "{fp32}"}}', "--data", str(emotion_dir),
           "--out_dir", str(tmp_path / "r"), "--latency_samples", "3", "--warmup", "1"])
     assert (tmp_path / "r" / "model_comparison.csv").is_file()
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_report(tmp_path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "model_comparison.csv").write_text("old")
+    (out / "teacher_test_metrics.json").write_text("{}")  # a committed result, not something a report writes
+    (out / "notes.txt").write_text("mine")
+    # refused before anything is loaded or measured: the model path here is never read
+    with pytest.raises(ValueError, match=r"reports holds files no report writes \(notes.txt, teacher_test_metrics"
+                                         r".json\).*choose a new --out_dir"):
+        check_out_dir(out)
+    with pytest.raises(ValueError, match="choose a new --out_dir"):
+        benchmark({"m": str(tmp_path)}, out_dir=str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model_comparison.csv").read_text() == "old"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        check_out_dir(tmp_path / "a_file")
+    check_out_dir(tmp_path / "new")  # a new folder is fine
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty")  # so is an empty one
+
+
+def test_committed_reports_count_as_reports_of_ours():
+    # every report folder in the repo may be replaced by a re-run; reports/ itself may not
+    folders = [p for p in (REPO / "reports").iterdir() if p.is_dir()]
+    assert folders
+    for folder in folders:
+        check_out_dir(folder)
+    with pytest.raises(ValueError, match="choose a new --out_dir"):
+        check_out_dir(REPO / "reports")
+
+
+def test_every_bad_model_path_is_named_before_anything_is_measured(tmp_path, exported):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError) as error:
+        benchmark({"ok": str(exported[0]), "a": str(tmp_path / "missing"), "b": str(tmp_path / "empty"),
+                   "c": str(tmp_path / "gone.ckpt")}, out_dir=str(tmp_path / "r"))
+    message = str(error.value)
+    assert "missing: not a folder" in message and "empty: no weights file" in message and "gone.ckpt" in message
+    assert str(exported[0]) not in message
+    assert not (tmp_path / "r").exists()
 
 
 def test_benchmark_rejects_an_unknown_baseline(exported):

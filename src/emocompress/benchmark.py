@@ -15,13 +15,13 @@ things are measured (also written into the report):
 """
 
 import csv
+import fnmatch
 import gzip
 import json
 import logging
 import os
 import platform
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -36,17 +36,62 @@ from emocompress.classifier import (EmotionClassifier, classification_metrics, c
                                     model_inputs)
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller
+from emocompress.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.onnx", "int8_state_dict.pt")
+# Every entry a report folder may hold (shell patterns). A non-empty --out_dir with anything else in it is not a
+# report of ours and is never replaced: pointed at reports/ or logs/, a replace would erase committed results.
+_REPORT_ENTRIES = ("model_comparison.csv", "model_comparison.md", "per_class.csv", "per_class.md", "confusion_*.png",
+                   "tradeoff.png", "environment.json", "reports.json", "tensorboard")
 _COLUMNS = ["model", "params", "nonzero_params", "sparsity", "size_mb", "gzip_mb", "latency_ms_median",
             "latency_ms_p90", "throughput_per_s", "macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy",
             "speedup", "compression", "gzip_compression"]
 
 
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse an ``out_dir`` that a report may not replace: a file, or a non-empty folder holding anything a
+    report does not write (``_REPORT_ENTRIES``).
+
+    Raises:
+        ValueError: naming the folder, a few foreign entries and the fix.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"benchmark: --out_dir {out_dir} is a file, not a report folder; choose a new --out_dir")
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir()
+                     if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in _REPORT_ENTRIES))
+    if foreign:
+        raise ValueError(f"benchmark: --out_dir {out_dir} holds files no report writes ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}), so it is not a previous report and will not be "
+                         "replaced; choose a new --out_dir (a report replaces only an earlier report)")
+
+
+def _weights_file(path: Path) -> Path | None:
+    return next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
+
+
+def model_path_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a model the benchmark can load (a ``.ckpt`` file, or a folder with a weights file),
+    or None if it is one. Checked for every model before the first is measured."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        return None if path.is_file() else f"{path}: not a folder or .ckpt file"
+    if not path.is_dir():
+        return f"{path}: not a folder or .ckpt file"
+    if _weights_file(path) is None:
+        return f"{path}: no weights file (one of {list(_WEIGHT_FILES)})"
+    return None
+
+
 def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
     """(model in eval mode, where its tokenizer is, its weights file) for an HF export, INT8 folder or .ckpt."""
+    problem = model_path_problem(path)
+    if problem:
+        raise ValueError(f"benchmark model {problem}")
     path = Path(path)
     if path.suffix == ".ckpt":
         # A Distiller's student may be cut from its teacher: only the Distiller can rebuild it.
@@ -54,17 +99,17 @@ def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
             else EmotionClassifier
         module = module_class.load_from_checkpoint(path, map_location="cpu")
         return module.model.eval(), module.hparams.model_name, path
-    if not path.is_dir():
-        raise ValueError(f"benchmark model {path}: not a folder or .ckpt file")
-    weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
-    if weights is None:
-        raise ValueError(f"benchmark model {path}: no weights file (one of {list(_WEIGHT_FILES)})")
+    weights = _weights_file(path)
     if (path / "int8.json").is_file():
-        # INT8 artifacts are read by the quantization callback's own loader, the one place that knows the format.
-        from emocompress.callbacks.quantization import load_int8
-
-        return load_int8(path, num_threads=torch.get_num_threads()), str(path), weights
+        return _load_int8(path), str(path), weights
     return AutoModelForSequenceClassification.from_pretrained(path).eval(), str(path), weights
+
+
+def _load_int8(path: Path) -> nn.Module:
+    # INT8 artifacts are read by the quantization callback's own loader, the one place that knows the format.
+    from emocompress.callbacks.quantization import load_int8
+
+    return load_int8(path, num_threads=torch.get_num_threads())
 
 
 def file_sizes_mb(path: Path) -> tuple[float, float]:
@@ -252,13 +297,23 @@ def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", spli
     baseline = baseline or next(iter(models))
     if baseline not in models:
         raise ValueError(f"benchmark: baseline {baseline!r} is not one of the models {list(models)}")
+    check_out_dir(out_dir)  # before measuring: refusing after an hour of timing would waste it
+    problems = [p for p in map(model_path_problem, models.values()) if p]
+    if problems:
+        raise ValueError("benchmark: cannot load these models (fix the paths in --models):\n  " + "\n  ".join(problems))
     if num_threads:
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
-    final = Path(out_dir)
-    out = final.with_name(final.name + ".tmp")  # moved into place when complete: never a half-written report
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    with atomic_dir(out_dir) as out:  # moved into place when complete: never a half-written report
+        rows = _measure_and_write(models, data, split, baseline, out, num_threads, latency_samples, warmup,
+                                  batch_size, max_samples, tensorboard)
+    log.info("benchmark report written to %s\n%s", out_dir,
+             _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "speedup", "compression"]))
+    return rows
+
+
+def _measure_and_write(models, data, split, baseline, out, num_threads, latency_samples, warmup, batch_size,
+                       max_samples, tensorboard) -> list[dict]:
     rows, reports = [], {}
     for name, path in tqdm(models.items(), desc="benchmark", unit="model"):
         row, reports[name] = measure(name, path, data, split, latency_samples, warmup, batch_size, max_samples)
@@ -290,8 +345,4 @@ def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", spli
             for step, row in enumerate(rows):
                 for key in ("macro_f1", "latency_ms_median", "size_mb"):
                     writer.add_scalar(f"bench/{key}", row[key], step)
-    shutil.rmtree(final, ignore_errors=True)
-    out.rename(final)
-    log.info("benchmark report written to %s\n%s", final,
-             _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "speedup", "compression"]))
     return rows
