@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
@@ -180,15 +181,15 @@ def measure(name: str, path: str, data: str, split: str, latency_samples: int, w
     latency = time_calls(forward, singles, warmup)
     batches = [collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
                for i in range(0, len(dataset), batch_size)]
-    metrics, confusion = classification_metrics(len(id2label)), torch.zeros(len(id2label), len(id2label))
+    metrics, confusion = classification_metrics(len(id2label)), MulticlassConfusionMatrix(len(id2label))
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
             preds = forward(batch).argmax(-1)
             metrics.update(preds, batch["labels"])
-            confusion.index_put_((batch["labels"], preds), torch.ones(len(preds)), accumulate=True)
+            confusion.update(preds, batch["labels"])
     throughput = len(dataset) / (time.perf_counter() - start)
-    report = metrics_report(metrics.compute(), confusion, id2label)
+    report = metrics_report(metrics.compute(), confusion.compute(), id2label)
     total, nonzero = count_parameters(model)
     size_mb, gzip_mb = file_sizes_mb(weights)
     row = {"model": name, "params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total,
@@ -304,26 +305,31 @@ def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", spli
     if num_threads:
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
+    rows, reports = [], {}
+    for name, path in tqdm(models.items(), desc="benchmark", unit="model"):
+        row, reports[name] = measure(name, path, data, split, latency_samples, warmup, batch_size, max_samples)
+        rows.append(row)
+    per_class = compare(rows, reports, baseline)
     with atomic_dir(out_dir) as out:  # moved into place when complete: never a half-written report
-        rows = _measure_and_write(models, data, split, baseline, out, num_threads, latency_samples, warmup,
-                                  batch_size, max_samples, tensorboard)
+        write_report(out, rows, per_class, reports, split, num_threads, tensorboard)
     log.info("benchmark report written to %s\n%s", out_dir,
              _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "speedup", "compression"]))
     return rows
 
 
-def _measure_and_write(models, data, split, baseline, out, num_threads, latency_samples, warmup, batch_size,
-                       max_samples, tensorboard) -> list[dict]:
-    rows, reports = [], {}
-    for name, path in tqdm(models.items(), desc="benchmark", unit="model"):
-        row, reports[name] = measure(name, path, data, split, latency_samples, warmup, batch_size, max_samples)
-        rows.append(row)
+def compare(rows: list[dict], reports: dict[str, dict], baseline: str) -> list[dict]:
+    """Add the ratios against the baseline row to ``rows`` (in place) and return the per-class rows."""
     base = next(r for r in rows if r["model"] == baseline)
     for row in rows:
         row["speedup"] = base["latency_ms_median"] / row["latency_ms_median"]
         row["compression"] = base["size_mb"] / row["size_mb"]
         row["gzip_compression"] = base["gzip_mb"] / row["gzip_mb"]
-    per_class = _per_class_rows(reports, baseline)
+    return _per_class_rows(reports, baseline)
+
+
+def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: dict[str, dict], split: str,
+                 num_threads: int, tensorboard: bool) -> None:
+    """Write the report's files (see ``benchmark``'s ``out_dir``) into the folder ``out``."""
     for stem, table, columns in (("model_comparison", rows, _COLUMNS),
                                  ("per_class", per_class, list(per_class[0]))):
         with (out / f"{stem}.csv").open("w", newline="") as f:
@@ -345,4 +351,3 @@ def _measure_and_write(models, data, split, baseline, out, num_threads, latency_
             for step, row in enumerate(rows):
                 for key in ("macro_f1", "latency_ms_median", "size_mb"):
                     writer.add_scalar(f"bench/{key}", row[key], step)
-    return rows
