@@ -214,14 +214,14 @@ def test_committed_reports_count_as_reports_of_ours():
         check_out_dir(REPO / "reports")
 
 
-def test_every_bad_model_path_is_named_before_anything_is_measured(tmp_path, exported):
+def test_every_bad_model_path_is_named_before_anything_is_measured(tmp_path, tiny_model_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError) as error:
-        benchmark({"ok": str(exported[0]), "a": str(tmp_path / "missing"), "b": str(tmp_path / "empty"),
-                   "c": str(tmp_path / "gone.ckpt")}, out_dir=str(tmp_path / "r"))
+        benchmark({"ok": tiny_model_dir, "a": str(tmp_path / "missing"), "b": str(tmp_path / "empty"),
+                   "seeds": [tiny_model_dir, str(tmp_path / "gone.ckpt")]}, out_dir=str(tmp_path / "r"))
     message = str(error.value)
     assert "missing: not a folder" in message and "empty: no weights file" in message and "gone.ckpt" in message
-    assert str(exported[0]) not in message
+    assert f"{tiny_model_dir}:" not in message
     assert not (tmp_path / "r").exists()
 
 

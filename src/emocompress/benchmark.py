@@ -218,7 +218,7 @@ class Variant:
     name: str
     paths: list[str]
     model: nn.Module  # the first run's
-    weights: Path  # the first run's weights file
+    static: dict  # the first run's params, nonzero_params, sparsity, size_mb, gzip_mb
     id2label: dict[int, str]
     singles: list[dict]  # the first ``latency_samples`` texts, each a batch of one
     batches: list[dict]  # the whole split in batches of ``batch_size``
@@ -262,7 +262,11 @@ def measure(name: str, paths: list[str], data: str, split: str, latency_samples:
         target, preds, report = _predict(model, batches, id2label)
         if variant is None:
             singles = [collate([dataset[i]]) for i in range(min(latency_samples, len(dataset)))]
-            variant = Variant(name, list(paths), model, weights, id2label, singles, batches, target)
+            total, nonzero = count_parameters(model)
+            size_mb, gzip_mb = file_sizes_mb(weights)
+            static = {"params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total,
+                      "size_mb": size_mb, "gzip_mb": gzip_mb}
+            variant = Variant(name, list(paths), model, static, id2label, singles, batches, target)
         elif id2label != variant.id2label or not np.array_equal(target, variant.target):
             raise ValueError(f"benchmark model {name!r}: run {path} has labels {id2label} or test texts unlike its "
                              f"first run {paths[0]} ({variant.id2label}); list only runs of one recipe together")
@@ -322,40 +326,20 @@ def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, boo
     idx = bootstrap_indices(len(base.target), bootstrap, seed)  # (R, N), shared: the comparisons are paired
     samples = {v.name: resampled_metrics(v.target, v.preds, num_classes, idx) for v in variants}
     base_correct = base.preds[0] == base.target
-    rows, per_class, reports = [], [], {}
+    rows, reports = [], {}
     for v in variants:
-        total, nonzero = count_parameters(v.model)
-        size_mb, gzip_mb = file_sizes_mb(v.weights)
-        row = {"model": v.name, "runs": len(v.paths), "params": total, "nonzero_params": nonzero,
-               "sparsity": 1 - nonzero / total, "size_mb": size_mb, "gzip_mb": gzip_mb, **timing[v.name]}
-        intervals = {}
+        row = {"model": v.name, "runs": len(v.paths), **v.static, **timing[v.name]}
         for key in SCALARS:
             values = [r[key] for r in v.reports]
-            intervals[key] = percentile_interval(samples[v.name][key])
-            row |= {key: float(np.mean(values)), f"{key}_std": _std(values), f"{key}_low": intervals[key][0],
-                    f"{key}_high": intervals[key][1]}
+            low, high = percentile_interval(samples[v.name][key])
+            row |= {key: float(np.mean(values)), f"{key}_std": _std(values), f"{key}_low": low, f"{key}_high": high}
         diff = paired_difference(samples[v.name]["macro_f1"], samples[baseline]["macro_f1"])
         mcnemar = mcnemar_exact(v.preds[0] == v.target, base_correct)
         row |= {"macro_f1_diff_low": diff["low"], "macro_f1_diff_high": diff["high"], "macro_f1_diff_p": diff["p"],
                 "mcnemar_only_model_correct": mcnemar["only_model_correct"],
                 "mcnemar_only_base_correct": mcnemar["only_base_correct"], "mcnemar_p": mcnemar["p"]}
         rows.append(row)
-        f1_low, f1_high = percentile_interval(samples[v.name]["f1_per_class"])  # (C,) each
-        report = {key: row[key] for key in SCALARS}
-        report["intervals"] = {key: list(interval) for key, interval in intervals.items()}
-        report["per_class"] = {}
-        for i, label in v.id2label.items():
-            f1s = [r["per_class"][label]["f1"] for r in v.reports]
-            accs = [r["per_class"][label]["accuracy"] for r in v.reports]
-            report["per_class"][label] = {"f1": float(np.mean(f1s)), "f1_std": _std(f1s), "f1_low": float(f1_low[i]),
-                                          "f1_high": float(f1_high[i]), "accuracy": float(np.mean(accs)),
-                                          "accuracy_std": _std(accs),
-                                          "support": v.reports[0]["per_class"][label]["support"]}
-        report["labels"] = v.reports[0]["labels"]
-        # summed over runs: a figure of all runs' predictions (one run: its own matrix)
-        report["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in v.reports], axis=0).tolist()
-        report["runs"] = v.reports
-        reports[v.name] = report
+        reports[v.name] = _variant_report(v, row, samples[v.name]["f1_per_class"])
     base_row = next(r for r in rows if r["model"] == baseline)
     for row in rows:
         row["macro_f1_diff"] = row["macro_f1"] - base_row["macro_f1"]
@@ -363,6 +347,27 @@ def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, boo
         row["compression"] = base_row["size_mb"] / row["size_mb"]
         row["gzip_compression"] = base_row["gzip_mb"] / row["gzip_mb"]
     return rows, _per_class_rows(reports, baseline), reports
+
+
+def _variant_report(v: Variant, row: dict, f1_samples: np.ndarray) -> dict:
+    """A variant's entry of ``reports.json``: its row's metrics and intervals, per-class means over runs with
+    their std and F1 interval (``f1_samples``: (R, C) resampled per-class F1), the confusion matrix summed over
+    runs (one run: its own), and each run's own report."""
+    f1_low, f1_high = percentile_interval(f1_samples)  # (C,) each
+    report = {key: row[key] for key in SCALARS}
+    report["intervals"] = {key: [row[f"{key}_low"], row[f"{key}_high"]] for key in SCALARS}
+    report["per_class"] = {}
+    for i, label in v.id2label.items():
+        f1s = [r["per_class"][label]["f1"] for r in v.reports]
+        accs = [r["per_class"][label]["accuracy"] for r in v.reports]
+        report["per_class"][label] = {"f1": float(np.mean(f1s)), "f1_std": _std(f1s), "f1_low": float(f1_low[i]),
+                                      "f1_high": float(f1_high[i]), "accuracy": float(np.mean(accs)),
+                                      "accuracy_std": _std(accs),
+                                      "support": v.reports[0]["per_class"][label]["support"]}
+    report["labels"] = v.reports[0]["labels"]
+    report["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in v.reports], axis=0).tolist()
+    report["runs"] = v.reports
+    return report
 
 
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -413,7 +418,8 @@ def _per_class_rows(reports: dict[str, dict], baseline: str) -> list[dict]:
             rows.append({"model": name, "class": label, "support": values["support"], "f1": values["f1"],
                          "f1_std": values["f1_std"], "f1_low": values["f1_low"], "f1_high": values["f1_high"],
                          "accuracy": values["accuracy"], "accuracy_std": values["accuracy_std"],
-                         "f1_change": values["f1"] - base["f1"], "accuracy_change": values["accuracy"] - base["accuracy"]})
+                         "f1_change": values["f1"] - base["f1"],
+                         "accuracy_change": values["accuracy"] - base["accuracy"]})
     return rows
 
 
@@ -440,7 +446,8 @@ def _comparison_markdown(rows: list[dict], baseline: str) -> str:
     for row in rows:
         excludes_zero = row["macro_f1_diff_low"] > 0 or row["macro_f1_diff_high"] < 0
         table.append({
-            "model": row["model"], "runs": row["runs"], "params (non-zero)": f"{row['params']:,} ({row['nonzero_params']:,})",
+            "model": row["model"], "runs": row["runs"],
+            "params (non-zero)": f"{row['params']:,} ({row['nonzero_params']:,})",
             "size MB (gzip)": f"{row['size_mb']:.2f} ({row['gzip_mb']:.2f})",
             "latency ms, median [rounds min, max]": f"{row['latency_ms_median']:.2f} [{row['latency_ms_min']:.2f}, "
                                                     f"{row['latency_ms_max']:.2f}]",
@@ -479,7 +486,7 @@ def _pyplot():
 def _tradeoff_plot(rows: list[dict], out: Path) -> None:
     """Macro F1 (bar: 95% interval) against latency (bar: least to greatest round median) and size."""
     fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in ((axes[0], "latency_ms_median", "latency per text, batch 1 (ms, median; bar: rounds min-max)"),
+    for ax, key, label in ((axes[0], "latency_ms_median", "latency per text, batch 1 (ms; bar: rounds min-max)"),
                            (axes[1], "size_mb", "size on disk (MB)")):
         for row in rows:
             yerr = [[row["macro_f1"] - row["macro_f1_low"]], [row["macro_f1_high"] - row["macro_f1"]]]
@@ -580,6 +587,7 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
                    "paths": {v.name: v.paths for v in variants}}
     settings = {"rounds": rounds, "latency_samples": latency_samples, "warmup": warmup, "batch_size": batch_size,
                 "bootstrap": bootstrap, "bootstrap_seed": seed, "split": split, "baseline": baseline}
+    check_out_dir(out_dir)  # again: something may have been written there while we measured
     with atomic_dir(out_dir) as out:  # moved into place when complete: never a half-written report
         write_report(out, rows, per_class, reports, predictions, split, baseline,
                      _environment(num_threads, settings), tensorboard)
