@@ -9,8 +9,8 @@ from sklearn.metrics import f1_score, recall_score
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.benchmark import (benchmark, check_out_dir, count_parameters, file_sizes_mb, interleaved_times,
-                                   load_for_benchmark, time_calls)
+from emocompress.benchmark import (_comparison_markdown, benchmark, check_out_dir, count_parameters, file_sizes_mb,
+                                   interleaved_times, load_for_benchmark, time_calls)
 from emocompress.callbacks.quantization import quantize
 from emocompress.cli import main
 from emocompress.data import EmotionDataModule
@@ -77,6 +77,25 @@ def test_every_benchmark_config_parses(config, capsys):
         main(["benchmark", "--config", str(REPO / "configs" / config), "--print_config"])
     assert exit_info.value.code == 0
     assert "bootstrap: 1000" in capsys.readouterr().out
+
+
+def test_markdown_marks_differences_whose_interval_excludes_zero():
+    def row(name, low, high, runs=1):
+        values = {"model": name, "runs": runs, "params": 10, "nonzero_params": 9, "size_mb": 1.0, "gzip_mb": 0.5,
+                  "latency_ms_median": 2.0, "latency_ms_min": 1.5, "latency_ms_max": 2.5, "latency_ms_p90": 3.0,
+                  "throughput_per_s": 100.0, "throughput_min_per_s": 90.0, "throughput_max_per_s": 110.0,
+                  "macro_f1_diff": (low + high) / 2, "macro_f1_diff_low": low, "macro_f1_diff_high": high,
+                  "macro_f1_diff_p": 0.01, "mcnemar_p": 0.02, "mcnemar_only_model_correct": 1,
+                  "mcnemar_only_base_correct": 9, "speedup": 1.0, "compression": 1.0, "gzip_compression": 1.0}
+        for key in ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy"):
+            values |= {key: 0.9, f"{key}_std": 0.01 if runs > 1 else None, f"{key}_low": 0.88, f"{key}_high": 0.92}
+        return values
+
+    lines = _comparison_markdown([row("base", 0.0, 0.0), row("worse", -0.03, -0.01, runs=3),
+                                  row("same", -0.01, 0.02)], "base").splitlines()
+    assert lines[2].count(" *") == 0 and "0.9000 [0.8800, 0.9200]" in lines[2]
+    assert "-0.0200 [-0.0300, -0.0100] *" in lines[3] and "0.9000 ± 0.0100 [0.8800, 0.9200]" in lines[3]
+    assert "[-0.0100, +0.0200] |" in lines[4] and "0.020 (1/9)" in lines[4]
 
 
 def test_latency_harness_on_a_stub_with_known_sleep():
