@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
+# SEEDS="1 2 3": teacher, distill, distill_control and distill_bilstm run once per seed, each run in its own
+# folder logs/<name>/seed_<s> (for `emocompress benchmark`, a list of runs per model); unset: one run, version_N.
+SEEDS ?=
+seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --trainer.logger.init_args.version seed_$(s) &&) true,$(1))
+
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results test speed
 
 install: $(VENV)/.installed
@@ -17,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 teacher: install
-	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml
+	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml)
 
 baseline: install
 	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/baseline.yaml
@@ -35,14 +40,14 @@ int8: install
 
 # a 3-layer student distilled from the teacher (tested as INT8 too), and its alpha = 1 control
 distill: install
-	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/quantize.yaml
+	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/quantize.yaml)
 
 distill_control: install
-	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_control.yaml
+	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_control.yaml)
 
 distill_bilstm: install
-	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_bilstm.yaml \
-		-c configs/quantize.yaml
+	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml \
+		-c configs/distill_bilstm.yaml -c configs/quantize.yaml)
 
 # Distil + Prune + Quant: 50% pruning of the distilled student, recovered under distillation, then INT8
 distill_prune: install

@@ -1,16 +1,20 @@
 import csv
+import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score, recall_score
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.benchmark import benchmark, count_parameters, file_sizes_mb, load_for_benchmark, time_calls
+from emocompress.benchmark import (_comparison_markdown, benchmark, check_out_dir, count_parameters, file_sizes_mb,
+                                   interleaved_times, load_for_benchmark, time_calls)
 from emocompress.callbacks.quantization import quantize
 from emocompress.cli import main
 from emocompress.data import EmotionDataModule
+from tests.conftest import REPO
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
 
@@ -36,6 +40,62 @@ def test_counts_survive_quantization(tiny_model_dir):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
     total, _ = count_parameters(model)
     assert count_parameters(quantize(model, "torch"))[0] == total
+
+
+def test_interleaved_timing_keeps_relative_cost_and_interleaves_rounds():
+    calls = []
+
+    def fake(name, cost_ms):
+        def call(x):
+            calls.append((name, x))
+            time.sleep(cost_ms / 1e3)
+        return call
+
+    times = interleaved_times({"fast": fake("fast", 2), "slow": fake("slow", 6)}, list(range(4)), rounds=3, warmup=1)
+    assert [len(r) for r in times["fast"]] == [4, 4, 4] and len(times["slow"]) == 3
+    ratio = np.median([np.median(r) for r in times["slow"]]) / np.median([np.median(r) for r in times["fast"]])
+    assert 2.3 < ratio < 3.3  # 6 ms / 2 ms, less the fixed overhead of sleep() and the call
+    # warm-up first, then every variant once per round, rounds starting with a different variant
+    order = [name for i, (name, _) in enumerate(calls) if i == 0 or calls[i - 1][0] != name]
+    assert calls[:2] == [("fast", 0), ("slow", 0)]
+    assert order == ["fast", "slow", "fast", "slow", "fast", "slow"]  # warm-up | fast slow | slow fast | fast slow
+    assert [x for name, x in calls[2:6]] == [0, 1, 2, 3]
+
+
+def test_a_list_of_runs_parses_as_one_variant(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--models", '{"teacher": ["logs/a/seed_1/hf_model", "logs/a/seed_2/hf_model"], '
+                                       '"int8": "logs/int8/version_0/int8"}', "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "logs/a/seed_2/hf_model" in out and "logs/int8/version_0/int8" in out
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("benchmark*.yaml")))
+def test_every_benchmark_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--config", str(REPO / "configs" / config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "bootstrap: 1000" in capsys.readouterr().out
+
+
+def test_markdown_marks_differences_whose_interval_excludes_zero():
+    def row(name, low, high, runs=1):
+        values = {"model": name, "runs": runs, "params": 10, "nonzero_params": 9, "size_mb": 1.0, "gzip_mb": 0.5,
+                  "latency_ms_median": 2.0, "latency_ms_min": 1.5, "latency_ms_max": 2.5, "latency_ms_p90": 3.0,
+                  "throughput_per_s": 100.0, "throughput_min_per_s": 90.0, "throughput_max_per_s": 110.0,
+                  "macro_f1_diff": (low + high) / 2, "macro_f1_diff_low": low, "macro_f1_diff_high": high,
+                  "macro_f1_diff_p": 0.01, "mcnemar_p": 0.02, "mcnemar_only_model_correct": 1,
+                  "mcnemar_only_base_correct": 9, "speedup": 1.0, "compression": 1.0, "gzip_compression": 1.0}
+        for key in ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy"):
+            values |= {key: 0.9, f"{key}_std": 0.01 if runs > 1 else None, f"{key}_low": 0.88, f"{key}_high": 0.92}
+        return values
+
+    lines = _comparison_markdown([row("base", 0.0, 0.0), row("worse", -0.03, -0.01, runs=3),
+                                  row("same", -0.01, 0.02)], "base").splitlines()
+    assert lines[2].count(" *") == 0 and "0.9000 [0.8800, 0.9200]" in lines[2]
+    assert "-0.0200 [-0.0300, -0.0100] *" in lines[3] and "0.9000 ± 0.0100 [0.8800, 0.9200]" in lines[3]
+    assert "[-0.0100, +0.0200] |" in lines[4] and "0.020 (1/9)" in lines[4]
 
 
 def test_latency_harness_on_a_stub_with_known_sleep():
@@ -65,17 +125,38 @@ def exported(tiny_model_dir, tmp_path):
 def test_report_folder_and_per_class_table(emotion_dir, exported, tmp_path):
     fp32, int8 = exported
     out = tmp_path / "report"
-    rows = benchmark({"fp32": str(fp32), "int8": str(int8)}, data=str(emotion_dir), out_dir=str(out),
-                     latency_samples=5, warmup=2)
+    rows = benchmark({"fp32": str(fp32), "int8": str(int8), "fp32 x2": [str(fp32), str(fp32)]},
+                     data=str(emotion_dir), out_dir=str(out), latency_samples=5, warmup=2, rounds=2)
     with (out / "model_comparison.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert [r["model"] for r in table] == ["fp32", "int8"]
+    assert [r["model"] for r in table] == ["fp32", "int8", "fp32 x2"]
     assert {"size_mb", "gzip_mb", "latency_ms_median", "latency_ms_p90", "throughput_per_s", "macro_f1",
             "balanced_accuracy", "cohen_kappa", "accuracy", "params", "nonzero_params", "speedup"} <= set(table[0])
     assert float(table[0]["speedup"]) == 1.0
     assert rows[0]["size_mb"] == pytest.approx((fp32 / "model.safetensors").stat().st_size / 1e6)
-    for name in ("confusion_fp32.png", "confusion_int8.png", "tradeoff.png", "model_comparison.md", "per_class.md"):
+    for name in ("confusion_fp32.png", "confusion_int8.png", "confusion_fp32_x2.png", "tradeoff.png",
+                 "per_class_f1.png", "model_comparison.md", "per_class.md", "predictions.json"):
         assert (out / name).stat().st_size > 0
+    # intervals hold their estimate; timing spread holds its median; empty std for one run
+    for row in rows:
+        for key in ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy"):
+            assert row[f"{key}_low"] <= row[key] + 1e-9 and row[key] <= row[f"{key}_high"] + 1e-9, (row["model"], key)
+        assert row["latency_ms_min"] <= row["latency_ms_median"] <= row["latency_ms_max"]
+        assert row["throughput_min_per_s"] <= row["throughput_per_s"] <= row["throughput_max_per_s"]
+    assert table[0]["macro_f1_std"] == "" and table[0]["runs"] == "1"
+    # two runs of the same model: mean = the one run, std 0, a difference of exactly 0, McNemar p = 1
+    seeds = rows[2]
+    assert (seeds["runs"], seeds["macro_f1"], seeds["macro_f1_std"]) == (2, rows[0]["macro_f1"], 0.0)
+    assert (seeds["macro_f1_diff"], seeds["macro_f1_diff_low"], seeds["macro_f1_diff_high"]) == (0.0, 0.0, 0.0)
+    assert (seeds["macro_f1_diff_p"], seeds["mcnemar_p"]) == (1.0, 1.0)
+    assert "p (bootstrap)" in (out / "model_comparison.md").read_text()
+    # the per-text predictions are kept for later paired tests, and agree with the reported metrics
+    saved = json.loads((out / "predictions.json").read_text())
+    assert len(saved["predictions"]["fp32 x2"]) == 2 and saved["paths"]["fp32 x2"] == [str(fp32), str(fp32)]
+    assert f1_score(saved["target"], saved["predictions"]["int8"][0], average="macro", labels=[0, 1, 2],
+                    zero_division=0) == pytest.approx(rows[1]["macro_f1"], abs=1e-6)
+    environment = json.loads((out / "environment.json").read_text())
+    assert {"cpu", "cpu_vendor", "cpu_flags", "onnxruntime", "torch", "rounds", "bootstrap"} <= set(environment)
 
     # per-class F1 and accuracy equal scikit-learn's on the same model's predictions
     model, _, _ = load_for_benchmark(fp32)
@@ -89,6 +170,7 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, tmp_path):
     preds, target = torch.cat(preds), torch.cat(target)
     with (out / "per_class.csv").open() as f:
         per_class = [r for r in csv.DictReader(f) if r["model"] == "fp32"]
+    np.testing.assert_array_equal(saved["predictions"]["fp32"][0], preds.numpy())
     f1 = f1_score(target, preds, average=None, labels=[0, 1, 2], zero_division=0)
     recall = recall_score(target, preds, average=None, labels=[0, 1, 2], zero_division=0)
     for i, row in enumerate(per_class):
@@ -96,21 +178,70 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, tmp_path):
         assert float(row["f1"]) == pytest.approx(f1[i], abs=1e-6)
         assert float(row["accuracy"]) == pytest.approx(recall[i], abs=1e-6)
         assert float(row["f1_change"]) == 0.0
+        assert float(row["f1_low"]) <= float(row["f1"]) <= float(row["f1_high"])
 
-    # a run that fails half-way leaves the last complete report as it was, and no temporary folder
+    # a run with a bad model path fails before measuring: the last complete report is left as it was, no temp folder
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     with pytest.raises(ValueError, match="not a folder"):
         benchmark({"fp32": str(fp32), "broken": str(tmp_path / "missing")}, data=str(emotion_dir), out_dir=str(out),
                   latency_samples=2, warmup=1)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == ["report.tmp"]  # the aborted one
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+    # re-running into a previous report replaces it
+    (out / "confusion_int8.png").unlink()
+    benchmark({"fp32": str(fp32)}, data=str(emotion_dir), out_dir=str(out), latency_samples=2, warmup=1, rounds=1)
+    assert not (out / "confusion_int8.png").exists() and (out / "confusion_fp32.png").is_file()
 
 
 def test_benchmark_subcommand(emotion_dir, exported, tmp_path):
     fp32, _ = exported
     main(["benchmark", "--models", f'{{"fp32": "{fp32}"}}', "--data", str(emotion_dir),
-          "--out_dir", str(tmp_path / "r"), "--latency_samples", "3", "--warmup", "1"])
+          "--out_dir", str(tmp_path / "r"), "--latency_samples", "3", "--warmup", "1", "--rounds", "1"])
     assert (tmp_path / "r" / "model_comparison.csv").is_file()
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_report(tmp_path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "model_comparison.csv").write_text("old")
+    (out / "teacher_test_metrics.json").write_text("{}")  # a committed result, not something a report writes
+    (out / "notes.txt").write_text("mine")
+    # refused before anything is loaded or measured: the model path here is never read
+    with pytest.raises(ValueError, match=r"reports holds files no report writes \(notes.txt, teacher_test_metrics"
+                                         r".json\).*choose a new --out_dir"):
+        check_out_dir(out)
+    with pytest.raises(ValueError, match="choose a new --out_dir"):
+        benchmark({"m": str(tmp_path)}, out_dir=str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model_comparison.csv").read_text() == "old"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        check_out_dir(tmp_path / "a_file")
+    check_out_dir(tmp_path / "new")  # a new folder is fine
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty")  # so is an empty one
+
+
+def test_committed_reports_count_as_reports_of_ours():
+    # every report folder in the repo may be replaced by a re-run; reports/ itself may not
+    folders = [p for p in (REPO / "reports").iterdir() if p.is_dir()]
+    assert folders
+    for folder in folders:
+        check_out_dir(folder)
+    with pytest.raises(ValueError, match="choose a new --out_dir"):
+        check_out_dir(REPO / "reports")
+
+
+def test_every_bad_model_path_is_named_before_anything_is_measured(tmp_path, tiny_model_dir):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError) as error:
+        benchmark({"ok": tiny_model_dir, "a": str(tmp_path / "missing"), "b": str(tmp_path / "empty"),
+                   "seeds": [tiny_model_dir, str(tmp_path / "gone.ckpt")]}, out_dir=str(tmp_path / "r"))
+    message = str(error.value)
+    assert "missing: not a folder" in message and "empty: no weights file" in message and "gone.ckpt" in message
+    assert f"{tiny_model_dir}:" not in message
+    assert not (tmp_path / "r").exists()
 
 
 def test_benchmark_rejects_an_unknown_baseline(exported):

@@ -1,52 +1,115 @@
-"""Side-by-side comparison of model variants: size on disk, CPU latency, imbalance metrics.
+"""Side-by-side comparison of model variants: size on disk, CPU latency, imbalance metrics, with intervals.
 
     emocompress benchmark --models '{"teacher": "logs/teacher/version_0/hf_model", "int8": "logs/int8/version_0/int8"}' \\
         --baseline teacher --out_dir reports/benchmark
 
-Each model is an ``hf_model`` export, an INT8 folder (``Int8Quantization``) or a Lightning checkpoint. How
-things are measured (also written into the report):
+Each model is an ``hf_model`` export, an INT8 folder (``Int8Quantization``) or a Lightning checkpoint, or a
+list of them: runs of one recipe with different seeds. How things are measured (also written into the report):
   * size: bytes of the weights file as shipped (``model.safetensors``, ``model.onnx``,
     ``int8_state_dict.pt`` or the ``.ckpt``) / 1e6, and of the same bytes gzip-compressed (level 6);
     gzip is where unstructured zeros pay off, dense formats store them.
   * latency: one text at a time (batch 1) over the first ``latency_samples`` texts of the split, after
-    ``warmup`` untimed calls; median and 90th percentile of the per-call wall time, tokenization excluded.
-  * throughput: batches of ``batch_size`` consecutive texts (padded to their longest), texts per second.
-  * metrics: the whole split, with the same torchmetrics code as training.
+    ``warmup`` untimed calls, tokenization excluded; in ``rounds`` interleaved rounds (every model once per
+    round, one process, same threads). Median over rounds of each round's median, the least and greatest
+    round median, and the 90th percentile of all timed calls.
+  * throughput: batches of ``batch_size`` consecutive texts (padded to their longest), texts per second of
+    model time; median over the same interleaved rounds, and its least and greatest.
+  * metrics: the whole split, with the same torchmetrics code as training; mean over runs, std over runs, and
+    95% paired-bootstrap intervals; macro-F1 difference to the baseline with its interval and p-value, and an
+    exact McNemar test (``emocompress.significance``).
 """
 
 import csv
+import fnmatch
 import gzip
 import json
 import logging
 import os
 import platform
 import re
-import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
+from emocompress.artifact_format import META_FILE, ONNX_FILE, TORCH_WEIGHTS_FILE
+from emocompress.artifacts import load_artifact
 from emocompress.checkpoints import read_checkpoint
 from emocompress.classifier import (EmotionClassifier, classification_metrics, confusion_figure, metrics_report,
                                     model_inputs)
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller
+from emocompress.outputs import atomic_dir
+from emocompress.significance import (SCALARS, bootstrap_indices, mcnemar_exact, paired_difference,
+                                      percentile_interval, resampled_metrics)
 
 log = logging.getLogger(__name__)
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.onnx", "int8_state_dict.pt")
-_COLUMNS = ["model", "params", "nonzero_params", "sparsity", "size_mb", "gzip_mb", "latency_ms_median",
-            "latency_ms_p90", "throughput_per_s", "macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy",
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", ONNX_FILE, TORCH_WEIGHTS_FILE)
+# Every entry a report folder may hold (shell patterns). A non-empty --out_dir with anything else in it is not a
+# report of ours and is never replaced: pointed at reports/ or logs/, a replace would erase committed results.
+_REPORT_ENTRIES = ("model_comparison.csv", "model_comparison.md", "per_class.csv", "per_class.md", "confusion_*.png",
+                   "tradeoff.png", "per_class_f1.png", "environment.json", "reports.json", "predictions.json",
+                   "tensorboard")
+_COLUMNS = ["model", "runs", "params", "nonzero_params", "sparsity", "size_mb", "gzip_mb",
+            "latency_ms_median", "latency_ms_min", "latency_ms_max", "latency_ms_p90",
+            "throughput_per_s", "throughput_min_per_s", "throughput_max_per_s",
+            *(f"{key}{suffix}" for key in SCALARS for suffix in ("", "_std", "_low", "_high")),
+            "macro_f1_diff", "macro_f1_diff_low", "macro_f1_diff_high", "macro_f1_diff_p",
+            "mcnemar_only_model_correct", "mcnemar_only_base_correct", "mcnemar_p",
             "speedup", "compression", "gzip_compression"]
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse an ``out_dir`` that a report may not replace: a file, or a non-empty folder holding anything a
+    report does not write (``_REPORT_ENTRIES``).
+
+    Raises:
+        ValueError: naming the folder, a few foreign entries and the fix.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"benchmark: --out_dir {out_dir} is a file, not a report folder; choose a new --out_dir")
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir()
+                     if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in _REPORT_ENTRIES))
+    if foreign:
+        raise ValueError(f"benchmark: --out_dir {out_dir} holds files no report writes ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}), so it is not a previous report and will not be "
+                         "replaced; choose a new --out_dir (a report replaces only an earlier report)")
+
+
+def _weights_file(path: Path) -> Path | None:
+    return next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
+
+
+def model_path_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a model the benchmark can load (a ``.ckpt`` file, or a folder with a weights file),
+    or None if it is one. Checked for every model before the first is measured."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        return None if path.is_file() else f"{path}: not a folder or .ckpt file"
+    if not path.is_dir():
+        return f"{path}: not a folder or .ckpt file"
+    if _weights_file(path) is None:
+        return f"{path}: no weights file (one of {list(_WEIGHT_FILES)})"
+    return None
 
 
 def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
     """(model in eval mode, where its tokenizer is, its weights file) for an HF export, INT8 folder or .ckpt."""
+    problem = model_path_problem(path)
+    if problem:
+        raise ValueError(f"benchmark model {problem}")
     path = Path(path)
     if path.suffix == ".ckpt":
         # A Distiller's student may be cut from its teacher: only the Distiller can rebuild it.
@@ -54,16 +117,9 @@ def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
             else EmotionClassifier
         module = module_class.load_from_checkpoint(path, map_location="cpu")
         return module.model.eval(), module.hparams.model_name, path
-    if not path.is_dir():
-        raise ValueError(f"benchmark model {path}: not a folder or .ckpt file")
-    weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
-    if weights is None:
-        raise ValueError(f"benchmark model {path}: no weights file (one of {list(_WEIGHT_FILES)})")
-    if (path / "int8.json").is_file():
-        # INT8 artifacts are read by the quantization callback's own loader, the one place that knows the format.
-        from emocompress.artifacts import load_artifact as load_int8
-
-        return load_int8(path, num_threads=torch.get_num_threads()), str(path), weights
+    weights = _weights_file(path)
+    if (path / META_FILE).is_file():
+        return load_artifact(path, num_threads=torch.get_num_threads()), str(path), weights
     return AutoModelForSequenceClassification.from_pretrained(path).eval(), str(path), weights
 
 
@@ -117,51 +173,225 @@ def percentile(values: list[float], q: float) -> float:
     return round(torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100).item(), 10)
 
 
-def measure(name: str, path: str, data: str, split: str, latency_samples: int, warmup: int,
-            batch_size: int, max_samples: int | None) -> tuple[dict, dict]:
-    """One row of the comparison and the model's full metrics report."""
-    model, tokenizer_path, weights = load_for_benchmark(path)
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
-    datamodule = EmotionDataModule(data, model_name=tokenizer_path, labels=[id2label[i] for i in range(len(id2label))],
-                                   max_samples=max_samples)
-    datamodule.setup("test" if split == "test" else "validate")
-    dataset = datamodule.splits[split].remove_columns("length")
-    collate = DataCollatorWithPadding(datamodule.tokenizer)
+def interleaved_times(fns: dict[str, Callable], inputs: list, rounds: int, warmup: int) -> dict[str, list[list[float]]]:
+    """Time several models on the same inputs in interleaved rounds, in this process and thread setting.
 
-    def forward(batch):
-        return model(**model_inputs(batch)).logits
+    First every ``fn`` makes ``warmup`` untimed calls (on ``inputs[:warmup]``). Then, ``rounds`` times, every
+    ``fn`` is called once on each of ``inputs`` in turn (``time_calls``), variants one after the other; round
+    ``r`` starts with the ``r``-th variant, so none is always first or always after the same one. Slow drift of
+    a shared machine (other jobs, clock throttling) then hits every variant alike instead of whichever ran
+    during the busy minutes.
 
-    singles = [collate([dataset[i]]) for i in range(min(latency_samples, len(dataset)))]
-    latency = time_calls(forward, singles, warmup)
-    batches = [collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-               for i in range(0, len(dataset), batch_size)]
-    metrics, confusion = classification_metrics(len(id2label)), torch.zeros(len(id2label), len(id2label))
-    start = time.perf_counter()
+    Args:
+        fns: name -> callable of one input.
+        inputs: what each callable gets, in order.
+        rounds: rounds of timing, at least 1.
+        warmup: untimed calls per callable before the first round.
+
+    Returns:
+        name -> one list per round of per-call wall times in ms, ``(rounds, len(inputs))``.
+    """
+    names = list(fns)
+    for name in names:
+        for x in inputs[:warmup]:
+            fns[name](x)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(time_calls(fns[name], inputs, warmup=0))
+    return times
+
+
+@dataclass
+class Variant:
+    """One row of the comparison: every run (seed) of a recipe, measured on the same split.
+
+    Latency, throughput, size and parameter counts come from the first run (the runs share an architecture);
+    metrics from all of them.
+    """
+
+    name: str
+    paths: list[str]
+    model: nn.Module  # the first run's
+    static: dict  # the first run's params, nonzero_params, sparsity, size_mb, gzip_mb
+    id2label: dict[int, str]
+    singles: list[dict]  # the first ``latency_samples`` texts, each a batch of one
+    batches: list[dict]  # the whole split in batches of ``batch_size``
+    target: np.ndarray  # (N,) true class ids
+    preds: list[np.ndarray] = field(default_factory=list)  # (N,) predicted class ids, one per run
+    reports: list[dict] = field(default_factory=list)  # ``metrics_report`` of each run
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(**model_inputs(batch)).logits  # (B, T) -> (B, C)
+
+
+def _predict(model: nn.Module, batches: list[dict], id2label: dict[int, str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(target, predictions, metrics report) of one model over the whole split."""
+    metrics, confusion = classification_metrics(len(id2label)), MulticlassConfusionMatrix(len(id2label))
+    preds, target = [], []
     with torch.inference_mode():
         for batch in batches:
-            preds = forward(batch).argmax(-1)
-            metrics.update(preds, batch["labels"])
-            confusion.index_put_((batch["labels"], preds), torch.ones(len(preds)), accumulate=True)
-    throughput = len(dataset) / (time.perf_counter() - start)
-    report = metrics_report(metrics.compute(), confusion, id2label)
-    total, nonzero = count_parameters(model)
-    size_mb, gzip_mb = file_sizes_mb(weights)
-    row = {"model": name, "params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total,
-           "size_mb": size_mb, "gzip_mb": gzip_mb, "latency_ms_median": percentile(latency, 50),
-           "latency_ms_p90": percentile(latency, 90), "throughput_per_s": throughput,
-           **{k: report[k] for k in ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")}}
-    return row, report
+            preds.append(model(**model_inputs(batch)).logits.argmax(-1))
+            target.append(batch["labels"])
+            metrics.update(preds[-1], target[-1])
+            confusion.update(preds[-1], target[-1])
+    report = metrics_report(metrics.compute(), confusion.compute(), id2label)
+    return torch.cat(target).numpy(), torch.cat(preds).numpy(), report
 
 
-def _environment(num_threads: int) -> dict:
+def measure(name: str, paths: list[str], data: str, split: str, latency_samples: int, batch_size: int,
+            max_samples: int | None) -> Variant:
+    """Load every run of one variant and predict the whole split with each (untimed); the first run stays
+    loaded, with its tokenized inputs, for the interleaved timing."""
+    variant = None
+    for path in paths:
+        model, tokenizer_path, weights = load_for_benchmark(path)
+        id2label = {int(k): v for k, v in model.config.id2label.items()}
+        datamodule = EmotionDataModule(data, model_name=tokenizer_path, max_samples=max_samples,
+                                       labels=[id2label[i] for i in range(len(id2label))])
+        datamodule.setup("test" if split == "test" else "validate")
+        dataset = datamodule.splits[split].remove_columns("length")
+        collate = DataCollatorWithPadding(datamodule.tokenizer)
+        batches = [collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+                   for i in range(0, len(dataset), batch_size)]
+        target, preds, report = _predict(model, batches, id2label)
+        if variant is None:
+            singles = [collate([dataset[i]]) for i in range(min(latency_samples, len(dataset)))]
+            total, nonzero = count_parameters(model)
+            size_mb, gzip_mb = file_sizes_mb(weights)
+            static = {"params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total,
+                      "size_mb": size_mb, "gzip_mb": gzip_mb}
+            variant = Variant(name, list(paths), model, static, id2label, singles, batches, target)
+        elif id2label != variant.id2label or not np.array_equal(target, variant.target):
+            raise ValueError(f"benchmark model {name!r}: run {path} has labels {id2label} or test texts unlike its "
+                             f"first run {paths[0]} ({variant.id2label}); list only runs of one recipe together")
+        variant.preds.append(preds)
+        variant.reports.append({"path": str(path), **report})
+    return variant
+
+
+def time_variants(variants: list[Variant], rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Latency (batch 1) and throughput (batches) of each variant's first run, in interleaved rounds.
+
+    Returns:
+        name -> ``latency_ms_median`` (median over rounds of each round's median), ``latency_ms_min``/``_max``
+        (the least and greatest round median), ``latency_ms_p90`` (over all timed calls), ``throughput_per_s``
+        (median over rounds of texts / total model time of a pass over the split) and its ``_min``/``_max``.
+    """
+    singles = {v.name: (lambda i, v=v: v.forward(v.singles[i])) for v in variants}
+    n_singles = min(len(v.singles) for v in variants)
+    latency = interleaved_times(singles, list(range(n_singles)), rounds, warmup)
+    batched = {v.name: (lambda i, v=v: v.forward(v.batches[i])) for v in variants}
+    # every variant's batches hold the same texts; warm-up here is one batch, the singles already warmed up
+    throughput = interleaved_times(batched, list(range(len(variants[0].batches))), rounds, warmup=1)
+    timing = {}
+    for v in variants:
+        medians = [percentile(r, 50) for r in latency[v.name]]
+        per_s = [len(v.target) / (sum(r) / 1e3) for r in throughput[v.name]]
+        timing[v.name] = {"latency_ms_median": percentile(medians, 50), "latency_ms_min": min(medians),
+                          "latency_ms_max": max(medians),
+                          "latency_ms_p90": percentile([t for r in latency[v.name] for t in r], 90),
+                          "throughput_per_s": percentile(per_s, 50), "throughput_min_per_s": min(per_s),
+                          "throughput_max_per_s": max(per_s)}
+    return timing
+
+
+def _std(values: list[float]) -> float | None:
+    """Sample standard deviation over runs; None (an empty cell) for a single run."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, bootstrap: int,
+            seed: int) -> tuple[list[dict], list[dict], dict[str, dict]]:
+    """The comparison rows, the per-class rows and each variant's report (``reports.json``).
+
+    Metrics are the mean over a variant's runs, with their standard deviation over runs (``_std``) and a 95%
+    paired-bootstrap interval (``_low``/``_high``): ``bootstrap`` resamples of the split's texts, drawn once
+    with ``seed`` and shared by every variant and run; on each resample a variant's value is the mean over its
+    runs. Against the baseline row: the macro-F1 difference with its paired interval and bootstrap p-value
+    (``significance.paired_difference``), and the exact McNemar test on per-text correctness of the first
+    runs (``significance.mcnemar_exact``).
+    """
+    base = next(v for v in variants if v.name == baseline)
+    for v in variants:
+        if v.id2label != base.id2label or not np.array_equal(v.target, base.target):
+            raise ValueError(f"benchmark: {v.name!r} was tested on other labels or texts than the baseline "
+                             f"{baseline!r} ({v.id2label} vs {base.id2label}); paired comparisons need the same")
+    num_classes = len(base.id2label)
+    idx = bootstrap_indices(len(base.target), bootstrap, seed)  # (R, N), shared: the comparisons are paired
+    samples = {v.name: resampled_metrics(v.target, v.preds, num_classes, idx) for v in variants}
+    base_correct = base.preds[0] == base.target
+    rows, reports = [], {}
+    for v in variants:
+        row = {"model": v.name, "runs": len(v.paths), **v.static, **timing[v.name]}
+        for key in SCALARS:
+            values = [r[key] for r in v.reports]
+            low, high = percentile_interval(samples[v.name][key])
+            row |= {key: float(np.mean(values)), f"{key}_std": _std(values), f"{key}_low": low, f"{key}_high": high}
+        diff = paired_difference(samples[v.name]["macro_f1"], samples[baseline]["macro_f1"])
+        mcnemar = mcnemar_exact(v.preds[0] == v.target, base_correct)
+        row |= {"macro_f1_diff_low": diff["low"], "macro_f1_diff_high": diff["high"], "macro_f1_diff_p": diff["p"],
+                "mcnemar_only_model_correct": mcnemar["only_model_correct"],
+                "mcnemar_only_base_correct": mcnemar["only_base_correct"], "mcnemar_p": mcnemar["p"]}
+        rows.append(row)
+        reports[v.name] = _variant_report(v, row, samples[v.name]["f1_per_class"])
+    base_row = next(r for r in rows if r["model"] == baseline)
+    for row in rows:
+        row["macro_f1_diff"] = row["macro_f1"] - base_row["macro_f1"]
+        row["speedup"] = base_row["latency_ms_median"] / row["latency_ms_median"]
+        row["compression"] = base_row["size_mb"] / row["size_mb"]
+        row["gzip_compression"] = base_row["gzip_mb"] / row["gzip_mb"]
+    return rows, _per_class_rows(reports, baseline), reports
+
+
+def _variant_report(v: Variant, row: dict, f1_samples: np.ndarray) -> dict:
+    """A variant's entry of ``reports.json``: its row's metrics and intervals, per-class means over runs with
+    their std and F1 interval (``f1_samples``: (R, C) resampled per-class F1), the confusion matrix summed over
+    runs (one run: its own), and each run's own report."""
+    f1_low, f1_high = percentile_interval(f1_samples)  # (C,) each
+    report = {key: row[key] for key in SCALARS}
+    report["intervals"] = {key: [row[f"{key}_low"], row[f"{key}_high"]] for key in SCALARS}
+    report["per_class"] = {}
+    for i, label in v.id2label.items():
+        f1s = [r["per_class"][label]["f1"] for r in v.reports]
+        accs = [r["per_class"][label]["accuracy"] for r in v.reports]
+        report["per_class"][label] = {"f1": float(np.mean(f1s)), "f1_std": _std(f1s), "f1_low": float(f1_low[i]),
+                                      "f1_high": float(f1_high[i]), "accuracy": float(np.mean(accs)),
+                                      "accuracy_std": _std(accs),
+                                      "support": v.reports[0]["per_class"][label]["support"]}
+    report["labels"] = v.reports[0]["labels"]
+    report["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in v.reports], axis=0).tolist()
+    report["runs"] = v.reports
+    return report
+
+
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpu() -> dict:
+    """CPU vendor, model and the instruction sets INT8/BF16 kernels depend on, from /proc/cpuinfo."""
+    info = {"cpu": platform.processor(), "cpu_vendor": None, "cpu_flags": []}
+    if Path("/proc/cpuinfo").is_file():
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        flags = set(fields.get("flags", "").split())
+        info = {"cpu": fields.get("model name", info["cpu"]), "cpu_vendor": fields.get("vendor_id"),
+                "cpu_flags": [f for f in _CPU_FLAGS if f in flags]}
+    return info
+
+
+def _environment(num_threads: int, settings: dict) -> dict:
     import transformers
 
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": num_threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {**_cpu(), "cores": os.cpu_count(), "threads": num_threads, "torch": torch.__version__,
+            "onnxruntime": ort_version, "transformers": transformers.__version__,
+            "python": platform.python_version(), **settings,
             "sequence_length": "each text tokenized to at most 128 tokens; batch 1 unpadded, "
                                "batches padded to their longest text"}
 
@@ -175,8 +405,21 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")
 
 
+def _per_class_rows(reports: dict[str, dict], baseline: str) -> list[dict]:
+    rows = []
+    for name, report in reports.items():
+        for label, values in report["per_class"].items():
+            base = reports[baseline]["per_class"][label]
+            rows.append({"model": name, "class": label, "support": values["support"], "f1": values["f1"],
+                         "f1_std": values["f1_std"], "f1_low": values["f1_low"], "f1_high": values["f1_high"],
+                         "accuracy": values["accuracy"], "accuracy_std": values["accuracy_std"],
+                         "f1_change": values["f1"] - base["f1"],
+                         "accuracy_change": values["accuracy"] - base["accuracy"]})
+    return rows
+
+
 def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _markdown(rows: list[dict], columns: list[str]) -> str:
@@ -185,15 +428,39 @@ def _markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _per_class_rows(reports: dict[str, dict], baseline: str) -> list[dict]:
-    rows = []
-    for name, report in reports.items():
-        for label, values in report["per_class"].items():
-            base = reports[baseline]["per_class"][label]
-            rows.append({"model": name, "class": label, "support": values["support"], "f1": values["f1"],
-                         "accuracy": values["accuracy"], "f1_change": values["f1"] - base["f1"],
-                         "accuracy_change": values["accuracy"] - base["accuracy"]})
-    return rows
+def _estimate(row: dict, key: str) -> str:
+    """``mean ± std [low, high]`` (``± std`` only for several runs)."""
+    std = f" ± {row[f'{key}_std']:.4f}" if row.get(f"{key}_std") is not None else ""
+    return f"{row[key]:.4f}{std} [{row[f'{key}_low']:.4f}, {row[f'{key}_high']:.4f}]"
+
+
+def _comparison_markdown(rows: list[dict], baseline: str) -> str:
+    """``model_comparison.md``: estimates with their intervals in one cell each; ``*`` marks a macro-F1 difference
+    whose 95% interval excludes 0."""
+    table = []
+    for row in rows:
+        excludes_zero = row["macro_f1_diff_low"] > 0 or row["macro_f1_diff_high"] < 0
+        table.append({
+            "model": row["model"], "runs": row["runs"],
+            "params (non-zero)": f"{row['params']:,} ({row['nonzero_params']:,})",
+            "size MB (gzip)": f"{row['size_mb']:.2f} ({row['gzip_mb']:.2f})",
+            "latency ms, median [rounds min, max]": f"{row['latency_ms_median']:.2f} [{row['latency_ms_min']:.2f}, "
+                                                    f"{row['latency_ms_max']:.2f}]",
+            "p90 ms": f"{row['latency_ms_p90']:.2f}",
+            "texts/s [min, max]": f"{row['throughput_per_s']:.1f} [{row['throughput_min_per_s']:.1f}, "
+                                  f"{row['throughput_max_per_s']:.1f}]",
+            **{key: _estimate(row, key) for key in SCALARS},
+            f"macro F1 - {baseline} [95% CI]": "" if row["model"] == baseline else
+            f"{row['macro_f1_diff']:+.4f} [{row['macro_f1_diff_low']:+.4f}, {row['macro_f1_diff_high']:+.4f}]"
+            + (" *" if excludes_zero else ""),
+            "p (bootstrap)": "" if row["model"] == baseline else f"{row['macro_f1_diff_p']:.3f}",
+            "McNemar p (only model / only base right)": "" if row["model"] == baseline else
+            f"{row['mcnemar_p']:.3f} ({row['mcnemar_only_model_correct']}/{row['mcnemar_only_base_correct']})",
+            "speedup": f"{row['speedup']:.2f}", "compression (gzip)": f"{row['compression']:.2f} "
+                                                                      f"({row['gzip_compression']:.2f})"})
+    note = (f"\nMetrics: mean over runs (± std over runs when there are several) [95% paired-bootstrap interval]. "
+            f"`*`: the 95% interval of the macro-F1 difference to {baseline} excludes 0.\n")
+    return _markdown(table, list(table[0])) + note
 
 
 def _close(fig) -> None:
@@ -202,87 +469,150 @@ def _close(fig) -> None:
     plt.close(fig)
 
 
-def _tradeoff_plot(rows: list[dict], out: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # off-screen
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in ((axes[0], "latency_ms_median", "latency per text, batch 1 (ms, median)"),
+    return plt
+
+
+def _tradeoff_plot(rows: list[dict], out: Path) -> None:
+    """Macro F1 (bar: 95% interval) against latency (bar: least to greatest round median) and size."""
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "latency_ms_median", "latency per text, batch 1 (ms; bar: rounds min-max)"),
                            (axes[1], "size_mb", "size on disk (MB)")):
         for row in rows:
-            ax.scatter(row[key], row["macro_f1"])
+            yerr = [[row["macro_f1"] - row["macro_f1_low"]], [row["macro_f1_high"] - row["macro_f1"]]]
+            xerr = ([[row[key] - row["latency_ms_min"]], [row["latency_ms_max"] - row[key]]]
+                    if key == "latency_ms_median" else None)
+            ax.errorbar(row[key], row["macro_f1"], yerr=yerr, xerr=xerr, fmt="o", capsize=3)
             ax.annotate(row["model"], (row[key], row["macro_f1"]), textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel(label)
-        ax.set_ylabel("macro F1")
+        ax.set_ylabel("macro F1 (bar: 95% bootstrap interval)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     _close(fig)
 
 
-def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", split: Literal["test", "val"] = "test",
-              baseline: str | None = None, out_dir: str = "reports/benchmark", num_threads: int | None = None,
-              latency_samples: int = 300, warmup: int = 30, batch_size: int = 32, max_samples: int | None = None,
-              tensorboard: bool = False) -> list[dict]:
+def _per_class_plot(per_class: list[dict], out: Path) -> None:
+    """Per-class F1 of every model side by side, each bar with its 95% bootstrap interval."""
+    models = list(dict.fromkeys(r["model"] for r in per_class))
+    labels = list(dict.fromkeys(r["class"] for r in per_class))
+    fig, ax = _pyplot().subplots(figsize=(max(6.0, 1.2 * len(labels) * max(1, len(models) / 3)), 4.5))
+    width = 0.8 / len(models)
+    for m, model in enumerate(models):
+        rows = [r for r in per_class if r["model"] == model]
+        f1 = np.array([r["f1"] for r in rows])
+        errors = [f1 - [r["f1_low"] for r in rows], [r["f1_high"] for r in rows] - f1]
+        ax.bar(np.arange(len(labels)) + (m - (len(models) - 1) / 2) * width, f1, width, yerr=errors, capsize=2,
+               label=model)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("F1 (bar: 95% bootstrap interval)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    _close(fig)
+
+
+def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/emotion",
+              split: Literal["test", "val"] = "test", baseline: str | None = None, out_dir: str = "reports/benchmark",
+              num_threads: int | None = None, latency_samples: int = 300, warmup: int = 30, batch_size: int = 32,
+              max_samples: int | None = None, tensorboard: bool = False, rounds: int = 5, bootstrap: int = 1000,
+              seed: int = 0) -> list[dict]:
     """Compare model variants on one data split and write a report folder.
 
     Args:
-        models: display name -> model (``hf_model`` export, INT8 folder or Lightning ``.ckpt``), in row order.
+        models: display name -> model (``hf_model`` export, INT8 folder or Lightning ``.ckpt``), in row order; or
+            display name -> list of such models: runs of one recipe with different seeds, reported as their mean
+            ± std with an interval over all of them (timing and size from the first).
         data: the dataset (as ``data.data`` of the datamodule).
         split: ``test`` or ``val``.
-        baseline: the row that ratios and per-class changes compare against; default: the first model.
+        baseline: the row that ratios, differences and per-class changes compare against; default: the first model.
         out_dir: report folder: ``model_comparison.csv``/``.md``, ``per_class.csv``/``.md``,
-            ``confusion_<model>.png`` per model (name made file-safe), ``tradeoff.png``, ``environment.json``, ``reports.json``.
+            ``confusion_<model>.png`` per model (name made file-safe), ``tradeoff.png``, ``per_class_f1.png``,
+            ``environment.json``, ``reports.json``, ``predictions.json``. An existing folder is replaced only if it
+            holds nothing but such files (an earlier report); otherwise the run stops before measuring.
         num_threads: CPU threads for torch and ONNX Runtime; default: torch's default (all cores).
-        latency_samples: texts timed one at a time.
-        warmup: untimed calls before timing.
+        latency_samples: texts timed one at a time in each round.
+        warmup: untimed calls per model before timing.
         batch_size: batch size of the throughput measurement.
         max_samples: use only the first N texts of the split (quick runs).
         tensorboard: also log the figures to TensorBoard under ``out_dir``.
+        rounds: timing rounds, at least 1; in each, every model is timed once, one after the other, so slow drift
+            of a shared machine hits all alike. Reported: the median over rounds and the least and greatest.
+        bootstrap: resamples of the split's texts for the 95% intervals and paired tests, at least 1,000.
+        seed: seed of the bootstrap resampling.
 
     Returns:
         The rows of ``model_comparison.csv``.
     """
-    if not models:
+    runs = {name: [paths] if isinstance(paths, str | Path) else list(paths) for name, paths in models.items()}
+    if not runs:
         raise ValueError("benchmark: give at least one model in --models")
+    if empty := [name for name, paths in runs.items() if not paths]:
+        raise ValueError(f"benchmark: models {empty} have an empty list of runs; give at least one path each")
     if split not in ("test", "val"):
         raise ValueError(f"benchmark: split must be 'test' or 'val', got {split!r}")
-    baseline = baseline or next(iter(models))
-    if baseline not in models:
-        raise ValueError(f"benchmark: baseline {baseline!r} is not one of the models {list(models)}")
+    baseline = baseline or next(iter(runs))
+    if baseline not in runs:
+        raise ValueError(f"benchmark: baseline {baseline!r} is not one of the models {list(runs)}")
+    if rounds < 1:
+        raise ValueError(f"benchmark: rounds must be at least 1, got {rounds}")
+    if bootstrap < 1000:
+        raise ValueError(f"benchmark: bootstrap must be at least 1000 resamples (fewer make 95% intervals noisy), "
+                         f"got {bootstrap}")
+    check_out_dir(out_dir)  # before measuring: refusing after an hour of timing would waste it
+    problems = [p for paths in runs.values() for p in map(model_path_problem, paths) if p]
+    if problems:
+        raise ValueError("benchmark: cannot load these models (fix the paths in --models):\n  " + "\n  ".join(problems))
     if num_threads:
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
-    final = Path(out_dir)
-    out = final.with_name(final.name + ".tmp")  # moved into place when complete: never a half-written report
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    rows, reports = [], {}
-    for name, path in tqdm(models.items(), desc="benchmark", unit="model"):
-        row, reports[name] = measure(name, path, data, split, latency_samples, warmup, batch_size, max_samples)
-        rows.append(row)
-    base = next(r for r in rows if r["model"] == baseline)
-    for row in rows:
-        row["speedup"] = base["latency_ms_median"] / row["latency_ms_median"]
-        row["compression"] = base["size_mb"] / row["size_mb"]
-        row["gzip_compression"] = base["gzip_mb"] / row["gzip_mb"]
-    per_class = _per_class_rows(reports, baseline)
-    for stem, table, columns in (("model_comparison", rows, _COLUMNS),
-                                 ("per_class", per_class, list(per_class[0]))):
+    variants = [measure(name, paths, data, split, latency_samples, batch_size, max_samples)
+                for name, paths in tqdm(runs.items(), desc="benchmark: predict", unit="model")]
+    timing = time_variants(variants, rounds, warmup)
+    rows, per_class, reports = compare(variants, timing, baseline, bootstrap, seed)
+    predictions = {"labels": reports[baseline]["labels"], "target": variants[0].target.tolist(),
+                   "predictions": {v.name: [p.tolist() for p in v.preds] for v in variants},
+                   "paths": {v.name: v.paths for v in variants}}
+    settings = {"rounds": rounds, "latency_samples": latency_samples, "warmup": warmup, "batch_size": batch_size,
+                "bootstrap": bootstrap, "bootstrap_seed": seed, "split": split, "baseline": baseline}
+    check_out_dir(out_dir)  # again: something may have been written there while we measured
+    with atomic_dir(out_dir) as out:  # moved into place when complete: never a half-written report
+        write_report(out, rows, per_class, reports, predictions, split, baseline,
+                     _environment(num_threads, settings), tensorboard)
+    log.info("benchmark report written to %s\n%s", out_dir,
+             _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "macro_f1_low", "macro_f1_high",
+                              "speedup", "compression"]))
+    return rows
+
+
+def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: dict[str, dict], predictions: dict,
+                 split: str, baseline: str, environment: dict, tensorboard: bool) -> None:
+    """Write the report's files (see ``benchmark``'s ``out_dir``) into the folder ``out``."""
+    for stem, table, columns in (("model_comparison", rows, _COLUMNS), ("per_class", per_class, list(per_class[0]))):
         with (out / f"{stem}.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(table)
-        (out / f"{stem}.md").write_text(_markdown(table, columns))
+    (out / "model_comparison.md").write_text(_comparison_markdown(rows, baseline))
+    (out / "per_class.md").write_text(_markdown(per_class, list(per_class[0])))
     for name, report in reports.items():
-        fig = confusion_figure(torch.tensor(report["confusion_matrix"]), report["labels"], f"{name} ({split})")
+        runs = len(report["runs"])
+        title = f"{name} ({split}{f', {runs} runs summed' if runs > 1 else ''})"
+        fig = confusion_figure(torch.tensor(report["confusion_matrix"]), report["labels"], title)
         fig.savefig(out / f"confusion_{_slug(name)}.png", dpi=120)
         _close(fig)
     _tradeoff_plot(rows, out / "tradeoff.png")
-    (out / "environment.json").write_text(json.dumps(_environment(num_threads), indent=2))
+    _per_class_plot(per_class, out / "per_class_f1.png")
+    (out / "environment.json").write_text(json.dumps(environment, indent=2))
     (out / "reports.json").write_text(json.dumps(reports, indent=2))
+    (out / "predictions.json").write_text(json.dumps(predictions))
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -290,8 +620,3 @@ def benchmark(models: dict[str, str], data: str = "../shared/data/emotion", spli
             for step, row in enumerate(rows):
                 for key in ("macro_f1", "latency_ms_median", "size_mb"):
                     writer.add_scalar(f"bench/{key}", row[key], step)
-    shutil.rmtree(final, ignore_errors=True)
-    out.rename(final)
-    log.info("benchmark report written to %s\n%s", final,
-             _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "speedup", "compression"]))
-    return rows

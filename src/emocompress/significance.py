@@ -1,0 +1,164 @@
+"""Confidence intervals and paired tests for comparing classifiers on one test set.
+
+Pure numpy/scipy, so the benchmark can run it over stored predictions. The bootstrap is *paired*: one
+(R, N) matrix of resampled text indices is drawn once and applied to every model's predictions, so a
+difference between two models is measured on the same resampled texts each time.
+
+    idx = bootstrap_indices(len(target), resamples=1000, seed=0)           # (R, N), shared by all models
+    samples = resampled_metrics(target, preds, num_classes, idx)           # name -> (R,) or (R, C)
+    low, high = percentile_interval(samples["macro_f1"])
+    diff = paired_difference(samples["macro_f1"], base_samples["macro_f1"])
+
+Metrics follow torchmetrics' multiclass definitions (what training and ``benchmark`` report): macro
+averages skip classes that are neither in the target nor predicted (tp + fp + fn = 0), a per-class score
+whose denominator is 0 is 0.
+"""
+
+import numpy as np
+from scipy.stats import binomtest
+
+SCALARS = ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")
+
+
+def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """``resamples`` rows of ``n`` indices drawn uniformly with replacement from ``range(n)``: (R, N) int.
+
+    >>> bootstrap_indices(4, resamples=2, seed=0).shape
+    (2, 4)
+    """
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def confusion_matrices(target: np.ndarray, preds: np.ndarray, num_classes: int,
+                       idx: np.ndarray | None = None) -> np.ndarray:
+    """Confusion matrices (rows: true class, columns: predicted) of each resample.
+
+    Args:
+        target: (N,) int class ids.
+        preds: (N,) int class ids.
+        num_classes: C.
+        idx: (R, N) int indices into ``target``/``preds``; None: the sample itself (R = 1).
+
+    Returns:
+        (R, C, C) int64 counts.
+
+    >>> confusion_matrices(np.array([0, 1, 1]), np.array([0, 1, 0]), 2)[0].tolist()
+    [[1, 0], [1, 1]]
+    """
+    idx = np.arange(len(target))[None] if idx is None else idx
+    cells = num_classes * num_classes
+    # one bincount over all resamples at once: cell id of resample r = r * C^2 + true * C + predicted
+    flat = np.arange(len(idx))[:, None] * cells + target[idx] * num_classes + preds[idx]  # (R, N)
+    return np.bincount(flat.ravel(), minlength=len(idx) * cells).reshape(len(idx), num_classes, num_classes)
+
+
+def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den != 0)
+
+
+def metrics_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """The benchmark's metrics of each of R confusion matrices.
+
+    Args:
+        confusion: (R, C, C) counts, rows true class.
+
+    Returns:
+        ``accuracy``, ``macro_f1``, ``balanced_accuracy`` (macro recall), ``cohen_kappa``: (R,) float;
+        ``f1_per_class``, ``accuracy_per_class`` (per-class recall): (R, C) float. Kappa is NaN where it is
+        undefined (observed and chance agreement both 1: a resample of one class, all predicted right).
+
+    >>> m = metrics_from_confusion(np.array([[[3, 1], [0, 2]]]))
+    >>> [round(float(m[k][0]), 4) for k in ("accuracy", "macro_f1", "balanced_accuracy", "cohen_kappa")]
+    [0.8333, 0.8286, 0.875, 0.6667]
+    """
+    confusion = confusion.astype(np.float64)
+    tp = np.diagonal(confusion, axis1=1, axis2=2)  # (R, C)
+    true, predicted = confusion.sum(2), confusion.sum(1)  # (R, C) each
+    total = true.sum(1)  # (R,)
+    f1 = _divide(2 * tp, true + predicted)
+    recall = _divide(tp, true)
+    present = (true + predicted) > 0  # tp + fp + fn > 0: torchmetrics leaves other classes out of macro averages
+    observed = tp.sum(1) / total
+    chance = (true * predicted).sum(1) / total**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kappa = np.where(chance < 1, (observed - chance) / (1 - chance), np.nan)
+    return {"accuracy": observed, "macro_f1": (f1 * present).sum(1) / present.sum(1),
+            "balanced_accuracy": (recall * present).sum(1) / present.sum(1), "cohen_kappa": kappa,
+            "f1_per_class": f1, "accuracy_per_class": recall}
+
+
+def resampled_metrics(target: np.ndarray, preds: np.ndarray | list[np.ndarray], num_classes: int,
+                      idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Each metric on each resample of the texts; for several runs (seeds) of one model, the mean over runs of
+    each run's metric on the same resampled texts.
+
+    Args:
+        target: (N,) int.
+        preds: (N,) int, or a list of (N,) int, one per run.
+        num_classes: C.
+        idx: (R, N) from ``bootstrap_indices``.
+
+    Returns:
+        As ``metrics_from_confusion``, with a leading R axis.
+    """
+    runs = [preds] if isinstance(preds, np.ndarray) else preds
+    per_run = [metrics_from_confusion(confusion_matrices(target, p, num_classes, idx)) for p in runs]
+    return {k: np.mean([m[k] for m in per_run], axis=0) for k in per_run[0]}
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple:
+    """The percentile bootstrap interval: the (1 - level)/2 and (1 + level)/2 quantiles of the resampled values
+    (along axis 0; NaN resamples ignored).
+
+    >>> [round(x, 9) for x in percentile_interval(np.arange(101.0))]
+    [2.5, 97.5]
+    """
+    low, high = np.nanquantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return (float(low), float(high)) if np.ndim(low) == 0 else (low, high)
+
+
+def paired_difference(samples: np.ndarray, base_samples: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """Interval and two-sided p-value of the difference ``model - base`` from paired bootstrap samples.
+
+    The p-value is ``min(1, 2 * min(P(d <= 0), P(d >= 0)))`` over the resampled differences ``d``: twice the
+    share of resamples on the less common side of 0 (the bootstrap test by interval inversion: p < 0.05 about
+    when the 95% interval excludes 0). A difference that is 0 on every resample has p = 1.
+
+    Args:
+        samples: (R,) the model's metric on each resample.
+        base_samples: (R,) the baseline's metric on the same resamples.
+
+    Returns:
+        ``low``, ``high`` (the percentile interval of ``d``) and ``p``.
+
+    >>> d = paired_difference(np.array([0.9, 0.8, 0.85]), np.array([0.9, 0.8, 0.85]))
+    >>> d["low"], d["high"], d["p"]
+    (0.0, 0.0, 1.0)
+    """
+    d = samples - base_samples
+    low, high = percentile_interval(d, level)
+    p = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+    return {"low": low, "high": high, "p": p}
+
+
+def mcnemar_exact(correct: np.ndarray, base_correct: np.ndarray) -> dict[str, float]:
+    """Exact McNemar test of two classifiers' per-text correctness on the same texts.
+
+    Only discordant texts count: ``b`` = texts only the model gets right, ``c`` = texts only the baseline gets
+    right. Under equal accuracy ``b ~ Binomial(b + c, 1/2)``; the p-value is the two-sided exact binomial test
+    (``scipy.stats.binomtest``), and 1 when there are no discordant texts.
+
+    Args:
+        correct: (N,) bool, the model's prediction is right.
+        base_correct: (N,) bool, the baseline's is.
+
+    Returns:
+        ``only_model_correct`` (b), ``only_base_correct`` (c), ``p``.
+
+    >>> mcnemar_exact(np.array([1, 0, 0, 0, 0, 0, 1], bool), np.array([0, 1, 1, 1, 1, 1, 1], bool))["p"]
+    0.21875
+    """
+    b = int(np.sum(correct & ~base_correct))
+    c = int(np.sum(~correct & base_correct))
+    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    return {"only_model_correct": b, "only_base_correct": c, "p": p}
