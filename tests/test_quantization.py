@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from emocompress.artifacts import OrtClassifier, load_artifact, quantize
 from emocompress.callbacks.metrics import TestMetricsWriter
-from emocompress.callbacks.quantization import Int8Quantization
+from emocompress.callbacks.quantization import Int8Quantization, OnCpu
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 
@@ -97,6 +97,31 @@ def test_callback_tests_the_int8_model(emotion_dir, tiny_model_dir, tmp_path, ba
     report = json.loads((tmp_path / "test_metrics.json").read_text())  # TestMetricsWriter: the INT8 model's report
     assert report["macro_f1"] == pytest.approx(logged["test/macro_f1"])
     assert report == model.test_report
+
+
+def test_int8_model_inside_a_loop_on_another_device(fp32, tmp_path):
+    # A GPU test loop hands the INT8 model batches on the GPU and computes the loss there: OnCpu runs the
+    # CPU-only model on CPU copies and returns the logits on the loop's device ("meta" stands in for cuda).
+    model, tokenizer = fp32
+    int8 = quantize(model, "onnxruntime", out_dir=tmp_path / "int8", tokenizer=tokenizer)
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    logits = OnCpu(int8, torch.device("meta"))(**batch).logits
+    assert logits.device.type == "meta" and logits.shape == (3, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_after_a_gpu_fit_tests_on_the_cpu_by_itself(emotion_dir, tiny_model_dir, tmp_path):
+    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label)
+    trainer = Trainer(accelerator="gpu", devices=1, logger=False, enable_progress_bar=False, max_epochs=1,
+                      default_root_dir=tmp_path, callbacks=[Int8Quantization()])
+    trainer.fit(model, datamodule=dm)
+    on_gpu = trainer.test(model, datamodule=dm)[0]
+    assert isinstance(model.model, OnCpu) and (tmp_path / "int8" / "int8.json").is_file()
+    model.model = model.model.model  # the same INT8 model, now in a CPU test loop
+    cpu = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    assert cpu.test(model, datamodule=dm)[0]["test/macro_f1"] == pytest.approx(on_gpu["test/macro_f1"])
 
 
 def test_test_metrics_writer_writes_rank_zero_report_only(tmp_path):

@@ -1,11 +1,9 @@
-"""emocompress: fine-tune and compress transformer emotion classifiers with PyTorch Lightning."""
+"""emocompress: fine-tune and compress transformer emotion classifiers with PyTorch Lightning.
 
-try:
-    from emocompress import students  # noqa: F401  (registers RecurrentClassifier with transformers' Auto classes)
-except ModuleNotFoundError as error:
-    # `python -m emocompress.serve` imports this package on a server with only onnxruntime and tokenizers;
-    # there is no transformers to register with. Any other missing module is a real error.
-    if error.name not in ("torch", "transformers"):
-        raise
+Importing the package imports nothing heavy: ``emocompress --help`` answers before torch loads, and
+``python -m emocompress.serve`` runs with onnxruntime alone. The modules that build or load models
+(``classifier``, ``artifacts``, ``distillation``) import ``emocompress.students``, which registers
+``RecurrentClassifier`` with transformers' Auto classes.
+"""
 
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from emocompress import students  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
 from emocompress.artifact_format import (
     DEFAULT_MAX_LENGTH,
     META_FILE,

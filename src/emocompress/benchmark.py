@@ -552,24 +552,8 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
         The rows of ``model_comparison.csv``.
     """
     runs = {name: [paths] if isinstance(paths, str | Path) else list(paths) for name, paths in models.items()}
-    if not runs:
-        raise ValueError("benchmark: give at least one model in --models")
-    if empty := [name for name, paths in runs.items() if not paths]:
-        raise ValueError(f"benchmark: models {empty} have an empty list of runs; give at least one path each")
-    if split not in ("test", "val"):
-        raise ValueError(f"benchmark: split must be 'test' or 'val', got {split!r}")
-    baseline = baseline or next(iter(runs))
-    if baseline not in runs:
-        raise ValueError(f"benchmark: baseline {baseline!r} is not one of the models {list(runs)}")
-    if rounds < 1:
-        raise ValueError(f"benchmark: rounds must be at least 1, got {rounds}")
-    if bootstrap < 1000:
-        raise ValueError(f"benchmark: bootstrap must be at least 1000 resamples (fewer make 95% intervals noisy), "
-                         f"got {bootstrap}")
-    check_out_dir(out_dir)  # before measuring: refusing after an hour of timing would waste it
-    problems = [p for paths in runs.values() for p in map(model_path_problem, paths) if p]
-    if problems:
-        raise ValueError("benchmark: cannot load these models (fix the paths in --models):\n  " + "\n  ".join(problems))
+    baseline = baseline or next(iter(runs), None)
+    _check_arguments(runs, split, baseline, rounds, bootstrap, out_dir)
     if num_threads:
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
@@ -590,6 +574,29 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
              _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "macro_f1_low", "macro_f1_high",
                               "speedup", "compression"]))
     return rows
+
+
+def _check_arguments(runs: dict[str, list], split: str, baseline: str | None, rounds: int, bootstrap: int,
+                     out_dir: str) -> None:
+    """Refuse bad settings, an ``out_dir`` that is not an earlier report, and every missing model, before
+    measuring: refusing after an hour of timing would waste it."""
+    if not runs:
+        raise ValueError("benchmark: give at least one model in --models")
+    if empty := [name for name, paths in runs.items() if not paths]:
+        raise ValueError(f"benchmark: models {empty} have an empty list of runs; give at least one path each")
+    if split not in ("test", "val"):
+        raise ValueError(f"benchmark: split must be 'test' or 'val', got {split!r}")
+    if baseline not in runs:
+        raise ValueError(f"benchmark: baseline {baseline!r} is not one of the models {list(runs)}")
+    if rounds < 1:
+        raise ValueError(f"benchmark: rounds must be at least 1, got {rounds}")
+    if bootstrap < 1000:
+        raise ValueError(f"benchmark: bootstrap must be at least 1000 resamples (fewer make 95% intervals noisy), "
+                         f"got {bootstrap}")
+    check_out_dir(out_dir)
+    problems = [p for paths in runs.values() for p in map(model_path_problem, paths) if p]
+    if problems:
+        raise ValueError("benchmark: cannot load these models (fix the paths in --models):\n  " + "\n  ".join(problems))
 
 
 def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: dict[str, dict], predictions: dict,

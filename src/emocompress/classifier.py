@@ -17,6 +17,7 @@ from torchmetrics.classification import (
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
 
 from emocompress import pretrained
+from emocompress import students  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
 from emocompress.checkpoints import load_network
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,13 @@ without a ``class_path`` it is the ``EmotionClassifier``.
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
+import datasets
 import torch
+import transformers
 import yaml
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
@@ -30,6 +33,8 @@ from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: D
 log = logging.getLogger(__name__)
 # Settings that may differ between a run and its resumption.
 _RESUME_FLAGS = ("ckpt_path", "config")
+# Scalars of test_metrics.json in the end-of-run summary.
+_SUMMARY_METRICS = ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")
 # --ckpt_path values that Lightning resolves itself rather than reading a file.
 _CKPT_KEYWORDS = ("best", "last", "hpc")
 
@@ -84,6 +89,9 @@ class EmoCLI(LightningCLI):
                          "folder), or 'last' to resume")
 
     def before_instantiate_classes(self):
+        if self.config[self.subcommand].get("ckpt_path"):
+            # The checkpoint restores the head: transformers' report of a freshly initialised one is noise.
+            transformers.logging.set_verbosity_error()
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resume_into_its_own_run(self.config.fit)
 
@@ -149,6 +157,37 @@ class EmoCLI(LightningCLI):
         if self.config["fit"]["test_after_fit"] and not self.trainer.interrupted:
             ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        self._summary("fit")
+
+    def after_validate(self):
+        self._summary("validate")
+
+    def after_test(self):
+        self._summary("test")
+
+    def after_predict(self):
+        self._summary("predict")
+
+    def _summary(self, subcommand: str):
+        """What the run did and where everything it wrote is: the last lines of its output."""
+        if not self.trainer.is_global_zero:
+            return
+        logger = self.trainer.logger
+        folder = Path(logger.log_dir if logger is not None and logger.log_dir else self.trainer.default_root_dir)
+        lines = [f"{subcommand} done; run folder {folder}"]
+        best = self.trainer.checkpoint_callback
+        if subcommand == "fit" and getattr(best, "best_model_path", ""):
+            epoch = re.search(r"epoch=(\d+)", Path(best.best_model_path).name)
+            lines.append(f"  best {best.monitor} {float(best.best_model_score):.4f}"
+                         f"{f' at epoch {epoch[1]}' if epoch else ''}: {best.best_model_path}")
+        report = getattr(self.model, "test_report", None)
+        if report and subcommand in ("fit", "test"):
+            lines.append("  test: " + ", ".join(f"{key} {report[key]:.4f}" for key in _SUMMARY_METRICS))
+        if folder.is_dir():
+            entries = sorted(folder.iterdir())
+            entries += [path for entry in entries if entry.name == "checkpoints" for path in sorted(entry.iterdir())]
+            lines += [f"  {path}{'/' if path.is_dir() else ''}" for path in sorted(entries)]
+        log.info("\n".join(lines))
 
 
 def main(args: list[str] | None = None):
@@ -173,11 +212,16 @@ def main(args: list[str] | None = None):
 def _run(args: list[str] | None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["benchmark"]:
-        # Not a Trainer method: a plain function, parsed by jsonargparse from its signature and docstring.
-        CLI(benchmark, args=argv[1:], as_positional=False)
+        # Not a Trainer method: a plain function, parsed by jsonargparse from its signature and docstring;
+        # -c is --config, as for the Trainer subcommands.
+        CLI(benchmark, args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False)
         return
     # TF32 matmuls on Ampere+ GPUs: ~2x faster, accuracy unaffected for fine-tuning. No effect on CPU.
     torch.set_float32_matmul_precision("high")
+    # Per-file "Generating train split" bars (named "train" for val and test files too) and weight-loading
+    # bars say nothing a user needs; our own lines say what was read and written.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args,
            save_config_kwargs={"overwrite": True},
            trainer_defaults={"default_root_dir": "logs"})

@@ -183,33 +183,21 @@ class EmotionDataModule(LightningDataModule):
                  group_by_length: bool = True, max_samples: int | None = None, min_label_count: int = 3,
                  predict_file: str | None = None, num_workers: int = 0, seed: int | None = None):
         super().__init__()
-        if oversample_to is not None and not 0 < oversample_to <= 1:
-            raise ValueError(f"data.oversample_to must be in (0, 1] or null, got {oversample_to}")
-        for key, value in (("max_length", max_length), ("batch_size", batch_size),
-                           ("eval_batch_size", eval_batch_size), ("max_samples", max_samples),
-                           ("min_label_count", min_label_count)):
-            if value is not None and value < 1:
-                raise ValueError(f"data.{key} must be a positive integer, got {value}")
-        if labels is not None and len(set(labels)) != len(labels):
-            raise ValueError(f"data.labels has duplicates: {labels}")
         self.save_hyperparameters()
+        _check_settings(self.hparams)
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(model_name))
         _check_max_length(max_length, model_name, self.tokenizer)
         self.source = DataSource(data, text_column, label_column, max_samples)
         self.splits: dict[str, datasets.Dataset] = {}  # tokenized, by split name
-        self._raw: dict[str, datasets.Dataset] = {}  # parsed and validated, by split name
         self.counts_before: list[int] = []
         self.counts_after: list[int] = []
 
     # ---- label set, known before setup so the model can be built with the right head ----
     @cached_property
     def id2label(self) -> dict[int, str]:
-        """Label names by class id."""
-        if self.hparams.labels:
-            names = self.hparams.labels
-        else:
-            names = check_label_set(self.raw_split("train"), self.source.locate("train")[1],
-                                    self.hparams.min_label_count)
+        """Label names by class id: ``data.labels``, else the train split's, checked (``check_label_set``)."""
+        names = self.hparams.labels or check_label_set(self.raw_split("train"), self.source.locate("train")[1],
+                                                       self.hparams.min_label_count)
         if len(names) < 2:
             raise ValueError(f"{self.hparams.data}: the train split has only the label(s) {names}; "
                              "a classifier needs at least two classes")
@@ -243,11 +231,8 @@ class EmotionDataModule(LightningDataModule):
         return self.raw_split(split)["text"]
 
     def raw_split(self, split: str) -> datasets.Dataset:
-        """Columns ``text``, ``label`` (str) and ``line`` of ``split``, validated; read once (the label set
-        needs the train split before ``setup`` does)."""
-        if split not in self._raw:
-            self._raw[split] = self.source.read(split)
-        return self._raw[split]
+        """Columns ``text``, ``label`` (str) and ``line`` of ``split``, validated, read once by the source."""
+        return self.source.read(split)
 
     @property
     def class_weights(self) -> torch.Tensor:
@@ -270,7 +255,11 @@ class EmotionDataModule(LightningDataModule):
         if stage == "fit" and not self.counts_after:
             self._count_classes()
         if stage == "predict" and "predict" not in self.splits:
-            self.splits["predict"] = self._predict_split()
+            file = self.hparams.predict_file
+            raw = self.raw_split("test") if file is None else self.source.read_texts(file)
+            self.splits["predict"] = raw.map(
+                _tokenize_texts, batched=True, remove_columns=[c for c in raw.column_names if c not in ("text", "line")],
+                fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.hparams.max_length})
 
     def _tokenize(self, raw: datasets.Dataset, split: str) -> datasets.Dataset:
         """Map labels to ids (rejecting unknown ones) and tokenize, once: datasets caches the result."""
@@ -280,12 +269,7 @@ class EmotionDataModule(LightningDataModule):
                                   "label2id": self.label2id, "where": self.source.locate(split)[1]})
 
     def _count_classes(self):
-        labels = torch.tensor(self.splits["train"]["labels"])
-        self.counts_before = torch.bincount(labels, minlength=self.num_classes).tolist()
-        if 0 in self.counts_before:
-            missing = [self.id2label[i] for i, n in enumerate(self.counts_before) if n == 0]
-            raise ValueError(f"{self.source.locate('train')[1]}: no train examples of {missing}; "
-                             "remove them from data.labels or add examples")
+        self.counts_before = class_counts(self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1])
         self.counts_after = oversampled_counts(self.counts_before, self.hparams.oversample_to)
         rank_zero_info("train class counts (oversample_to=%s, class_weighting=%s):\n%s",
                        self.hparams.oversample_to, self.hparams.class_weighting,
@@ -296,15 +280,6 @@ class EmotionDataModule(LightningDataModule):
                 {f"class_count/{when}/{self.id2label[i]}": n
                  for when, counts in (("before", self.counts_before), ("after", self.counts_after))
                  for i, n in enumerate(counts)})
-
-    def _predict_split(self) -> datasets.Dataset:
-        if self.hparams.predict_file is None:
-            raw = self.raw_split("test")
-        else:
-            raw = self.source.read_texts(self.hparams.predict_file)
-        return raw.map(_tokenize_texts, batched=True, remove_columns=[c for c in raw.column_names
-                                                                      if c not in ("text", "line")],
-                       fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.hparams.max_length})
 
     # ---- loaders ----
     def _loader(self, split: str, train: bool) -> DataLoader:
@@ -334,6 +309,31 @@ class EmotionDataModule(LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader("predict", train=False)
+
+
+def class_counts(labels: Sequence[int], id2label: dict[int, str], where: str) -> list[int]:
+    """Examples per class id; every class of the label set must have one.
+
+    >>> class_counts([0, 2, 2], {0: "anger", 1: "joy", 2: "love"}, "train.txt")
+    Traceback (most recent call last):
+    ValueError: train.txt: no train examples of ['joy']; remove them from data.labels or add examples
+    """
+    counts = torch.bincount(torch.as_tensor(labels), minlength=len(id2label)).tolist()
+    missing = [id2label[i] for i, n in enumerate(counts) if n == 0]
+    if missing:
+        raise ValueError(f"{where}: no train examples of {missing}; remove them from data.labels or add examples")
+    return counts
+
+
+def _check_settings(hp) -> None:
+    """Refuse bad ``data.*`` values when the datamodule is built, before any file is read."""
+    if hp.oversample_to is not None and not 0 < hp.oversample_to <= 1:
+        raise ValueError(f"data.oversample_to must be in (0, 1] or null, got {hp.oversample_to}")
+    for key in ("max_length", "batch_size", "eval_batch_size", "max_samples", "min_label_count"):
+        if hp[key] is not None and hp[key] < 1:
+            raise ValueError(f"data.{key} must be a positive integer, got {hp[key]}")
+    if hp.labels is not None and len(set(hp.labels)) != len(hp.labels):
+        raise ValueError(f"data.labels has duplicates: {hp.labels}")
 
 
 def class_table(names: list[str], before: list[int], after: list[int], weights: list[float]) -> str:

@@ -46,6 +46,7 @@ class DataSource:
         self.text_column = text_column
         self.label_column = label_column
         self.max_samples = max_samples
+        self._read: dict[str, datasets.Dataset] = {}  # by split: the label set needs train before setup does
 
     def locate(self, split: str) -> tuple[Path | None, str]:
         """The file of ``split`` in a split-file folder (or None) and a name for error messages."""
@@ -85,7 +86,12 @@ class DataSource:
                              f"({err}); {_FIX_SOURCE} that is reachable") from err
 
     def read(self, split: str) -> datasets.Dataset:
-        """Columns ``text`` (str), ``label`` (str) and ``line`` (where the row came from), validated."""
+        """Columns ``text`` (str), ``label`` (str) and ``line`` (where the row came from), validated; read once."""
+        if split not in self._read:
+            self._read[split] = self._read_split(split)
+        return self._read[split]
+
+    def _read_split(self, split: str) -> datasets.Dataset:
         path, where = self.locate(split)
         if path is None:
             available = list(self.dataset_dict)

@@ -115,15 +115,17 @@ class MagnitudePruning(Callback):
             return
         prune.global_unstructured([(m, "weight") for _, m in targets], prune.L1Unstructured, amount=extra)
         self.sparsity = sparsity
-        self._log(pl_module, targets)
+        self._log(pl_module, targets, announce=True)
 
-    def _log(self, pl_module: LightningModule, targets) -> None:
+    def _log(self, pl_module: LightningModule, targets, announce: bool = False) -> None:
         zeros = {name: int((m.weight == 0).sum()) for name, m in targets}
         total = sum(m.weight.numel() for _, m in targets)
         values = {"prune/sparsity": sum(zeros.values()) / total}
         values.update({f"prune/sparsity/{name}": zeros[name] / m.weight.numel() for name, m in targets})
         pl_module.log_dict(values, sync_dist=True)
-        rank_zero_info("pruned %d layers to %.2f%% global sparsity", len(targets), 100 * values["prune/sparsity"])
+        if announce:  # once per pruning step; the epoch-end logging only records the metrics
+            rank_zero_info("pruned %d layers to %.2f%% global sparsity", len(targets),
+                           100 * values["prune/sparsity"])
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

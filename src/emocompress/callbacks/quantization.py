@@ -9,7 +9,9 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
 from typing_extensions import override
 
 from emocompress.artifact_format import BACKENDS, ONNX_FILE, TORCH_WEIGHTS_FILE
@@ -26,12 +28,29 @@ from emocompress.outputs import run_dir
 log = logging.getLogger(__name__)
 
 
+class OnCpu(nn.Module):
+    """A CPU-only (INT8) model inside a loop on another device: each batch goes to the CPU, and the
+    logits come back to ``device``, where the loss and the metrics are."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        super().__init__()
+        self.model = model
+        self.output_device = torch.device(device)
+        self.config = getattr(model, "config", None)
+
+    def forward(self, **inputs):
+        output = self.model(**{name: value.cpu() for name, value in inputs.items()})
+        output.logits = output.logits.to(self.output_device)
+        return output
+
+
 class Int8Quantization(Callback):
     """Replaces ``pl_module.model`` with its INT8 version when ``test`` starts, so the test metrics are
     the INT8 model's, and saves it to ``<log_dir>/<dirname>`` (reload with ``emocompress.artifacts.load_artifact``).
     After ``fit`` (with the CLI's test of the best checkpoint) it quantizes the fine-tuned, pruned or distilled model;
     with ``emocompress test --ckpt_path`` it quantizes a saved model. Logs ``quant/size_mb`` (the
-    weights file's bytes / 1e6). INT8 inference here is CPU-only: run the test with ``--trainer.accelerator cpu``.
+    weights file's bytes / 1e6). INT8 inference is CPU-only: when the test runs on a GPU (a fit on a GPU with
+    this callback stacked), the INT8 model still runs on the CPU, each batch moved there and its logits back.
 
     Args:
         backend: ``onnxruntime`` (default: fastest here and reloads exactly) or ``torch``.
@@ -53,14 +72,13 @@ class Int8Quantization(Callback):
 
     @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if pl_module.device.type != "cpu":
-            raise ValueError("Int8Quantization: INT8 inference runs on the CPU; test with --trainer.accelerator cpu")
         out_dir = run_dir(trainer) / self.dirname  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:  # each rank quantizes for itself; only rank 0 writes the artifact
             out_dir = Path(tempfile.mkdtemp(prefix="emocompress-int8-"))
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        pl_module.model = quantize(pl_module.model, self.backend, self.include_embeddings, out_dir,
-                                   self.num_threads, tokenizer, datamodule_max_length(trainer.datamodule))
+        quantized = quantize(pl_module.model, self.backend, self.include_embeddings, out_dir, self.num_threads,
+                             tokenizer, datamodule_max_length(trainer.datamodule))
+        pl_module.model = quantized if pl_module.device.type == "cpu" else OnCpu(quantized, pl_module.device)
         weights = out_dir / (ONNX_FILE if self.backend == "onnxruntime" else TORCH_WEIGHTS_FILE)
         size_mb = weights.stat().st_size / 1e6
         log.info("INT8 (%s) model saved to %s: %.1f MB", self.backend, out_dir, size_mb)

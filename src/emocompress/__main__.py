@@ -1,0 +1,40 @@
+"""``emocompress`` and ``python -m emocompress``: the subcommands. The top-level help is answered here,
+before torch, transformers and lightning are imported (well under a second rather than several)."""
+
+import sys
+
+USAGE = """\
+usage: emocompress {fit,validate,test,predict,benchmark} [-c CONFIG ...] [options]
+
+Fine-tune transformer emotion classifiers on imbalanced text and compress them (distillation,
+pruning, INT8), with PyTorch Lightning; then measure what each compression bought.
+
+subcommands (each takes -c/--config, repeatable: a later file wins key by key, and --help):
+  fit         train, then test the best checkpoint (--test_after_fit false skips the test)
+  validate    one evaluation epoch over the val split (--ckpt_path <best .ckpt>)
+  test        one evaluation epoch over the test split; INT8 first with -c configs/quantize.yaml
+  predict     predictions for --data.predict_file (default: the test split) into predictions.jsonl
+  benchmark   compare exported models: size, latency, metrics with 95% intervals, paired tests
+
+examples:
+  emocompress fit -c configs/base.yaml -c configs/teacher.yaml
+  emocompress fit -c configs/base.yaml -c configs/teacher.yaml --print_config
+  emocompress test -c configs/base.yaml -c configs/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/<best>.ckpt
+  emocompress benchmark -c configs/benchmark.yaml
+  emocompress fit --help                  every option of fit (trainer, data, model)
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``emocompress <subcommand> ...``; ``argv`` defaults to ``sys.argv[1:]``."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        sys.exit(0 if args else 2)
+    from emocompress.cli import main as run  # torch, transformers, lightning: seconds to import
+
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()
