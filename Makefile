@@ -55,7 +55,7 @@ distill_prune: install
 		-c configs/quantize.yaml -c configs/distill_prune.yaml
 
 # the distillation runs (after `make teacher`) and their comparison report (about 1 h here)
-distill_results: distill distill_control distill_bilstm distill_prune
+distill_results: distill distill_control distill_bilstm distill_prune int8
 	$(BIN)/emocompress benchmark --config configs/benchmark_distill.yaml
 
 # every run behind the README's results, then the comparison report (about 1 h 15 min on 2 CPU cores);

@@ -40,7 +40,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from emocompress.artifact_format import META_FILE, ONNX_FILE, TORCH_WEIGHTS_FILE
+from emocompress.artifact_format import DEFAULT_MAX_LENGTH, META_FILE, ONNX_FILE, TORCH_WEIGHTS_FILE
 from emocompress.artifacts import load_artifact
 from emocompress.checkpoints import read_checkpoint
 from emocompress.classifier import (EmotionClassifier, classification_metrics, confusion_figure, metrics_report,
@@ -392,7 +392,7 @@ def _environment(num_threads: int, settings: dict) -> dict:
     return {**_cpu(), "cores": os.cpu_count(), "threads": num_threads, "torch": torch.__version__,
             "onnxruntime": ort_version, "transformers": transformers.__version__,
             "python": platform.python_version(), **settings,
-            "sequence_length": "each text tokenized to at most 128 tokens; batch 1 unpadded, "
+            "sequence_length": f"each text tokenized to at most {DEFAULT_MAX_LENGTH} tokens; batch 1 unpadded, "
                                "batches padded to their longest text"}
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
 
 from emocompress import pretrained
+from emocompress.artifact_format import DEFAULT_MAX_LENGTH
 from emocompress.sources import DataSource, check_label_set
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class EmotionDataModule(LightningDataModule):
     """
 
     def __init__(self, data: str, model_name: str = pretrained.PACKAGED_MINILM, text_column: str = "text",
-                 label_column: str = "label", labels: list[str] | None = None, max_length: int = 128,
+                 label_column: str = "label", labels: list[str] | None = None, max_length: int = DEFAULT_MAX_LENGTH,
                  batch_size: int = 32, eval_batch_size: int = 64, oversample_to: float | None = 0.5,
                  class_weighting: Literal["none", "inverse", "sqrt_inverse"] = "inverse",
                  group_by_length: bool = True, max_samples: int | None = None, min_label_count: int = 3,

@@ -1,7 +1,7 @@
 """Predict emotions from an ONNX artifact folder with only onnxruntime, tokenizers and numpy installed.
 
     pip install onnxruntime tokenizers numpy
-    python -m emocompress.serve logs/teacher/version_0/onnx --input texts.txt --output predictions.jsonl
+    python -m emocompress.serve logs/teacher_onnx/version_0/onnx --input texts.txt --output predictions.jsonl
 
 The folder is an fp32 export (``OnnxExport``, ``export_onnx``) or an ``onnxruntime`` INT8 folder
 (``Int8Quantization``): ``model.onnx``, ``tokenizer.json``, ``config.json`` and ``int8.json``, whose
