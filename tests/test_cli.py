@@ -35,6 +35,7 @@ def _ok(result):
     return result
 
 
+@pytest.mark.slow
 def test_fit_test_predict(emotion_dir, tiny_model_dir, tmp_path):
     _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir), cwd=tmp_path))
     run = tmp_path / "logs" / "tiny" / "version_0"
@@ -75,6 +76,7 @@ def test_fit_test_predict(emotion_dir, tiny_model_dir, tmp_path):
         assert sum(record["probs"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
     # 1 process x batch 8 and 2 processes x batch 4 see the same global batches (the sampler groups
     # for batch_size * world_size), so with unweighted loss and no dropout they train the same model.
@@ -184,6 +186,7 @@ def test_bad_distill_config_fails_before_any_data_is_read(emotion_dir, tiny_teac
     assert not (tmp_path / "cache").exists() and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tmp_path):
     # The real configs, shrunk by tiny.yaml: pruning with recovery during fit, INT8 for the test after
     # it, on 2 DDP processes (where Lightning's own ModelPruning breaks).
@@ -217,6 +220,7 @@ def distill_args(emotion_dir, teacher_dir, cache, *configs, extra=()):
             "--model.logits_cache", cache, *extra]
 
 
+@pytest.mark.slow
 def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache")
     _ok(run_cli("fit", *args, cwd=tmp_path))
@@ -241,6 +245,7 @@ def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
     assert json.loads((run.parent / "version_1" / "test_metrics.json").read_text()) == report
 
 
+@pytest.mark.slow
 def test_distill_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_teacher_dir, tmp_path):
     # Distil + Prune + Quant: the student is pruned during distillation and tested as INT8, on 2 processes.
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "prune.yaml", "quantize.yaml",
@@ -257,6 +262,7 @@ def test_distill_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_teach
     assert sum(map(sum, json.loads((run / "test_metrics.json").read_text())["confusion_matrix"])) == 9
 
 
+@pytest.mark.slow
 def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp_path):
     from emocompress.callbacks.quantization import load_int8
     from emocompress.students import RecurrentClassifier
@@ -276,6 +282,7 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
     torch.testing.assert_close(int8, fp32, atol=0.05, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_distill_and_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_teacher_dir, tmp_path):
     # As for the classifier: 1 process x batch 8 and 2 processes x batch 4 see the same global batches;
     # the teacher's logits come from one cache, so both runs distil (and prune) the same student. fp32: under bf16
@@ -299,6 +306,7 @@ def test_distill_and_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_tea
     assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_planted_pickle_as_ckpt_path_is_refused(emotion_dir, tiny_model_dir, tmp_path, malicious_checkpoint):
     path, marker = malicious_checkpoint
     result = run_cli("test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", path), cwd=tmp_path)
@@ -308,6 +316,7 @@ def test_planted_pickle_as_ckpt_path_is_refused(emotion_dir, tiny_model_dir, tmp
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_sigkilled_distill_prune_fit_resumes_to_the_same_model(tiny_teacher_dir, tmp_path):
     # Distillation with its logits cache and pruning masks, killed mid-epoch with SIGKILL, resumed with
     # --ckpt_path last: the result is the uninterrupted run's, optimizer and schedule included.
@@ -428,6 +437,7 @@ def test_testing_a_fresh_head_warns_loudly(emotion_dir, tiny_model_dir, tmp_path
         _run_in_process(["test", *tiny_args(emotion_dir, tiny_model_dir)], monkeypatch, tmp_path)
 
 
+@pytest.mark.slow
 def test_data_errors_print_one_line_without_a_traceback(emotion_dir, tiny_model_dir, tmp_path):
     (emotion_dir / "val.txt").write_text("happy day;joy\nglum day;gloom\n")
     result = run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir), cwd=tmp_path)

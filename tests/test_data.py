@@ -239,7 +239,10 @@ def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("handed to load_dataset"))
     with pytest.raises(ValueError, match=r"data: .*no_such_dataset_here does not exist"):
         _datamodule(tmp_path / "no_such_dataset_here", tiny_model_dir).setup("fit")
-    monkeypatch.undo()
+
+
+@pytest.mark.slow  # the real hub lookup: about 20 s offline, waiting for the unreachable hub
+def test_unknown_dataset_name_is_a_clear_error(tiny_model_dir):
     with pytest.raises(ValueError, match=r"'no-such-name-xyz' is no local folder, and datasets.load_dataset could not"):
         _datamodule("no-such-name-xyz", tiny_model_dir).setup("fit")
 

@@ -156,6 +156,7 @@ def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, varia
     assert OnnxPredictor(tmp_path / "int8").predict(texts) == served
 
 
+@pytest.mark.slow
 def test_server_runs_without_torch_and_answers_every_line(teacher, emotion_dir, tmp_path):
     model, tokenizer = teacher
     folder = export_onnx(model, tmp_path / "onnx", tokenizer)

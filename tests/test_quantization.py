@@ -34,6 +34,7 @@ def fp32(tiny_model_dir):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("include_embeddings", [False, True])
 def test_saved_int8_reloads_in_a_fresh_process_with_identical_logits(fp32, tmp_path, backend, include_embeddings):
