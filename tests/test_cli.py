@@ -35,6 +35,33 @@ def _ok(result):
     return result
 
 
+def _assert_half_zero(weights):
+    """Exactly half of all entries of ``weights`` are zero: global 50% magnitude pruning, to the weight."""
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * sum(w.numel() for w in weights))
+
+
+def _assert_pruned_and_tested_in_int8(run: Path):
+    """``run``'s HF export is 50% pruned over its Linear layers, and its test (all 9 texts) ran on ONNX INT8."""
+    exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
+    _assert_half_zero([m.weight for m in exported.modules() if isinstance(m, torch.nn.Linear)])
+    assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
+    assert sum(map(sum, json.loads((run / "test_metrics.json").read_text())["confusion_matrix"])) == 9
+
+
+def _assert_one_and_two_processes_agree(runs: Path) -> tuple[dict, dict]:
+    """``runs``/version_0 (1 process) and version_1 (2 DDP processes) trained the same weights and tested the same;
+    returns version_1's (state_dict of last.ckpt, test report)."""
+    weights = [torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for v in ("version_0", "version_1")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
+    one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
+    return weights[1], two
+
+
 @pytest.mark.slow
 def test_fit_test_predict(emotion_dir, tiny_model_dir, tmp_path):
     _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir), cwd=tmp_path))
@@ -85,13 +112,7 @@ def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
     _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir, *same, "--data.batch_size", 8), cwd=tmp_path))
     _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir, *same, *ddp, "--data.batch_size", 4), cwd=tmp_path))
     runs = tmp_path / "logs" / "tiny"
-    weights = [torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-               for v in ("version_0", "version_1")]
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
-    one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
-    assert two["confusion_matrix"] == one["confusion_matrix"]
-    assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
+    _, two = _assert_one_and_two_processes_agree(runs)
 
     # testing on 2 ranks: 9 test texts, none dropped or counted twice, the same numbers as 1 rank
     best = next((runs / "version_1" / "checkpoints").glob("best-*.ckpt"))
@@ -194,14 +215,7 @@ def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tm
             "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir, "--data.model_name", tiny_model_dir,
             "--trainer.max_epochs", 2, "--trainer.devices", 2, "--trainer.strategy", "ddp"]
     _ok(run_cli("fit", *args, cwd=tmp_path))
-    run = tmp_path / "logs" / "tiny" / "version_0"
-    exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
-    linears = [m.weight for m in exported.modules() if isinstance(m, torch.nn.Linear)]
-    zeros = sum(int((w == 0).sum()) for w in linears)
-    assert zeros == round(0.5 * sum(w.numel() for w in linears))
-    assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
-    report = json.loads((run / "test_metrics.json").read_text())
-    assert sum(map(sum, report["confusion_matrix"])) == 9
+    _assert_pruned_and_tested_in_int8(tmp_path / "logs" / "tiny" / "version_0")
 
 
 @pytest.mark.parametrize("config", ["benchmark.yaml", "benchmark_distill.yaml"])
@@ -252,14 +266,9 @@ def test_distill_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_teach
                         extra=("--model.student_layers", "[0, 1]", "--trainer.max_epochs", 2,
                                "--trainer.devices", 2, "--trainer.strategy", "ddp"))
     _ok(run_cli("fit", *args, cwd=tmp_path))
-    run = tmp_path / "logs" / "tiny" / "version_0"
-    student = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
-    linears = [m.weight for m in student.modules() if isinstance(m, torch.nn.Linear)]
-    assert sum(int((w == 0).sum()) for w in linears) == round(0.5 * sum(w.numel() for w in linears))
+    _assert_pruned_and_tested_in_int8(tmp_path / "logs" / "tiny" / "version_0")  # the student
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)
     assert not any(bool((m.weight == 0).any()) for m in teacher.modules() if isinstance(m, torch.nn.Linear))
-    assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
-    assert sum(map(sum, json.loads((run / "test_metrics.json").read_text())["confusion_matrix"])) == 9
 
 
 @pytest.mark.slow
@@ -293,17 +302,9 @@ def test_distill_and_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_tea
                                      extra=(*same, "--data.batch_size", 8)), cwd=tmp_path))
     _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, "prune.yaml", extra=(
         *same, "--data.batch_size", 4, "--trainer.devices", 2, "--trainer.strategy", "ddp")), cwd=tmp_path))
-    runs = tmp_path / "logs" / "tiny"
-    weights = [torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-               for v in ("version_0", "version_1")]
-    assert weights[0].keys() == weights[1].keys()
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
-    linears = [v for k, v in weights[1].items() if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k]
-    assert sum(int((w == 0).sum()) for w in linears) == round(0.5 * sum(w.numel() for w in linears))
-    one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
-    assert two["confusion_matrix"] == one["confusion_matrix"]
-    assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
+    weights, _ = _assert_one_and_two_processes_agree(tmp_path / "logs" / "tiny")
+    _assert_half_zero([v for k, v in weights.items()
+                       if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k])
 
 
 @pytest.mark.slow
