@@ -1,5 +1,6 @@
 # make teacher : install, then fine-tune the packaged MiniLM on ../shared/data/emotion and test it
 # make test    : install, then run the test suite (what CI runs)
+# make test-fast: the inner loop: the suite without the slow tests (CLI subprocesses, DDP), under 2 minutes
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 SEEDS ?=
 seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --trainer.logger.init_args.version seed_$(s) &&) true,$(1))
 
-.PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results test speed
+.PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results test test-fast speed
 
 install: $(VENV)/.installed
 
@@ -68,3 +69,6 @@ speed: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT and tokenizer saved to disk, and small hand-made data sets.
+"""Shared fixtures: a tiny random BERT and tokenizer saved to disk, small hand-made data sets, and factories
+for the data module and the CPU Trainer that the fitting tests share.
 
 The tiny model goes through the real ``from_pretrained`` path offline in well under a second.
 """
@@ -74,6 +75,33 @@ def tiny_teacher_dir(tiny_model_dir, tmp_path_factory) -> str:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture
+def make_datamodule(emotion_dir, tiny_model_dir):
+    """``make_datamodule(model_dir=None, data_dir=None, **overrides)``: an ``EmotionDataModule`` on ``emotion_dir``
+    tokenized for the tiny BERT, unless told otherwise; ``overrides`` (``batch_size=4``, ...) go to the constructor."""
+    from emocompress.data import EmotionDataModule
+
+    def make(model_dir=None, data_dir=None, **overrides):
+        return EmotionDataModule(str(data_dir or emotion_dir), model_name=str(model_dir or tiny_model_dir),
+                                 **overrides)
+
+    return make
+
+
+@pytest.fixture
+def tiny_trainer(tmp_path):
+    """``tiny_trainer(**overrides)``: a quiet 1-process CPU Trainer writing under ``tmp_path``, with no logger and
+    no sanity validation; ``overrides`` (``max_steps``, ``callbacks``, ...) replace or add Trainer arguments."""
+    from lightning.pytorch import Trainer
+
+    def make(**overrides):
+        return Trainer(**{"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                          "enable_model_summary": False, "default_root_dir": tmp_path, "num_sanity_val_steps": 0,
+                          **overrides})
+
+    return make
 
 
 class _Exploit:

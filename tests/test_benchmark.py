@@ -13,7 +13,6 @@ from emocompress.benchmark import (_comparison_markdown, benchmark, check_out_di
                                    interleaved_times, load_for_benchmark, time_calls)
 from emocompress.callbacks.quantization import quantize
 from emocompress.cli import main
-from emocompress.data import EmotionDataModule
 from tests.conftest import REPO
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
@@ -122,7 +121,7 @@ def exported(tiny_model_dir, tmp_path):
     return tmp_path / "fp32", tmp_path / "int8"
 
 
-def test_report_folder_and_per_class_table(emotion_dir, exported, tmp_path):
+def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodule, tmp_path):
     fp32, int8 = exported
     out = tmp_path / "report"
     rows = benchmark({"fp32": str(fp32), "int8": str(int8), "fp32 x2": [str(fp32), str(fp32)]},
@@ -160,7 +159,7 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, tmp_path):
 
     # per-class F1 and accuracy equal scikit-learn's on the same model's predictions
     model, _, _ = load_for_benchmark(fp32)
-    dm = EmotionDataModule(str(emotion_dir), model_name=str(fp32))
+    dm = make_datamodule(fp32)
     dm.setup("test")
     preds, target = [], []
     with torch.no_grad():

@@ -1,12 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
                              recall_score)
 
 from emocompress.classifier import EmotionClassifier, classification_metrics, confusion_figure, metrics_report
-from emocompress.data import EmotionDataModule
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
 
@@ -66,16 +64,17 @@ def test_bad_settings_fail_at_construction(tiny_model_dir, kwargs, message):
         EmotionClassifier(tiny_model_dir, **{"id2label": ID2LABEL, **kwargs})
 
 
-def _trainer(tmp_path, **kwargs):
-    return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+@pytest.fixture
+def trainer(tiny_trainer):
+    """``trainer(**overrides)``: the shared tiny Trainer without ModelCheckpoint (a test that needs one saves it)."""
+    return lambda **overrides: tiny_trainer(enable_checkpointing=False, **overrides)
 
 
-def test_fit_uses_class_weights_from_the_datamodule(emotion_dir, tiny_model_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, oversample_to=None, batch_size=4)
+def test_fit_uses_class_weights_from_the_datamodule(make_datamodule, tiny_model_dir, trainer):
+    dm = make_datamodule(oversample_to=None, batch_size=4)
     model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    _trainer(tmp_path, max_epochs=1, num_sanity_val_steps=0).fit(model, datamodule=dm)
+    trainer(max_epochs=1).fit(model, datamodule=dm)
     torch.testing.assert_close(model.class_weights, torch.tensor([15 / 24, 15 / 12, 15 / 9]))
     assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     # the logged training loss is the class-weighted cross-entropy
@@ -89,14 +88,14 @@ def test_fit_uses_class_weights_from_the_datamodule(emotion_dir, tiny_model_dir,
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_gradient_clipping_works_with_the_fused_optimizer(emotion_dir, tiny_model_dir, tmp_path, precision):
+def test_gradient_clipping_works_with_the_fused_optimizer(make_datamodule, tiny_model_dir, trainer, precision):
     def weight_change(clip):
         torch.manual_seed(0)
-        dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+        dm = make_datamodule(batch_size=4)
         model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
         before = model.model.base_model.encoder.layer[0].intermediate.dense.weight.detach().clone()
-        _trainer(tmp_path, max_steps=2, num_sanity_val_steps=0, limit_val_batches=0, precision=precision,
-                 gradient_clip_val=clip).fit(model, datamodule=dm)
+        trainer(max_steps=2, limit_val_batches=0, precision=precision,
+                gradient_clip_val=clip).fit(model, datamodule=dm)
         assert model.trainer.optimizers[0].defaults["fused"]
         return (model.model.base_model.encoder.layer[0].intermediate.dense.weight - before).abs().max()
 
@@ -105,11 +104,10 @@ def test_gradient_clipping_works_with_the_fused_optimizer(emotion_dir, tiny_mode
     assert weight_change(clip=1e-12) < 0.01 * weight_change(clip=None)
 
 
-def test_logged_validation_metrics_equal_sklearn(emotion_dir, tiny_model_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, eval_batch_size=3)
+def test_logged_validation_metrics_equal_sklearn(make_datamodule, tiny_model_dir, trainer):
+    dm = make_datamodule(eval_batch_size=3)
     model = EmotionClassifier(tiny_model_dir, dm.id2label)
-    trainer = _trainer(tmp_path)
-    logged = trainer.validate(model, datamodule=dm)[0]
+    logged = trainer().validate(model, datamodule=dm)[0]
     # independent predictions over the same split
     model.eval()
     preds, target = [], []
@@ -127,10 +125,10 @@ def test_logged_validation_metrics_equal_sklearn(emotion_dir, tiny_model_dir, tm
         assert logged[f"val/accuracy/{label}"] == pytest.approx(expected["accuracy_per_class"][i], abs=1e-6)
 
 
-def test_predict_returns_probabilities_per_text(emotion_dir, tiny_model_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir)
+def test_predict_returns_probabilities_per_text(make_datamodule, tiny_model_dir, trainer):
+    dm = make_datamodule()
     model = EmotionClassifier(tiny_model_dir, dm.id2label)
-    records = [r for batch in _trainer(tmp_path).predict(model, datamodule=dm) for r in batch]
+    records = [r for batch in trainer().predict(model, datamodule=dm) for r in batch]
     assert [r["line"] for r in records] == list(range(1, 10))
     for record in records:
         assert set(record["probs"]) == {"anger", "joy", "love"}
@@ -144,12 +142,12 @@ def test_confusion_figure_shows_counts_and_row_percentages():
     assert texts == ["3\n75.0%", "1\n25.0%", "0\n0.0%", "2\n100.0%"]
 
 
-def test_init_checkpoint_starts_from_a_fine_tuned_network(emotion_dir, tiny_model_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+def test_init_checkpoint_starts_from_a_fine_tuned_network(make_datamodule, tiny_model_dir, trainer, tmp_path):
+    dm = make_datamodule(batch_size=4)
     tuned = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
-    trainer = _trainer(tmp_path, max_steps=2, num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(tuned, datamodule=dm)
-    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    fitted = trainer(max_steps=2, limit_val_batches=0)
+    fitted.fit(tuned, datamodule=dm)
+    fitted.save_checkpoint(tmp_path / "tuned.ckpt")
     started = EmotionClassifier(tiny_model_dir, dm.id2label, init_checkpoint=str(tmp_path / "tuned.ckpt"))
     for name, value in tuned.model.state_dict().items():
         assert torch.equal(started.model.state_dict()[name], value), name

@@ -35,6 +35,34 @@ def _ok(result):
     return result
 
 
+def _assert_half_zero(weights):
+    """Exactly half of all entries of ``weights`` are zero: global 50% magnitude pruning, to the weight."""
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * sum(w.numel() for w in weights))
+
+
+def _assert_pruned_and_tested_in_int8(run: Path):
+    """``run``'s HF export is 50% pruned over its Linear layers, and its test (all 9 texts) ran on ONNX INT8."""
+    exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
+    _assert_half_zero([m.weight for m in exported.modules() if isinstance(m, torch.nn.Linear)])
+    assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
+    assert sum(map(sum, json.loads((run / "test_metrics.json").read_text())["confusion_matrix"])) == 9
+
+
+def _assert_one_and_two_processes_agree(runs: Path) -> tuple[dict, dict]:
+    """``runs``/version_0 (1 process) and version_1 (2 DDP processes) trained the same weights and tested the same;
+    returns version_1's (state_dict of last.ckpt, test report)."""
+    weights = [torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for v in ("version_0", "version_1")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
+    one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
+    return weights[1], two
+
+
+@pytest.mark.slow
 def test_fit_test_predict(emotion_dir, tiny_model_dir, tmp_path):
     _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir), cwd=tmp_path))
     run = tmp_path / "logs" / "tiny" / "version_0"
@@ -75,6 +103,7 @@ def test_fit_test_predict(emotion_dir, tiny_model_dir, tmp_path):
         assert sum(record["probs"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
     # 1 process x batch 8 and 2 processes x batch 4 see the same global batches (the sampler groups
     # for batch_size * world_size), so with unweighted loss and no dropout they train the same model.
@@ -83,13 +112,7 @@ def test_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
     _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir, *same, "--data.batch_size", 8), cwd=tmp_path))
     _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir, *same, *ddp, "--data.batch_size", 4), cwd=tmp_path))
     runs = tmp_path / "logs" / "tiny"
-    weights = [torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-               for v in ("version_0", "version_1")]
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
-    one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
-    assert two["confusion_matrix"] == one["confusion_matrix"]
-    assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
+    _, two = _assert_one_and_two_processes_agree(runs)
 
     # testing on 2 ranks: 9 test texts, none dropped or counted twice, the same numbers as 1 rank
     best = next((runs / "version_1" / "checkpoints").glob("best-*.ckpt"))
@@ -184,6 +207,7 @@ def test_bad_distill_config_fails_before_any_data_is_read(emotion_dir, tiny_teac
     assert not (tmp_path / "cache").exists() and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tmp_path):
     # The real configs, shrunk by tiny.yaml: pruning with recovery during fit, INT8 for the test after
     # it, on 2 DDP processes (where Lightning's own ModelPruning breaks).
@@ -191,14 +215,7 @@ def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tm
             "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir, "--data.model_name", tiny_model_dir,
             "--trainer.max_epochs", 2, "--trainer.devices", 2, "--trainer.strategy", "ddp"]
     _ok(run_cli("fit", *args, cwd=tmp_path))
-    run = tmp_path / "logs" / "tiny" / "version_0"
-    exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
-    linears = [m.weight for m in exported.modules() if isinstance(m, torch.nn.Linear)]
-    zeros = sum(int((w == 0).sum()) for w in linears)
-    assert zeros == round(0.5 * sum(w.numel() for w in linears))
-    assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
-    report = json.loads((run / "test_metrics.json").read_text())
-    assert sum(map(sum, report["confusion_matrix"])) == 9
+    _assert_pruned_and_tested_in_int8(tmp_path / "logs" / "tiny" / "version_0")
 
 
 @pytest.mark.parametrize("config", ["benchmark.yaml", "benchmark_distill.yaml"])
@@ -217,6 +234,7 @@ def distill_args(emotion_dir, teacher_dir, cache, *configs, extra=()):
             "--model.logits_cache", cache, *extra]
 
 
+@pytest.mark.slow
 def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache")
     _ok(run_cli("fit", *args, cwd=tmp_path))
@@ -241,22 +259,19 @@ def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
     assert json.loads((run.parent / "version_1" / "test_metrics.json").read_text()) == report
 
 
+@pytest.mark.slow
 def test_distill_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_teacher_dir, tmp_path):
     # Distil + Prune + Quant: the student is pruned during distillation and tested as INT8, on 2 processes.
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "prune.yaml", "quantize.yaml",
                         extra=("--model.student_layers", "[0, 1]", "--trainer.max_epochs", 2,
                                "--trainer.devices", 2, "--trainer.strategy", "ddp"))
     _ok(run_cli("fit", *args, cwd=tmp_path))
-    run = tmp_path / "logs" / "tiny" / "version_0"
-    student = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
-    linears = [m.weight for m in student.modules() if isinstance(m, torch.nn.Linear)]
-    assert sum(int((w == 0).sum()) for w in linears) == round(0.5 * sum(w.numel() for w in linears))
+    _assert_pruned_and_tested_in_int8(tmp_path / "logs" / "tiny" / "version_0")  # the student
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)
     assert not any(bool((m.weight == 0).any()) for m in teacher.modules() if isinstance(m, torch.nn.Linear))
-    assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
-    assert sum(map(sum, json.loads((run / "test_metrics.json").read_text())["confusion_matrix"])) == 9
 
 
+@pytest.mark.slow
 def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp_path):
     from emocompress.callbacks.quantization import load_int8
     from emocompress.students import RecurrentClassifier
@@ -276,6 +291,7 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
     torch.testing.assert_close(int8, fp32, atol=0.05, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_distill_and_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_teacher_dir, tmp_path):
     # As for the classifier: 1 process x batch 8 and 2 processes x batch 4 see the same global batches;
     # the teacher's logits come from one cache, so both runs distil (and prune) the same student. fp32: under bf16
@@ -286,19 +302,12 @@ def test_distill_and_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_tea
                                      extra=(*same, "--data.batch_size", 8)), cwd=tmp_path))
     _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, "prune.yaml", extra=(
         *same, "--data.batch_size", 4, "--trainer.devices", 2, "--trainer.strategy", "ddp")), cwd=tmp_path))
-    runs = tmp_path / "logs" / "tiny"
-    weights = [torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-               for v in ("version_0", "version_1")]
-    assert weights[0].keys() == weights[1].keys()
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
-    linears = [v for k, v in weights[1].items() if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k]
-    assert sum(int((w == 0).sum()) for w in linears) == round(0.5 * sum(w.numel() for w in linears))
-    one, two = (json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1"))
-    assert two["confusion_matrix"] == one["confusion_matrix"]
-    assert two["macro_f1"] == pytest.approx(one["macro_f1"], abs=1e-6)
+    weights, _ = _assert_one_and_two_processes_agree(tmp_path / "logs" / "tiny")
+    _assert_half_zero([v for k, v in weights.items()
+                       if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k])
 
 
+@pytest.mark.slow
 def test_planted_pickle_as_ckpt_path_is_refused(emotion_dir, tiny_model_dir, tmp_path, malicious_checkpoint):
     path, marker = malicious_checkpoint
     result = run_cli("test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", path), cwd=tmp_path)
@@ -308,6 +317,7 @@ def test_planted_pickle_as_ckpt_path_is_refused(emotion_dir, tiny_model_dir, tmp
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_sigkilled_distill_prune_fit_resumes_to_the_same_model(tiny_teacher_dir, tmp_path):
     # Distillation with its logits cache and pruning masks, killed mid-epoch with SIGKILL, resumed with
     # --ckpt_path last: the result is the uninterrupted run's, optimizer and schedule included.
@@ -428,6 +438,7 @@ def test_testing_a_fresh_head_warns_loudly(emotion_dir, tiny_model_dir, tmp_path
         _run_in_process(["test", *tiny_args(emotion_dir, tiny_model_dir)], monkeypatch, tmp_path)
 
 
+@pytest.mark.slow
 def test_data_errors_print_one_line_without_a_traceback(emotion_dir, tiny_model_dir, tmp_path):
     (emotion_dir / "val.txt").write_text("happy day;joy\nglum day;gloom\n")
     result = run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir), cwd=tmp_path)

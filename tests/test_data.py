@@ -239,6 +239,7 @@ def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("handed to load_dataset"))
     with pytest.raises(ValueError, match=r"data: .*no_such_dataset_here does not exist"):
         _datamodule(tmp_path / "no_such_dataset_here", tiny_model_dir).setup("fit")
+
     # A name that may be a hub dataset goes to the hub; here the hub is unreachable (and waiting for it is slow).
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hugging Face Hub")

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import prune
@@ -19,7 +18,6 @@ from emocompress.benchmark import load_for_benchmark
 from emocompress.callbacks.export import OnnxExport
 from emocompress.artifacts import OrtClassifier, export_onnx, load_artifact, quantize
 from emocompress.classifier import EmotionClassifier
-from emocompress.data import EmotionDataModule
 from emocompress import serve
 from emocompress.serve import OnnxPredictor, main
 from emocompress.students import RecurrentClassifier, RecurrentConfig, keep_layers
@@ -158,6 +156,7 @@ def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, varia
     assert OnnxPredictor(tmp_path / "int8").predict(texts) == served
 
 
+@pytest.mark.slow
 def test_server_runs_without_torch_and_answers_every_line(teacher, emotion_dir, tmp_path):
     model, tokenizer = teacher
     folder = export_onnx(model, tmp_path / "onnx", tokenizer)
@@ -197,15 +196,14 @@ def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
     assert happy["label"] in teacher[0].config.id2label.values()
 
 
-def test_onnx_export_callback_writes_the_best_model(emotion_dir, tiny_model_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+def test_onnx_export_callback_writes_the_best_model(make_datamodule, emotion_dir, tiny_model_dir, tiny_trainer,
+                                                    tmp_path):
+    dm = make_datamodule(batch_size=4)
     torch.manual_seed(0)  # the fresh head
     module = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
     # "best" = the earliest step: the first epoch's weights, so best and final weights differ
     best_ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="step", mode="min")
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                      max_epochs=2, limit_train_batches=2, callbacks=[best_ckpt, OnnxExport()])
+    trainer = tiny_trainer(max_epochs=2, limit_train_batches=2, callbacks=[best_ckpt, OnnxExport()])
     trainer.fit(module, datamodule=dm)
     folder = tmp_path / "onnx"
     assert {"model.onnx", "config.json", "tokenizer.json", "int8.json"} <= {p.name for p in folder.iterdir()}

@@ -1,28 +1,32 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
 
 from emocompress.classifier import EmotionClassifier
-from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller, Teacher, distillation_losses, patient_loss
 from emocompress.students import RecurrentClassifier
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
 
 
-def _trainer(tmp_path, **kwargs):
-    return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                   limit_val_batches=0, **kwargs)
+@pytest.fixture
+def trainer(tiny_trainer):
+    """``trainer(**overrides)``: the shared tiny Trainer, training only (no validation, no ModelCheckpoint)."""
+    return lambda **overrides: tiny_trainer(enable_checkpointing=False, limit_val_batches=0, **overrides)
 
 
-def _fit(emotion_dir, teacher_dir, tmp_path, max_steps=2, **kwargs):
-    dm = EmotionDataModule(str(emotion_dir), model_name=teacher_dir, batch_size=4)
-    model = Distiller(teacher=teacher_dir, model_name=teacher_dir, id2label=dm.id2label, lr=1e-2, **kwargs)
-    trainer = _trainer(tmp_path, max_steps=max_steps)
-    trainer.fit(model, datamodule=dm)
-    return model, trainer, dm
+@pytest.fixture
+def fit(make_datamodule, trainer, tiny_teacher_dir):
+    """``fit(max_steps=2, **distiller_kwargs) -> (model, trainer, dm)``: a Distiller of the tiny teacher, fitted."""
+    def fit(max_steps=2, **kwargs):
+        dm = make_datamodule(tiny_teacher_dir, batch_size=4)
+        model = Distiller(teacher=tiny_teacher_dir, model_name=tiny_teacher_dir, id2label=dm.id2label, lr=1e-2,
+                          **kwargs)
+        fitted = trainer(max_steps=max_steps)
+        fitted.fit(model, datamodule=dm)
+        return model, fitted, dm
+
+    return fit
 
 
 # ---- the loss ----
@@ -57,13 +61,13 @@ def test_patient_loss_compares_normalised_first_token_states_of_mapped_layers():
 
 
 # ---- the teacher ----
-def test_teacher_is_frozen_outside_the_checkpoint_and_the_student_learns(emotion_dir, tiny_teacher_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_teacher_dir, batch_size=4)
+def test_teacher_is_frozen_outside_the_checkpoint_and_the_student_learns(make_datamodule, tiny_teacher_dir, trainer):
+    dm = make_datamodule(tiny_teacher_dir, batch_size=4)
     model = Distiller(teacher=tiny_teacher_dir, model_name=tiny_teacher_dir, id2label=dm.id2label, lr=1e-2,
                       student_layers=[1])
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    _trainer(tmp_path, max_steps=3).fit(model, datamodule=dm)
+    trainer(max_steps=3).fit(model, datamodule=dm)
     for name, value in model.teacher.state_dict().items():
         assert torch.equal(value, teacher_before[name]), name
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
@@ -75,9 +79,9 @@ def test_teacher_is_frozen_outside_the_checkpoint_and_the_student_learns(emotion
     assert not teacher_params & {id(p) for p in model.parameters()}
 
 
-def test_cached_teacher_logits_equal_live_ones_and_are_reused(emotion_dir, tiny_teacher_dir, tmp_path, monkeypatch):
+def test_cached_teacher_logits_equal_live_ones_and_are_reused(fit, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    model, trainer, dm = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+    model, trainer, dm = fit(max_steps=1, logits_cache=str(cache))
     [cache_file] = cache.glob("teacher-*.pt")
     texts = dm.texts("train")
     with torch.no_grad():  # live: the teacher on small padded batches, in data order
@@ -88,36 +92,35 @@ def test_cached_teacher_logits_equal_live_ones_and_are_reused(emotion_dir, tiny_
 
     # training on cached logits gives the loss of training on live ones
     cached_loss = trainer.callback_metrics["train/loss"]
-    _, live_trainer, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1)
+    _, live_trainer, _ = fit(max_steps=1)
     assert live_trainer.callback_metrics["train/loss"].item() == pytest.approx(cached_loss.item(), abs=1e-5)
 
     # a second run with the same teacher reads the cache and never runs the teacher over the data
     monkeypatch.setattr(Teacher, "logits", lambda self, texts: pytest.fail("teacher ran again"))
-    again, _, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+    again, _, _ = fit(max_steps=1, logits_cache=str(cache))
     torch.testing.assert_close(again.cached_logits, model.cached_logits)
 
 
-def test_corrupt_cache_is_a_clear_error(emotion_dir, tiny_teacher_dir, tmp_path):
+def test_corrupt_cache_is_a_clear_error(fit, tmp_path):
     cache = tmp_path / "cache"
-    model, _, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+    model, _, _ = fit(max_steps=1, logits_cache=str(cache))
     next(cache.glob("teacher-*.pt")).write_bytes(b"garbage")
     with pytest.raises(ValueError, match="model.logits_cache: cannot read .* delete it to recompute"):
-        _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+        fit(max_steps=1, logits_cache=str(cache))
 
 
-def test_alpha_one_control_never_runs_the_teacher(emotion_dir, tiny_teacher_dir, tmp_path, monkeypatch):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_teacher_dir, batch_size=4)
+def test_alpha_one_control_never_runs_the_teacher(make_datamodule, tiny_teacher_dir, trainer, monkeypatch):
+    dm = make_datamodule(tiny_teacher_dir, batch_size=4)
     model = Distiller(teacher=tiny_teacher_dir, model_name=tiny_teacher_dir, id2label=dm.id2label, alpha=1.0)
     monkeypatch.setattr(model.teacher, "forward", lambda *a, **k: pytest.fail("the teacher ran"))
-    trainer = _trainer(tmp_path, max_steps=2)
-    trainer.fit(model, datamodule=dm)
-    assert trainer.callback_metrics["train/kd"] == 0
-    assert trainer.callback_metrics["train/loss"] == trainer.callback_metrics["train/ce"]
+    fitted = trainer(max_steps=2)
+    fitted.fit(model, datamodule=dm)
+    assert fitted.callback_metrics["train/kd"] == 0
+    assert fitted.callback_metrics["train/loss"] == fitted.callback_metrics["train/ce"]
 
 
-def test_hidden_state_loss_and_mse_are_trained(emotion_dir, tiny_teacher_dir, tmp_path):
-    model, trainer, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, student_layers=[0], hidden_weight=1.0,
-                             mse_weight=0.1)
+def test_hidden_state_loss_and_mse_are_trained(fit):
+    model, trainer, _ = fit(student_layers=[0], hidden_weight=1.0, mse_weight=0.1)
     assert model.layer_map == [0]
     metrics = trainer.callback_metrics
     assert metrics["train/hidden"] > 0 and metrics["train/mse"] > 0
@@ -126,24 +129,23 @@ def test_hidden_state_loss_and_mse_are_trained(emotion_dir, tiny_teacher_dir, tm
 
 
 @pytest.mark.parametrize("student", ["bilstm", "meanpool"])
-def test_recurrent_student_distils(emotion_dir, tiny_teacher_dir, tmp_path, student):
-    model, trainer, dm = _fit(emotion_dir, tiny_teacher_dir, tmp_path, student=student, embedding_dim=8,
-                              hidden_size=8)
+def test_recurrent_student_distils(fit, student):
+    model, trainer, dm = fit(student=student, embedding_dim=8, hidden_size=8)
     assert isinstance(model.model, RecurrentClassifier)
     assert model.model.config.vocab_size == len(dm.tokenizer)
     assert model.model.config.id2label == ID2LABEL
     assert trainer.callback_metrics["train/kd"] > 0
 
 
-def test_pretrained_student_with_its_own_tokenizer(emotion_dir, tiny_teacher_dir, tiny_model_dir, tmp_path):
+def test_pretrained_student_with_its_own_tokenizer(make_datamodule, tiny_teacher_dir, tiny_model_dir, trainer):
     # the student reads the data module's tokens; the teacher tokenizes the raw texts itself
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
+    dm = make_datamodule(tiny_model_dir, batch_size=4)
     model = Distiller(teacher=tiny_teacher_dir, student="pretrained", model_name=tiny_model_dir,
                       id2label=dm.id2label, hidden_weight=0.5)
     assert model.layer_map == [0, 1]  # as deep as the teacher: layer to layer
-    trainer = _trainer(tmp_path, max_steps=2)
-    trainer.fit(model, datamodule=dm)
-    assert trainer.callback_metrics["train/kd"] > 0
+    fitted = trainer(max_steps=2)
+    fitted.fit(model, datamodule=dm)
+    assert fitted.callback_metrics["train/kd"] > 0
 
 
 @pytest.mark.parametrize("student", ["layers", "bilstm", "pretrained"])
@@ -158,12 +160,12 @@ def test_each_tokenizer_is_read_once(tiny_teacher_dir, monkeypatch, student):
     assert read == [tiny_teacher_dir]
 
 
-def test_teacher_from_a_classifier_checkpoint(emotion_dir, tiny_teacher_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_teacher_dir, batch_size=4)
+def test_teacher_from_a_classifier_checkpoint(make_datamodule, tiny_teacher_dir, trainer, tmp_path):
+    dm = make_datamodule(tiny_teacher_dir, batch_size=4)
     tuned = EmotionClassifier(tiny_teacher_dir, dm.id2label, lr=1e-2)
-    trainer = _trainer(tmp_path, max_steps=2)
-    trainer.fit(tuned, datamodule=dm)
-    trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    fitted = trainer(max_steps=2)
+    fitted.fit(tuned, datamodule=dm)
+    fitted.save_checkpoint(tmp_path / "teacher.ckpt")
     model = Distiller(teacher=str(tmp_path / "teacher.ckpt"), model_name=tiny_teacher_dir, id2label=dm.id2label)
     for name, value in tuned.model.state_dict().items():
         assert torch.equal(model.teacher.state_dict()[name], value), name
@@ -203,15 +205,14 @@ def test_teacher_checkpoint_errors(tiny_teacher_dir, tmp_path):
         Distiller(teacher=str(tmp_path / "student.ckpt"), model_name=tiny_teacher_dir, id2label=ID2LABEL)
 
 
-def test_planted_pickles_are_refused_as_teacher_and_as_cache(emotion_dir, tiny_teacher_dir, tmp_path,
-                                                              malicious_checkpoint):
+def test_planted_pickles_are_refused_as_teacher_and_as_cache(fit, tiny_teacher_dir, tmp_path, malicious_checkpoint):
     path, marker = malicious_checkpoint
     with pytest.raises(ValueError, match="model.teacher: refused to load .* could run code"):
         Distiller(teacher=str(path), model_name=tiny_teacher_dir, id2label=ID2LABEL)
     cache = tmp_path / "cache"
-    model, _, _ = _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+    model, _, _ = fit(max_steps=1, logits_cache=str(cache))
     cache_file = next(cache.glob("teacher-*.pt"))
     cache_file.write_bytes(path.read_bytes())
     with pytest.raises(ValueError, match="model.logits_cache: cannot read"):
-        _fit(emotion_dir, tiny_teacher_dir, tmp_path, max_steps=1, logits_cache=str(cache))
+        fit(max_steps=1, logits_cache=str(cache))
     assert not marker.exists()

@@ -1,22 +1,31 @@
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torch import nn
 from torch.nn.utils import prune
 
 from emocompress.callbacks.pruning import MagnitudePruning, sparsity
 from emocompress.classifier import EmotionClassifier
-from emocompress.data import EmotionDataModule
 
 
-def _fit(emotion_dir, tiny_model_dir, tmp_path, callbacks, ckpt_path=None, model=None, **trainer_kwargs):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
-    model = model or EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                      callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    return model, trainer
+@pytest.fixture
+def model(make_datamodule, tiny_model_dir):
+    """A fresh classifier for ``emotion_dir``'s labels, to change before it is fitted."""
+    return EmotionClassifier(tiny_model_dir, make_datamodule(batch_size=4).id2label, lr=1e-2)
+
+
+@pytest.fixture
+def fit(make_datamodule, tiny_trainer, tiny_model_dir):
+    """``fit(callbacks, ckpt_path=None, model=None, **trainer_kwargs) -> (model, trainer)``: a short CPU fit of
+    ``model`` (by default a fresh classifier) at batch size 4."""
+    def fit(callbacks, ckpt_path=None, model=None, **trainer_kwargs):
+        dm = make_datamodule(batch_size=4)
+        model = model or EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+        trainer = tiny_trainer(callbacks=callbacks, **trainer_kwargs)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model, trainer
+
+    return fit
 
 
 def _linear_weights(model):
@@ -36,9 +45,9 @@ class _MasksHold(Callback):
                 self.checked += 1
 
 
-def test_one_shot_reaches_the_target_to_the_weight(emotion_dir, tiny_model_dir, tmp_path):
+def test_one_shot_reaches_the_target_to_the_weight(fit):
     holds = _MasksHold()
-    model, _ = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.37), holds], max_epochs=2)
+    model, _ = fit([MagnitudePruning(amount=0.37), holds], max_epochs=2)
     weights = _linear_weights(model.model)
     total = sum(w.numel() for w in weights)
     assert sum(int((w == 0).sum()) for w in weights) == round(0.37 * total)
@@ -48,37 +57,30 @@ def test_one_shot_reaches_the_target_to_the_weight(emotion_dir, tiny_model_dir, 
     assert not [k for k in model.model.state_dict() if k.endswith(("_orig", "_mask"))]
 
 
-def test_pruned_weights_stay_zero_while_recovery_trains_the_rest(emotion_dir, tiny_model_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
-    model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+def test_pruned_weights_stay_zero_while_recovery_trains_the_rest(fit, model):
     before = {n: w.detach().clone() for n, w in model.model.named_parameters()}
-    model, _ = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.5), _MasksHold()],
-                    model=model, max_epochs=3)
+    model, _ = fit([MagnitudePruning(amount=0.5), _MasksHold()], model=model, max_epochs=3)
     after = dict(model.model.named_parameters())
     moved = [n for n, w in before.items() if n.endswith("weight") and not torch.equal(after[n], w)]
     kept = [after[n][after[n] != 0] for n in moved]
     assert moved and all(k.numel() > 0 for k in kept)
 
 
-def test_head_and_other_modules_are_left_alone(emotion_dir, tiny_model_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir, batch_size=4)
-    model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2)
+def test_head_and_other_modules_are_left_alone(fit, model):
     model.teacher = nn.Linear(16, 16)  # stands in for a distillation teacher: never pruned
-    model, _ = _fit(emotion_dir, tiny_model_dir, tmp_path,
-                    [MagnitudePruning(amount=0.5, include_classifier=False)], model=model, max_epochs=1)
+    model, _ = fit([MagnitudePruning(amount=0.5, include_classifier=False)], model=model, max_epochs=1)
     assert sparsity(model.teacher) == 0
     assert sparsity(model.model.classifier) == 0
     assert sparsity(model.model.base_model) == pytest.approx(0.5, abs=1e-3)
 
 
-def test_embeddings_can_be_included(emotion_dir, tiny_model_dir, tmp_path):
-    model, _ = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.5, include_embeddings=True)],
-                    max_steps=1)
+def test_embeddings_can_be_included(fit):
+    model, _ = fit([MagnitudePruning(amount=0.5, include_embeddings=True)], max_steps=1)
     word = model.model.base_model.embeddings.word_embeddings.weight
     assert (word == 0).float().mean() > 0.1
 
 
-def test_cubic_schedule_rises_to_the_target(emotion_dir, tiny_model_dir, tmp_path):
+def test_cubic_schedule_rises_to_the_target(fit):
     seen = []
 
     class Record(Callback):
@@ -86,15 +88,15 @@ def test_cubic_schedule_rises_to_the_target(emotion_dir, tiny_model_dir, tmp_pat
             seen.append(sparsity(pl_module.model))
 
     pruning = MagnitudePruning(amount=0.6, schedule="cubic", start_step=1, end_step=7, every_n_steps=2)
-    _fit(emotion_dir, tiny_model_dir, tmp_path, [pruning, Record()], max_steps=10)
+    fit([pruning, Record()], max_steps=10)
     assert seen[0] == 0  # before start_step
     assert all(a <= b + 1e-9 for a, b in zip(seen, seen[1:]))
     assert 0 < seen[3] < 0.6
     assert seen[-1] == pytest.approx(0.6, abs=1e-3)
 
 
-def test_checkpoint_is_plain_and_resume_keeps_the_masks(emotion_dir, tiny_model_dir, tmp_path):
-    model, trainer = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.5)], max_steps=4)
+def test_checkpoint_is_plain_and_resume_keeps_the_masks(fit, tmp_path):
+    model, trainer = fit([MagnitudePruning(amount=0.5)], max_steps=4)
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)
@@ -103,8 +105,7 @@ def test_checkpoint_is_plain_and_resume_keeps_the_masks(emotion_dir, tiny_model_
     zero_before = {k: v == 0 for k, v in state["state_dict"].items() if k.endswith("weight") and v.ndim == 2}
 
     holds = _MasksHold()
-    resumed, _ = _fit(emotion_dir, tiny_model_dir, tmp_path, [MagnitudePruning(amount=0.5), holds],
-                      ckpt_path=ckpt, max_steps=12)
+    resumed, _ = fit([MagnitudePruning(amount=0.5), holds], ckpt_path=ckpt, max_steps=12)
     assert holds.checked > 0  # masks were rebuilt on resume and held through the extra steps
     after = resumed.state_dict()
     for key, was_zero in zero_before.items():

@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -12,7 +11,6 @@ from emocompress.artifacts import OrtClassifier, load_artifact, quantize
 from emocompress.callbacks.metrics import TestMetricsWriter
 from emocompress.callbacks.quantization import Int8Quantization, OnCpu
 from emocompress.classifier import EmotionClassifier
-from emocompress.data import EmotionDataModule
 
 TEXTS = ["i feel so happy today", "furious", "really loving and tender the day was"]
 
@@ -36,6 +34,7 @@ def fp32(tiny_model_dir):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("include_embeddings", [False, True])
 def test_saved_int8_reloads_in_a_fresh_process_with_identical_logits(fp32, tmp_path, backend, include_embeddings):
@@ -84,11 +83,10 @@ def test_bad_backend_is_a_clear_error():
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_callback_tests_the_int8_model(emotion_dir, tiny_model_dir, tmp_path, backend):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir)
+def test_callback_tests_the_int8_model(make_datamodule, tiny_model_dir, tiny_trainer, tmp_path, backend):
+    dm = make_datamodule()
     model = EmotionClassifier(tiny_model_dir, dm.id2label)
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      default_root_dir=tmp_path, callbacks=[Int8Quantization(backend=backend), TestMetricsWriter()])
+    trainer = tiny_trainer(callbacks=[Int8Quantization(backend=backend), TestMetricsWriter()])
     logged = trainer.test(model, datamodule=dm)[0]
     assert isinstance(model.model, OrtClassifier) if backend == "onnxruntime" else \
         any(isinstance(m, DynamicInt8Linear) for m in model.model.modules())
