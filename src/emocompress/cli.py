@@ -50,6 +50,26 @@ def _comparable(config: str) -> dict:
     return config
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it, torch emulates bf16 and
+    bf16 autocast trains MiniLM about 14x slower than fp32 (2.2 vs 30.8 samples/s measured on an AVX2-only
+    AMD EPYC). Unknown (an older torch without the probes) counts as native."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None) or all(probe is None for probe in probes)
+
+
+def _cpu_precision(trainer_config) -> None:
+    """bf16 precision on a CPU without native bf16 becomes 32-true, with a warning: what the configs mean by
+    "bf16 where it is fast" (teacher.yaml), instead of a fit 14x slower than it needs to be."""
+    precision = str(trainer_config.get("precision") or "")
+    on_cpu = trainer_config.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    if precision.startswith("bf16") and on_cpu and not cpu_has_native_bf16():
+        trainer_config.precision = "32-true"
+        rank_zero_warn(f"trainer.precision {precision}: this CPU has no native bf16 (no AVX512-BF16 or AMX), where "
+                       "bf16 autocast trains about 14x slower than fp32; using 32-true instead (pass "
+                       "--trainer.precision 32-true to silence this)")
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now, not the stream of the first call (``main`` may run many
     times in one process, as in tests, each with its own stderr)."""
@@ -89,7 +109,9 @@ class EmoCLI(LightningCLI):
                          "folder), or 'last' to resume")
 
     def before_instantiate_classes(self):
-        if self.config[self.subcommand].get("ckpt_path"):
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        _cpu_precision(config.trainer)
+        if config.get("ckpt_path"):
             # The checkpoint restores the head: transformers' report of a freshly initialised one is noise.
             transformers.logging.set_verbosity_error()
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
