@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from emocompress import pretrained
 from emocompress import students  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
 from emocompress.artifact_format import (
     DEFAULT_MAX_LENGTH,
@@ -182,10 +183,8 @@ def _id2label(config) -> dict[str, str]:
 def _onnx_meta(model: nn.Module, tokenizer, max_length: int, **meta) -> ArtifactMeta:
     """``meta`` plus what a server needs beyond the graph: inputs, label names, truncation length and
     padding token."""
-    # Longer inputs would index past the position table. The tokenizer's limit is the tighter one for
-    # RoBERTa (512 of 514 rows: its positions start after the padding index); unset, it is a huge placeholder.
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limit = min((n for n in limits if isinstance(n, int) and n < 1_000_000), default=max_length)
+    # Longer inputs would index past the position table.
+    limit = pretrained.position_limit(model.config, tokenizer) or max_length
     if max_length > limit:
         log.warning("ONNX export: max_length %d is above the model's limit; the server truncates to %d",
                     max_length, limit)
