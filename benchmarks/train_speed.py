@@ -3,8 +3,8 @@
     python benchmarks/train_speed.py --data ../shared/data/emotion --steps 60 --warmup 10 --rounds 2
 
 Same model (packaged all-MiniLM-L6-v2), batch size 32, max length 128, AdamW, all CPU threads. The HF
-Trainer runs with ``group_by_length`` in fp32 and at its fastest documented CPU setting (``bf16=True``,
-``optim="adamw_torch_fused"``); emocompress runs its real training path (oversampling, inverse class
+Trainer runs with ``group_by_length`` and ``optim="adamw_torch_fused"`` in fp32 and with ``bf16=True``, its
+fastest documented CPU setting; emocompress runs its real training path (oversampling, inverse class
 weights, length-grouped batches, fused AdamW) in fp32 and in ``bf16-mixed``, like for like. Each figure
 is samples per second over ``steps`` optimizer steps after ``warmup`` untimed ones; the settings run in
 interleaved rounds (each once per round, in one process) so that drift of a shared machine hits all alike,
@@ -81,7 +81,7 @@ def hf_trainer_rate(data: str, steps: int, warmup: int, batch_size: int, group_b
                                  train_sampling_strategy="group_by_length" if group_by_length else "random",
                                  report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                                  disable_tqdm=True, dataloader_drop_last=True, bf16=bf16,
-                                 optim="adamw_torch_fused" if bf16 else "adamw_torch")
+                                 optim="adamw_torch_fused")  # its fastest documented optimizer on CPU, as ours
         HFTrainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(
             datamodule.tokenizer), callbacks=[Timer()]).train()
     return steps * batch_size / timer["seconds"]
@@ -98,7 +98,7 @@ def main():
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     common = (args.data, args.steps, args.warmup, args.batch_size)
     settings = {
-        "HF Trainer, group_by_length, fp32": lambda: hf_trainer_rate(*common, True),
+        "HF Trainer, group_by_length, fp32, adamw_torch_fused": lambda: hf_trainer_rate(*common, True),
         # the peer's fastest documented CPU setting: bf16 autocast and the fused AdamW kernel
         "HF Trainer, group_by_length, bf16, adamw_torch_fused": lambda: hf_trainer_rate(*common, True, bf16=True),
         "emocompress, fp32": lambda: emocompress_rate(*common),
@@ -119,7 +119,7 @@ def main():
     print(f"{'':<56}{'median':>8}{'min':>8}{'max':>8}  samples/s")
     for name, values in rates.items():
         print(f"{name:<56}{statistics.median(values):8.1f}{min(values):8.1f}{max(values):8.1f}")
-    for ours, peer in (("emocompress, fp32", "HF Trainer, group_by_length, fp32"),
+    for ours, peer in (("emocompress, fp32", "HF Trainer, group_by_length, fp32, adamw_torch_fused"),
                        ("emocompress, bf16-mixed", "HF Trainer, group_by_length, bf16, adamw_torch_fused")):
         if ours in rates:
             ratios = [a / b for a, b in zip(rates[ours], rates[peer])]

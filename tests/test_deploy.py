@@ -346,3 +346,15 @@ def test_serve_crash_midway_keeps_the_earlier_output(onnx_folder, tmp_path, monk
     assert calls == [2, 2]  # the first chunk was written (to the temporary file) before the crash
     assert out_file.read_text() == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "texts.txt"]  # no temporary file left
+
+
+def test_export_never_replaces_a_folder_it_did_not_write(teacher, tmp_path):
+    model, tokenizer = teacher
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes: exists and is not an artifact folder \(no int8\.json\)"):
+        export_onnx(model, mine, tokenizer)
+    assert (mine / "todo.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    folder = export_onnx(model, tmp_path / "onnx", tokenizer)
+    assert export_onnx(model, folder, tokenizer) == folder  # an earlier export is replaced

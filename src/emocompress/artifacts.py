@@ -228,7 +228,17 @@ def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool)
 
 
 def _save(out_dir: str | Path, meta: ArtifactMeta, config, tokenizer, write) -> None:
-    """Write the folder under a temporary name and move it into place: never a half-written artifact."""
+    """Write the folder under a temporary name and move it into place: never a half-written artifact. An
+    existing ``out_dir`` is replaced only if it is an earlier artifact (it has the metadata file): a folder
+    of anything else is never removed.
+
+    Raises:
+        ValueError: ``out_dir`` is a file, or a non-empty folder that is not an artifact folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file())):
+        raise ValueError(f"{out_dir}: exists and is not an artifact folder (no {META_FILE}), so it is not replaced; "
+                         "choose a new or empty folder")
     with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         if tokenizer is not None:
