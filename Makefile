@@ -10,7 +10,8 @@ BIN := $(VENV)/bin
 SEEDS ?=
 seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --trainer.logger.init_args.version seed_$(s) &&) true,$(1))
 
-.PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results test test-fast speed
+.PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
+	structured_prune structured_prune_distill distill_structured_prune structured_sweep structured_results test test-fast speed
 
 install: $(VENV)/.installed
 
@@ -54,6 +55,32 @@ distill_bilstm: install
 distill_prune: install
 	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/prune.yaml \
 		-c configs/quantize.yaml -c configs/distill_prune.yaml
+
+# structured pruning of the teacher: half of its heads and FFN neurons removed, layers rebuilt smaller,
+# 2 recovery epochs, then INT8 (onnxruntime) of the smaller model
+structured_prune: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/structured_prune.yaml -c configs/quantize.yaml
+
+# the same, recovered under distillation from the unpruned teacher
+structured_prune_distill: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/structured_prune.yaml \
+		-c configs/structured_prune_distill.yaml -c configs/quantize.yaml
+
+# Distil + Structured Prune + Quant: the distilled 3-layer student (after `make distill`), pruned the same way
+distill_structured_prune: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/structured_prune.yaml \
+		-c configs/quantize.yaml -c configs/distill_structured_prune.yaml
+
+# the trade-off sweep: AMOUNTS of heads and FFN neurons removed, each run in logs/structured_prune/amount_<a>
+# (structured_prune.yaml last: --trainer.callbacks.init_args.* sets the last callback of the list)
+AMOUNTS ?= 0.25 0.5 0.7
+structured_sweep: install
+	$(foreach a,$(AMOUNTS),$(BIN)/emocompress fit -c configs/base.yaml -c configs/quantize.yaml \
+		-c configs/structured_prune.yaml --trainer.logger.init_args.version amount_$(a) \
+		--trainer.callbacks.init_args.head_amount $(a) --trainer.callbacks.init_args.ffn_amount $(a) &&) true
+
+structured_results: structured_prune
+	$(BIN)/emocompress benchmark --config configs/benchmark_structured.yaml
 
 # the distillation runs (after `make teacher`) and their comparison report (about 1 h here)
 distill_results: distill distill_control distill_bilstm distill_prune int8

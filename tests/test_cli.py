@@ -150,7 +150,9 @@ def test_every_config_parses(experiment, capsys):
     # overlays that are diffs of another experiment are parsed on top of it
     bases = {"baseline.yaml": ["teacher.yaml"], "distill_control.yaml": ["distill.yaml"],
              "distill_bilstm.yaml": ["distill.yaml"],
-             "distill_prune.yaml": ["distill.yaml", "prune.yaml", "quantize.yaml"]}.get(experiment, [])
+             "distill_prune.yaml": ["distill.yaml", "prune.yaml", "quantize.yaml"],
+             "distill_structured_prune.yaml": ["distill.yaml", "structured_prune.yaml", "quantize.yaml"],
+             "structured_prune_distill.yaml": ["distill.yaml", "structured_prune.yaml"]}.get(experiment, [])
     overlays = [arg for name in bases for arg in ("-c", str(CONFIGS / name))]
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", str(CONFIGS / "base.yaml"), *overlays, "-c", str(CONFIGS / experiment), "--print_config"])
@@ -461,3 +463,52 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(emotion_dir, tiny_
     with pytest.warns(UserWarning, match="no native bf16") if not native else contextlib.nullcontext():
         cli = EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args[1:], run=False)
     assert cli.trainer.precision == expected
+
+
+def _structured_args(emotion_dir, model_dir, *configs, extra=()):
+    """structured_prune.yaml (+ ``configs``) shrunk by tiny.yaml: units scored on 1 batch, removed at step 1."""
+    overlays = [arg for name in ("base.yaml", "quantize.yaml", *configs, "structured_prune.yaml", "tiny.yaml")
+                for arg in ("-c", CONFIGS / name)]
+    return [*overlays, "--data.data", emotion_dir, "--data.model_name", model_dir,
+            "--trainer.callbacks.init_args.start_step", 1, "--trainer.callbacks.init_args.score_batches", 1,
+            "--data.class_weighting", "none", "--trainer.max_epochs", 2, "--trainer.precision", "32-true", *extra]
+
+
+@pytest.mark.slow
+def test_structured_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
+    # Taylor scores averaged across ranks: 2 processes x batch 4 remove the same heads and neurons as 1 process x
+    # batch 8, although only the single process rebuilds at once (DDP holds masks until the end of training).
+    from emocompress import pretrained, structure
+
+    _ok(run_cli("fit", *_structured_args(emotion_dir, tiny_model_dir, extra=("--data.batch_size", 8)), cwd=tmp_path))
+    _ok(run_cli("fit", *_structured_args(emotion_dir, tiny_model_dir, extra=(
+        "--data.batch_size", 4, "--trainer.devices", 2, "--trainer.strategy", "ddp")), cwd=tmp_path))
+    runs = tmp_path / "logs" / "tiny"
+    one, two = (pretrained.load_model(str(runs / v / "hf_model")) for v in ("version_0", "version_1"))
+    assert structure.shape(two) == structure.shape(one)
+    assert sum(s["heads"] for s in structure.shape(one)) == 2 and sum(s["ffn"] for s in structure.shape(one)) == 32
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
+    reports = [json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1")]
+    assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
+    assert json.loads((runs / "version_1" / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
+    with pytest.raises(ValueError, match="emocompress.pretrained.load_model"):
+        AutoModelForSequenceClassification.from_pretrained(runs / "version_0" / "hf_model")
+    # the pruned export is a model like any other for the next command: test it as data.model_name
+    _ok(run_cli("test", *tiny_args(emotion_dir, runs / "version_0" / "hf_model"), cwd=tmp_path))
+    assert json.loads((runs / "version_2" / "test_metrics.json").read_text())["confusion_matrix"] == \
+        reports[0]["confusion_matrix"]
+
+
+@pytest.mark.slow
+def test_structured_prune_recovers_under_distillation(emotion_dir, tiny_teacher_dir, tmp_path):
+    from emocompress import pretrained, structure
+
+    args = _structured_args(emotion_dir, tiny_teacher_dir, "distill.yaml", extra=(
+        "-c", CONFIGS / "structured_prune_distill.yaml", "--data.model_name", tiny_teacher_dir,
+        "--model.teacher", tiny_teacher_dir, "--model.logits_cache", tmp_path / "cache"))
+    _ok(run_cli("fit", *args, cwd=tmp_path))
+    student = pretrained.load_model(str(tmp_path / "logs" / "structured_prune_distill" / "version_0" / "hf_model"))
+    assert sum(s["heads"] for s in structure.shape(student)) == 2
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)  # never pruned
+    assert structure.shape(teacher) == [{"heads": 2, "ffn": 32}] * 2

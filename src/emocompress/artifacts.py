@@ -25,10 +25,9 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from emocompress import pretrained
+from emocompress import pretrained, structure
 from emocompress import students  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
 from emocompress.artifact_format import (
     DEFAULT_MAX_LENGTH,
@@ -154,7 +153,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize:
 def _fp32_copy(model: nn.Module, attn_implementation: str) -> nn.Module:
     """A plain CPU fp32 eval-mode copy of ``model``. Eager attention exports as plain MatMul/Softmax,
     which onnxruntime's BERT optimizer fuses into one Attention op; torch runs faster with sdpa."""
-    copy = AutoModelForSequenceClassification.from_config(model.config, **_attention(model.config, attn_implementation))
+    copy = structure.build(model.config, **_attention(model.config, attn_implementation))
     copy.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     return copy.eval()
 
@@ -207,8 +206,9 @@ def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool) -> None:
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
     if optimize and hasattr(config, "num_attention_heads"):  # fuse attention (recurrent students have none)
-        optimized = optimize_model(str(out_file), model_type="bert", num_heads=config.num_attention_heads,
-                                   hidden_size=config.hidden_size)
+        # 0: detect per layer from the graph; a structurally pruned model's layers have different head counts
+        heads, hidden = (0, 0) if structure.is_pruned(config) else (config.num_attention_heads, config.hidden_size)
+        optimized = optimize_model(str(out_file), model_type="bert", num_heads=heads, hidden_size=hidden)
         optimized.save_model_to_file(str(out_file))
 
 
@@ -241,6 +241,7 @@ def _save(out_dir: str | Path, meta: ArtifactMeta, config, tokenizer, write) -> 
                          "choose a new or empty folder")
     with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
+        pretrained.mark_saved_config(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write(tmp)
@@ -267,10 +268,10 @@ def load_artifact(path: str | Path, num_threads: int | None = None) -> nn.Module
     """
     path = Path(path)
     meta = read_metadata(path)
-    config = AutoConfig.from_pretrained(path)
+    config = pretrained.load_config(str(path))
     if meta.backend == "onnxruntime":
         return OrtClassifier(path / ONNX_FILE, config, num_threads)
-    skeleton = AutoModelForSequenceClassification.from_config(config, **_attention(config, "sdpa")).eval()
+    skeleton = structure.build(config, **_attention(config, "sdpa")).eval()
     model = _quantize_torch(skeleton, meta.include_embeddings)
     try:
         state = torch.load(path / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+from transformers import DataCollatorWithPadding
 
+from emocompress import pretrained
 from emocompress.artifact_format import DEFAULT_MAX_LENGTH, META_FILE, ONNX_FILE, TORCH_WEIGHTS_FILE
 from emocompress.artifacts import load_artifact
 from emocompress.checkpoints import read_checkpoint
@@ -120,7 +121,7 @@ def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
     weights = _weights_file(path)
     if (path / META_FILE).is_file():
         return load_artifact(path, num_threads=torch.get_num_threads()), str(path), weights
-    return AutoModelForSequenceClassification.from_pretrained(path).eval(), str(path), weights
+    return pretrained.load_model(str(path)).eval(), str(path), weights
 
 
 def file_sizes_mb(path: Path) -> tuple[float, float]:

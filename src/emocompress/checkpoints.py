@@ -5,6 +5,8 @@ import pickle
 import torch
 from torch import nn
 
+from emocompress.structure import fit_to_state_dict
+
 
 def read_checkpoint(path: str) -> dict:
     """A Lightning checkpoint as plain data: ``torch.load(weights_only=True)`` never runs code from it.
@@ -34,6 +36,7 @@ def load_network(model: nn.Module, path: str) -> None:
     """
     state = read_checkpoint(path)["state_dict"]
     network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    fit_to_state_dict(model, network)  # a structurally pruned run's checkpoint has smaller layers
     try:
         model.load_state_dict(network)
     except RuntimeError as err:  # missing, unexpected or differently shaped weights

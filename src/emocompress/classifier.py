@@ -14,9 +14,9 @@ from torchmetrics.classification import (
     MulticlassF1Score,
     MulticlassRecall,
 )
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from emocompress import pretrained
+from emocompress import pretrained, structure
 from emocompress import students  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
 from emocompress.checkpoints import load_network
 
@@ -138,12 +138,17 @@ class EmotionClassifier(LightningModule):
     def _build_model(self) -> PreTrainedModel:
         """The network to train: ``model_name``'s pretrained encoder with a head for ``id2label``. Sets
         ``head_is_new`` when weights of the head were initialised at random (no fine-tuned head to reuse)."""
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            pretrained.resolve(self.hparams.model_name), num_labels=len(self.id2label), id2label=self.id2label,
+        model, info = pretrained.load_model(
+            self.hparams.model_name, num_labels=len(self.id2label), id2label=self.id2label,
             label2id={name: i for i, name in self.id2label.items()}, ignore_mismatched_sizes=True,
             trust_remote_code=self.hparams.trust_remote_code, output_loading_info=True)
         self.head_is_new = bool(info["missing_keys"] or info["mismatched_keys"])
         return model
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before Lightning loads the weights (--ckpt_path, load_from_checkpoint): a structurally pruned
+        # run's checkpoint has smaller layers than the model its config builds.
+        structure.fit_to_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
 
     def setup(self, stage: str):
         datamodule = getattr(self.trainer, "datamodule", None)

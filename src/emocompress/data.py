@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
-from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from emocompress import pretrained
 from emocompress.artifact_format import DEFAULT_MAX_LENGTH
@@ -352,7 +352,7 @@ def class_table(names: list[str], before: list[int], after: list[int], weights: 
 def _check_max_length(max_length: int, model_name: str, tokenizer) -> None:
     """Refuse a ``max_length`` past the model's position table, which would crash at the first long batch."""
     try:
-        config = AutoConfig.from_pretrained(pretrained.resolve(model_name))
+        config = pretrained.load_config(model_name)
     except Exception:  # noqa: BLE001 (a folder AutoConfig cannot read fails, clearly, when the model is built)
         return
     limit = pretrained.position_limit(config, tokenizer)

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from emocompress import pretrained
 from emocompress.checkpoints import load_network, read_checkpoint
@@ -92,7 +92,7 @@ def load_teacher(source: str, trust_remote_code: bool = False) -> tuple[PreTrain
     """
     if not source.endswith(".ckpt"):
         path = pretrained.resolve(source)
-        return (AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code),
+        return (pretrained.load_model(path, trust_remote_code=trust_remote_code),
                 AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
     try:
         hparams = read_checkpoint(source).get("hyper_parameters", {})
@@ -103,7 +103,7 @@ def load_teacher(source: str, trust_remote_code: bool = False) -> tuple[PreTrain
                          "that its run exported instead")
     id2label = {int(i): name for i, name in hparams["id2label"].items()}
     base = pretrained.resolve(hparams["model_name"])
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = pretrained.load_model(
         base, num_labels=len(id2label), id2label=id2label, label2id={n: i for i, n in id2label.items()},
         ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
     try:

@@ -48,3 +48,104 @@ def position_limit(config, tokenizer=None) -> int | None:
     # An unset model_max_length is a huge placeholder (1e30), not a limit.
     limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     return min((n for n in limits if isinstance(n, int) and n < 1_000_000), default=None)
+
+
+# A structurally pruned model's config.json names another model type, so that a plain transformers
+# from_pretrained fails and says what to use: it would otherwise build the unpruned shape, "reinit due to
+# size mismatch" the pruned layers, and return a model that predicts noise, with only a load report.
+_PRUNED_TYPE = "{base}-structurally-pruned (load it with emocompress.pretrained.load_model)"
+_BASE_TYPE_KEY = "pruned_model_type"
+
+
+def mark_saved_config(folder) -> None:
+    """After ``save_pretrained(folder)`` of a structurally pruned model, give its ``config.json`` the model
+    type that ``load_config`` understands and plain transformers refuses (naming ``load_model``). A config of
+    an unpruned model is left as it is."""
+    import json
+    from pathlib import Path
+
+    from emocompress.structure import SHAPE_KEY
+
+    file = Path(folder) / "config.json"
+    config = json.loads(file.read_text(encoding="utf-8"))
+    if config.get(SHAPE_KEY) and _BASE_TYPE_KEY not in config:
+        config[_BASE_TYPE_KEY] = config["model_type"]
+        config["model_type"] = _PRUNED_TYPE.format(base=config["model_type"])
+        file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _pruned_config_dict(name_or_path: str) -> dict | None:
+    """The ``config.json`` of a local structurally pruned model folder, with its real model type; else None."""
+    import json
+    from pathlib import Path
+
+    file = Path(name_or_path) / "config.json"
+    if not file.is_file():
+        return None
+    config = json.loads(file.read_text(encoding="utf-8"))
+    if _BASE_TYPE_KEY not in config:
+        return None
+    config["model_type"] = config.pop(_BASE_TYPE_KEY)
+    return config
+
+
+def load_config(name_or_path: str, **kwargs):
+    """``AutoConfig.from_pretrained`` that also reads structurally pruned model folders (their per-layer
+    shape is ``config.layer_shapes``)."""
+    from transformers import AutoConfig
+
+    path = resolve(name_or_path)
+    config = _pruned_config_dict(path)
+    if config is None:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    model_type = config.pop("model_type")
+    return AutoConfig.for_model(model_type, **{**config, **kwargs})
+
+
+def load_model(name_or_path: str, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False,
+               **kwargs):
+    """The project's model loader: ``AutoModelForSequenceClassification.from_pretrained`` for any hub name or
+    folder, which also rebuilds a structurally pruned folder's per-layer shape before loading its weights.
+
+    Args:
+        name_or_path: as for ``resolve``.
+        output_loading_info: also return ``{"missing_keys": [...], "mismatched_keys": [...], ...}``.
+        ignore_mismatched_sizes: start weights whose shape differs (a head for other labels) afresh.
+        **kwargs: config overrides (``num_labels``, ``id2label``, ...) and ``from_pretrained`` options.
+
+    Raises:
+        ValueError: a pruned folder's weights do not fit its recorded shape.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve(name_or_path)
+    if _pruned_config_dict(path) is None:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, output_loading_info=output_loading_info, ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+    model, info = _load_pruned(path, ignore_mismatched_sizes, **kwargs)
+    return (model, info) if output_loading_info else model
+
+
+def _load_pruned(path: str, ignore_mismatched_sizes: bool, **kwargs):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from emocompress import structure
+
+    options = {k: kwargs.pop(k) for k in ("attn_implementation", "trust_remote_code") if k in kwargs}
+    options.pop("trust_remote_code", None)  # a pruned folder is one of ours: no remote code to run
+    config = load_config(path, **kwargs)
+    model = structure.build(config, **options)
+    state = load_file(Path(path) / "model.safetensors")
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched and not ignore_mismatched_sizes:
+        raise ValueError(f"{path}: weights {mismatched[:3]} do not fit the shape its config.json records; "
+                         "re-export the model")
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in mismatched},
+                                                strict=False)
+    if unexpected or [k for k in missing if k not in mismatched]:
+        raise ValueError(f"{path}: weights do not fit its config.json (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); re-export the model")
+    return model.eval(), {"missing_keys": missing, "mismatched_keys": mismatched, "unexpected_keys": []}

@@ -14,6 +14,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from emocompress import structure
+
 
 def every_other_layer(num_layers: int) -> list[int]:
     """Teacher layers a half-depth student keeps: every other one, ending with the last, whose output
@@ -55,6 +57,8 @@ def keep_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     parent, name, stack = _layer_stack(student)
     setattr(parent, name, nn.ModuleList(stack[i] for i in layers))
     student.config.num_hidden_layers = len(layers)
+    if structure.is_pruned(student.config):  # the kept layers' own widths
+        structure.record(student)
     return student
 
 

@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
+from emocompress import pretrained
 from emocompress.artifacts import datamodule_max_length, export_onnx
 from emocompress.checkpoints import load_network
 from emocompress.outputs import atomic_dir, run_dir
@@ -60,6 +61,7 @@ class HFExport(_BestModelExport):
     def _write(self, model: nn.Module, out: Path, datamodule) -> None:
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp)
+            pretrained.mark_saved_config(tmp)
             tokenizer = getattr(datamodule, "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

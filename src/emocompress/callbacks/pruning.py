@@ -160,12 +160,7 @@ class MagnitudePruning(Callback):
     # ---- checkpoints ----
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        # Fold masks into plain weights so the checkpoint loads into an unpruned model (HF export,
-        # test, a later run); the live model keeps its masks.
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.endswith(".weight_orig")]:
-            base = key.removesuffix("_orig")
-            state[base] = state.pop(key) * state.pop(base + "_mask")
+        fold_masks(checkpoint["state_dict"])
 
     @override
     def state_dict(self) -> dict:
@@ -174,6 +169,16 @@ class MagnitudePruning(Callback):
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.sparsity = state_dict["sparsity"]
+
+
+def fold_masks(state: dict[str, torch.Tensor]) -> None:
+    """Replace each ``<name>_orig`` / ``<name>_mask`` pair of ``torch.nn.utils.prune`` in a state dict by the
+    plain ``<name>`` with the zeros folded in, so that a checkpoint loads into a model without masks (HF
+    export, test, a later run); the live model keeps its masks."""
+    for key in [k for k in state if k.endswith("_orig")]:
+        base = key.removesuffix("_orig")
+        if base + "_mask" in state:
+            state[base] = state.pop(key) * state.pop(base + "_mask")
 
 
 def sparsity(module: nn.Module) -> float:

@@ -1,0 +1,312 @@
+"""Structured pruning of ``pl_module.model``: whole attention heads and FFN neurons removed, the layers
+rebuilt smaller, recovery fine-tuning in the same fit."""
+
+from typing import Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.nn.utils import prune
+from typing_extensions import override
+
+from emocompress import structure
+from emocompress.callbacks.pruning import cubic_sparsity, fold_masks
+
+_KINDS = {"heads": ("heads",), "ffn": ("ffn",), "both": ("heads", "ffn")}
+
+
+class StructuredPruning(Callback):
+    """Removes the least important attention heads and FFN neurons of ``pl_module.model`` (a BERT-, RoBERTa-
+    or DistilBERT-style encoder), then lets the rest of ``fit`` recover the accuracy.
+
+    A head is its rows of the query/key/value projections and its columns of the attention output
+    projection; an FFN neuron is a row of the up-projection and a column of the down-projection. Removed
+    units are first held at exactly zero by ``torch.nn.utils.prune`` masks; once the final amount is
+    reached the linear layers are rebuilt smaller (optimizer state moved along), so the rest of recovery
+    already runs on the smaller model. Under a multi-process strategy (DDP) the rebuild waits for the end
+    of training, as a model must not change its parameters under DDP; until then masks hold the zeros.
+
+    Importance (ranked among the units still kept):
+
+    - ``magnitude``: sum of absolute weights of the unit (all four matrices).
+    - ``taylor``: first-order Taylor importance ``|sum(activation * gradient)|`` of the unit's output,
+      accumulated over the ``score_batches`` training batches before each pruning step (Michel et al.
+      2019, "Are Sixteen Heads Really Better than One?"; Molchanov et al. 2019). It is read from the
+      gradients training computes anyway: summed over a head's or neuron's columns of the output
+      projection, ``weight * grad`` equals its output times the loss gradient at that output. Scores are
+      averaged across ranks, so every DDP rank removes the same units.
+
+    With ``scope: global`` units compete across layers (scores normalised by each layer's L2 norm, as
+    Michel et al.), so layers end with different widths; ``per_layer`` removes the same share from each.
+    The last head and the last neuron of a layer are never removed.
+
+    Exports record the per-layer shape in ``config.json``; load them with
+    ``emocompress.pretrained.load_model`` (every model path of the project does).
+
+    Logs ``prune/heads`` and ``prune/ffn``: the share of each removed so far.
+
+    Args:
+        units: what to remove: ``heads``, ``ffn`` (neurons) or ``both``.
+        head_amount: final share of all attention heads removed, in [0, 1).
+        ffn_amount: final share of all FFN neurons removed, in [0, 1).
+        importance: ``magnitude`` or ``taylor``.
+        score_batches: with ``taylor``, training batches whose gradients score the units before each pruning.
+        scope: ``global`` (rank across layers) or ``per_layer`` (the same share in every layer).
+        schedule: ``one_shot`` removes everything at ``start_step``; ``cubic`` raises the removed share from 0
+            at ``start_step`` to the amounts at ``end_step`` (Zhu & Gupta 2017), every ``every_n_steps`` steps.
+        start_step: optimizer step of the first pruning (with ``taylor``, at least ``score_batches``).
+        end_step: with ``cubic``, the step at which the amounts are reached.
+        every_n_steps: with ``cubic``, steps between pruning updates.
+    """
+
+    def __init__(self, units: Literal["heads", "ffn", "both"] = "both", head_amount: float = 0.5,
+                 ffn_amount: float = 0.5, importance: Literal["magnitude", "taylor"] = "magnitude",
+                 score_batches: int = 32, scope: Literal["global", "per_layer"] = "global",
+                 schedule: Literal["one_shot", "cubic"] = "one_shot", start_step: int = 0,
+                 end_step: int | None = None, every_n_steps: int = 50):
+        for name, amount in (("head_amount", head_amount), ("ffn_amount", ffn_amount)):
+            if not 0 <= amount < 1:
+                raise ValueError(f"StructuredPruning.{name} must be in [0, 1), got {amount}")
+        if score_batches < 1 or every_n_steps < 1 or start_step < 0:
+            raise ValueError("StructuredPruning.score_batches and every_n_steps must be >= 1 and start_step >= 0, "
+                             f"got {score_batches}, {every_n_steps} and {start_step}")
+        if importance == "taylor" and start_step < score_batches:
+            raise ValueError(f"StructuredPruning.start_step ({start_step}) must be >= score_batches ({score_batches}) "
+                             "with importance: taylor, which scores units on the batches before it prunes")
+        if schedule == "cubic" and (end_step is None or end_step <= start_step):
+            raise ValueError(f"StructuredPruning.end_step must be set and > start_step ({start_step}) for the cubic "
+                             f"schedule, got {end_step}")
+        self.units = units
+        self.amounts = {"heads": head_amount if "heads" in _KINDS[units] else 0.0,
+                        "ffn": ffn_amount if "ffn" in _KINDS[units] else 0.0}
+        self.importance = importance
+        self.score_batches = score_batches
+        self.scope = scope
+        self.schedule = schedule
+        self.start_step = start_step
+        self.end_step = end_step
+        self.every_n_steps = every_n_steps
+        # Saved in checkpoints: per kind, one bool vector per layer over the units it had when pruning began.
+        self.kept: dict[str, list[torch.Tensor]] = {}
+        self.rebuilt = False
+        self._scores: dict[str, list[torch.Tensor]] = {}
+        self._last_step = -1
+
+    # ---- schedule ----
+    def _share(self, kind: str, step: int) -> float:
+        if self.schedule == "one_shot":
+            return self.amounts[kind] if step >= self.start_step else 0.0
+        return cubic_sparsity(step, self.amounts[kind], self.start_step, self.end_step)
+
+    def _is_pruning_step(self, step: int) -> bool:
+        if self.schedule == "one_shot":
+            return step == self.start_step
+        return step == self.end_step or (self.start_step <= step < self.end_step
+                                         and (step - self.start_step) % self.every_n_steps == 0)
+
+    def _next_pruning_step(self, step: int) -> int | None:
+        if self.schedule == "one_shot":
+            return self.start_step if step < self.start_step else None
+        if step > self.end_step:
+            return None
+        ahead = max(0, step - self.start_step + 1)
+        return min(self.end_step, self.start_step + -(-ahead // self.every_n_steps) * self.every_n_steps)
+
+    # ---- hooks ----
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        try:
+            layers = structure.layers(pl_module.model)
+        except ValueError as err:
+            raise ValueError(f"StructuredPruning: {err}; remove the callback or prune a transformer student") from err
+        if not self.kept:  # not restored from a checkpoint
+            self.kept = {"heads": [torch.ones(layer.heads, dtype=torch.bool) for layer in layers],
+                         "ffn": [torch.ones(layer.ffn, dtype=torch.bool) for layer in layers]}
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Resuming mid-recovery: the checkpoint holds the zeros folded in; hold them with masks again.
+        if not self.rebuilt and any((~k).any() for kept in self.kept.values() for k in kept):
+            self._apply_masks(pl_module)
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.importance != "taylor" or self.rebuilt:
+            return
+        step, upcoming = trainer.global_step, self._next_pruning_step(trainer.global_step)
+        if upcoming is None or upcoming - step > self.score_batches:
+            return
+        for kind, values in _taylor_scores(pl_module.model).items():
+            if kind in self._scores:
+                self._scores[kind] = [s + v for s, v in zip(self._scores[kind], values)]
+            else:
+                self._scores[kind] = values
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.rebuilt or step == self._last_step or not self._is_pruning_step(step):
+            return  # (gradient accumulation runs several batches per step)
+        self._last_step = step
+        scores = self._scores if self.importance == "taylor" else _magnitude_scores(pl_module.model)
+        if not scores:  # resumed just before a pruning step: no gradients scored since
+            rank_zero_warn("StructuredPruning: no Taylor scores were accumulated before this step; using magnitude")
+            scores = _magnitude_scores(pl_module.model)
+        self._scores = {}
+        changed = False
+        for kind in ("heads", "ffn"):
+            if self.amounts[kind] > 0 and kind in scores:
+                local = torch.cat(scores[kind]).to(pl_module.device)
+                reduced = trainer.strategy.reduce(local, reduce_op="mean").cpu()
+                changed |= self._remove(kind, reduced.split([len(k) for k in self.kept[kind]]), self._share(kind, step))
+        if changed:
+            self._apply_masks(pl_module)
+            self._announce(pl_module)
+        if self._final_reached(step) and not isinstance(trainer.strategy, ParallelStrategy):
+            self._rebuild(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log_dict(self._removed_shares())
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Before on_fit_end (the HF export and the test after fit): leave a plain, smaller model.
+        if not self._final_reached(trainer.global_step):
+            rank_zero_warn(f"StructuredPruning: training ended with {self._removed_shares()} removed, short of the "
+                           f"targets {self.amounts}: set start_step/end_step within the training steps")
+        if not self.rebuilt:
+            self._rebuild(trainer, pl_module)
+
+    # ---- pruning ----
+    def _remove(self, kind: str, scores: tuple[torch.Tensor, ...], share: float) -> bool:
+        """Mark the lowest-scoring kept units of ``kind`` removed until ``share`` of them is; True if any was."""
+        kept = self.kept[kind]
+        if self.scope == "per_layer":
+            wanted = [round(share * len(k)) - int((~k).sum()) for k in kept]
+        else:  # global: normalise each layer's scores by their L2 norm over kept units (Michel et al. 2019)
+            scores = [s / s[k].norm().clamp(min=1e-12) for s, k in zip(scores, kept)]
+            wanted = [round(share * sum(len(k) for k in kept)) - sum(int((~k).sum()) for k in kept)]
+        if max(wanted) <= 0:
+            return False
+        pools = [range(len(kept))] if self.scope == "global" else [[i] for i in range(len(kept))]
+        for pool, n in zip(pools, wanted):
+            candidates = sorted((float(scores[i][j]), i, j) for i in pool for j in kept[i].nonzero().flatten().tolist())
+            for _, i, j in candidates:
+                if n <= 0:
+                    break
+                if kept[i].sum() > 1:  # never the last head or neuron of a layer
+                    kept[i][j] = False
+                    n -= 1
+        return True
+
+    def _apply_masks(self, pl_module: LightningModule) -> None:
+        for layer, heads, ffn in zip(structure.layers(pl_module.model), self.kept["heads"], self.kept["ffn"]):
+            rows = {"heads": heads.repeat_interleave(layer.head_size), "ffn": ffn}
+            for module, dim, kind in layer.linears().values():
+                keep = rows[kind].to(module.weight.device)
+                _set_mask(module, "weight", keep[:, None] if dim == 0 else keep[None, :])
+                if dim == 0:
+                    _set_mask(module, "bias", keep)
+
+    def _rebuild(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Replace the masked layers by smaller ones and move the optimizers' parameters and state along."""
+        model = pl_module.model
+        for module in model.modules():
+            for name in ("weight", "bias"):
+                if hasattr(module, f"{name}_mask"):
+                    prune.remove(module, name)
+        moved = {}
+        for layer, heads, ffn in zip(structure.layers(model), self.kept["heads"], self.kept["ffn"]):
+            moved.update(layer.keep(heads=heads.nonzero().flatten() if not heads.all() else None,
+                                    ffn=ffn.nonzero().flatten() if not ffn.all() else None))
+        structure.record(model)
+        for optimizer in trainer.optimizers:
+            _move_optimizer_state(optimizer, moved)
+        self.rebuilt = True
+        rank_zero_info("StructuredPruning: rebuilt the layers smaller, heads/FFN neurons per layer: %s",
+                       [(s["heads"], s["ffn"]) for s in structure.shape(model)])
+
+    def _final_reached(self, step: int) -> bool:
+        return step >= (self.start_step if self.schedule == "one_shot" else self.end_step)
+
+    def _removed_shares(self) -> dict[str, float]:
+        return {f"prune/{kind}": sum(int((~k).sum()) for k in kept) / max(1, sum(len(k) for k in kept))
+                for kind, kept in self.kept.items()}
+
+    def _announce(self, pl_module: LightningModule) -> None:
+        pl_module.log_dict(self._removed_shares())
+        rank_zero_info("StructuredPruning: removed %s; heads/FFN neurons kept per layer: %s",
+                       {k: round(v, 3) for k, v in self._removed_shares().items()},
+                       [(int(h.sum()), int(f.sum())) for h, f in zip(self.kept["heads"], self.kept["ffn"])])
+
+    # ---- checkpoints ----
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        fold_masks(checkpoint["state_dict"])
+
+    @override
+    def state_dict(self) -> dict:
+        return {"kept": {kind: [k.tolist() for k in kept] for kind, kept in self.kept.items()},
+                "rebuilt": self.rebuilt}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.kept = {kind: [torch.tensor(k, dtype=torch.bool) for k in kept]
+                     for kind, kept in state_dict["kept"].items()}
+        self.rebuilt = state_dict["rebuilt"]
+
+
+def _magnitude_scores(model) -> dict[str, list[torch.Tensor]]:
+    """Per layer, the sum of absolute weights of each head (H,) and FFN neuron (N,)."""
+    scores = {"heads": [], "ffn": []}
+    for layer in structure.layers(model):
+        totals = {"heads": 0, "ffn": 0}
+        for module, dim, kind in layer.linears().values():
+            totals[kind] = totals[kind] + module.weight.detach().abs().sum(1 - dim).float().cpu()
+        scores["heads"].append(totals["heads"].view(layer.heads, layer.head_size).sum(1))
+        scores["ffn"].append(totals["ffn"])
+    return scores
+
+
+def _taylor_scores(model) -> dict[str, list[torch.Tensor]]:
+    """Per layer, ``|sum(output * dL/doutput)|`` of each head (H,) and FFN neuron (N,) for this batch: the
+    output projections' ``weight * grad`` summed over their columns of each unit."""
+    scores = {"heads": [], "ffn": []}
+    for layer in structure.layers(model):
+        for kind, path in (("heads", layer.fam.attention_out), ("ffn", layer.fam.ffn_out)):
+            module = layer.get(path)
+            param = getattr(module, "weight_orig", module.weight)  # the leaf that holds .grad under a mask
+            if param.grad is None:
+                return {}
+            per_column = (module.weight.detach() * param.grad).sum(0).float()  # (in_features,)
+            if kind == "heads":
+                per_column = per_column.view(layer.heads, layer.head_size).sum(1)
+            scores[kind].append(per_column.abs().cpu())
+    return scores
+
+
+def _set_mask(module, name: str, keep: torch.Tensor) -> None:
+    """Hold ``module.<name>`` at zero where ``keep`` (broadcast to its shape) is False."""
+    mask = keep.expand_as(getattr(module, name)).to(getattr(module, name).dtype)
+    if hasattr(module, f"{name}_mask"):
+        getattr(module, f"{name}_mask").copy_(mask)
+    else:
+        prune.custom_from_mask(module, name, mask)
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, moved: dict) -> None:
+    """Point ``optimizer`` at the rebuilt layers' parameters, keeping the kept units' AdamW moments."""
+    for group in optimizer.param_groups:
+        for i, param in enumerate(group["params"]):
+            if id(param) not in moved:
+                continue
+            new, index, dim = moved[id(param)]
+            state = optimizer.state.pop(param, None)
+            group["params"][i] = new
+            if state is not None:
+                optimizer.state[new] = {k: v.index_select(dim, index) if index is not None and torch.is_tensor(v)
+                                        and v.shape == param.shape else v for k, v in state.items()}

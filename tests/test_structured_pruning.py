@@ -1,0 +1,293 @@
+"""Structured pruning: heads and FFN neurons removed, layers rebuilt smaller, and every loader rebuilding
+the recorded shape."""
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from emocompress import pretrained, structure
+from emocompress.callbacks.structured_pruning import StructuredPruning, _taylor_scores
+from emocompress.classifier import EmotionClassifier
+
+# 4 heads of 4 dims per layer, 24 FFN neurons: enough units to rank.
+_SHAPE = {"bert": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24},
+          "roberta": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24,
+                      "pad_token_id": 0},
+          "distilbert": {"dim": 16, "n_layers": 2, "n_heads": 4, "hidden_dim": 24}}
+
+
+def tiny(model_type: str, vocab_size: int = 40) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=128, num_labels=3,
+                                  **_SHAPE[model_type])
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny BERT's tokenizer with a 4-head, 24-neuron BERT of its vocabulary."""
+    out = tmp_path_factory.mktemp("wide-bert")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tiny("bert", vocab_size=len(tokenizer)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def _logits(model, ids=None):
+    ids = torch.tensor([[2, 7, 9, 11, 3], [2, 5, 6, 3, 0]]) if ids is None else ids
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
+def test_removing_units_computes_what_zeroing_their_outputs_computes(model_type):
+    model = tiny(model_type)
+    zeroed = copy.deepcopy(model)
+    heads, ffn = torch.tensor([0, 3]), torch.tensor([1, 2, 5, 8, 20])
+    for layer in structure.layers(zeroed)[:1]:  # a head / neuron contributes only through the output projection
+        keep_cols = torch.zeros(4, dtype=torch.bool)
+        keep_cols[heads] = True
+        with torch.no_grad():
+            layer.get(layer.fam.attention_out).weight[:, ~keep_cols.repeat_interleave(4)] = 0
+            dropped = torch.ones(24, dtype=torch.bool)
+            dropped[ffn] = False
+            layer.get(layer.fam.ffn_out).weight[:, dropped] = 0
+    structure.layers(model)[0].keep(heads=heads, ffn=ffn)
+    structure.record(model)
+    assert structure.shape(model) == [{"heads": 2, "ffn": 5}, {"heads": 4, "ffn": 24}]
+    assert model.config.layer_shapes == structure.shape(model)
+    torch.testing.assert_close(_logits(model), _logits(zeroed))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
+def test_a_pruned_folder_reloads_only_through_the_project_loader(model_type, tmp_path):
+    model = tiny(model_type)
+    structure.layers(model)[1].keep(heads=torch.tensor([2]), ffn=torch.arange(7))
+    structure.record(model)
+    model.save_pretrained(tmp_path)
+    pretrained.mark_saved_config(tmp_path)
+    # plain transformers would rebuild the unpruned shape and re-initialise the pruned layers: it must refuse
+    with pytest.raises(ValueError, match=r"load it with emocompress\.pretrained\.load_model"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    loaded = pretrained.load_model(str(tmp_path))
+    assert structure.shape(loaded) == structure.shape(model)
+    torch.testing.assert_close(_logits(loaded), _logits(model))
+    assert pretrained.load_config(str(tmp_path)).layer_shapes[1] == {"heads": 1, "ffn": 7}
+    # a head for other labels starts afresh, as with from_pretrained(ignore_mismatched_sizes=True)
+    relabelled, info = pretrained.load_model(str(tmp_path), num_labels=2, ignore_mismatched_sizes=True,
+                                             output_loading_info=True)
+    assert _logits(relabelled).shape == (2, 2) and info["mismatched_keys"]
+
+
+def test_checkpoint_weights_reshape_the_model_they_load_into():
+    pruned, full = tiny("bert"), tiny("bert")
+    structure.layers(pruned)[0].keep(heads=torch.tensor([1, 2, 3]), ffn=torch.arange(10))
+    structure.fit_to_state_dict(full, pruned.state_dict())
+    full.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(_logits(full), _logits(pruned))
+    assert full.config.layer_shapes[0] == {"heads": 3, "ffn": 10}
+    # and back to the unpruned shape for an unpruned checkpoint
+    structure.fit_to_state_dict(full, tiny("bert").state_dict())
+    assert structure.shape(full) == [{"heads": 4, "ffn": 24}] * 2 and not structure.is_pruned(full.config)
+
+
+def test_taylor_scores_are_output_times_gradient():
+    # Summed over a unit's columns of the output projection, weight * grad is the unit's output times the
+    # loss gradient at that output (Michel et al.'s head gate gradient): check it against forward hooks.
+    model = tiny("bert").train()
+    layer = structure.layers(model)[0]
+    seen = {}
+
+    def keep_input(name):
+        def hook(module, args):
+            args[0].retain_grad()
+            seen[name] = args[0]
+        return hook
+
+    layer.get(layer.fam.attention_out).register_forward_pre_hook(keep_input("heads"))
+    layer.get(layer.fam.ffn_out).register_forward_pre_hook(keep_input("ffn"))
+    ids = torch.tensor([[2, 7, 9, 11, 3], [2, 5, 6, 3, 8]])
+    model(input_ids=ids, labels=torch.tensor([0, 2])).loss.backward()
+    scores = _taylor_scores(model)
+    heads = (seen["heads"] * seen["heads"].grad).sum((0, 1)).view(4, 4).sum(1).abs()
+    ffn = (seen["ffn"] * seen["ffn"].grad).sum((0, 1)).abs()
+    torch.testing.assert_close(scores["heads"][0], heads, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(scores["ffn"][0], ffn, atol=1e-6, rtol=1e-4)
+
+
+class _Watch(Callback):
+    """Records the model's shape and checks that masked units are exactly zero after every step."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.shapes.append(structure.shape(pl_module.model))
+        for module in pl_module.model.modules():
+            if hasattr(module, "weight_mask"):
+                assert torch.all(module.weight[module.weight_mask == 0] == 0)
+
+
+class _SaveAt(Callback):
+    """Saves a checkpoint after optimizer step ``step``, mid-training (before the callbacks' train-end work)."""
+
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.fixture
+def fit(make_datamodule, tiny_trainer, wide_model_dir):
+    """``fit(callbacks, ckpt_path=None, **trainer_kwargs) -> (model, trainer)``: a short CPU fit of the wide BERT."""
+    def fit(callbacks, ckpt_path=None, **trainer_kwargs):
+        dm = make_datamodule(model_dir=wide_model_dir, batch_size=4)
+        model = EmotionClassifier(wide_model_dir, dm.id2label, lr=1e-2)
+        trainer = tiny_trainer(callbacks=callbacks, **trainer_kwargs)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model, trainer
+
+    return fit
+
+
+def test_one_shot_rebuilds_the_layers_smaller_and_keeps_training(fit):
+    watch = _Watch()
+    callback = StructuredPruning(head_amount=0.5, ffn_amount=0.25, start_step=2)
+    model, trainer = fit([callback, watch], max_steps=6)
+    # 8 heads, 48 neurons in all; global ranking: counts are exact overall, layers may differ
+    assert watch.shapes[0] == [{"heads": 4, "ffn": 24}] * 2  # step 0: unpruned
+    final = structure.shape(model.model)
+    assert sum(s["heads"] for s in final) == 4 and sum(s["ffn"] for s in final) == 36
+    assert all(s["heads"] >= 1 for s in final)
+    assert watch.shapes[2] == final  # rebuilt at step 2: the remaining steps ran on the smaller model
+    assert model.model.config.layer_shapes == final
+    # the optimizer trains the new parameters (and nothing stale): they move after the rebuild
+    optimizer = trainer.optimizers[0]
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert params == {id(p) for p in model.model.parameters() if p.requires_grad}
+    assert all(p in optimizer.state for p in model.model.parameters())
+
+
+def test_cubic_schedule_masks_until_the_end_then_rebuilds(fit):
+    watch = _Watch()
+    fit([StructuredPruning(units="ffn", ffn_amount=0.5, schedule="cubic", start_step=0, end_step=6, every_n_steps=2),
+         watch], max_steps=8)
+    removed = [24 * 2 - sum(s["ffn"] for s in shape) for shape in watch.shapes]
+    assert removed[:6] == [0] * 6  # masked, not removed, while the share rises
+    assert removed[6:] == [24, 24]  # rebuilt at end_step: half of the 48 neurons gone
+    assert all(s["heads"] == 4 for s in watch.shapes[-1])  # units: ffn leaves heads alone
+
+
+def test_per_layer_scope_and_taylor_importance(fit):
+    model, _ = fit([StructuredPruning(head_amount=0.5, ffn_amount=0.5, importance="taylor", score_batches=2,
+                                      start_step=2, scope="per_layer")], max_steps=4)
+    assert structure.shape(model.model) == [{"heads": 2, "ffn": 12}] * 2
+
+
+def test_the_last_head_of_a_layer_is_never_removed():
+    callback = StructuredPruning(head_amount=0.9)
+    callback.kept = {"heads": [torch.ones(2, dtype=torch.bool), torch.ones(8, dtype=torch.bool)]}
+    # layer 0's heads score far lowest: global ranking would take both
+    callback._remove("heads", (torch.tensor([0.0, 0.0]), torch.arange(1.0, 9.0)), 0.9)
+    assert [int(k.sum()) for k in callback.kept["heads"]] == [1, 1]
+
+
+def test_checkpoints_resume_and_test_with_the_smaller_shape(fit, tmp_path, make_datamodule, tiny_trainer):
+    model, trainer = fit([StructuredPruning(head_amount=0.5, ffn_amount=0.5, start_step=1)], max_steps=3)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["callbacks"]["StructuredPruning"]["rebuilt"] is True
+    # resume: the freshly built (unpruned) model takes the checkpoint's shape, and training goes on
+    resumed, _ = fit([StructuredPruning(head_amount=0.5, ffn_amount=0.5, start_step=1)], ckpt_path=ckpt, max_steps=5)
+    assert structure.shape(resumed.model) == structure.shape(model.model)
+    # test from the checkpoint in a module built unpruned, as `emocompress test --ckpt_path` does
+    reloaded = EmotionClassifier.load_from_checkpoint(ckpt, map_location="cpu")
+    assert structure.shape(reloaded.model) == structure.shape(model.model)
+    tiny_trainer().test(reloaded, datamodule=make_datamodule(model_dir=model.hparams.model_name, batch_size=4))
+    assert reloaded.test_report["per_class"]
+
+
+def test_resume_before_the_rebuild_holds_the_masks_again(fit, tmp_path):
+    cubic = {"units": "heads", "head_amount": 0.5, "schedule": "cubic", "start_step": 0, "end_step": 8,
+             "every_n_steps": 2}
+    ckpt = tmp_path / "mid.ckpt"
+    fit([StructuredPruning(**cubic), _SaveAt(5, ckpt)], max_steps=6)
+    saved = torch.load(ckpt, weights_only=True)
+    assert not saved["callbacks"]["StructuredPruning"]["rebuilt"]
+    assert not [k for k in saved["state_dict"] if k.endswith(("_orig", "_mask"))]  # masks folded in
+    watch = _Watch()
+    model, _ = fit([StructuredPruning(**cubic), watch], ckpt_path=ckpt, max_steps=10)
+    masked = [m for m in model.model.modules() if hasattr(m, "weight_mask")]
+    assert not masked  # rebuilt at the end
+    assert sum(s["heads"] for s in structure.shape(model.model)) == 4
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"head_amount": 1.0}, r"head_amount must be in \[0, 1\)"),
+    ({"ffn_amount": -0.1}, r"ffn_amount must be in \[0, 1\)"),
+    ({"importance": "taylor", "score_batches": 8, "start_step": 4}, r"start_step \(4\) must be >= score_batches"),
+    ({"schedule": "cubic"}, "end_step must be set"),
+])
+def test_bad_settings_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredPruning(**kwargs)
+
+
+def test_a_model_without_heads_is_refused_before_training():
+    from types import SimpleNamespace
+
+    from emocompress.students import RecurrentClassifier, RecurrentConfig
+
+    bilstm = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3))
+    with pytest.raises(ValueError, match=r"StructuredPruning: RecurrentClassifier \(model type 'emocompress-recurrent'\) has no "
+                                         r"attention heads .* supported model types: \['bert'"):
+        StructuredPruning().setup(None, SimpleNamespace(model=bilstm), "fit")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_export_and_int8_of_a_pruned_model(backend, tmp_path):
+    from emocompress.artifacts import export_onnx, load_artifact, quantize
+
+    model = tiny("bert", vocab_size=40)
+    for layer, heads in zip(structure.layers(model), ([1], [0, 2, 3])):  # uneven head counts
+        layer.keep(heads=torch.tensor(heads), ffn=torch.arange(12))
+    structure.record(model)
+    ids = torch.randint(4, 40, (3, 9))
+    fp32 = _logits(model, ids)
+    if backend == "onnxruntime":
+        onnx_fp32 = load_artifact(export_onnx(model, tmp_path / "onnx", None))
+        torch.testing.assert_close(onnx_fp32(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, fp32,
+                                   atol=1e-4, rtol=1e-4)
+    quantize(model, backend=backend, out_dir=tmp_path / "int8")
+    int8 = load_artifact(tmp_path / "int8")
+    torch.testing.assert_close(int8(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, fp32,
+                               atol=0.05, rtol=0.05)
+
+
+def test_a_checkpoint_with_masked_units_loads_into_the_rebuilt_model():
+    # Under DDP (or with a best checkpoint from before the rebuild) the checkpoint holds the removed units as
+    # zeros at the full shape: loading it into the smaller model drops them rather than growing the model back.
+    model = tiny("bert")
+    masked = copy.deepcopy(model)
+    heads, ffn = torch.tensor([0, 3]), torch.tensor([2, 4, 6])
+    layer = structure.layers(masked)[1]
+    with torch.no_grad():
+        for module, dim, kind in layer.linears().values():
+            keep = torch.zeros(4 if kind == "heads" else 24, dtype=torch.bool)
+            keep[heads if kind == "heads" else ffn] = True
+            keep = keep.repeat_interleave(4) if kind == "heads" else keep
+            module.weight[(~keep, slice(None)) if dim == 0 else (slice(None), ~keep)] = 0
+            if dim == 0:
+                module.bias[~keep] = 0
+    structure.layers(model)[1].keep(heads=torch.tensor([0, 1]), ffn=torch.tensor([0, 1, 2]))  # any 2 heads, 3 neurons
+    state = masked.state_dict()
+    structure.fit_to_state_dict(model, state)
+    model.load_state_dict(state)
+    assert structure.shape(model)[1] == {"heads": 2, "ffn": 3}
+    torch.testing.assert_close(_logits(model), _logits(masked))
