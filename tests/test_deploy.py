@@ -358,3 +358,20 @@ def test_export_never_replaces_a_folder_it_did_not_write(teacher, tmp_path):
     assert (mine / "todo.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     folder = export_onnx(model, tmp_path / "onnx", tokenizer)
     assert export_onnx(model, folder, tokenizer) == folder  # an earlier export is replaced
+
+
+def test_server_answers_with_a_structurally_pruned_model(teacher, emotion_dir, tmp_path):
+    # uneven layers (1 head and 20 neurons, then 2 heads and 9): exported, optimized and served without torch
+    from emocompress import structure
+
+    model, tokenizer = copy.deepcopy(teacher[0]), teacher[1]
+    structure.layers(model)[0].keep(heads=torch.tensor([1]), ffn=torch.arange(20))
+    structure.layers(model)[1].keep(ffn=torch.arange(0, 27, 3))
+    structure.record(model)
+    folder = export_onnx(model, tmp_path / "onnx", tokenizer)
+    texts = _test_texts(emotion_dir)
+    done = subprocess.run([sys.executable, "-c", _BLOCKED_SERVE, str(folder)], input="\n".join(texts).encode(),
+                          capture_output=True, check=True)
+    served = [json.loads(line)["label"] for line in done.stdout.decode("utf-8").splitlines()]
+    labels = list(model.config.id2label.values())
+    assert served == [labels[i] for i in _logits(model.eval(), tokenizer, texts).argmax(-1).tolist()]
