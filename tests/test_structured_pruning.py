@@ -250,18 +250,24 @@ def test_a_model_without_heads_is_refused_before_training():
         StructuredPruning().setup(None, SimpleNamespace(model=bilstm), "fit")
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_export_and_int8_of_a_pruned_model(backend, tmp_path):
+@pytest.mark.parametrize(("backend", "heads"), [("onnxruntime", ([1], [0, 2, 3])), ("onnxruntime", ([1, 2], [0, 3])),
+                                               ("torch", ([1], [0, 2, 3]))])
+def test_export_and_int8_of_a_pruned_model(backend, heads, tmp_path):
+    import onnx
+
     from emocompress.artifacts import export_onnx, load_artifact, quantize
 
     model = tiny("bert", vocab_size=40)
-    for layer, heads in zip(structure.layers(model), ([1], [0, 2, 3])):  # uneven head counts
-        layer.keep(heads=torch.tensor(heads), ffn=torch.arange(12))
+    for layer, kept in zip(structure.layers(model), heads):
+        layer.keep(heads=torch.tensor(kept), ffn=torch.arange(12))
     structure.record(model)
     ids = torch.randint(4, 40, (3, 9))
     fp32 = _logits(model, ids)
     if backend == "onnxruntime":
         onnx_fp32 = load_artifact(export_onnx(model, tmp_path / "onnx", None))
+        # onnxruntime fuses attention when every layer kept as many heads; with uneven layers it must not
+        fused = [n for n in onnx.load(tmp_path / "onnx" / "model.onnx").graph.node if n.op_type == "Attention"]
+        assert len(fused) == (2 if len(heads[0]) == len(heads[1]) else 0)
         torch.testing.assert_close(onnx_fp32(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, fp32,
                                    atol=1e-4, rtol=1e-4)
     quantize(model, backend=backend, out_dir=tmp_path / "int8")

@@ -206,10 +206,23 @@ def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool) -> None:
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
     if optimize and hasattr(config, "num_attention_heads"):  # fuse attention (recurrent students have none)
-        # 0: detect per layer from the graph; a structurally pruned model's layers have different head counts
-        heads, hidden = (0, 0) if structure.is_pruned(config) else (config.num_attention_heads, config.hidden_size)
+        heads, hidden = _fusion_heads(config)
         optimized = optimize_model(str(out_file), model_type="bert", num_heads=heads, hidden_size=hidden)
         optimized.save_model_to_file(str(out_file))
+
+
+def _fusion_heads(config) -> tuple[int, int]:
+    """(heads, attention width) for onnxruntime's attention fusion, which takes one head count for all layers
+    and cannot read it from transformers' graph (reshapes to -1 heads). After structured pruning that is each
+    layer's kept heads if all layers kept as many; with uneven layers (0, 0), which skips attention fusion: one
+    wrong count builds a model that fails to load ("hidden_size should be divisible by num_heads")."""
+    if not structure.is_pruned(config):
+        return config.num_attention_heads, config.hidden_size
+    counts = {layer["heads"] for layer in config.layer_shapes}
+    if len(counts) > 1:
+        return 0, 0
+    heads = counts.pop()
+    return heads, heads * (config.hidden_size // config.num_attention_heads)
 
 
 def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool) -> None:
