@@ -58,8 +58,10 @@ distill_prune: install
 
 # structured pruning of the teacher: half of its heads and FFN neurons removed, layers rebuilt smaller,
 # 2 recovery epochs, then INT8 (onnxruntime) of the smaller model
+# EXTRA: more options for the structured runs, e.g. EXTRA="--trainer.max_epochs 1"
+EXTRA ?=
 structured_prune: install
-	$(BIN)/emocompress fit -c configs/base.yaml -c configs/structured_prune.yaml -c configs/quantize.yaml
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/structured_prune.yaml -c configs/quantize.yaml $(EXTRA)
 
 # the same, recovered under distillation from the unpruned teacher
 structured_prune_distill: install
@@ -77,7 +79,7 @@ AMOUNTS ?= 0.25 0.5 0.7
 structured_sweep: install
 	$(foreach a,$(AMOUNTS),$(BIN)/emocompress fit -c configs/base.yaml -c configs/quantize.yaml \
 		-c configs/structured_prune.yaml --trainer.logger.init_args.version amount_$(a) \
-		--trainer.callbacks.init_args.head_amount $(a) --trainer.callbacks.init_args.ffn_amount $(a) &&) true
+		--trainer.callbacks.init_args.head_amount $(a) --trainer.callbacks.init_args.ffn_amount $(a) $(EXTRA) &&) true
 
 structured_results: structured_prune
 	$(BIN)/emocompress benchmark --config configs/benchmark_structured.yaml

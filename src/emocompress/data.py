@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
-from transformers import AutoTokenizer, DataCollatorWithPadding
+from transformers import DataCollatorWithPadding
 
 from emocompress import pretrained
 from emocompress.artifact_format import DEFAULT_MAX_LENGTH
@@ -186,7 +186,7 @@ class EmotionDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         _check_settings(self.hparams)
-        self.tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(model_name))
+        self.tokenizer = pretrained.load_tokenizer(model_name)
         _check_max_length(max_length, model_name, self.tokenizer)
         self.source = DataSource(data, text_column, label_column, max_samples)
         self.splits: dict[str, datasets.Dataset] = {}  # tokenized, by split name

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from emocompress import pretrained
 from emocompress.checkpoints import load_network, read_checkpoint
@@ -93,7 +93,7 @@ def load_teacher(source: str, trust_remote_code: bool = False) -> tuple[PreTrain
     if not source.endswith(".ckpt"):
         path = pretrained.resolve(source)
         return (pretrained.load_model(path, trust_remote_code=trust_remote_code),
-                AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+                pretrained.load_tokenizer(path, trust_remote_code=trust_remote_code))
     try:
         hparams = read_checkpoint(source).get("hyper_parameters", {})
     except ValueError as err:
@@ -110,7 +110,7 @@ def load_teacher(source: str, trust_remote_code: bool = False) -> tuple[PreTrain
         load_network(model, source)
     except ValueError as err:
         raise ValueError(f"model.teacher: {err}") from err
-    return model, AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    return model, pretrained.load_tokenizer(base, trust_remote_code=trust_remote_code)
 
 
 def tokenizer_spec(tokenizer) -> str:
@@ -153,7 +153,7 @@ class Teacher:
     def tokenizer_for(self, model_name: str):
         """``model_name``'s tokenizer; the teacher's own if it was read from there, so it is read once."""
         path = pretrained.resolve(model_name)
-        return self.tokenizer if self.tokenizer.name_or_path == path else AutoTokenizer.from_pretrained(path)
+        return self.tokenizer if self.tokenizer.name_or_path == path else pretrained.load_tokenizer(path)
 
     def prepare(self, device: torch.device, max_length: int,
                 forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):

@@ -149,3 +149,14 @@ def _load_pruned(path: str, ignore_mismatched_sizes: bool, **kwargs):
         raise ValueError(f"{path}: weights do not fit its config.json (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); re-export the model")
     return model.eval(), {"missing_keys": missing, "mismatched_keys": mismatched, "unexpected_keys": []}
+
+
+def load_tokenizer(name_or_path: str, **kwargs):
+    """``AutoTokenizer.from_pretrained``; for a structurally pruned folder with its config read by ``load_config``
+    (transformers would read the marked ``config.json`` itself and warn about an unknown model type)."""
+    from transformers import AutoTokenizer
+
+    path = resolve(name_or_path)
+    if _pruned_config_dict(path) is not None:
+        kwargs["config"] = load_config(path)
+    return AutoTokenizer.from_pretrained(path, **kwargs)

@@ -41,8 +41,10 @@ class StructuredPruning(Callback):
     Michel et al.), so layers end with different widths; ``per_layer`` removes the same share from each.
     The last head and the last neuron of a layer are never removed.
 
-    Exports record the per-layer shape in ``config.json``; load them with
-    ``emocompress.pretrained.load_model`` (every model path of the project does).
+    Keep ``start_step`` (``end_step`` with ``cubic``) within the first epoch, so that every checkpoint chosen on
+    validation is at the final shape. Exports record the per-layer shape in ``config.json``; load them with
+    ``emocompress.pretrained.load_model`` (every model path of the project does). onnxruntime fuses attention
+    only when every layer kept as many heads (``scope: per_layer``).
 
     Logs ``prune/heads`` and ``prune/ffn``: the share of each removed so far.
 
