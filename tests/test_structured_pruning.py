@@ -245,8 +245,9 @@ def test_a_model_without_heads_is_refused_before_training():
     from emocompress.students import RecurrentClassifier, RecurrentConfig
 
     bilstm = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3))
-    with pytest.raises(ValueError, match=r"StructuredPruning: RecurrentClassifier \(model type 'emocompress-recurrent'\) has no "
-                                         r"attention heads .* supported model types: \['bert'"):
+    with pytest.raises(ValueError, match=r"StructuredPruning: RecurrentClassifier \(model type "
+                                         r"'emocompress-recurrent'\) has no attention heads .* supported model "
+                                         r"types: \['bert'"):
         StructuredPruning().setup(None, SimpleNamespace(model=bilstm), "fit")
 
 

@@ -77,7 +77,8 @@ class Layer:
     def linears(self) -> dict[str, tuple[nn.Linear, int, str]]:
         """path -> (module, the dimension of its weight that indexes units, "heads" or "ffn")."""
         fam = self.fam
-        return {**{p: (self.get(p), 0, "heads") for p in fam.qkv}, fam.attention_out: (self.get(fam.attention_out), 1, "heads"),
+        return {**{p: (self.get(p), 0, "heads") for p in fam.qkv},
+                fam.attention_out: (self.get(fam.attention_out), 1, "heads"),
                 fam.ffn_in: (self.get(fam.ffn_in), 0, "ffn"), fam.ffn_out: (self.get(fam.ffn_out), 1, "ffn")}
 
     def keep(self, heads: torch.Tensor | None = None, ffn: torch.Tensor | None = None) -> dict[int, tuple]:
