@@ -139,13 +139,19 @@ def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, varia
     fp32_logits = _logits(model, tokenizer, texts)
     reference = fp32_logits.argmax(-1).tolist()
     # INT8 moves logits, so a near-tie may flip: every text whose fp32 winner leads by more than the variant's
-    # INT8 error keeps its label, and most texts are that clear. The tiny BERT moves by hundredths; the tiny
-    # BiLSTM (6 LSTM units: coarse per-tensor scales) by up to 0.84 measured on an AMD EPYC, less on a Xeon.
+    # INT8 error keeps its label, and most texts are that clear. Measured on an AMD EPYC (AVX2, no VNNI): the
+    # largest logit shift is 0.60 for the tiny BERT (embeddings quantized too) and 0.84 for the tiny BiLSTM (6
+    # LSTM units: coarse per-tensor scales). ONNX Runtime picks other INT8 kernels on other CPUs (VNNI, AMX), and a
+    # 0.1 margin for the BERT once failed CI on another machine, so both keep a margin of 1.0.
+    int8_logits = _logits(int8, tokenizer, texts)
     top2 = fp32_logits.topk(2, dim=-1).values
-    clear = ((top2[:, 0] - top2[:, 1]) > {"bert": 0.1, "bilstm": 1.0}[variant]).tolist()
-    assert sum(clear) >= len(texts) / 2
-    int8_labels = _logits(int8, tokenizer, texts).argmax(-1).tolist()
-    assert [a for a, c in zip(int8_labels, clear) if c] == [r for r, c in zip(reference, clear) if c]
+    margins = top2[:, 0] - top2[:, 1]
+    clear = (margins > 1.0).tolist()
+    report = (f"fp32 margins {[round(m, 2) for m in margins.tolist()]}, "
+              f"largest INT8 logit shift {(int8_logits - fp32_logits).abs().max():.2f}")
+    assert sum(clear) >= len(texts) / 2, report
+    int8_labels = int8_logits.argmax(-1).tolist()
+    assert [a for a, c in zip(int8_labels, clear) if c] == [r for r, c in zip(reference, clear) if c], report
     # the server reads INT8 folders too, with the same metadata
     served = OnnxPredictor(tmp_path / "int8").predict(texts)
     assert [p["label"] for p in served] == [model.config.id2label[i] for i in int8_labels]
