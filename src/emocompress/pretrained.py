@@ -95,11 +95,16 @@ def load_config(name_or_path: str, **kwargs):
     from transformers import AutoConfig
 
     path = resolve(name_or_path)
-    config = _pruned_config_dict(path)
-    if config is None:
-        return AutoConfig.from_pretrained(path, **kwargs)
-    model_type = config.pop("model_type")
-    return AutoConfig.for_model(model_type, **{**config, **kwargs})
+    pruned = _pruned_config_dict(path)
+    return AutoConfig.from_pretrained(path, **kwargs) if pruned is None else _pruned_config(pruned, **kwargs)
+
+
+def _pruned_config(config: dict, **kwargs):
+    """The config object of ``_pruned_config_dict``'s dict, with ``kwargs`` overriding its entries."""
+    from transformers import AutoConfig
+
+    entries = {k: v for k, v in config.items() if k != "model_type"}
+    return AutoConfig.for_model(config["model_type"], **{**entries, **kwargs})
 
 
 def load_model(name_or_path: str, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False,
@@ -119,23 +124,23 @@ def load_model(name_or_path: str, output_loading_info: bool = False, ignore_mism
     from transformers import AutoModelForSequenceClassification
 
     path = resolve(name_or_path)
-    if _pruned_config_dict(path) is None:
+    pruned = _pruned_config_dict(path)
+    if pruned is None:
         return AutoModelForSequenceClassification.from_pretrained(
             path, output_loading_info=output_loading_info, ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
-    model, info = _load_pruned(path, ignore_mismatched_sizes, **kwargs)
+    kwargs.pop("trust_remote_code", None)  # a pruned folder is one of ours: no remote code to run
+    options = {"attn_implementation": kwargs.pop("attn_implementation")} if "attn_implementation" in kwargs else {}
+    model, info = _load_pruned(path, _pruned_config(pruned, **kwargs), ignore_mismatched_sizes, **options)
     return (model, info) if output_loading_info else model
 
 
-def _load_pruned(path: str, ignore_mismatched_sizes: bool, **kwargs):
+def _load_pruned(path: str, config, ignore_mismatched_sizes: bool, **options):
     from pathlib import Path
 
     from safetensors.torch import load_file
 
     from emocompress import structure
 
-    options = {k: kwargs.pop(k) for k in ("attn_implementation", "trust_remote_code") if k in kwargs}
-    options.pop("trust_remote_code", None)  # a pruned folder is one of ours: no remote code to run
-    config = load_config(path, **kwargs)
     model = structure.build(config, **options)
     state = load_file(Path(path) / "model.safetensors")
     own = model.state_dict()
@@ -157,6 +162,7 @@ def load_tokenizer(name_or_path: str, **kwargs):
     from transformers import AutoTokenizer
 
     path = resolve(name_or_path)
-    if _pruned_config_dict(path) is not None:
-        kwargs["config"] = load_config(path)
+    pruned = _pruned_config_dict(path)
+    if pruned is not None:
+        kwargs["config"] = _pruned_config(pruned)
     return AutoTokenizer.from_pretrained(path, **kwargs)

@@ -103,13 +103,18 @@ class Layer:
             moved[id(old.weight)] = (new.weight, idx, dim)
             moved[id(old.bias)] = (new.bias, idx if dim == 0 else None, 0)
             self.layer.set_submodule(path, new)
+        self.sync_head_count()
+        return moved
+
+    def sync_head_count(self) -> None:
+        """Set the attention module's head-count attributes to its matrices' (informational: forward infers
+        the heads from the shapes)."""
         attention = self.layer.get_submodule(self.fam.attention)
-        for name in ("num_attention_heads", "n_heads"):  # informational: forward infers heads from shapes
+        for name in ("num_attention_heads", "n_heads"):
             if hasattr(attention, name):
                 setattr(attention, name, self.heads)
         if hasattr(attention, "all_head_size"):
             attention.all_head_size = self.heads * self.head_size
-        return moved
 
 
 def layers(model: nn.Module) -> list[Layer]:
@@ -155,7 +160,7 @@ def _resize(model: nn.Module, target: list[dict[str, int]]) -> None:
             shape_ = (size, old.in_features) if dim == 0 else (old.out_features, size)
             layer.layer.set_submodule(path, nn.Linear(shape_[1], shape_[0], device=old.weight.device,
                                                       dtype=old.weight.dtype))
-        Layer(layer.layer, layer.fam).keep()  # refresh the head-count attributes
+        layer.sync_head_count()
     record(model)
 
 
@@ -191,10 +196,11 @@ def fit_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor], prefix: 
         if q is None or ffn_in is None:
             return  # not this architecture's state dict: let load_state_dict report it
         target.append({"heads": q.shape[0] // layer.head_size, "ffn": ffn_in.shape[0]})
-    if target == shape(model):
+    now = shape(model)
+    if target == now:
         return
     kept = [_nonzero_units(state, key, layer) for key, layer in zip(keys, current)]
-    if [{"heads": len(h), "ffn": len(f)} for h, f in kept] == shape(model):
+    if [{"heads": len(h), "ffn": len(f)} for h, f in kept] == now:
         for key, layer, (heads, ffn) in zip(keys, current, kept):
             rows = {"heads": (heads[:, None] * layer.head_size + torch.arange(layer.head_size)).flatten(), "ffn": ffn}
             for path, (_, dim, kind) in layer.linears().items():

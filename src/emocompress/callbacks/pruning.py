@@ -27,6 +27,30 @@ def cubic_sparsity(step: int, final: float, start_step: int, end_step: int) -> f
     return final * (1 - (1 - progress) ** 3)
 
 
+def scheduled_amount(schedule: str, step: int, final: float, start_step: int, end_step: int | None) -> float:
+    """Share to have pruned at ``step``: ``final`` from ``start_step`` on (``one_shot``), or the ``cubic`` rise.
+
+    >>> scheduled_amount("one_shot", 9, 0.5, 10, None), scheduled_amount("one_shot", 10, 0.5, 10, None)
+    (0.0, 0.5)
+    """
+    if schedule == "one_shot":
+        return final if step >= start_step else 0.0
+    return cubic_sparsity(step, final, start_step, end_step)
+
+
+def check_schedule(owner: str, schedule: str, start_step: int, end_step: int | None, every_n_steps: int) -> None:
+    """Refuse schedule settings ``scheduled_amount`` cannot follow, naming ``owner``'s options.
+
+    Raises:
+        ValueError: ``start_step`` < 0, ``every_n_steps`` < 1, or ``cubic`` without ``end_step`` > ``start_step``.
+    """
+    if start_step < 0 or every_n_steps < 1:
+        raise ValueError(f"{owner}.start_step must be >= 0 and every_n_steps >= 1, got {start_step} and {every_n_steps}")
+    if schedule == "cubic" and (end_step is None or end_step <= start_step):
+        raise ValueError(f"{owner}.end_step must be set and > start_step ({start_step}) for the cubic schedule, "
+                         f"got {end_step}")
+
+
 class MagnitudePruning(Callback):
     """Prunes the smallest-magnitude weights across all ``nn.Linear`` layers of ``pl_module.model`` (one
     global threshold, biases never), then lets the rest of ``fit`` recover the accuracy.
@@ -60,12 +84,7 @@ class MagnitudePruning(Callback):
                  include_classifier: bool = True, include_embeddings: bool = False):
         if not 0 <= amount <= 0.95:
             raise ValueError(f"MagnitudePruning.amount must be in [0, 0.95], got {amount}")
-        if start_step < 0 or every_n_steps < 1:
-            raise ValueError("MagnitudePruning.start_step must be >= 0 and every_n_steps >= 1, "
-                             f"got {start_step} and {every_n_steps}")
-        if schedule == "cubic" and (end_step is None or end_step <= start_step):
-            raise ValueError(f"MagnitudePruning.end_step must be set and > start_step ({start_step}) for the "
-                             f"cubic schedule, got {end_step}")
+        check_schedule("MagnitudePruning", schedule, start_step, end_step, every_n_steps)
         self.amount = amount
         self.schedule = schedule
         self.start_step = start_step
@@ -98,11 +117,6 @@ class MagnitudePruning(Callback):
             raise ValueError(f"MagnitudePruning: {type(pl_module.model).__name__} has no prunable layers outside its "
                              f"classification head (targets: {names or 'none'}); prune a transformer model, set "
                              "include_embeddings: true to prune its embedding table, or remove the callback")
-
-    def _target_sparsity(self, step: int) -> float:
-        if self.schedule == "one_shot":
-            return self.amount if step >= self.start_step else 0.0
-        return cubic_sparsity(step, self.amount, self.start_step, self.end_step)
 
     # ---- pruning ----
     def _prune_to(self, pl_module: LightningModule, sparsity: float) -> None:
@@ -140,7 +154,7 @@ class MagnitudePruning(Callback):
         step = trainer.global_step
         if step < self.start_step or (self.schedule == "cubic" and (step - self.start_step) % self.every_n_steps):
             return
-        self._prune_to(pl_module, self._target_sparsity(step))
+        self._prune_to(pl_module, scheduled_amount(self.schedule, step, self.amount, self.start_step, self.end_step))
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

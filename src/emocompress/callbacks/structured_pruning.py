@@ -11,7 +11,7 @@ from torch.nn.utils import prune
 from typing_extensions import override
 
 from emocompress import structure
-from emocompress.callbacks.pruning import cubic_sparsity, fold_masks
+from emocompress.callbacks.pruning import check_schedule, fold_masks, scheduled_amount
 
 _KINDS = {"heads": ("heads",), "ffn": ("ffn",), "both": ("heads", "ffn")}
 
@@ -70,15 +70,12 @@ class StructuredPruning(Callback):
         for name, amount in (("head_amount", head_amount), ("ffn_amount", ffn_amount)):
             if not 0 <= amount < 1:
                 raise ValueError(f"StructuredPruning.{name} must be in [0, 1), got {amount}")
-        if score_batches < 1 or every_n_steps < 1 or start_step < 0:
-            raise ValueError("StructuredPruning.score_batches and every_n_steps must be >= 1 and start_step >= 0, "
-                             f"got {score_batches}, {every_n_steps} and {start_step}")
+        check_schedule("StructuredPruning", schedule, start_step, end_step, every_n_steps)
+        if score_batches < 1:
+            raise ValueError(f"StructuredPruning.score_batches must be >= 1, got {score_batches}")
         if importance == "taylor" and start_step < score_batches:
             raise ValueError(f"StructuredPruning.start_step ({start_step}) must be >= score_batches ({score_batches}) "
                              "with importance: taylor, which scores units on the batches before it prunes")
-        if schedule == "cubic" and (end_step is None or end_step <= start_step):
-            raise ValueError(f"StructuredPruning.end_step must be set and > start_step ({start_step}) for the cubic "
-                             f"schedule, got {end_step}")
         self.units = units
         self.amounts = {"heads": head_amount if "heads" in _KINDS[units] else 0.0,
                         "ffn": ffn_amount if "ffn" in _KINDS[units] else 0.0}
@@ -96,11 +93,6 @@ class StructuredPruning(Callback):
         self._last_step = -1
 
     # ---- schedule ----
-    def _share(self, kind: str, step: int) -> float:
-        if self.schedule == "one_shot":
-            return self.amounts[kind] if step >= self.start_step else 0.0
-        return cubic_sparsity(step, self.amounts[kind], self.start_step, self.end_step)
-
     def _is_pruning_step(self, step: int) -> bool:
         if self.schedule == "one_shot":
             return step == self.start_step
@@ -163,7 +155,8 @@ class StructuredPruning(Callback):
             if self.amounts[kind] > 0 and kind in scores:
                 local = torch.cat(scores[kind]).to(pl_module.device)
                 reduced = trainer.strategy.reduce(local, reduce_op="mean").cpu()
-                changed |= self._remove(kind, reduced.split([len(k) for k in self.kept[kind]]), self._share(kind, step))
+                share = scheduled_amount(self.schedule, step, self.amounts[kind], self.start_step, self.end_step)
+                changed |= self._remove(kind, reduced.split([len(k) for k in self.kept[kind]]), share)
         if changed:
             self._apply_masks(pl_module)
             self._announce(pl_module)
