@@ -11,7 +11,8 @@ SEEDS ?=
 seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --trainer.logger.init_args.version seed_$(s) &&) true,$(1))
 
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
-	structured_prune structured_prune_distill distill_structured_prune structured_sweep structured_results test test-fast speed
+	structured_prune structured_prune_distill distill_structured_prune structured_sweep structured_results test test-fast speed \
+	vocab distill_bilstm_vocab vocab_results
 
 install: $(VENV)/.installed
 
@@ -50,6 +51,20 @@ distill_control: install
 distill_bilstm: install
 	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml \
 		-c configs/distill_bilstm.yaml -c configs/quantize.yaml)
+
+# a student vocabulary of its own: 4,000 WordPiece entries learned from the train texts (seconds)
+vocab: install
+	$(BIN)/emocompress vocab --data ../shared/data/emotion --vocab_size 4000 --out_dir logs/vocab/emotion_4k
+
+# the BiLSTM over that vocabulary, on gold texts plus 4 augmented copies each labelled by the teacher; INT8
+distill_bilstm_vocab: vocab
+	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml \
+		-c configs/distill_bilstm.yaml -c configs/distill_bilstm_vocab.yaml -c configs/quantize.yaml $(EXTRA))
+
+# the same without the augmented copies, and the comparison with the teacher (after `make teacher int8`)
+vocab_results: distill_bilstm_vocab
+	$(MAKE) distill_bilstm_vocab EXTRA="--data.augment null --trainer.logger.init_args.name distill_bilstm_vocab_noaug"
+	$(BIN)/emocompress benchmark --config configs/benchmark_vocab.yaml
 
 # Distil + Prune + Quant: 50% pruning of the distilled student, recovered under distillation, then INT8
 distill_prune: install

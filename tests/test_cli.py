@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.classifier import EmotionClassifier
@@ -150,6 +151,7 @@ def test_every_config_parses(experiment, capsys):
     # overlays that are diffs of another experiment are parsed on top of it
     bases = {"baseline.yaml": ["teacher.yaml"], "distill_control.yaml": ["distill.yaml"],
              "distill_bilstm.yaml": ["distill.yaml"],
+             "distill_bilstm_vocab.yaml": ["distill.yaml", "distill_bilstm.yaml"],
              "distill_prune.yaml": ["distill.yaml", "prune.yaml", "quantize.yaml"],
              "distill_structured_prune.yaml": ["distill.yaml", "structured_prune.yaml", "quantize.yaml"],
              "structured_prune_distill.yaml": ["distill.yaml", "structured_prune.yaml"]}.get(experiment, [])
@@ -221,7 +223,17 @@ def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tm
     _assert_pruned_and_tested_in_int8(tmp_path / "logs" / "tiny" / "version_0")
 
 
-@pytest.mark.parametrize("config", ["benchmark.yaml", "benchmark_distill.yaml"])
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (CONFIGS / "data").glob("*.yaml")))
+def test_every_data_overlay_parses_on_a_recipe(overlay, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "teacher.yaml"),
+              "-c", str(CONFIGS / "data" / overlay), "--print_config"])
+    assert exit_info.value.code == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["data"]
+    assert (CONFIGS.parent / data).resolve().is_relative_to((CONFIGS.parent.parent / "shared" / "data").resolve())
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("benchmark*.yaml")))
 def test_benchmark_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["benchmark", "--config", str(CONFIGS / config), "--print_config"])
@@ -292,6 +304,32 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
         fp32 = student(**batch).logits
     int8 = load_int8(run / "int8")(**batch).logits
     torch.testing.assert_close(int8, fp32, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.slow
+def test_bilstm_over_its_own_vocabulary_with_augmented_copies(emotion_dir, tiny_teacher_dir, tmp_path):
+    # make distill_bilstm_vocab, shrunk: the vocab subcommand, then the recipe with the student reading it
+    vocab = tmp_path / "vocab"
+    _ok(run_cli("vocab", "--data", emotion_dir, "--out_dir", vocab, "--vocab_size", 100, cwd=tmp_path))
+    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "distill_bilstm.yaml",
+                        "distill_bilstm_vocab.yaml", "quantize.yaml",
+                        extra=("--data.model_name", vocab, "--model.embedding_dim", 8, "--model.hidden_size", 8,
+                               "--data.augment.copies", 2))
+    fit = _ok(run_cli("fit", *args, cwd=tmp_path))
+    assert "with 2 augmented copies per text" in fit.stderr
+    run = tmp_path / "logs" / "distill_bilstm_vocab" / "version_0"
+    gold = len((emotion_dir / "train.txt").read_text().splitlines())
+    [cache] = (tmp_path / "cache").glob("teacher-*.pt")
+    assert len(torch.load(cache, weights_only=True)["keys"]) > 2 * gold  # the teacher labelled the copies
+    vocab_ids = AutoTokenizer.from_pretrained(vocab).get_vocab()
+    for folder in ("hf_model", "int8"):  # the student's tokenizer travels with it
+        assert AutoTokenizer.from_pretrained(run / folder).get_vocab() == vocab_ids
+    assert AutoModelForSequenceClassification.from_pretrained(run / "hf_model").config.vocab_size == len(vocab_ids)
+    # the checkpoint (augmentation settings in its hyperparameters) tests in a fresh process
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    _ok(run_cli("test", *args, "--ckpt_path", best, cwd=tmp_path))
+    report = json.loads((run.parent / "version_1" / "test_metrics.json").read_text())
+    assert sum(map(sum, report["confusion_matrix"])) == 9
 
 
 @pytest.mark.slow

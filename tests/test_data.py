@@ -129,6 +129,28 @@ def test_csv_with_custom_columns(emotion_dir, tiny_model_dir, tmp_path):
     assert dm.counts_before == [8, 4, 3]
 
 
+def test_goemotions_layout_seven_classes_long_texts(tiny_model_dir, tmp_path):
+    # ../shared/data/goemotions_ekman's layout: train/validation/test CSV, `text,label`, 7 classes with a
+    # neutral one and a 30x imbalance; some texts run past max_length. Nothing assumes the emotion set.
+    names = ["anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise"]
+    counts = [4, 1, 1, 30, 25, 3, 2]
+    folder = tmp_path / "goemotions"
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        rows = [f'"{name} comment number {i}, {" and so on" * (i % 40)}",{name}'
+                for name, n in zip(names, counts) for i in range(n)]
+        (folder / f"{split}.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    dm = _datamodule(folder, tiny_model_dir, max_length=32, batch_size=8)
+    dm.setup("fit")
+    assert list(dm.id2label.values()) == names and dm.counts_before == counts
+    assert dm.counts_after == [15, 15, 15, 30, 25, 15, 15]  # raised to half of joy
+    assert dm.class_weights.shape == (7,)
+    assert max(dm.splits["train"]["length"]) == 32  # long comments truncated to max_length
+    lengths = [batch["input_ids"].shape[1] for batch in dm.train_dataloader()]
+    assert max(lengths) == 32 and min(lengths) < 32  # grouped by length: short batches stay short
+    assert len(dm.splits["val"]) == sum(counts)  # validation.csv is the val split
+
+
 def test_jsonl_and_json_with_int_labels(emotion_dir, tiny_model_dir, tmp_path):
     folder = tmp_path / "json"
     folder.mkdir()

@@ -4,7 +4,7 @@ before torch, transformers and lightning are imported (well under a second rathe
 import sys
 
 USAGE = """\
-usage: emocompress {fit,validate,test,predict,benchmark} [-c CONFIG ...] [options]
+usage: emocompress {fit,validate,test,predict,benchmark,vocab} [-c CONFIG ...] [options]
 
 Fine-tune transformer emotion classifiers on imbalanced text and compress them (distillation,
 pruning, INT8), with PyTorch Lightning; then measure what each compression bought.
@@ -15,6 +15,7 @@ subcommands (each takes -c/--config, repeatable: a later file wins key by key, a
   test        one evaluation epoch over the test split; INT8 first with -c configs/quantize.yaml
   predict     predictions for --data.predict_file (default: the test split) into predictions.jsonl
   benchmark   compare exported models: size, latency, metrics with 95% intervals, paired tests
+  vocab       train a student vocabulary (WordPiece) on a data set's train texts, for data.model_name
 
 examples:
   emocompress fit -c configs/base.yaml -c configs/teacher.yaml

@@ -37,7 +37,7 @@ from emocompress.artifact_format import (
     ArtifactMeta,
     read_metadata,
 )
-from emocompress.outputs import atomic_dir
+from emocompress.outputs import atomic_dir, check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +248,7 @@ def _save(out_dir: str | Path, meta: ArtifactMeta, config, tokenizer, write) -> 
     Raises:
         ValueError: ``out_dir`` is a file, or a non-empty folder that is not an artifact folder.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file())):
-        raise ValueError(f"{out_dir}: exists and is not an artifact folder (no {META_FILE}), so it is not replaced; "
-                         "choose a new or empty folder")
+    check_replaceable(out_dir, META_FILE, "an artifact folder")
     with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         pretrained.mark_saved_config(tmp)

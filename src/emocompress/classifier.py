@@ -150,8 +150,18 @@ class EmotionClassifier(LightningModule):
         # run's checkpoint has smaller layers than the model its config builds.
         structure.fit_to_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
 
+    @property
+    def teaches_augmented_texts(self) -> bool:
+        """Whether this module can train on texts without a gold label (``data.augment``): only a teacher can
+        label them, so a plain classifier cannot."""
+        return False
+
     def setup(self, stage: str):
         datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and getattr(datamodule, "augmented", False) and not self.teaches_augmented_texts:
+            raise ValueError("data.augment adds texts without gold labels, which only a distillation teacher can "
+                             "label: use model.class_path emocompress.distillation.Distiller with model.alpha < 1, "
+                             "or remove data.augment")
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "class_weights"):
             self.class_weights.copy_(datamodule.class_weights)
 

@@ -5,6 +5,7 @@
     emocompress predict -c configs/base.yaml -c configs/teacher.yaml --ckpt_path ... --data.predict_file texts.txt
     emocompress fit -c configs/base.yaml -c configs/distill.yaml
     emocompress benchmark --config configs/benchmark.yaml
+    emocompress vocab --data ../shared/data/emotion --vocab_size 4000 --out_dir logs/vocab/emotion_4k
 
 ``model`` is any ``EmotionClassifier`` subclass (``class_path: emocompress.distillation.Distiller``);
 without a ``class_path`` it is the ``EmotionClassifier``.
@@ -29,6 +30,7 @@ from emocompress.checkpoints import read_checkpoint
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
+from emocompress.vocabulary import train_vocabulary
 
 log = logging.getLogger(__name__)
 # Settings that may differ between a run and its resumption.
@@ -233,10 +235,11 @@ def main(args: list[str] | None = None):
 
 def _run(args: list[str] | None) -> None:
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["benchmark"]:
-        # Not a Trainer method: a plain function, parsed by jsonargparse from its signature and docstring;
+    if argv[:1] in (["benchmark"], ["vocab"]):
+        # Not Trainer methods: plain functions, parsed by jsonargparse from their signatures and docstrings;
         # -c is --config, as for the Trainer subcommands.
-        CLI(benchmark, args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False)
+        function = {"benchmark": benchmark, "vocab": train_vocabulary}[argv[0]]
+        CLI(function, args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False)
         return
     # TF32 matmuls on Ampere+ GPUs: ~2x faster, accuracy unaffected for fine-tuning. No effect on CPU.
     torch.set_float32_matmul_precision("high")

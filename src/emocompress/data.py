@@ -4,6 +4,7 @@ Reading and validating the rows of a source is ``emocompress.sources``' job; thi
 into the label set, tokenized splits, class counts and seeded, sharded loaders.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from transformers import DataCollatorWithPadding
 
 from emocompress import pretrained
 from emocompress.artifact_format import DEFAULT_MAX_LENGTH
+from emocompress.augment import Augmentation, augmented_texts
 from emocompress.sources import DataSource, check_label_set
 
 log = logging.getLogger(__name__)
@@ -170,6 +172,10 @@ class EmotionDataModule(LightningDataModule):
         max_samples: keep only the first N examples of each split (quick debugging runs).
         min_label_count: a train label seen fewer times than this stops the run (with its file and line),
             unless it is listed in ``labels``: rare labels are usually typos or a stray ``;``.
+        augment: add perturbed copies of every train text (``emocompress.augment``: masked and swapped words,
+            n-gram windows), a transfer set for distillation: the teacher labels them and the student learns
+            from its soft labels alone, so only a ``Distiller`` trains on them. ``{copies: 4}`` adds 4 per text;
+            ``null``, the default, adds none. Copies keep their text's class for oversampling.
         predict_file: texts for ``predict``: a ``.txt`` file with one text per line, or ``.csv``/``.json``/
             ``.jsonl`` with ``text_column``; default: the test split.
         num_workers: DataLoader worker processes.
@@ -182,9 +188,13 @@ class EmotionDataModule(LightningDataModule):
                  batch_size: int = 32, eval_batch_size: int = 64, oversample_to: float | None = 0.5,
                  class_weighting: Literal["none", "inverse", "sqrt_inverse"] = "inverse",
                  group_by_length: bool = True, max_samples: int | None = None, min_label_count: int = 3,
-                 predict_file: str | None = None, num_workers: int = 0, seed: int | None = None):
+                 augment: Augmentation | None = None, predict_file: str | None = None, num_workers: int = 0,
+                 seed: int | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        # Saved as a plain dict: checkpoints are read with weights_only=True, which refuses a dataclass.
+        self.save_hyperparameters(ignore=["augment"])
+        self.hparams["augment"] = None if augment is None else dataclasses.asdict(augment)
+        self.augmentation = augment
         _check_settings(self.hparams)
         self.tokenizer = pretrained.load_tokenizer(model_name)
         _check_max_length(max_length, model_name, self.tokenizer)
@@ -192,6 +202,7 @@ class EmotionDataModule(LightningDataModule):
         self.splits: dict[str, datasets.Dataset] = {}  # tokenized, by split name
         self.counts_before: list[int] = []
         self.counts_after: list[int] = []
+        self._augmented_rows: datasets.Dataset | None = None
 
     # ---- label set, known before setup so the model can be built with the right head ----
     @cached_property
@@ -228,8 +239,28 @@ class EmotionDataModule(LightningDataModule):
 
     def texts(self, split: str) -> list[str]:
         """The raw texts of ``split`` in row order: ``texts(split)[i]`` is the text of a batch's ``idx == i``
-        (a distillation teacher with its own tokenizer reads them)."""
-        return self.raw_split(split)["text"]
+        (a distillation teacher with its own tokenizer reads them). The train split's augmented copies, if
+        any, follow its own texts."""
+        return list(self._rows(split)["text"])
+
+    @property
+    def augmented(self) -> bool:
+        """Whether the train split holds augmented texts, which have no gold label (``data.augment``)."""
+        return self.augmentation is not None
+
+    def _rows(self, split: str) -> datasets.Dataset:
+        """``raw_split(split)``; for train with ``data.augment``, followed by the augmented copies, and with a
+        ``gold`` column (1 for a text of the data, 0 for a copy)."""
+        raw = self.raw_split(split)
+        if split != "train" or not self.augmented:
+            return raw
+        if self._augmented_rows is None:
+            mask = self.tokenizer.mask_token or self.tokenizer.unk_token or "[MASK]"
+            copies, rows = augmented_texts(list(raw["text"]), self.augmentation, mask)
+            extra = raw.select(rows).remove_columns("text").add_column("text", copies).cast(raw.features)
+            self._augmented_rows = datasets.concatenate_datasets([
+                raw.add_column("gold", [1] * len(raw)), extra.add_column("gold", [0] * len(extra))])
+        return self._augmented_rows
 
     def raw_split(self, split: str) -> datasets.Dataset:
         """Columns ``text``, ``label`` (str) and ``line`` of ``split``, validated, read once by the source."""
@@ -252,7 +283,7 @@ class EmotionDataModule(LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
         for split in needed:
             if split not in self.splits:
-                self.splits[split] = self._tokenize(self.raw_split(split), split)
+                self.splits[split] = self._tokenize(self._rows(split), split)
         if stage == "fit" and not self.counts_after:
             self._count_classes()
         if stage == "predict" and "predict" not in self.splits:
@@ -273,8 +304,9 @@ class EmotionDataModule(LightningDataModule):
         self.counts_before = class_counts(self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1])
         self.counts_after = oversampled_counts(self.counts_before, self.hparams.oversample_to)
         names = list(self.id2label.values())
-        rank_zero_info("train class counts (oversample_to=%s, class_weighting=%s):\n%s", self.hparams.oversample_to,
-                       self.hparams.class_weighting,
+        copies = f", with {self.augmentation.copies} augmented copies per text" if self.augmented else ""
+        rank_zero_info("train class counts (oversample_to=%s, class_weighting=%s%s):\n%s", self.hparams.oversample_to,
+                       self.hparams.class_weighting, copies,
                        class_table(names, self.counts_before, self.counts_after, self.class_weights.tolist()))
         if self.trainer is not None and self.trainer.logger is not None:
             self.trainer.logger.log_hyperparams({f"class_count/{when}/{name}": n for when, counts in
@@ -376,6 +408,8 @@ def _encode(batch, indices, tokenizer, max_length, label2id, where):
     encoded = _tokenize_texts(batch, tokenizer, max_length)
     encoded["labels"] = [label2id[label] for label in batch["label"]]
     encoded["idx"] = indices  # row of the split, so a batch can be traced back to its raw texts
+    if "gold" in batch:
+        encoded["gold"] = batch["gold"]
     return encoded
 
 

@@ -32,12 +32,14 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: torch.Tens
     ``ce = alpha * CE_w(student, labels)``, ``kd = (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
     and ``mse = mse_weight * MSE(student, teacher)`` on raw logits. The T^2 factor (Hinton et al. 2015)
     keeps the soft-label gradients the same size whatever the temperature. KL and MSE are means over
-    the batch; CE is weighted by ``class_weights`` as in the classifier.
+    the batch; CE is weighted by ``class_weights`` as in the classifier, over the rows with a gold label
+    (0 when a batch has none).
 
     Args:
         student_logits: (N, C) float.
         teacher_logits: (N, C) float, no gradient needed.
-        labels: (N,) int class ids.
+        labels: (N,) int class ids; -100 marks a row without a gold label (an augmented text), which only
+            the teacher's terms see.
         class_weights: (C,) float, or None for plain cross-entropy.
         alpha: weight of the gold labels, in [0, 1]; 1 trains on labels alone, 0 on the teacher alone.
         temperature: softmax temperature T > 0 of the soft labels.
@@ -49,7 +51,9 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: torch.Tens
     """
     teacher_logits = teacher_logits.float()
     student_logits = student_logits.float()
-    ce = F.cross_entropy(student_logits, labels, weight=class_weights)
+    gold = labels >= 0
+    ce = (F.cross_entropy(student_logits, labels, weight=class_weights, ignore_index=-100) if gold.any()
+          else student_logits.sum() * 0.0)  # no gold row: cross_entropy would be 0 / 0
     kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1), F.log_softmax(teacher_logits / temperature, dim=-1),
                   reduction="batchmean", log_target=True)
     mse = F.mse_loss(student_logits, teacher_logits)
@@ -234,6 +238,10 @@ class Distiller(EmotionClassifier):
     teacher's weights and tokenizer and by each text, so later epochs, resumed runs and other runs
     with the same teacher reuse them; without it the teacher runs on every training batch.
 
+    With ``data.augment`` the train split also holds perturbed copies of its texts (an augmented transfer
+    set): the teacher labels them like the gold texts (and caches their logits), and the cross-entropy term
+    leaves them out, since a copy may no longer carry its gold label.
+
     Args:
         teacher: the fine-tuned teacher: an ``hf_model`` export folder, a hub name, or a classifier ``.ckpt``.
             Its labels must be the data's, in the same order.
@@ -313,6 +321,11 @@ class Distiller(EmotionClassifier):
         hp = self.hparams
         return hp.alpha < 1 or hp.mse_weight > 0 or hp.hidden_weight > 0
 
+    @property
+    def teaches_augmented_texts(self) -> bool:
+        """The teacher labels augmented copies, unless it is not run at all (the ``alpha: 1`` control)."""
+        return self._needs_teacher
+
     def on_fit_start(self):
         datamodule = self.trainer.datamodule
         self._teacher.prepare(self.device, datamodule.max_length, self.trainer.precision_plugin.forward_context)
@@ -335,7 +348,10 @@ class Distiller(EmotionClassifier):
             out = self._teacher.outputs([self.train_texts[i] for i in batch["idx"].tolist()],
                                         output_hidden_states=hidden)
             teacher_logits, teacher_hidden = out.logits, out.hidden_states
-        losses = distillation_losses(student.logits, teacher_logits, batch["labels"], self.class_weights,
+        labels = batch["labels"]
+        if "gold" in batch:  # augmented texts (data.augment) are taught by the teacher alone
+            labels = labels.masked_fill(batch["gold"] == 0, -100)
+        losses = distillation_losses(student.logits, teacher_logits, labels, self.class_weights,
                                      hp.alpha, hp.temperature, hp.mse_weight)
         if hidden:
             losses["hidden"] = hp.hidden_weight * patient_loss(student.hidden_states, teacher_hidden, self.layer_map)

@@ -40,6 +40,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_replaceable(path: str | Path, marker: str, what: str) -> None:
+    """Refuse to replace ``path`` unless it is missing, an empty folder, or an earlier output of the same kind
+    (a folder holding ``marker``): a folder of anything else is never removed.
+
+    Raises:
+        ValueError: ``path`` is a file, or a non-empty folder without ``marker``.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).is_file())):
+        raise ValueError(f"{path}: exists and is not {what} (no {marker}), so it is not replaced; "
+                         "choose a new or empty folder")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8", **kwargs) -> Iterator:
     """Open a temporary file beside ``path`` for writing and move it onto ``path`` when the ``with``
