@@ -317,7 +317,7 @@ def test_bilstm_over_its_own_vocabulary_with_augmented_copies(emotion_dir, tiny_
                                "--data.augment.copies", 2))
     fit = _ok(run_cli("fit", *args, cwd=tmp_path))
     assert "with 2 augmented copies per text" in fit.stderr
-    run = tmp_path / "logs" / "distill_bilstm_vocab" / "version_0"
+    run = tmp_path / "logs" / "tiny" / "version_0"
     gold = len((emotion_dir / "train.txt").read_text().splitlines())
     [cache] = (tmp_path / "cache").glob("teacher-*.pt")
     assert len(torch.load(cache, weights_only=True)["keys"]) > 2 * gold  # the teacher labelled the copies
