@@ -52,9 +52,11 @@ distill_bilstm: install
 	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml \
 		-c configs/distill_bilstm.yaml -c configs/quantize.yaml)
 
-# a student vocabulary of its own: 4,000 WordPiece entries learned from the train texts (seconds)
+# a student vocabulary of its own: 4,000 WordPiece entries learned from the train texts (seconds); made once,
+# since models trained on it read its ids and a new training would not reproduce them
 vocab: install
-	$(BIN)/emocompress vocab --data ../shared/data/emotion --vocab_size 4000 --out_dir logs/vocab/emotion_4k
+	test -f logs/vocab/emotion_4k/vocabulary.json || \
+		$(BIN)/emocompress vocab --data ../shared/data/emotion --vocab_size 4000 --out_dir logs/vocab/emotion_4k
 
 # the BiLSTM over that vocabulary, on gold texts plus 4 augmented copies each labelled by the teacher; INT8
 distill_bilstm_vocab: vocab

@@ -38,8 +38,13 @@ def test_vocab_subcommand_and_its_errors(emotion_dir, tmp_path, capsys):
     out = tmp_path / "vocab"
     main(["vocab", "--data", str(emotion_dir), "--out_dir", str(out), "--vocab_size", "120"])
     assert (out / "tokenizer.json").is_file()
-    main(["vocab", "--data", str(emotion_dir), "--out_dir", str(out), "--vocab_size", "150"])  # replaced
-    assert json.loads((out / "vocabulary.json").read_text())["vocab_size"] <= 150
+    # a model trained on it reads its ids: a new training would not reproduce them, so it stays
+    with pytest.raises(SystemExit):
+        main(["vocab", "--data", str(emotion_dir), "--out_dir", str(out), "--vocab_size", "150"])
+    assert "already holds a vocabulary" in capsys.readouterr().err
+    assert json.loads((out / "vocabulary.json").read_text())["lowercase"] is True
+    main(["vocab", "--data", str(emotion_dir), "--out_dir", str(out), "--lowercase", "false", "--overwrite", "true"])
+    assert json.loads((out / "vocabulary.json").read_text())["lowercase"] is False
     with pytest.raises(SystemExit):
         main(["vocab", "--data", str(emotion_dir), "--out_dir", str(tmp_path / "v2"), "--vocab_size", "10"])
     assert "vocab_size must be at least 100" in capsys.readouterr().err

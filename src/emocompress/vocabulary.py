@@ -63,38 +63,48 @@ def build_tokenizer(texts: list[str], vocab_size: int = 8000, min_frequency: int
 
 
 def train_vocabulary(data: str, out_dir: str, vocab_size: int = 8000, min_frequency: int = 2,
-                     lowercase: bool = True, text_column: str = "text", label_column: str = "label") -> Path:
+                     lowercase: bool = True, text_column: str = "text", label_column: str = "label",
+                     overwrite: bool = False) -> Path:
     """Train a WordPiece vocabulary on the train split of ``data`` and save it as a tokenizer folder.
 
     Only the train split is read: a vocabulary learned from val or test texts would leak them into training.
+    Training is not reproducible: ``tokenizers`` breaks ties between equally frequent merges differently in
+    each process (two trainings of 4,000 entries on the emotion set differed in 8 entries and in most ids), so
+    an existing vocabulary is never replaced unless ``overwrite`` says so: a model trained on it reads its ids.
 
     Args:
         data: the data set, as ``data.data`` of a run (a folder of train/val/test files, or a hub name).
-        out_dir: the tokenizer folder to write; an earlier vocabulary folder there is replaced.
+        out_dir: the tokenizer folder to write.
         vocab_size: most entries of the vocabulary (2,000 to 16,000 suit a recurrent student).
         min_frequency: a merge is learned only from pieces seen at least this often.
         lowercase: lowercase and strip accents first.
         text_column: text column of CSV/JSON/hub data.
         label_column: label column of CSV/JSON/hub data.
+        overwrite: replace an earlier vocabulary in ``out_dir`` (only if no model was trained on it).
 
     Returns:
         ``out_dir``: give it as ``data.model_name`` of a ``bilstm``/``meanpool`` student.
 
     Raises:
-        ValueError: ``vocab_size`` is too small for the special tokens and the characters, or the data cannot be read.
+        ValueError: ``vocab_size`` is too small for the special tokens and the characters, ``out_dir`` already
+            holds a vocabulary (and ``overwrite`` is false) or something else, or the data cannot be read.
     """
     if vocab_size < 100:
         raise ValueError(f"vocab_size must be at least 100 (special tokens and single characters come first), "
                          f"got {vocab_size}")
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be a positive integer, got {min_frequency}")
+    out = Path(out_dir)
+    if (out / _INFO_FILE).is_file() and not overwrite:
+        raise ValueError(f"{out}: already holds a vocabulary, which models trained on it read their ids from; a new "
+                         "training would not give the same ids, so it is not replaced: choose another out_dir, or "
+                         "pass --overwrite true if no model was trained on it")
+    check_replaceable(out, _INFO_FILE, "a vocabulary folder")
     source = DataSource(data, text_column, label_column)
     texts = list(source.read("train")["text"])
     tokenizer = build_tokenizer(texts, vocab_size, min_frequency, lowercase)
-    out = Path(out_dir)
     info = {"data": data, "train_texts": len(texts), "vocab_size": len(tokenizer), "min_frequency": min_frequency,
             "lowercase": lowercase, "unk_rate": _unk_rate(tokenizer, texts)}
-    check_replaceable(out, _INFO_FILE, "a vocabulary folder")
     with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(tmp)
         (tmp / _INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
