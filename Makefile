@@ -12,7 +12,7 @@ seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --tra
 
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
 	structured_prune structured_prune_distill distill_structured_prune structured_sweep structured_results test test-fast speed \
-	vocab distill_bilstm_vocab vocab_results
+	vocab distill_bilstm_vocab vocab_results goemotions_teacher goemotions_baseline
 
 install: $(VENV)/.installed
 
@@ -109,6 +109,15 @@ distill_results: distill distill_control distill_bilstm distill_prune int8
 # expects a fresh logs/ so that each run lands in version_0
 results: teacher baseline prune int8 distill_results
 	$(BIN)/emocompress benchmark --config configs/benchmark.yaml
+
+# GoEmotions (7 Ekman classes, 30x imbalance): the teacher recipe and its control without imbalance handling,
+# runs under logs/goemotions/; EXTRA as above (e.g. EXTRA="--trainer.max_epochs 1")
+goemotions_teacher: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/data/goemotions.yaml $(EXTRA)
+
+goemotions_baseline: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/baseline.yaml \
+		-c configs/data/goemotions.yaml $(EXTRA)
 
 speed: install
 	$(BIN)/python benchmarks/train_speed.py --data ../shared/data/emotion
