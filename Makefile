@@ -63,7 +63,8 @@ distill_bilstm_vocab: vocab
 	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml \
 		-c configs/distill_bilstm.yaml -c configs/distill_bilstm_vocab.yaml -c configs/quantize.yaml $(EXTRA))
 
-# the same without the augmented copies, and the comparison with the teacher (after `make teacher int8`)
+# the same without the augmented copies, and the comparison with the teacher (after `make teacher int8`);
+# configs/benchmark_vocab.yaml reads version_0 of each run, so run it on a logs/ without those runs
 vocab_results: distill_bilstm_vocab
 	$(MAKE) distill_bilstm_vocab EXTRA="--data.augment null --trainer.logger.init_args.name distill_bilstm_vocab_noaug"
 	$(BIN)/emocompress benchmark --config configs/benchmark_vocab.yaml

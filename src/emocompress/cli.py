@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 _RESUME_FLAGS = ("ckpt_path", "config")
 # Scalars of test_metrics.json in the end-of-run summary.
 _SUMMARY_METRICS = ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")
+# Subcommands that are plain functions rather than Trainer methods.
+_FUNCTIONS = {"benchmark": benchmark, "vocab": train_vocabulary}
 # --ckpt_path values that Lightning resolves itself rather than reading a file.
 _CKPT_KEYWORDS = ("best", "last", "hpc")
 
@@ -235,11 +237,10 @@ def main(args: list[str] | None = None):
 
 def _run(args: list[str] | None) -> None:
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] in (["benchmark"], ["vocab"]):
+    if argv and argv[0] in _FUNCTIONS:
         # Not Trainer methods: plain functions, parsed by jsonargparse from their signatures and docstrings;
         # -c is --config, as for the Trainer subcommands.
-        function = {"benchmark": benchmark, "vocab": train_vocabulary}[argv[0]]
-        CLI(function, args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False)
+        CLI(_FUNCTIONS[argv[0]], args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False)
         return
     # TF32 matmuls on Ampere+ GPUs: ~2x faster, accuracy unaffected for fine-tuning. No effect on CPU.
     torch.set_float32_matmul_precision("high")

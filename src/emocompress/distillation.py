@@ -51,9 +51,12 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: torch.Tens
     """
     teacher_logits = teacher_logits.float()
     student_logits = student_logits.float()
-    gold = labels >= 0
-    ce = (F.cross_entropy(student_logits, labels, weight=class_weights, ignore_index=-100) if gold.any()
-          else student_logits.sum() * 0.0)  # no gold row: cross_entropy would be 0 / 0
+    # F.cross_entropy's weighted mean over the gold rows, written out so that a batch without any is 0, not
+    # 0 / 0, with no data-dependent branch (which would wait for the GPU on every step).
+    gold = (labels >= 0).float()  # (N,)
+    row_weights = gold if class_weights is None else gold * class_weights[labels.clamp(min=0)]
+    nll = F.cross_entropy(student_logits, labels.clamp(min=0), reduction="none")  # (N,)
+    ce = (row_weights * nll).sum() / row_weights.sum().clamp(min=torch.finfo(nll.dtype).tiny)
     kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1), F.log_softmax(teacher_logits / temperature, dim=-1),
                   reduction="batchmean", log_target=True)
     mse = F.mse_loss(student_logits, teacher_logits)

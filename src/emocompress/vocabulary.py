@@ -18,7 +18,7 @@ from emocompress.sources import DataSource
 
 log = logging.getLogger(__name__)
 
-# What the folder was trained from; also marks it as a vocabulary folder that a later run may replace.
+# What the folder was trained from; also marks it as a vocabulary folder (replaced only with overwrite).
 _INFO_FILE = "vocabulary.json"
 
 # BERT's special tokens: the student's [MASK] is also what the augmented transfer set writes for a masked word.
