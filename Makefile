@@ -12,7 +12,8 @@ seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --tra
 
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
 	structured_prune structured_prune_distill distill_structured_prune structured_sweep structured_results test test-fast speed \
-	vocab distill_bilstm_vocab vocab_results goemotions_teacher goemotions_baseline
+	vocab distill_bilstm_vocab distill_cnn_vocab vocab_results goemotions_teacher goemotions_baseline goemotions_int8 \
+	goemotions_distill goemotions_vocab goemotions_bilstm goemotions_results
 
 install: $(VENV)/.installed
 
@@ -62,6 +63,11 @@ vocab: install
 distill_bilstm_vocab: vocab
 	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml \
 		-c configs/distill_bilstm.yaml -c configs/distill_bilstm_vocab.yaml -c configs/quantize.yaml $(EXTRA))
+
+# the same recipe with a CNN student (Kim 2014) instead of the BiLSTM
+distill_cnn_vocab: vocab
+	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_bilstm.yaml \
+		-c configs/distill_bilstm_vocab.yaml -c configs/distill_cnn_vocab.yaml -c configs/quantize.yaml $(EXTRA))
 
 # the same without the augmented copies, and the comparison with the teacher (after `make teacher int8`);
 # configs/benchmark_vocab.yaml reads version_0 of each run, so run it on a logs/ without those runs
@@ -119,6 +125,37 @@ goemotions_teacher: install
 goemotions_baseline: install
 	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/baseline.yaml \
 		-c configs/data/goemotions.yaml $(EXTRA)
+
+# post-training INT8 (onnxruntime) of the GoEmotions teacher's export
+goemotions_int8: install
+	$(BIN)/emocompress test -c configs/base.yaml -c configs/quantize.yaml -c configs/data/goemotions.yaml \
+		--trainer.accelerator cpu --data.model_name logs/goemotions/teacher/version_0/hf_model \
+		--trainer.logger.init_args.name int8
+
+# the 3-layer student distilled from the GoEmotions teacher, tested as INT8 too
+goemotions_distill: install
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/quantize.yaml \
+		-c configs/data/goemotions.yaml -c configs/data/goemotions_distill.yaml $(EXTRA)
+
+goemotions_vocab: install
+	test -f logs/vocab/goemotions_4k/vocabulary.json || $(BIN)/emocompress vocab \
+		--data ../shared/data/goemotions_ekman --vocab_size 4000 --out_dir logs/vocab/goemotions_4k
+
+# the BiLSTM over its own GoEmotions vocabulary, with augmented copies (EXTRA="--data.augment null
+# --trainer.logger.init_args.name distill_bilstm_vocab_noaug" for the run without them); INT8
+goemotions_bilstm: goemotions_vocab
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_bilstm.yaml \
+		-c configs/distill_bilstm_vocab.yaml -c configs/quantize.yaml -c configs/data/goemotions.yaml \
+		-c configs/data/goemotions_distill.yaml -c configs/data/goemotions_vocab.yaml $(EXTRA)
+
+# every GoEmotions run behind the README (1 epoch for the transformers: 48 min for the teacher here)
+goemotions_results:
+	$(MAKE) goemotions_teacher goemotions_baseline EXTRA="--trainer.max_epochs 1"
+	$(MAKE) goemotions_int8
+	$(MAKE) goemotions_distill EXTRA="--trainer.max_epochs 1"
+	$(MAKE) goemotions_bilstm EXTRA="--data.augment null --trainer.logger.init_args.name distill_bilstm_vocab_noaug"
+	$(MAKE) goemotions_bilstm EXTRA="--data.augment.copies 2 --trainer.max_epochs 3"
+	$(BIN)/emocompress benchmark --config configs/benchmark_goemotions.yaml
 
 speed: install
 	$(BIN)/python benchmarks/train_speed.py --data ../shared/data/emotion

@@ -152,6 +152,7 @@ def test_every_config_parses(experiment, capsys):
     bases = {"baseline.yaml": ["teacher.yaml"], "distill_control.yaml": ["distill.yaml"],
              "distill_bilstm.yaml": ["distill.yaml"],
              "distill_bilstm_vocab.yaml": ["distill.yaml", "distill_bilstm.yaml"],
+             "distill_cnn_vocab.yaml": ["distill.yaml", "distill_bilstm.yaml", "distill_bilstm_vocab.yaml"],
              "distill_prune.yaml": ["distill.yaml", "prune.yaml", "quantize.yaml"],
              "distill_structured_prune.yaml": ["distill.yaml", "structured_prune.yaml", "quantize.yaml"],
              "structured_prune_distill.yaml": ["distill.yaml", "structured_prune.yaml"]}.get(experiment, [])
@@ -225,12 +226,21 @@ def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tm
 
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (CONFIGS / "data").glob("*.yaml")))
 def test_every_data_overlay_parses_on_a_recipe(overlay, capsys):
+    # each overlay on top of the recipe (and the overlays) it follows in the Makefile
+    stack = {"goemotions_distill.yaml": ["distill.yaml", "quantize.yaml", "data/goemotions.yaml"],
+             "goemotions_vocab.yaml": ["distill.yaml", "distill_bilstm.yaml", "distill_bilstm_vocab.yaml",
+                                       "quantize.yaml", "data/goemotions.yaml", "data/goemotions_distill.yaml"],
+             }.get(overlay, ["teacher.yaml"])
+    configs = [arg for name in ["base.yaml", *stack, f"data/{overlay}"] for arg in ("-c", str(CONFIGS / name))]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "teacher.yaml"),
-              "-c", str(CONFIGS / "data" / overlay), "--print_config"])
+        main(["fit", *configs, "--print_config"])
     assert exit_info.value.code == 0
-    data = yaml.safe_load(capsys.readouterr().out)["data"]["data"]
+    config = yaml.safe_load(capsys.readouterr().out)
+    data = config["data"]["data"]
     assert (CONFIGS.parent / data).resolve().is_relative_to((CONFIGS.parent.parent / "shared" / "data").resolve())
+    teacher = config["model"]["init_args"].get("teacher")
+    if teacher:  # the data set's own teacher, not emotion's
+        assert teacher.startswith(config["trainer"]["logger"]["init_args"]["save_dir"] + "/")
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("benchmark*.yaml")))

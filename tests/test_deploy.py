@@ -72,17 +72,20 @@ def _train(model, tokenizer, train_file, steps: int = 60):
 
 @pytest.fixture(scope="module")
 def trained(tiny_teacher_dir, tmp_path_factory):
-    """(trained tiny BERT, trained tiny BiLSTM, tokenizer), trained once for this file on emotion_dir's
-    train split. Tests copy before changing them."""
+    """(trained tiny BERT, {"bilstm": trained tiny BiLSTM, "cnn": trained tiny CNN}, tokenizer), trained once
+    for this file on emotion_dir's train split. Tests copy before changing them."""
     train_file = write_split(tmp_path_factory.mktemp("emotion") / "train.txt", {"anger": 8, "joy": 4, "love": 2},
                              seed=0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     bert = _train(AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir), tokenizer, train_file)
-    torch.manual_seed(0)
-    config = RecurrentConfig(vocab_size=len(tokenizer), embedding_dim=8, hidden_size=6, encoder="bilstm",
-                             pad_token_id=tokenizer.pad_token_id, id2label=bert.config.id2label,
-                             label2id=bert.config.label2id)
-    return bert, _train(RecurrentClassifier(config), tokenizer, train_file), tokenizer
+    students = {}
+    for encoder in ("bilstm", "cnn"):
+        torch.manual_seed(0)
+        config = RecurrentConfig(vocab_size=len(tokenizer), embedding_dim=8, hidden_size=6, encoder=encoder,
+                                 pad_token_id=tokenizer.pad_token_id, id2label=bert.config.id2label,
+                                 label2id=bert.config.label2id)
+        students[encoder] = _train(RecurrentClassifier(config), tokenizer, train_file)
+    return bert, students, tokenizer
 
 
 @pytest.fixture
@@ -102,10 +105,12 @@ def _pruned(bert):
     return model
 
 
-_VARIANTS = {"bert": lambda bert, bilstm: bert,
-             "pruned_50": lambda bert, bilstm: _pruned(bert),  # half of all Linear weights zeroed, no recovery
-             "layer_cut": lambda bert, bilstm: keep_layers(bert, [1]),  # a copy: the teacher keeps its layers
-             "bilstm": lambda bert, bilstm: bilstm}
+_VARIANTS = {"bert": lambda bert, students: bert,
+             "pruned_50": lambda bert, students: _pruned(bert),  # half of all Linear weights zeroed, no recovery
+             "layer_cut": lambda bert, students: keep_layers(bert, [1]),  # a copy: the teacher keeps its layers
+             "bilstm": lambda bert, students: students["bilstm"],
+             "cnn": lambda bert, students: students["cnn"]}
+_RECURRENT = ("bilstm", "cnn")  # no token type ids, no position limit
 
 
 @pytest.mark.parametrize("variant", list(_VARIANTS))
@@ -126,12 +131,12 @@ def test_fp32_onnx_matches_pytorch_logits(trained, emotion_dir, tmp_path, varian
     meta = json.loads((folder / "int8.json").read_text())
     assert meta["precision"] == "fp32" and meta["backend"] == "onnxruntime"
     assert meta["input_names"] == predictor.input_names
-    assert ("token_type_ids" in predictor.input_names) == (variant != "bilstm")
-    # 1,024 asked: lowered to the tiny BERT's 512 positions; a BiLSTM has no position limit
-    assert meta["max_length"] == (1024 if variant == "bilstm" else 512)
+    assert ("token_type_ids" in predictor.input_names) == (variant not in _RECURRENT)
+    # 1,024 asked: lowered to the tiny BERT's 512 positions; a BiLSTM or CNN has no position limit
+    assert meta["max_length"] == (1024 if variant in _RECURRENT else 512)
 
 
-@pytest.mark.parametrize("variant", ["bert", "bilstm"])
+@pytest.mark.parametrize("variant", ["bert", "bilstm", "cnn"])
 def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, variant):
     model, tokenizer = _VARIANTS[variant](*trained[:2]), trained[2]
     texts = _test_texts(emotion_dir)
@@ -160,6 +165,22 @@ def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, varia
     # folders written before the metadata grew: labels and padding come from config.json
     meta_file.write_text(json.dumps({"backend": "onnxruntime", "include_embeddings": True}))
     assert OnnxPredictor(tmp_path / "int8").predict(texts) == served
+
+
+@pytest.mark.parametrize(("include_embeddings", "int8_ops"), [(False, {"ConvInteger"}),
+                                                                 (True, {"ConvInteger", "DynamicQuantizeLinear"})])
+def test_cnn_int8_quantizes_its_convolutions(trained, tmp_path, include_embeddings, int8_ops):
+    import onnx
+
+    quantize(trained[1]["cnn"], "onnxruntime", include_embeddings=include_embeddings, out_dir=tmp_path / "int8",
+             tokenizer=trained[2])
+    graph = onnx.load(tmp_path / "int8" / "model.onnx").graph
+    ops = {node.op_type for node in graph.node}
+    assert int8_ops <= ops and "Conv" not in ops  # all three kernel widths in INT8
+    quantized = {t.name for t in graph.initializer if t.name.endswith("_quantized")}
+    assert {f"convolutions.{i}.weight_quantized" for i in range(3)} <= quantized
+    # the embedding table (UINT8 for ONNX Runtime's Gather) only with include_embeddings
+    assert ("embeddings.weight_quantized" in quantized) == include_embeddings
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def test_hidden_state_loss_and_mse_are_trained(fit):
     assert metrics["train/loss"].item() == pytest.approx(total.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("student", ["bilstm", "meanpool"])
+@pytest.mark.parametrize("student", ["bilstm", "meanpool", "cnn"])
 def test_recurrent_student_distils(fit, student):
     model, trainer, dm = fit(student=student, embedding_dim=8, hidden_size=8)
     assert isinstance(model.model, RecurrentClassifier)

@@ -55,7 +55,7 @@ def test_layer_student_round_trips_through_save_and_load(teacher, tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("encoder", ["bilstm", "meanpool"])
+@pytest.mark.parametrize("encoder", ["bilstm", "meanpool", "cnn"])
 def test_recurrent_classifier_round_trips_and_ignores_padding(encoder, tmp_path):
     torch.manual_seed(0)
     model = RecurrentClassifier(RecurrentConfig(vocab_size=50, embedding_dim=8, hidden_size=6, encoder=encoder,
@@ -87,8 +87,22 @@ def test_recurrent_classifier_learns_and_computes_its_loss():
 
 
 def test_recurrent_config_rejects_unknown_encoder():
-    with pytest.raises(ValueError, match="encoder must be 'bilstm' or 'meanpool'"):
+    with pytest.raises(ValueError, match="encoder must be one of \\['bilstm', 'meanpool', 'cnn'\\]"):
         RecurrentConfig(encoder="gru")
+    with pytest.raises(ValueError, match="kernel_sizes must be positive"):
+        RecurrentConfig(encoder="cnn", kernel_sizes=[3, 0])
+
+
+def test_cnn_student_reads_texts_shorter_than_its_widest_kernel():
+    # a 1-token text still has windows of 5 (zeros beyond its ends), and padding does not reach them
+    torch.manual_seed(0)
+    model = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=3, encoder="cnn",
+                                                num_labels=2)).eval()
+    alone = model(input_ids=torch.tensor([[7]])).logits
+    batch = model(input_ids=torch.tensor([[7, 0, 0, 0, 0, 0], [7, 8, 9, 10, 11, 12]]),
+                  attention_mask=torch.tensor([[1, 0, 0, 0, 0, 0], [1] * 6])).logits
+    torch.testing.assert_close(batch[:1], alone)
+    assert not torch.allclose(batch[1], alone[0])
 
 
 def test_build_student_layers_keeps_the_given_layers_and_trains_them(teacher):
@@ -104,6 +118,8 @@ def test_build_student_layers_keeps_the_given_layers_and_trains_them(teacher):
     ("bilstm", lambda v, e, h, c: v * e + 2 * (4 * h * (e + h) + 8 * h) + 2 * h * c + c),
     # embeddings V*E + feed-forward E*H + H + head H*C + C
     ("meanpool", lambda v, e, h, c: v * e + e * h + h + h * c + c),
+    # embeddings V*E + per kernel width k in (3, 4, 5) k*E*H + H + head 3H*C + C
+    ("cnn", lambda v, e, h, c: v * e + sum(k * e * h + h for k in (3, 4, 5)) + 3 * h * c + c),
 ])
 def test_build_student_recurrent_sizes(teacher, tokenizer, encoder, params):
     student = build_student(encoder, teacher, ID2LABEL, tokenizer=tokenizer, embedding_dim=8, hidden_size=6)

@@ -231,8 +231,9 @@ def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool)
 
     fp32_file = out_file.with_name("fp32.onnx")
     _write_onnx_fp32(model, fp32_file, optimize=True)
-    # Without the embedding ops, only the matrix multiplications (and fused attention) become INT8.
-    op_types = None if include_embeddings else ["MatMul", "Attention", "LSTM"]
+    # Without the embedding ops, only the matrix multiplications (and fused attention, LSTMs, convolutions)
+    # become INT8.
+    op_types = None if include_embeddings else ["MatMul", "Attention", "LSTM", "Conv"]
     with _quiet():
         quantize_dynamic(str(fp32_file), str(out_file), weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
                          # the optimizer's fused ops carry no inferred types; they are all float here

@@ -19,7 +19,7 @@ from emocompress import pretrained
 from emocompress.checkpoints import load_network, read_checkpoint
 from emocompress.classifier import EmotionClassifier, model_inputs
 from emocompress.outputs import atomic_file
-from emocompress.students import build_student, every_other_layer
+from emocompress.students import ENCODERS, build_student, every_other_layer
 
 log = logging.getLogger(__name__)
 
@@ -250,12 +250,13 @@ class Distiller(EmotionClassifier):
             Its labels must be the data's, in the same order.
         student: ``layers``: a copy of the teacher with only ``student_layers`` kept (DistilBERT-style
             initialisation; ``data.model_name`` must then be the teacher's tokenizer); ``pretrained``:
-            ``model_name`` (any HF model) with a fresh head; ``bilstm`` / ``meanpool``: a
+            ``model_name`` (any HF model) with a fresh head; ``bilstm`` / ``meanpool`` / ``cnn``: a
             ``RecurrentClassifier`` over ``model_name``'s tokenizer, learned from scratch.
         student_layers: teacher layers (0-based) a ``layers`` student keeps; default every other one,
             ending with the last (6 layers -> [1, 3, 5]).
-        embedding_dim: token embedding width of a ``bilstm``/``meanpool`` student.
-        hidden_size: LSTM units per direction (``bilstm``) or feed-forward width (``meanpool``).
+        embedding_dim: token embedding width of a ``bilstm``/``meanpool``/``cnn`` student.
+        hidden_size: LSTM units per direction (``bilstm``), feed-forward width (``meanpool``) or filters per
+            kernel width (``cnn``, kernels of 3, 4 and 5 tokens).
         alpha: weight of the gold-label cross-entropy, in [0, 1]; the soft-label KL gets ``1 - alpha``.
             ``alpha: 1`` is the no-distillation control (the teacher is then not run at all).
         temperature: softmax temperature of the soft labels, > 0.
@@ -267,7 +268,7 @@ class Distiller(EmotionClassifier):
         **kwargs: the ``EmotionClassifier`` arguments (``model_name``, ``id2label``, ``lr``, ...).
     """
 
-    def __init__(self, teacher: str, student: Literal["layers", "pretrained", "bilstm", "meanpool"] = "layers",
+    def __init__(self, teacher: str, student: Literal["layers", "pretrained", "bilstm", "meanpool", "cnn"] = "layers",
                  student_layers: list[int] | None = None, embedding_dim: int = 128, hidden_size: int = 128,
                  alpha: float = 0.5, temperature: float = 2.0, mse_weight: float = 0.0, hidden_weight: float = 0.0,
                  logits_cache: str | None = None, teacher_batch_size: int = 64, **kwargs):
@@ -282,7 +283,7 @@ class Distiller(EmotionClassifier):
                            ("teacher_batch_size", teacher_batch_size)):
             if value < 1:
                 raise ValueError(f"model.{key} must be a positive integer, got {value}")
-        if hidden_weight > 0 and student in ("bilstm", "meanpool"):
+        if hidden_weight > 0 and student in ENCODERS:
             raise ValueError(f"model.hidden_weight needs a transformer student; a {student} student has no layers "
                              "to match, set it to 0")
         if hidden_weight > 0 and logits_cache is not None:
@@ -314,7 +315,7 @@ class Distiller(EmotionClassifier):
                              "to the teacher")
         if hp.student != "pretrained":  # a pretrained student's builder sets it from its loading report
             # A layers student starts with the teacher's trained head; a recurrent one is random throughout.
-            self.head_is_new = hp.student in ("bilstm", "meanpool")
+            self.head_is_new = hp.student in ENCODERS
         return build_student(hp.student, self.teacher, self.id2label, tokenizer=tokenizer, layers=self.layer_map,
                              embedding_dim=hp.embedding_dim, hidden_size=hp.hidden_size,
                              pretrained_builder=super()._build_model)

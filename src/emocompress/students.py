@@ -62,35 +62,46 @@ def keep_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     return student
 
 
+ENCODERS = ("bilstm", "meanpool", "cnn")  # the students learned from scratch over a tokenizer's ids
+
+
 class RecurrentConfig(PretrainedConfig):
     """Configuration of ``RecurrentClassifier``.
 
     Args:
         vocab_size: rows of the embedding table (the tokenizer's vocabulary size).
         embedding_dim: width of the learned token embeddings.
-        hidden_size: LSTM units per direction (``bilstm``) or width of the feed-forward layer (``meanpool``).
-        encoder: ``bilstm`` (a bidirectional LSTM, max-pooled over tokens) or ``meanpool`` (token
-            embeddings averaged, then one feed-forward layer).
+        hidden_size: LSTM units per direction (``bilstm``), width of the feed-forward layer (``meanpool``),
+            or filters per kernel width (``cnn``).
+        encoder: ``bilstm`` (a bidirectional LSTM, max-pooled over tokens), ``meanpool`` (token
+            embeddings averaged, then one feed-forward layer) or ``cnn`` (1-D convolutions of
+            ``kernel_sizes`` tokens, ReLU, max-pooled over positions: Kim 2014).
+        kernel_sizes: widths, in tokens, of the ``cnn`` filters.
         dropout: dropout before the classification layer.
     """
 
     model_type = "emocompress-recurrent"
 
     def __init__(self, vocab_size: int = 30522, embedding_dim: int = 128, hidden_size: int = 128,
-                 encoder: str = "bilstm", dropout: float = 0.1, pad_token_id: int = 0, **kwargs):
-        if encoder not in ("bilstm", "meanpool"):
-            raise ValueError(f"RecurrentConfig.encoder must be 'bilstm' or 'meanpool', got {encoder!r}")
+                 encoder: str = "bilstm", kernel_sizes: list[int] = (3, 4, 5), dropout: float = 0.1,
+                 pad_token_id: int = 0, **kwargs):
+        if encoder not in ENCODERS:
+            raise ValueError(f"RecurrentConfig.encoder must be one of {list(ENCODERS)}, got {encoder!r}")
+        if not kernel_sizes or min(kernel_sizes) < 1:
+            raise ValueError(f"RecurrentConfig.kernel_sizes must be positive token counts, got {kernel_sizes}")
         self.vocab_size = vocab_size
         self.embedding_dim = embedding_dim
         self.hidden_size = hidden_size
         self.encoder = encoder
+        self.kernel_sizes = list(kernel_sizes)
         self.dropout = dropout
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
 class RecurrentClassifier(PreTrainedModel):
-    """A non-transformer text classifier over learned token embeddings: a BiLSTM with max pooling, or
-    mean-pooled embeddings with one feed-forward layer. Called like any sequence classifier:
+    """A non-transformer text classifier over learned token embeddings: a BiLSTM with max pooling,
+    mean-pooled embeddings with one feed-forward layer, or a CNN (the name is older than the last two).
+    Called like any sequence classifier:
     ``model(input_ids=(B, T), attention_mask=(B, T)).logits`` is (B, C); padding must be on the right
     (the default of BERT and RoBERTa tokenizers)."""
 
@@ -105,6 +116,11 @@ class RecurrentClassifier(PreTrainedModel):
             self.forward_lstm = nn.LSTM(config.embedding_dim, config.hidden_size, batch_first=True)
             self.backward_lstm = nn.LSTM(config.embedding_dim, config.hidden_size, batch_first=True)
             width = 2 * config.hidden_size
+        elif config.encoder == "cnn":
+            # padding k - 1: every text, even one shorter than k tokens, has windows (zeros beyond its ends)
+            self.convolutions = nn.ModuleList(nn.Conv1d(config.embedding_dim, config.hidden_size, k, padding=k - 1)
+                                              for k in config.kernel_sizes)
+            width = len(config.kernel_sizes) * config.hidden_size
         else:
             self.feed_forward = nn.Sequential(nn.Linear(config.embedding_dim, config.hidden_size), nn.GELU())
             width = config.hidden_size
@@ -118,6 +134,8 @@ class RecurrentClassifier(PreTrainedModel):
         tokens = self.embeddings(input_ids)  # (B, T) -> (B, T, E)
         if self.config.encoder == "bilstm":
             pooled = self._bilstm_max(tokens, mask)  # (B, 2H)
+        elif self.config.encoder == "cnn":
+            pooled = self._cnn_max(tokens, mask)  # (B, K*H)
         else:
             mean = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, E)
             pooled = self.feed_forward(mean)  # (B, H)
@@ -138,7 +156,22 @@ class RecurrentClassifier(PreTrainedModel):
         return states.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)  # (B, 2H)
 
 
-def build_student(kind: Literal["layers", "pretrained", "bilstm", "meanpool"], teacher: PreTrainedModel,
+    def _cnn_max(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Padding tokens become zero vectors, as the convolution's own zero padding beyond the text's end, and
+        # windows that start past the text's end are masked: a text gets the same logits alone or in a
+        # right-padded batch.
+        tokens = (tokens * mask[..., None]).transpose(1, 2)  # (B, E, T)
+        lengths = mask.sum(1, keepdim=True)  # (B, 1)
+        pooled = []
+        for conv in self.convolutions:
+            features = torch.relu(conv(tokens))  # (B, H, T + k - 1); window t ends at token t
+            positions = torch.arange(features.shape[-1], device=tokens.device)
+            starts_in_text = (positions < lengths + conv.kernel_size[0] - 1)[:, None, :]  # (B, 1, T + k - 1)
+            pooled.append(features.masked_fill(~starts_in_text, 0).amax(dim=-1))  # ReLU >= 0: 0 is neutral
+        return torch.cat(pooled, dim=-1)  # (B, K*H)
+
+
+def build_student(kind: Literal["layers", "pretrained", "bilstm", "meanpool", "cnn"], teacher: PreTrainedModel,
                   id2label: dict[int, str], *, tokenizer=None, layers: list[int] | None = None,
                   embedding_dim: int = 128, hidden_size: int = 128,
                   pretrained_builder: Callable[[], PreTrainedModel] | None = None) -> PreTrainedModel:
@@ -146,15 +179,16 @@ def build_student(kind: Literal["layers", "pretrained", "bilstm", "meanpool"], t
 
     Args:
         kind: ``layers``: a copy of ``teacher`` keeping ``layers`` (``keep_layers``); ``pretrained``: what
-            ``pretrained_builder()`` returns (a pretrained model with a fresh head); ``bilstm`` / ``meanpool``:
-            a ``RecurrentClassifier`` over ``tokenizer``'s vocabulary, learned from scratch.
+            ``pretrained_builder()`` returns (a pretrained model with a fresh head); ``bilstm`` / ``meanpool`` /
+            ``cnn``: a ``RecurrentClassifier`` over ``tokenizer``'s vocabulary, learned from scratch.
         teacher: the fine-tuned teacher network; it is not changed.
         id2label: label names by class id, for a recurrent student's head.
         tokenizer: the tokenizer whose ids the student reads; a recurrent student needs it (vocabulary size,
             padding id). Loaded by the caller, so it is read once.
         layers: teacher layers (0-based, increasing) a ``layers`` student keeps, e.g. ``every_other_layer``.
         embedding_dim: token embedding width of a recurrent student.
-        hidden_size: LSTM units per direction (``bilstm``) or feed-forward width (``meanpool``).
+        hidden_size: LSTM units per direction (``bilstm``), feed-forward width (``meanpool``) or filters per
+            kernel width (``cnn``).
         pretrained_builder: builds a ``pretrained`` student.
 
     Raises:
@@ -162,7 +196,7 @@ def build_student(kind: Literal["layers", "pretrained", "bilstm", "meanpool"], t
         ValueError: ``kind`` is unknown, or ``layers`` are impossible for the teacher.
     """
     needs = {"layers": ("layers", layers), "pretrained": ("pretrained_builder", pretrained_builder),
-             "bilstm": ("tokenizer", tokenizer), "meanpool": ("tokenizer", tokenizer)}
+             **{encoder: ("tokenizer", tokenizer) for encoder in ENCODERS}}
     if kind not in needs:
         raise ValueError(f"model.student must be one of {list(needs)}, got {kind!r}")
     name, value = needs[kind]

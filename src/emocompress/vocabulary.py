@@ -83,7 +83,7 @@ def train_vocabulary(data: str, out_dir: str, vocab_size: int = 8000, min_freque
         overwrite: replace an earlier vocabulary in ``out_dir`` (only if no model was trained on it).
 
     Returns:
-        ``out_dir``: give it as ``data.model_name`` of a ``bilstm``/``meanpool`` student.
+        ``out_dir``: give it as ``data.model_name`` of a ``bilstm``/``meanpool``/``cnn`` student.
 
     Raises:
         ValueError: ``vocab_size`` is too small for the special tokens and the characters, ``out_dir`` already
