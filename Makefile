@@ -13,7 +13,7 @@ seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --tra
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
 	structured_prune structured_prune_distill distill_structured_prune structured_sweep structured_results test test-fast speed \
 	vocab distill_bilstm_vocab distill_cnn_vocab vocab_results goemotions_teacher goemotions_baseline goemotions_int8 \
-	goemotions_distill goemotions_vocab goemotions_bilstm goemotions_results
+	goemotions_distill goemotions_vocab goemotions_bilstm goemotions_cnn goemotions_results
 
 install: $(VENV)/.installed
 
@@ -143,10 +143,15 @@ goemotions_vocab: install
 
 # the BiLSTM over its own GoEmotions vocabulary, with augmented copies (EXTRA="--data.augment null
 # --trainer.logger.init_args.name distill_bilstm_vocab_noaug" for the run without them); INT8
+GOEMOTIONS_VOCAB_RECIPE := -c configs/base.yaml -c configs/distill.yaml -c configs/distill_bilstm.yaml \
+	-c configs/distill_bilstm_vocab.yaml -c configs/quantize.yaml -c configs/data/goemotions.yaml \
+	-c configs/data/goemotions_distill.yaml -c configs/data/goemotions_vocab.yaml
 goemotions_bilstm: goemotions_vocab
-	$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_bilstm.yaml \
-		-c configs/distill_bilstm_vocab.yaml -c configs/quantize.yaml -c configs/data/goemotions.yaml \
-		-c configs/data/goemotions_distill.yaml -c configs/data/goemotions_vocab.yaml $(EXTRA)
+	$(BIN)/emocompress fit $(GOEMOTIONS_VOCAB_RECIPE) $(EXTRA)
+
+# the same with the CNN student
+goemotions_cnn: goemotions_vocab
+	$(BIN)/emocompress fit $(GOEMOTIONS_VOCAB_RECIPE) -c configs/distill_cnn_vocab.yaml $(EXTRA)
 
 # every GoEmotions run behind the README (1 epoch for the transformers: 48 min for the teacher here)
 goemotions_results:
@@ -155,6 +160,7 @@ goemotions_results:
 	$(MAKE) goemotions_distill EXTRA="--trainer.max_epochs 1"
 	$(MAKE) goemotions_bilstm EXTRA="--data.augment null --trainer.logger.init_args.name distill_bilstm_vocab_noaug"
 	$(MAKE) goemotions_bilstm EXTRA="--data.augment.copies 2 --trainer.max_epochs 3"
+	$(MAKE) goemotions_cnn EXTRA="--data.augment null --trainer.logger.init_args.name distill_cnn_vocab_noaug"
 	$(BIN)/emocompress benchmark --config configs/benchmark_goemotions.yaml
 
 speed: install
