@@ -60,14 +60,14 @@ vocab: install
 		$(BIN)/emocompress vocab --data ../shared/data/emotion --vocab_size 4000 --out_dir logs/vocab/emotion_4k
 
 # the BiLSTM over that vocabulary, on gold texts plus 4 augmented copies each labelled by the teacher; INT8
+VOCAB_RECIPE := -c configs/base.yaml -c configs/distill.yaml -c configs/distill_bilstm.yaml \
+	-c configs/distill_bilstm_vocab.yaml -c configs/quantize.yaml
 distill_bilstm_vocab: vocab
-	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml \
-		-c configs/distill_bilstm.yaml -c configs/distill_bilstm_vocab.yaml -c configs/quantize.yaml $(EXTRA))
+	$(call seed_runs,$(BIN)/emocompress fit $(VOCAB_RECIPE) $(EXTRA))
 
 # the same recipe with a CNN student (Kim 2014) instead of the BiLSTM
 distill_cnn_vocab: vocab
-	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_bilstm.yaml \
-		-c configs/distill_bilstm_vocab.yaml -c configs/distill_cnn_vocab.yaml -c configs/quantize.yaml $(EXTRA))
+	$(call seed_runs,$(BIN)/emocompress fit $(VOCAB_RECIPE) -c configs/distill_cnn_vocab.yaml $(EXTRA))
 
 # the same without the augmented copies, and the comparison with the teacher (after `make teacher int8`);
 # configs/benchmark_vocab.yaml reads version_0 of each run, so run it on a logs/ without those runs
@@ -143,8 +143,7 @@ goemotions_vocab: install
 
 # the BiLSTM over its own GoEmotions vocabulary, with augmented copies (EXTRA="--data.augment null
 # --trainer.logger.init_args.name distill_bilstm_vocab_noaug" for the run without them); INT8
-GOEMOTIONS_VOCAB_RECIPE := -c configs/base.yaml -c configs/distill.yaml -c configs/distill_bilstm.yaml \
-	-c configs/distill_bilstm_vocab.yaml -c configs/quantize.yaml -c configs/data/goemotions.yaml \
+GOEMOTIONS_VOCAB_RECIPE := $(VOCAB_RECIPE) -c configs/data/goemotions.yaml \
 	-c configs/data/goemotions_distill.yaml -c configs/data/goemotions_vocab.yaml
 goemotions_bilstm: goemotions_vocab
 	$(BIN)/emocompress fit $(GOEMOTIONS_VOCAB_RECIPE) $(EXTRA)
