@@ -69,9 +69,9 @@ distill_bilstm_vocab: vocab
 distill_cnn_vocab: vocab
 	$(call seed_runs,$(BIN)/emocompress fit $(VOCAB_RECIPE) -c configs/distill_cnn_vocab.yaml $(EXTRA))
 
-# the same without the augmented copies, and the comparison with the teacher (after `make teacher int8`);
+# the BiLSTM without the augmented copies, and the comparison with the teacher (after `make teacher int8`);
 # configs/benchmark_vocab.yaml reads version_0 of each run, so run it on a logs/ without those runs
-vocab_results: distill_bilstm_vocab
+vocab_results: distill_bilstm_vocab distill_cnn_vocab
 	$(MAKE) distill_bilstm_vocab EXTRA="--data.augment null --trainer.logger.init_args.name distill_bilstm_vocab_noaug"
 	$(BIN)/emocompress benchmark --config configs/benchmark_vocab.yaml
 
