@@ -143,17 +143,18 @@ def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, varia
     int8 = quantize(model, "onnxruntime", include_embeddings=True, out_dir=tmp_path / "int8", tokenizer=tokenizer)
     fp32_logits = _logits(model, tokenizer, texts)
     reference = fp32_logits.argmax(-1).tolist()
-    # INT8 moves logits, so a near-tie may flip: every text whose fp32 winner leads by more than the variant's
-    # INT8 error keeps its label, and most texts are that clear. Measured on an AMD EPYC (AVX2, no VNNI): the
-    # largest logit shift is 0.60 for the tiny BERT (embeddings quantized too) and 0.84 for the tiny BiLSTM (6
-    # LSTM units: coarse per-tensor scales). ONNX Runtime picks other INT8 kernels on other CPUs (VNNI, AMX), and a
-    # 0.1 margin for the BERT once failed CI on another machine, so both keep a margin of 1.0.
+    # INT8 moves logits, so a near-tie may flip: every text whose fp32 winner leads by more than twice the
+    # largest INT8 shift keeps its label, and most texts are that clear. Measured on an AVX2-only AMD EPYC (no
+    # VNNI): the largest logit shift is 0.02-0.08 with the per-channel 7-bit weights that `quantize` writes, and
+    # was 1.6 for the tiny BERT with 8-bit per-tensor weights (int16 saturation), which failed CI. ONNX Runtime
+    # picks other INT8 kernels on other CPUs (VNNI, AMX), so the bounds keep a wide margin.
     int8_logits = _logits(int8, tokenizer, texts)
     top2 = fp32_logits.topk(2, dim=-1).values
     margins = top2[:, 0] - top2[:, 1]
     clear = (margins > 1.0).tolist()
-    report = (f"fp32 margins {[round(m, 2) for m in margins.tolist()]}, "
-              f"largest INT8 logit shift {(int8_logits - fp32_logits).abs().max():.2f}")
+    shift = (int8_logits - fp32_logits).abs().max()
+    report = f"fp32 margins {[round(m, 2) for m in margins.tolist()]}, largest INT8 logit shift {shift:.2f}"
+    assert shift < 0.5, report
     assert sum(clear) >= len(texts) / 2, report
     int8_labels = int8_logits.argmax(-1).tolist()
     assert [a for a, c in zip(int8_labels, clear) if c] == [r for r, c in zip(reference, clear) if c], report
