@@ -359,6 +359,27 @@ def test_distill_and_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_tea
 
 
 @pytest.mark.slow
+def test_augmented_distillation_ddp_two_cpu_processes_match_one(emotion_dir, tiny_teacher_dir, tmp_path):
+    # data.augment under DDP: every rank builds the same copies (seeded, from the same texts) before the sampler
+    # shards the rows, so 2 processes x batch 4 train what 1 process x batch 8 trains. Each run labels the copies
+    # into a cache of its own, so a rank that built other copies would show in the cache as well as in the weights.
+    # alpha 0 (soft labels only): the gold loss averages over a rank's gold rows, and the two ranks of a step hold
+    # different numbers of them (copies have none), so with gold labels 2 x 4 is not exactly 1 x 8.
+    same = ("--data.class_weighting", "none", "--trainer.max_epochs", 2, "--trainer.precision", "32-true",
+            "--data.augment.copies", 2, "--model.alpha", 0)
+    caches = [tmp_path / "cache_one", tmp_path / "cache_two"]
+    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, caches[0], extra=(*same, "--data.batch_size", 8)),
+                cwd=tmp_path))
+    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, caches[1], extra=(
+        *same, "--data.batch_size", 4, "--trainer.devices", 2, "--trainer.strategy", "ddp")), cwd=tmp_path))
+    one, two = (torch.load(next(c.glob("teacher-*.pt")), weights_only=True) for c in caches)
+    gold = len((emotion_dir / "train.txt").read_text().splitlines())
+    assert len(one["keys"]) > 2 * gold and one["keys"] == two["keys"]  # the copies, and the same copies
+    torch.testing.assert_close(two["logits"], one["logits"])
+    _assert_one_and_two_processes_agree(tmp_path / "logs" / "tiny")
+
+
+@pytest.mark.slow
 def test_planted_pickle_as_ckpt_path_is_refused(emotion_dir, tiny_model_dir, tmp_path, malicious_checkpoint):
     path, marker = malicious_checkpoint
     result = run_cli("test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", path), cwd=tmp_path)
