@@ -11,7 +11,8 @@ SEEDS ?=
 seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --trainer.logger.init_args.version seed_$(s) &&) true,$(1))
 
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
-	structured_prune structured_prune_distill distill_structured_prune structured_sweep structured_results test test-fast speed \
+	structured_prune structured_prune_distill distill_structured_prune structured_sweep distill_structured_sweep \
+	distill_structured_results structured_results test test-fast speed \
 	vocab distill_bilstm_vocab distill_cnn_vocab vocab_results goemotions_teacher goemotions_baseline goemotions_int8 \
 	goemotions_distill goemotions_vocab goemotions_bilstm goemotions_cnn goemotions_results
 
@@ -98,12 +99,20 @@ distill_structured_prune: install
 		-c configs/quantize.yaml -c configs/distill_structured_prune.yaml
 
 # the trade-off sweep: AMOUNTS of heads and FFN neurons removed, each run in logs/structured_prune/amount_<a>
-# (structured_prune.yaml last: --trainer.callbacks.init_args.* sets the last callback of the list)
+# (structured_prune.yaml after quantize.yaml: --trainer.callbacks.init_args.* sets the last callback of the list)
 AMOUNTS ?= 0.25 0.5 0.7
+sweep = $(foreach a,$(AMOUNTS),$(BIN)/emocompress fit -c configs/base.yaml $(1) -c configs/quantize.yaml \
+	-c configs/structured_prune.yaml $(2) --trainer.logger.init_args.version amount_$(a) \
+	--trainer.callbacks.init_args.head_amount $(a) --trainer.callbacks.init_args.ffn_amount $(a) $(EXTRA) &&) true
 structured_sweep: install
-	$(foreach a,$(AMOUNTS),$(BIN)/emocompress fit -c configs/base.yaml -c configs/quantize.yaml \
-		-c configs/structured_prune.yaml --trainer.logger.init_args.version amount_$(a) \
-		--trainer.callbacks.init_args.head_amount $(a) --trainer.callbacks.init_args.ffn_amount $(a) $(EXTRA) &&) true
+	$(call sweep,,)
+
+# the same sweep of Distil + Structured Prune + Quant, in logs/distill_structured_prune/amount_<a>, and its report
+distill_structured_sweep: install
+	$(call sweep,-c configs/distill.yaml,-c configs/distill_structured_prune.yaml)
+
+distill_structured_results: distill_structured_sweep
+	$(BIN)/emocompress benchmark --config configs/benchmark_distill_structured.yaml
 
 structured_results: structured_prune
 	$(BIN)/emocompress benchmark --config configs/benchmark_structured.yaml
