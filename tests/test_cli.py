@@ -303,8 +303,10 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
 
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "distill_bilstm.yaml", "quantize.yaml",
                         extra=("--model.embedding_dim", 8, "--model.hidden_size", 8))
-    _ok(run_cli("fit", *args, cwd=tmp_path))
+    fit = _ok(run_cli("fit", *args, cwd=tmp_path))
     run = tmp_path / "logs" / "tiny" / "version_0"
+    # the summary once: onnxruntime's quantizer gives the root logger a handler, which must not repeat ours
+    assert (fit.stdout + fit.stderr).count(f"fit done; run folder {Path('logs') / 'tiny' / 'version_0'}") == 1
     student = AutoModelForSequenceClassification.from_pretrained(run / "hf_model").eval()
     assert isinstance(student, RecurrentClassifier) and student.config.encoder == "bilstm"
     tokenizer = AutoTokenizer.from_pretrained(run / "hf_model")

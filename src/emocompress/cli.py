@@ -32,7 +32,8 @@ from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
 from emocompress.vocabulary import train_vocabulary
 
-log = logging.getLogger(__name__)
+# Not __name__: under `python -m emocompress.cli` (as the tests run it) that is __main__, outside our package logger.
+log = logging.getLogger("emocompress.cli")
 # Settings that may differ between a run and its resumption.
 _RESUME_FLAGS = ("ckpt_path", "config")
 # Scalars of test_metrics.json in the end-of-run summary.
@@ -225,6 +226,9 @@ def main(args: list[str] | None = None):
         handler.setFormatter(logging.Formatter("%(message)s"))
         package_log.addHandler(handler)
         package_log.setLevel(logging.INFO)
+        # onnxruntime's quantizer logs through the root logger, which gives root a handler of its own: without
+        # this every line of ours would print twice ("INFO:emocompress...").
+        package_log.propagate = False
     try:
         _run(args)
     except ValueError as err:
