@@ -226,25 +226,39 @@ def _fusion_heads(config) -> tuple[int, int]:
 
 
 def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     fp32_file = out_file.with_name("fp32.onnx")
     _write_onnx_fp32(model, fp32_file, optimize=True)
     # Without the embedding ops, only the matrix multiplications (and fused attention, LSTMs, convolutions)
     # become INT8.
     op_types = None if include_embeddings else ["MatMul", "Attention", "LSTM", "Conv"]
-    # Per-channel 7-bit weights: on CPUs without VNNI (AVX2 only), ONNX Runtime's u8s8 kernels sum pairs of
-    # products in saturating int16, and 8-bit weights overflow it. Measured on an AVX2-only EPYC: tiny test
-    # models' logits moved by up to 1.6 (of 4.6) with 8-bit per-tensor weights and by 0.02 with these; the
-    # MiniLM teacher agreed with its fp32 labels on 99.2% of the emotion test texts instead of 98.0%, at the
-    # same latency. The file may be served on another CPU than the one that made it, so always.
+    quantize_onnx_file(fp32_file, out_file, op_types)
+    fp32_file.unlink()
+
+
+def quantize_onnx_file(fp32_file: str | Path, out_file: str | Path, op_types: list[str] | None = None,
+                       per_channel: bool = True, reduce_range: bool = True) -> None:
+    """Dynamic INT8 of an fp32 ONNX file written by this module (INT8 weights, activations quantized per batch).
+
+    Args:
+        op_types: the ONNX op types to quantize; None: every one ONNX Runtime can, embeddings (Gather) included.
+        per_channel: one weight scale per output channel instead of one per tensor.
+        reduce_range: 7-bit weights instead of 8-bit.
+
+    The defaults are what ``quantize`` writes. On CPUs without VNNI (AVX2 only), ONNX Runtime's u8s8 kernels
+    sum pairs of products in saturating int16, and 8-bit weights overflow it. Measured on an AVX2-only EPYC:
+    tiny test models' logits moved by up to 1.6 (of 4.6) with 8-bit per-tensor weights and by 0.02 with these;
+    the MiniLM teacher agreed with its fp32 labels on 99.2% of the emotion test texts instead of 98.0%, for
+    about 4% more latency at batch 1 (``benchmarks/int8_weights.py``). A file may be served on another CPU than the one that made
+    it, so ``quantize`` always uses them.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     with _quiet():
         quantize_dynamic(str(fp32_file), str(out_file), weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
-                         per_channel=True, reduce_range=True,
+                         per_channel=per_channel, reduce_range=reduce_range,
                          # the optimizer's fused ops carry no inferred types; they are all float here
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    fp32_file.unlink()
 
 
 def _save(out_dir: str | Path, meta: ArtifactMeta, config, tokenizer, write) -> None:
