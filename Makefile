@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 # SEEDS="1 2 3": teacher, distill, distill_control and distill_bilstm run once per seed, each run in its own
 # folder logs/<name>/seed_<s> (for `emocompress benchmark`, a list of runs per model); unset: one run, version_N.
 SEEDS ?=
+# EXTRA: more options for the fit of a recipe, e.g. EXTRA="--trainer.max_epochs 1"
+EXTRA ?=
 seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --trainer.logger.init_args.version seed_$(s) &&) true,$(1))
 
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
@@ -27,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 teacher: install
-	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml)
+	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml $(EXTRA))
 
 baseline: install
 	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/baseline.yaml
@@ -45,14 +47,14 @@ int8: install
 
 # a 3-layer student distilled from the teacher (tested as INT8 too), and its alpha = 1 control
 distill: install
-	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/quantize.yaml)
+	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/quantize.yaml $(EXTRA))
 
 distill_control: install
-	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_control.yaml)
+	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml -c configs/distill_control.yaml $(EXTRA))
 
 distill_bilstm: install
 	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/distill.yaml \
-		-c configs/distill_bilstm.yaml -c configs/quantize.yaml)
+		-c configs/distill_bilstm.yaml -c configs/quantize.yaml $(EXTRA))
 
 # a student vocabulary of its own: 4,000 WordPiece entries learned from the train texts (seconds); made once,
 # since models trained on it read its ids and a new training would not reproduce them
@@ -83,8 +85,6 @@ distill_prune: install
 
 # structured pruning of the teacher: half of its heads and FFN neurons removed, layers rebuilt smaller,
 # 2 recovery epochs, then INT8 (onnxruntime) of the smaller model
-# EXTRA: more options for the structured runs, e.g. EXTRA="--trainer.max_epochs 1"
-EXTRA ?=
 structured_prune: install
 	$(BIN)/emocompress fit -c configs/base.yaml -c configs/structured_prune.yaml -c configs/quantize.yaml $(EXTRA)
 

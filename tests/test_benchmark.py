@@ -125,7 +125,8 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodul
     fp32, int8 = exported
     out = tmp_path / "report"
     rows = benchmark({"fp32": str(fp32), "int8": str(int8), "fp32 x2": [str(fp32), str(fp32)]},
-                     data=str(emotion_dir), out_dir=str(out), latency_samples=5, warmup=2, rounds=2)
+                     data=str(emotion_dir), out_dir=str(out), latency_samples=5, warmup=2, rounds=2,
+                     pairs=[["int8", "fp32 x2"], ["fp32 x2", "fp32"]])
     with (out / "model_comparison.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["model"] for r in table] == ["fp32", "int8", "fp32 x2"]
@@ -149,6 +150,14 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodul
     assert (seeds["macro_f1_diff"], seeds["macro_f1_diff_low"], seeds["macro_f1_diff_high"]) == (0.0, 0.0, 0.0)
     assert (seeds["macro_f1_diff_p"], seeds["mcnemar_p"]) == (1.0, 1.0)
     assert "p (bootstrap)" in (out / "model_comparison.md").read_text()
+    # pairs: against "fp32 x2" (the same predictions as the baseline) int8 gets the baseline's own comparison
+    with (out / "pairs.csv").open() as f:
+        pairs = list(csv.DictReader(f))
+    assert [(p["model"], p["reference"]) for p in pairs] == [("int8", "fp32 x2"), ("fp32 x2", "fp32")]
+    for key in ("macro_f1_diff", "macro_f1_diff_low", "macro_f1_diff_high", "macro_f1_diff_p", "mcnemar_p"):
+        assert float(pairs[0][key]) == pytest.approx(rows[1][key]), key
+        assert float(pairs[1][key]) == (1.0 if key.endswith("_p") else 0.0), key
+    assert "| int8 | fp32 x2 |" in (out / "pairs.md").read_text()
     # the per-text predictions are kept for later paired tests, and agree with the reported metrics
     saved = json.loads((out / "predictions.json").read_text())
     assert len(saved["predictions"]["fp32 x2"]) == 2 and saved["paths"]["fp32 x2"] == [str(fp32), str(fp32)]
@@ -243,6 +252,8 @@ def test_every_bad_model_path_is_named_before_anything_is_measured(tmp_path, tin
     assert not (tmp_path / "r").exists()
 
 
-def test_benchmark_rejects_an_unknown_baseline(exported):
+def test_benchmark_rejects_an_unknown_baseline_or_pair(exported):
     with pytest.raises(ValueError, match="baseline 'nope' is not one of the models"):
         benchmark({"fp32": str(exported[0])}, baseline="nope")
+    with pytest.raises(ValueError, match=r"pairs entry \['fp32', 'nope'\] must be \[model, reference\]"):
+        benchmark({"fp32": str(exported[0])}, pairs=[["fp32", "nope"]])

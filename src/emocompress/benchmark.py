@@ -59,7 +59,7 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", ONNX_FILE, TORCH_WEIG
 # report of ours and is never replaced: pointed at reports/ or logs/, a replace would erase committed results.
 _REPORT_ENTRIES = ("model_comparison.csv", "model_comparison.md", "per_class.csv", "per_class.md", "confusion_*.png",
                    "tradeoff.png", "per_class_f1.png", "environment.json", "reports.json", "predictions.json",
-                   "tensorboard")
+                   "pairs.csv", "pairs.md", "tensorboard")
 _COLUMNS = ["model", "runs", "params", "nonzero_params", "sparsity", "size_mb", "gzip_mb",
             "latency_ms_median", "latency_ms_min", "latency_ms_max", "latency_ms_p90",
             "throughput_per_s", "throughput_min_per_s", "throughput_max_per_s",
@@ -302,9 +302,10 @@ def _std(values: list[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
-def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, bootstrap: int,
-            seed: int) -> tuple[list[dict], list[dict], dict[str, dict]]:
-    """The comparison rows, the per-class rows and each variant's report (``reports.json``).
+def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, bootstrap: int, seed: int,
+            pairs: list[tuple[str, str]] = ()) -> tuple[list[dict], list[dict], dict[str, dict], list[dict]]:
+    """The comparison rows, the per-class rows, each variant's report (``reports.json``) and the rows of ``pairs``
+    (model, reference): the same difference and tests as against the baseline, for other pairs of rows.
 
     Metrics are the mean over a variant's runs, with their standard deviation over runs (``_std``) and a 95%
     paired-bootstrap interval (``_low``/``_high``): ``bootstrap`` resamples of the split's texts, drawn once
@@ -313,7 +314,8 @@ def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, boo
     (``significance.paired_difference``), and the exact McNemar test on per-text correctness of the first
     runs (``significance.mcnemar_exact``).
     """
-    base = next(v for v in variants if v.name == baseline)
+    by_name = {v.name: v for v in variants}
+    base = by_name[baseline]
     for v in variants:
         if v.id2label != base.id2label or not np.array_equal(v.target, base.target):
             raise ValueError(f"benchmark: {v.name!r} was tested on other labels or texts than the baseline "
@@ -321,7 +323,6 @@ def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, boo
     num_classes = len(base.id2label)
     idx = bootstrap_indices(len(base.target), bootstrap, seed)  # (R, N), shared: the comparisons are paired
     samples = {v.name: resampled_metrics(v.target, v.preds, num_classes, idx) for v in variants}
-    base_correct = base.preds[0] == base.target
     rows, reports = [], {}
     for v in variants:
         row = {"model": v.name, "runs": len(v.paths), **v.static, **timing[v.name]}
@@ -329,12 +330,7 @@ def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, boo
             values = [r[key] for r in v.reports]
             low, high = percentile_interval(samples[v.name][key])
             row |= {key: float(np.mean(values)), f"{key}_std": _std(values), f"{key}_low": low, f"{key}_high": high}
-        diff = paired_difference(samples[v.name]["macro_f1"], samples[baseline]["macro_f1"])
-        mcnemar = mcnemar_exact(v.preds[0] == v.target, base_correct)
-        row |= {"macro_f1_diff_low": diff["low"], "macro_f1_diff_high": diff["high"], "macro_f1_diff_p": diff["p"],
-                "mcnemar_only_model_correct": mcnemar["only_model_correct"],
-                "mcnemar_only_base_correct": mcnemar["only_base_correct"], "mcnemar_p": mcnemar["p"]}
-        rows.append(row)
+        rows.append(row | _difference(v, base, samples))
         reports[v.name] = _variant_report(v, row, samples[v.name]["f1_per_class"])
     base_row = next(r for r in rows if r["model"] == baseline)
     for row in rows:
@@ -342,7 +338,20 @@ def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, boo
         row["speedup"] = base_row["latency_ms_median"] / row["latency_ms_median"]
         row["compression"] = base_row["size_mb"] / row["size_mb"]
         row["gzip_compression"] = base_row["gzip_mb"] / row["gzip_mb"]
-    return rows, _per_class_rows(reports, baseline), reports
+    means = {row["model"]: row["macro_f1"] for row in rows}
+    pair_rows = [{"model": name, "reference": ref, "macro_f1_diff": means[name] - means[ref],
+                  **_difference(by_name[name], by_name[ref], samples)} for name, ref in pairs]
+    return rows, _per_class_rows(reports, baseline), reports, pair_rows
+
+
+def _difference(v: Variant, ref: Variant, samples: dict[str, dict]) -> dict:
+    """Macro F1 of ``v`` against ``ref``: the paired-bootstrap interval and p-value of the difference of their
+    seed means over the shared resamples, and the exact McNemar test on the first runs' per-text correctness."""
+    diff = paired_difference(samples[v.name]["macro_f1"], samples[ref.name]["macro_f1"])
+    mcnemar = mcnemar_exact(v.preds[0] == v.target, ref.preds[0] == ref.target)
+    return {"macro_f1_diff_low": diff["low"], "macro_f1_diff_high": diff["high"], "macro_f1_diff_p": diff["p"],
+            "mcnemar_only_model_correct": mcnemar["only_model_correct"],
+            "mcnemar_only_base_correct": mcnemar["only_base_correct"], "mcnemar_p": mcnemar["p"]}
 
 
 def _variant_report(v: Variant, row: dict, f1_samples: np.ndarray) -> dict:
@@ -435,12 +444,17 @@ def _estimate(row: dict, key: str) -> str:
     return f"{row[key]:.4f}{std} [{row[f'{key}_low']:.4f}, {row[f'{key}_high']:.4f}]"
 
 
+def _difference_cell(row: dict) -> str:
+    """``+0.0123 [+0.0010, +0.0240] *``: the macro-F1 difference, its 95% interval, ``*`` if that excludes 0."""
+    low, high = row["macro_f1_diff_low"], row["macro_f1_diff_high"]
+    return f"{row['macro_f1_diff']:+.4f} [{low:+.4f}, {high:+.4f}]" + (" *" if low > 0 or high < 0 else "")
+
+
 def _comparison_markdown(rows: list[dict], baseline: str) -> str:
     """``model_comparison.md``: estimates with their intervals in one cell each; ``*`` marks a macro-F1 difference
     whose 95% interval excludes 0."""
     table = []
     for row in rows:
-        excludes_zero = row["macro_f1_diff_low"] > 0 or row["macro_f1_diff_high"] < 0
         table.append({
             "model": row["model"], "runs": row["runs"],
             "params (non-zero)": f"{row['params']:,} ({row['nonzero_params']:,})",
@@ -451,9 +465,7 @@ def _comparison_markdown(rows: list[dict], baseline: str) -> str:
             "texts/s [min, max]": f"{row['throughput_per_s']:.1f} [{row['throughput_min_per_s']:.1f}, "
                                   f"{row['throughput_max_per_s']:.1f}]",
             **{key: _estimate(row, key) for key in SCALARS},
-            f"macro F1 - {baseline} [95% CI]": "" if row["model"] == baseline else
-            f"{row['macro_f1_diff']:+.4f} [{row['macro_f1_diff_low']:+.4f}, {row['macro_f1_diff_high']:+.4f}]"
-            + (" *" if excludes_zero else ""),
+            f"macro F1 - {baseline} [95% CI]": "" if row["model"] == baseline else _difference_cell(row),
             "p (bootstrap)": "" if row["model"] == baseline else f"{row['macro_f1_diff_p']:.3f}",
             "McNemar p (only model / only base right)": "" if row["model"] == baseline else
             f"{row['mcnemar_p']:.3f} ({row['mcnemar_only_model_correct']}/{row['mcnemar_only_base_correct']})",
@@ -462,6 +474,18 @@ def _comparison_markdown(rows: list[dict], baseline: str) -> str:
     note = (f"\nMetrics: mean over runs (± std over runs when there are several) [95% paired-bootstrap interval]. "
             f"`*`: the 95% interval of the macro-F1 difference to {baseline} excludes 0.\n")
     return _markdown(table, list(table[0])) + note
+
+
+def _pairs_markdown(pair_rows: list[dict]) -> str:
+    """``pairs.md``: each (model, reference) pair's macro-F1 difference; ``*`` where its 95% interval excludes 0."""
+    table = [{"model": row["model"], "reference": row["reference"],
+              "macro F1 difference [95% CI]": _difference_cell(row),
+              "p (bootstrap)": f"{row['macro_f1_diff_p']:.3f}",
+              "McNemar p (only model / only reference right)":
+                  f"{row['mcnemar_p']:.3f} ({row['mcnemar_only_model_correct']}/{row['mcnemar_only_base_correct']})"}
+             for row in pair_rows]
+    return _markdown(table, list(table[0])) + ("\nDifference of the seed means, paired over the same bootstrap "
+                                               "resamples; McNemar on the first runs. `*`: the 95% interval excludes 0.\n")
 
 
 def _close(fig) -> None:
@@ -524,7 +548,7 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
               split: Literal["test", "val"] = "test", baseline: str | None = None, out_dir: str = "reports/benchmark",
               num_threads: int | None = None, latency_samples: int = 300, warmup: int = 30, batch_size: int = 32,
               max_samples: int | None = None, tensorboard: bool = False, rounds: int = 5, bootstrap: int = 1000,
-              seed: int = 0) -> list[dict]:
+              seed: int = 0, pairs: list[tuple[str, str]] | None = None) -> list[dict]:
     """Compare model variants on one data split and write a report folder.
 
     Args:
@@ -548,20 +572,24 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
             of a shared machine hits all alike. Reported: the median over rounds and the least and greatest.
         bootstrap: resamples of the split's texts for the 95% intervals and paired tests, at least 1,000.
         seed: seed of the bootstrap resampling.
+        pairs: more comparisons than each row against the baseline: (model, reference) pairs of display names,
+            e.g. a distilled student against its control; written to ``pairs.csv``/``pairs.md`` with the same
+            paired interval, p-value and McNemar test.
 
     Returns:
         The rows of ``model_comparison.csv``.
     """
     runs = {name: [paths] if isinstance(paths, str | Path) else list(paths) for name, paths in models.items()}
     baseline = baseline or next(iter(runs), None)
-    _check_arguments(runs, split, baseline, rounds, bootstrap, out_dir)
+    pairs = [tuple(pair) for pair in pairs or []]
+    _check_arguments(runs, split, baseline, rounds, bootstrap, out_dir, pairs)
     if num_threads:
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
     variants = [measure(name, paths, data, split, latency_samples, batch_size, max_samples)
                 for name, paths in tqdm(runs.items(), desc="benchmark: predict", unit="model")]
     timing = time_variants(variants, rounds, warmup)
-    rows, per_class, reports = compare(variants, timing, baseline, bootstrap, seed)
+    rows, per_class, reports, pair_rows = compare(variants, timing, baseline, bootstrap, seed, pairs)
     predictions = {"labels": reports[baseline]["labels"], "target": variants[0].target.tolist(),
                    "predictions": {v.name: [p.tolist() for p in v.preds] for v in variants},
                    "paths": {v.name: v.paths for v in variants}}
@@ -570,7 +598,7 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
     check_out_dir(out_dir)  # again: something may have been written there while we measured
     with atomic_dir(out_dir) as out:  # moved into place when complete: never a half-written report
         write_report(out, rows, per_class, reports, predictions, split, baseline,
-                     _environment(num_threads, settings), tensorboard)
+                     _environment(num_threads, settings), tensorboard, pair_rows)
     log.info("benchmark report written to %s\n%s", out_dir,
              _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "macro_f1_low", "macro_f1_high",
                               "speedup", "compression"]))
@@ -578,7 +606,7 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
 
 
 def _check_arguments(runs: dict[str, list], split: str, baseline: str | None, rounds: int, bootstrap: int,
-                     out_dir: str) -> None:
+                     out_dir: str, pairs: list[tuple[str, ...]] = ()) -> None:
     """Refuse bad settings, an ``out_dir`` that is not an earlier report, and every missing model, before
     measuring: refusing after an hour of timing would waste it."""
     if not runs:
@@ -589,6 +617,10 @@ def _check_arguments(runs: dict[str, list], split: str, baseline: str | None, ro
         raise ValueError(f"benchmark: split must be 'test' or 'val', got {split!r}")
     if baseline not in runs:
         raise ValueError(f"benchmark: baseline {baseline!r} is not one of the models {list(runs)}")
+    for pair in pairs:
+        if len(pair) != 2 or any(name not in runs for name in pair):
+            raise ValueError(f"benchmark: pairs entry {list(pair)} must be [model, reference], two of the models "
+                             f"{list(runs)}")
     if rounds < 1:
         raise ValueError(f"benchmark: rounds must be at least 1, got {rounds}")
     if bootstrap < 1000:
@@ -601,9 +633,13 @@ def _check_arguments(runs: dict[str, list], split: str, baseline: str | None, ro
 
 
 def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: dict[str, dict], predictions: dict,
-                 split: str, baseline: str, environment: dict, tensorboard: bool) -> None:
+                 split: str, baseline: str, environment: dict, tensorboard: bool, pair_rows: list[dict] = ()) -> None:
     """Write the report's files (see ``benchmark``'s ``out_dir``) into the folder ``out``."""
-    for stem, table, columns in (("model_comparison", rows, _COLUMNS), ("per_class", per_class, list(per_class[0]))):
+    tables = [("model_comparison", rows, _COLUMNS), ("per_class", per_class, list(per_class[0]))]
+    if pair_rows:
+        tables.append(("pairs", pair_rows, list(pair_rows[0])))
+        (out / "pairs.md").write_text(_pairs_markdown(pair_rows))
+    for stem, table, columns in tables:
         with (out / f"{stem}.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
