@@ -8,7 +8,8 @@ fastest documented CPU setting; emocompress runs its real training path (oversam
 weights, length-grouped batches, fused AdamW) in fp32 and in ``bf16-mixed``, like for like. Each figure
 is samples per second over ``steps`` optimizer steps after ``warmup`` untimed ones; the settings run in
 interleaved rounds (each once per round, in one process) so that drift of a shared machine hits all alike,
-and the table gives the median over rounds with the least and greatest. Needs ``pip install -e .[bench]``
+and the table gives the median over rounds with the least and greatest. It also prints the real and padded
+tokens per text of each loop's batches over one epoch, so that a loop gap can be told from a padding gap. Needs ``pip install -e .[bench]``
 (the HF Trainer needs accelerate).
 """
 
@@ -87,6 +88,30 @@ def hf_trainer_rate(data: str, steps: int, warmup: int, batch_size: int, group_b
     return steps * batch_size / timer["seconds"]
 
 
+def tokens_per_text(data: str, batch_size: int) -> dict[str, tuple[float, float]]:
+    """(real, padded) tokens per training text over one epoch of each loop's batches: what each setting
+    computes on, so that a throughput gap can be told apart from a padding gap."""
+    import numpy as np
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    ours = EmotionDataModule(data, batch_size=batch_size)
+    ours.setup("fit")
+    real = padded = texts = 0
+    for batch in ours.train_dataloader():
+        real, padded = real + int(batch["attention_mask"].sum()), padded + batch["input_ids"].numel()
+        texts += len(batch["input_ids"])
+    counts = {"emocompress (oversampled)": (real / texts, padded / texts)}
+    plain = EmotionDataModule(data, batch_size=batch_size, oversample_to=None)
+    plain.setup("fit")
+    lengths = np.array(plain.splits["train"]["length"])
+    order = list(LengthGroupedSampler(batch_size, lengths=lengths.tolist(), generator=torch.Generator().manual_seed(0)))
+    batches = [lengths[order[i:i + batch_size]] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    texts = sum(len(b) for b in batches)
+    counts["HF Trainer, group_by_length"] = (sum(b.sum() for b in batches) / texts,
+                                             sum(len(b) * b.max() for b in batches) / texts)
+    return counts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/emotion")
@@ -119,6 +144,8 @@ def main():
     print(f"{'':<56}{'median':>8}{'min':>8}{'max':>8}  samples/s")
     for name, values in rates.items():
         print(f"{name:<56}{statistics.median(values):8.1f}{min(values):8.1f}{max(values):8.1f}")
+    for name, (real, padded) in tokens_per_text(args.data, args.batch_size).items():
+        print(f"tokens per training text, {name}: {real:.2f} real, {padded:.2f} with padding")
     for ours, peer in (("emocompress, fp32", "HF Trainer, group_by_length, fp32, adamw_torch_fused"),
                        ("emocompress, bf16-mixed", "HF Trainer, group_by_length, bf16, adamw_torch_fused")):
         if ours in rates:
