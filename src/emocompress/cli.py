@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import datasets
@@ -252,6 +253,9 @@ def _run(args: list[str] | None) -> None:
     # bars say nothing a user needs; our own lines say what was read and written.
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    # configs/base.yaml has two ModelCheckpoints, the val/macro_f1 one first: `test` after `fit` uses its best
+    # checkpoint, which is what we want, and Lightning warns about exactly that on every fit.
+    warnings.filterwarnings("ignore", message=r".*called with Trainer configured with multiple `ModelCheckpoint`")
     EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args,
            save_config_kwargs={"overwrite": True},
            trainer_defaults={"default_root_dir": "logs"})
