@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # SEEDS="1 2 3": teacher, distill, distill_control and distill_bilstm run once per seed, each run in its own
 # folder logs/<name>/seed_<s> (for `emocompress benchmark`, a list of runs per model); unset: one run, version_N.
 SEEDS ?=
-# EXTRA: more options for the fit of a recipe, e.g. EXTRA="--trainer.max_epochs 1"
+# EXTRA: more options for the fit of a recipe (teacher, baseline, prune, distill*, the sweeps), e.g. EXTRA="--trainer.max_epochs 1"
 EXTRA ?=
 seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --trainer.logger.init_args.version seed_$(s) &&) true,$(1))
 
@@ -32,11 +32,11 @@ teacher: install
 	$(call seed_runs,$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml $(EXTRA))
 
 baseline: install
-	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/baseline.yaml
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/baseline.yaml $(EXTRA)
 
 # 50% global magnitude pruning of the teacher + 2 recovery epochs, then INT8 (onnxruntime) of the pruned model
 prune: install
-	$(BIN)/emocompress fit -c configs/base.yaml -c configs/prune.yaml -c configs/quantize.yaml
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/prune.yaml -c configs/quantize.yaml $(EXTRA)
 
 # post-training INT8 of the teacher's export, with each backend
 int8: install
