@@ -14,7 +14,7 @@ seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --tra
 
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
 	structured_prune structured_prune_distill distill_structured_prune structured_sweep distill_structured_sweep \
-	distill_structured_results structured_results test test-fast speed \
+	distill_structured_results structured_results structured_prune_distill_sweep structured_targets test test-fast speed \
 	vocab distill_bilstm_vocab distill_cnn_vocab vocab_results goemotions_teacher goemotions_baseline goemotions_int8 \
 	goemotions_distill goemotions_vocab goemotions_bilstm goemotions_cnn goemotions_results
 
@@ -113,6 +113,15 @@ distill_structured_sweep: install
 
 distill_structured_results: distill_structured_sweep
 	$(BIN)/emocompress benchmark --config configs/benchmark_distill_structured.yaml
+
+# the teacher pruned by AMOUNTS and recovered under distillation from its unpruned self, in
+# logs/structured_prune_distill/amount_<a>
+structured_prune_distill_sweep: install
+	$(call sweep,-c configs/distill.yaml,-c configs/structured_prune_distill.yaml)
+
+# the three targets of structured pruning in one report (the runs of the README's "targets" section first)
+structured_targets: install
+	$(BIN)/emocompress benchmark --config configs/benchmark_structured_targets.yaml
 
 structured_results: structured_prune
 	$(BIN)/emocompress benchmark --config configs/benchmark_structured.yaml
