@@ -5,12 +5,15 @@
 Same model (packaged all-MiniLM-L6-v2), batch size 32, max length 128, AdamW, all CPU threads. The HF
 Trainer runs with ``group_by_length`` and ``optim="adamw_torch_fused"`` in fp32 and with ``bf16=True``, its
 fastest documented CPU setting; emocompress runs its real training path (oversampling, inverse class
-weights, length-grouped batches, fused AdamW) in fp32 and in ``bf16-mixed``, like for like. Each figure
-is samples per second over ``steps`` optimizer steps after ``warmup`` untimed ones; the settings run in
-interleaved rounds (each once per round, in one process) so that drift of a shared machine hits all alike,
-and the table gives the median over rounds with the least and greatest. It also prints the real and padded
-tokens per text of each loop's batches over one epoch, so that a loop gap can be told from a padding gap. Needs ``pip install -e .[bench]``
-(the HF Trainer needs accelerate).
+weights, length-grouped batches, fused AdamW) in fp32 and in ``bf16-mixed``, like for like. Each setting
+trains ``steps`` optimizer steps after ``warmup`` untimed ones and reports samples/s and padded tokens/s over
+the timed steps; the settings run in interleaved rounds (each once per round, in one process) so that drift
+of a shared machine hits all alike, and the table gives the median over rounds with the least and greatest.
+The timed steps are a sample of an epoch's batches, and the two loops' samplers draw different ones, so
+samples/s alone compares batches of different lengths. The script also counts the real and padded tokens per
+text of each loop's batches over one epoch, and estimates samples/s over an epoch as tokens/s divided by
+padded tokens per text: the like-for-like figure. Needs ``pip install -e .[bench]`` (the HF Trainer needs
+accelerate).
 """
 
 import argparse
@@ -29,22 +32,25 @@ from emocompress.data import EmotionDataModule
 
 
 class _Throughput(Callback):
-    """Samples per second over the batches after the first ``warmup``."""
+    """Samples and padded tokens per second over the batches after the first ``warmup``."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.samples, self.start = warmup, 0, None
+        self.warmup, self.samples, self.tokens, self.start = warmup, 0, 0, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
             self.start = time.perf_counter()
         if batch_idx >= self.warmup:
             self.samples += len(batch["labels"])
+            self.tokens += batch["input_ids"].numel()
 
     def on_train_end(self, trainer, pl_module):
-        self.rate = self.samples / (time.perf_counter() - self.start)
+        seconds = time.perf_counter() - self.start
+        self.rate = (self.samples / seconds, self.tokens / seconds)
 
 
-def emocompress_rate(data: str, steps: int, warmup: int, batch_size: int, precision: str = "32-true") -> float:
+def emocompress_rate(data: str, steps: int, warmup: int, batch_size: int,
+                     precision: str = "32-true") -> tuple[float, float]:
     datamodule = EmotionDataModule(data, batch_size=batch_size)
     model = EmotionClassifier(id2label=datamodule.id2label)
     meter = _Throughput(warmup)
@@ -57,7 +63,7 @@ def emocompress_rate(data: str, steps: int, warmup: int, batch_size: int, precis
 
 
 def hf_trainer_rate(data: str, steps: int, warmup: int, batch_size: int, group_by_length: bool,
-                    bf16: bool = False) -> float:
+                    bf16: bool = False) -> tuple[float, float]:
     from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer as HFTrainer,
                               TrainerCallback, TrainingArguments)
 
@@ -66,7 +72,14 @@ def hf_trainer_rate(data: str, steps: int, warmup: int, batch_size: int, group_b
     train = datamodule.splits["train"]
     model = AutoModelForSequenceClassification.from_pretrained(pretrained.resolve(pretrained.PACKAGED_MINILM),
                                                                num_labels=datamodule.num_classes)
-    timer = {}
+    timer = {"tokens": 0}
+
+    def count_tokens(module, args, kwargs):
+        # the batches the timed steps compute on (the Trainer collates more batches than it trains on)
+        if "start" in timer and "seconds" not in timer:
+            timer["tokens"] += kwargs["input_ids"].numel()
+
+    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -85,7 +98,7 @@ def hf_trainer_rate(data: str, steps: int, warmup: int, batch_size: int, group_b
                                  optim="adamw_torch_fused")  # its fastest documented optimizer on CPU, as ours
         HFTrainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(
             datamodule.tokenizer), callbacks=[Timer()]).train()
-    return steps * batch_size / timer["seconds"]
+    return steps * batch_size / timer["seconds"], timer["tokens"] / timer["seconds"]
 
 
 def tokens_per_text(data: str, batch_size: int) -> dict[str, tuple[float, float]]:
@@ -141,17 +154,31 @@ def main():
             rates[name].append(measure())
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps, {args.rounds} interleaved rounds")
-    print(f"{'':<56}{'median':>8}{'min':>8}{'max':>8}  samples/s")
+    # 60 steps see 60 of an epoch's 500-650 batches, and which ones differs between the loops' samplers: the
+    # timed batches of one loop can be 10% longer than the other's. Padded tokens/s is the rate at equal work;
+    # divided by the tokens per text of a whole epoch it estimates samples/s over an epoch.
+    per_text = tokens_per_text(args.data, args.batch_size)
+    for name, (real, padded) in per_text.items():
+        print(f"tokens per training text over an epoch, {name}: {real:.2f} real, {padded:.2f} with padding")
+    print(f"{'':<56}{'samples/s median [min, max]':>30}{'padded tokens/s median [min, max]':>36}"
+          f"{'epoch samples/s (est.)':>24}")
+    epoch_rates = {}
     for name, values in rates.items():
-        print(f"{name:<56}{statistics.median(values):8.1f}{min(values):8.1f}{max(values):8.1f}")
-    for name, (real, padded) in tokens_per_text(args.data, args.batch_size).items():
-        print(f"tokens per training text, {name}: {real:.2f} real, {padded:.2f} with padding")
+        samples, tokens = zip(*values)
+        padded = per_text["HF Trainer, group_by_length" if name.startswith("HF") else "emocompress (oversampled)"][1]
+        epoch_rates[name] = [t / padded for t in tokens]
+        print(f"{name:<56}{_spread(samples):>30}{_spread(tokens):>36}{statistics.median(epoch_rates[name]):>24.1f}")
     for ours, peer in (("emocompress, fp32", "HF Trainer, group_by_length, fp32, adamw_torch_fused"),
                        ("emocompress, bf16-mixed", "HF Trainer, group_by_length, bf16, adamw_torch_fused")):
         if ours in rates:
-            ratios = [a / b for a, b in zip(rates[ours], rates[peer])]
-            print(f"{ours} / {peer}, per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+            for what, table in (("timed samples/s", {k: [v[0] for v in vs] for k, vs in rates.items()}),
+                                ("epoch samples/s (est.)", epoch_rates)):
+                ratios = [a / b for a, b in zip(table[ours], table[peer])]
+                print(f"{ours} / {peer}, {what}, per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
 
+
+def _spread(values) -> str:
+    return f"{statistics.median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
 
 if __name__ == "__main__":
     main()
