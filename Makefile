@@ -15,7 +15,7 @@ seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --tra
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
 	structured_prune structured_prune_distill distill_structured_prune structured_sweep distill_structured_sweep \
 	distill_structured_results structured_results structured_prune_distill_sweep structured_targets test test-fast speed \
-	vocab distill_bilstm_vocab distill_cnn_vocab vocab_results goemotions_teacher goemotions_baseline goemotions_int8 \
+	vocab distill_bilstm_vocab distill_cnn_vocab vocab_results goemotions_teacher goemotions_baseline goemotions_tuning goemotions_int8 \
 	goemotions_distill goemotions_vocab goemotions_bilstm goemotions_cnn goemotions_results
 
 install: $(VENV)/.installed
@@ -135,10 +135,25 @@ distill_results: distill distill_control distill_bilstm distill_prune int8
 results: teacher baseline prune int8 distill_results
 	$(BIN)/emocompress benchmark --config configs/benchmark.yaml
 
-# GoEmotions (7 Ekman classes, 30x imbalance): the teacher recipe and its control without imbalance handling,
-# runs under logs/goemotions/; EXTRA as above (e.g. EXTRA="--trainer.max_epochs 1")
+# GoEmotions (7 Ekman classes, 30x imbalance): the teacher recipe (its imbalance handling tuned by
+# goemotions_tuning) and its control without imbalance handling, runs under logs/goemotions/; EXTRA as above
+# (e.g. EXTRA="--trainer.max_epochs 1")
 goemotions_teacher: install
-	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/data/goemotions.yaml $(EXTRA)
+	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/data/goemotions.yaml \
+		-c configs/data/goemotions_teacher.yaml $(EXTRA)
+
+# how goemotions_teacher was tuned: the emotion teacher recipe with four ways of handling the imbalance, 1 epoch
+# each (the first is the emotion recipe's own: oversampling to half of joy + inverse weights), then the
+# winner on val for 2 epochs, in logs/goemotions/teacher_tuning/<way>; and their report (about 40 min here)
+TUNE = $(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/data/goemotions.yaml \
+	--trainer.logger.init_args.name teacher_tuning --trainer.max_epochs 1 --trainer.logger.init_args.version
+goemotions_tuning: install
+	$(TUNE) oversample_0.5_inverse $(EXTRA)
+	$(TUNE) inverse --data.oversample_to null $(EXTRA)
+	$(TUNE) sqrt_inverse --data.oversample_to null --data.class_weighting sqrt_inverse $(EXTRA)
+	$(TUNE) none --data.oversample_to null --data.class_weighting none $(EXTRA)
+	$(TUNE) sqrt_inverse_2ep --trainer.max_epochs 2 -c configs/data/goemotions_teacher.yaml $(EXTRA)
+	$(BIN)/emocompress benchmark --config configs/benchmark_goemotions_tuning.yaml
 
 goemotions_baseline: install
 	$(BIN)/emocompress fit -c configs/base.yaml -c configs/teacher.yaml -c configs/baseline.yaml \

@@ -227,7 +227,8 @@ def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tm
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (CONFIGS / "data").glob("*.yaml")))
 def test_every_data_overlay_parses_on_a_recipe(overlay, capsys):
     # each overlay on top of the recipe (and the overlays) it follows in the Makefile
-    stack = {"goemotions_distill.yaml": ["distill.yaml", "quantize.yaml", "data/goemotions.yaml"],
+    stack = {"goemotions_teacher.yaml": ["teacher.yaml", "data/goemotions.yaml"],
+             "goemotions_distill.yaml": ["distill.yaml", "quantize.yaml", "data/goemotions.yaml"],
              "goemotions_vocab.yaml": ["distill.yaml", "distill_bilstm.yaml", "distill_bilstm_vocab.yaml",
                                        "quantize.yaml", "data/goemotions.yaml", "data/goemotions_distill.yaml"],
              }.get(overlay, ["teacher.yaml"])
@@ -241,6 +242,8 @@ def test_every_data_overlay_parses_on_a_recipe(overlay, capsys):
     teacher = config["model"]["init_args"].get("teacher")
     if teacher:  # the data set's own teacher, not emotion's
         assert teacher.startswith(config["trainer"]["logger"]["init_args"]["save_dir"] + "/")
+    if overlay == "goemotions_teacher.yaml":  # the tuned imbalance handling replaces the emotion recipe's
+        assert (config["data"]["oversample_to"], config["data"]["class_weighting"]) == (None, "sqrt_inverse")
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("benchmark*.yaml")))
