@@ -7,6 +7,11 @@ Times forward, backward and a fused AdamW step of the packaged all-MiniLM-L6-v2 
 ``batch_size`` texts of ``tokens`` tokens, and prints the median step after one untimed step, and the part of
 it spent in the optimizer (gradient clipping, AdamW, zeroing): the most a training loop could save without
 computing less.
+
+    python benchmarks/precision_step.py --compile --tokens 16 24 32
+
+adds bf16 steps of ``torch.compile(model, dynamic=True)`` at each length (one graph for all of them), and
+the seconds its first steps took to compile.
 """
 
 import argparse
@@ -42,21 +47,37 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--bf16_steps", type=int, default=3, help="fewer: emulated bf16 takes seconds a step")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[24], help="one or more sequence lengths")
+    parser.add_argument("--compile", action="store_true", help="also time bf16 steps of the compiled model")
     args = parser.parse_args()
     torch.manual_seed(0)
     path = pretrained.resolve(pretrained.PACKAGED_MINILM)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=6).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = {"input_ids": torch.randint(1000, 20000, (args.batch_size, args.tokens)),
-             "attention_mask": torch.ones(args.batch_size, args.tokens, dtype=torch.long)}
     labels = torch.randint(0, 6, (args.batch_size,))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}")
-    for name, bf16, steps in (("fp32", False, args.steps), ("bf16 autocast", True, args.bf16_steps)):
-        seconds, in_optimizer = step_seconds(model, optimizer, batch, labels, bf16, steps)
-        print(f"{name:<14}{seconds * 1e3:8.0f} ms a step  {args.batch_size / seconds:7.1f} samples/s  "
-              f"(clip + AdamW + zero_grad {in_optimizer * 1e3:.0f} ms)")
+    runs = [("fp32", model, False, args.steps), ("bf16 autocast", model, True, args.bf16_steps)]
+    if args.compile:
+        # one graph with a symbolic length rather than one per length; the first call of each new shape
+        # may still recompile, so the untimed first step of every length absorbs that
+        compiled = torch.compile(model, dynamic=True)
+        start = time.perf_counter()
+        for tokens in args.tokens:
+            step_seconds(compiled, optimizer, random_batch(args.batch_size, tokens), labels, True, 1)
+        print(f"torch.compile: first steps at {args.tokens} tokens took {time.perf_counter() - start:.0f} s")
+        runs.append(("bf16 compiled", compiled, True, args.bf16_steps))
+    for tokens in args.tokens:
+        batch = random_batch(args.batch_size, tokens)
+        for name, forward, bf16, steps in runs:
+            seconds, in_optimizer = step_seconds(forward, optimizer, batch, labels, bf16, steps)
+            print(f"{tokens:3d} tokens  {name:<14}{seconds * 1e3:8.0f} ms a step  {args.batch_size / seconds:7.1f} "
+                  f"samples/s  (clip + AdamW + zero_grad {in_optimizer * 1e3:.0f} ms)")
+
+
+def random_batch(batch_size: int, tokens: int) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(1000, 20000, (batch_size, tokens)),
+            "attention_mask": torch.ones(batch_size, tokens, dtype=torch.long)}
 
 
 if __name__ == "__main__":
