@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,11 @@ def tiny_model_dir(tmp_path_factory) -> str:
                                   num_attention_heads=2, intermediate_size=32, max_position_embeddings=512,
                                   # no dropout, so runs that see the same batches are comparable bit for bit
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    # seeded: a session fixture is first built by whichever test needs it first, so unseeded weights would
+    # depend on which tests ran before (a full-suite run once drew a BERT too weak for test_deploy's margins)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
 
@@ -63,7 +68,6 @@ def emotion_dir(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tiny_model_dir, tmp_path_factory) -> str:
     """The tiny BERT with a seeded head for ``emotion_dir``'s labels: a stand-in for a fine-tuned teacher."""
-    import torch
     from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tiny-teacher")
