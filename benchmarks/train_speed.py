@@ -162,23 +162,24 @@ def main():
         print(f"tokens per training text over an epoch, {name}: {real:.2f} real, {padded:.2f} with padding")
     print(f"{'':<56}{'samples/s median [min, max]':>30}{'padded tokens/s median [min, max]':>36}"
           f"{'epoch samples/s (est.)':>24}")
-    epoch_rates = {}
+    sample_rates, epoch_rates = {}, {}
     for name, values in rates.items():
-        samples, tokens = zip(*values)
+        sample_rates[name], tokens = zip(*values)
         padded = per_text["HF Trainer, group_by_length" if name.startswith("HF") else "emocompress (oversampled)"][1]
         epoch_rates[name] = [t / padded for t in tokens]
-        print(f"{name:<56}{_spread(samples):>30}{_spread(tokens):>36}{statistics.median(epoch_rates[name]):>24.1f}")
+        print(f"{name:<56}{_spread(sample_rates[name]):>30}{_spread(tokens):>36}"
+              f"{statistics.median(epoch_rates[name]):>24.1f}")
     for ours, peer in (("emocompress, fp32", "HF Trainer, group_by_length, fp32, adamw_torch_fused"),
                        ("emocompress, bf16-mixed", "HF Trainer, group_by_length, bf16, adamw_torch_fused")):
         if ours in rates:
-            for what, table in (("timed samples/s", {k: [v[0] for v in vs] for k, vs in rates.items()}),
-                                ("epoch samples/s (est.)", epoch_rates)):
+            for what, table in (("timed samples/s", sample_rates), ("epoch samples/s (est.)", epoch_rates)):
                 ratios = [a / b for a, b in zip(table[ours], table[peer])]
                 print(f"{ours} / {peer}, {what}, per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
 
 
 def _spread(values) -> str:
     return f"{statistics.median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
+
 
 if __name__ == "__main__":
     main()
