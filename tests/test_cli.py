@@ -488,6 +488,19 @@ def test_resume_only_continues_the_run_it_belongs_to(emotion_dir, tiny_model_dir
     assert not (tmp_path / "logs" / "tiny" / "version_2").exists()
 
 
+def test_a_new_fit_never_overwrites_a_named_run(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # the Makefile's seed, sweep and tuning runs name their folders: run twice, the second must not replace the first
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false",
+                              "--trainer.logger.init_args.version", "seed_1")]
+    _run_in_process(args, monkeypatch, tmp_path)
+    run = tmp_path / "logs" / "tiny" / "seed_1"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert run / "config.yaml" in before and run / "checkpoints" / "last.ckpt" in before
+    err = _refused(args, capsys, monkeypatch, tmp_path)
+    assert "logs/tiny/seed_1 already holds a run, which this fit would overwrite" in err and "--ckpt_path last" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # untouched
+
+
 def test_fit_without_a_test_split_stops_before_training(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
     (emotion_dir / "test.txt").unlink()
     err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir)], capsys, monkeypatch, tmp_path)

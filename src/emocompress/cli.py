@@ -24,7 +24,7 @@ import transformers
 import yaml
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from emocompress.benchmark import benchmark
 from emocompress.checkpoints import read_checkpoint
@@ -122,6 +122,19 @@ class EmoCLI(LightningCLI):
             transformers.logging.set_verbosity_error()
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resume_into_its_own_run(self.config.fit)
+        elif self.subcommand == "fit":
+            self._refuse_to_overwrite_a_run(self.config.fit)
+
+    def _refuse_to_overwrite_a_run(self, config):
+        """A new ``fit`` into a run folder named with ``--trainer.logger.init_args.version`` that already holds a
+        run would overwrite its config, checkpoints, exports and test metrics (``save_config_kwargs`` allows
+        overwriting, which resuming needs). Unnamed runs get a fresh version_N from the logger."""
+        folder = _named_run_folder(config)
+        # only rank 0: DDP re-runs this command in each child process, after rank 0 has parsed it
+        if folder is not None and (folder / "config.yaml").is_file() and rank_zero_only.rank == 0:
+            raise ValueError(f"{folder} already holds a run, which this fit would overwrite; continue it with "
+                             "--ckpt_path last, name another run with --trainer.logger.init_args.version, or "
+                             "remove the folder to train it again")
 
     def _resume_into_its_own_run(self, config):
         """``fit --ckpt_path last`` continues the run it belongs to, in that run's folder, or refuses.
@@ -137,10 +150,8 @@ class EmoCLI(LightningCLI):
         root = Path(args.save_dir, args.get("name") or "")
         choose = ("pass --ckpt_path <file.ckpt> to start a new run from a checkpoint, or "
                   "--trainer.logger.init_args.version <N> to continue version_<N>")
-        if args.get("version") is not None:
-            version = args.version
-            folder = root / (f"version_{version}" if isinstance(version, int) else str(version))
-        else:
+        folder = _named_run_folder(config)
+        if folder is None:
             current = _comparable(self._parser("fit").dump(config, skip_none=False))
             same = [path.parent for path in root.glob("*/config.yaml") if _comparable(path.read_text()) == current]
             if not same:
@@ -216,6 +227,15 @@ class EmoCLI(LightningCLI):
             entries += [path for entry in entries if entry.name == "checkpoints" for path in sorted(entry.iterdir())]
             lines += [f"  {path}{'/' if path.is_dir() else ''}" for path in sorted(entries)]
         log.info("\n".join(lines))
+
+
+def _named_run_folder(config) -> Path | None:
+    """The run folder a logger with version folders writes to when its version is named, else None."""
+    args = getattr(config.trainer.logger, "init_args", None)
+    if args is None or "save_dir" not in args or args.get("version") is None:
+        return None
+    version = args.version
+    return Path(args.save_dir, args.get("name") or "", f"version_{version}" if isinstance(version, int) else str(version))
 
 
 def main(args: list[str] | None = None):
