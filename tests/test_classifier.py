@@ -58,6 +58,8 @@ def test_model_trains_with_dropout_on(tiny_model_dir):
     ({"id2label": {0: "joy"}}, "at least two labels"),
     ({"lr": 0.0}, "model.lr must be positive"),
     ({"warmup_ratio": 1.0}, r"model.warmup_ratio must be in \[0, 1\)"),
+    ({"freeze_layers": -1}, "model.freeze_layers must be 0 or more"),
+    ({"freeze_layers": 3}, "model.freeze_layers is 3, but .* has 2 layers"),
 ])
 def test_bad_settings_fail_at_construction(tiny_model_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -85,6 +87,37 @@ def test_fit_uses_class_weights_from_the_datamodule(make_datamodule, tiny_model_
     weighted = F.cross_entropy(logits, batch["labels"], weight=model.class_weights)
     plain = F.cross_entropy(logits, batch["labels"])
     assert not torch.isclose(weighted, plain)
+
+
+@pytest.mark.parametrize(("kwargs", "trained_layers"), [
+    ({"freeze_embeddings": True}, [0, 1]),
+    ({"freeze_layers": 1}, [1]),  # implies the embeddings
+])
+def test_frozen_parts_do_not_change_and_stay_out_of_the_optimizer(make_datamodule, tiny_model_dir, trainer,
+                                                                  kwargs, trained_layers):
+    dm = make_datamodule(batch_size=4)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label, lr=1e-2, **kwargs)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    trainer(max_steps=3, limit_val_batches=0).fit(model, datamodule=dm)
+    after = model.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith("bert.embeddings.") for k in changed)
+    for i in range(2):
+        layer_changed = any(k.startswith(f"bert.encoder.layer.{i}.") for k in changed)
+        assert layer_changed == (i in trained_layers), i
+    assert {"classifier.weight", "classifier.bias"} <= changed
+    in_optimizer = {id(p) for group in model.trainer.optimizers[0].param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_optimizer == trainable
+    assert model.model.get_input_embeddings().weight.grad is None
+
+
+def test_freeze_layers_needs_a_known_encoder(tiny_model_dir, monkeypatch):
+    from emocompress import structure
+
+    monkeypatch.setattr(structure, "_FAMILIES", {})  # as for an encoder family the project does not map
+    with pytest.raises(ValueError, match="model.freeze_layers: .*no attention heads"):
+        EmotionClassifier(tiny_model_dir, ID2LABEL, freeze_layers=1)
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

@@ -104,11 +104,18 @@ class EmotionClassifier(LightningModule):
             prune or distil a fine-tuned model). Unlike ``--ckpt_path``, optimizer, schedule and epochs
             start fresh. An ``hf_model`` export works too, as ``data.model_name``.
         trust_remote_code: allow a model folder to run its own code; only for models you trust.
+        freeze_embeddings: keep the input embeddings (token, position and type tables and their LayerNorm)
+            at their pretrained values. The token table is half of MiniLM's 22.7M parameters, and its
+            gradient is dense: without it a bf16 step on a CPU is about 1.1x faster (``make speed``).
+        freeze_layers: also keep the first N encoder layers (in [0, number of layers]) at their pretrained
+            values; backward then stops above them, which saves most of their cost. Implies
+            ``freeze_embeddings``. BERT-, RoBERTa- and DistilBERT-style encoders.
     """
 
     def __init__(self, model_name: str = pretrained.PACKAGED_MINILM, id2label: dict[int, str] | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                 init_checkpoint: str | None = None, trust_remote_code: bool = False):
+                 init_checkpoint: str | None = None, trust_remote_code: bool = False,
+                 freeze_embeddings: bool = False, freeze_layers: int = 0):
         super().__init__()
         if not id2label or len(id2label) < 2:
             raise ValueError(f"model.id2label needs at least two labels, got {id2label}")
@@ -116,6 +123,8 @@ class EmotionClassifier(LightningModule):
             raise ValueError(f"model.lr must be positive, got {lr}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if freeze_layers < 0:
+            raise ValueError(f"model.freeze_layers must be 0 or more, got {freeze_layers}")
         self.save_hyperparameters()
         self.id2label = {int(i): name for i, name in id2label.items()}
         self.model = self._build_model()
@@ -128,6 +137,8 @@ class EmotionClassifier(LightningModule):
         # from_pretrained returns eval mode, and Lightning keeps module modes: without this, dropout
         # would stay off during fine-tuning.
         self.model.train()
+        if freeze_embeddings or freeze_layers:
+            self._freeze(freeze_layers)
         self.register_buffer("class_weights", torch.ones(len(self.id2label)))
         num_classes = len(self.id2label)
         metrics = classification_metrics(num_classes)
@@ -144,6 +155,27 @@ class EmotionClassifier(LightningModule):
             trust_remote_code=self.hparams.trust_remote_code, output_loading_info=True)
         self.head_is_new = bool(info["missing_keys"] or info["mismatched_keys"])
         return model
+
+    def _freeze(self, layers: int) -> None:
+        """Turn off gradients of the input embeddings and the first ``layers`` encoder layers. Frozen
+        parameters stay in the model and its checkpoints, but not in the optimizer, and autograd does not
+        go below the first trained layer."""
+        base = self.model.base_model
+        embeddings = getattr(base, "embeddings", None)  # BERT & co. keep token, position and type tables there
+        frozen = [embeddings if isinstance(embeddings, torch.nn.Module) else self.model.get_input_embeddings()]
+        if layers:
+            try:
+                stack = base.get_submodule(structure.family(self.model).layers)
+            except ValueError as err:
+                raise ValueError(f"model.freeze_layers: {err}") from err
+            if layers > len(stack):
+                raise ValueError(f"model.freeze_layers is {layers}, but {self.hparams.model_name} has "
+                                 f"{len(stack)} layers")
+            frozen += list(stack[:layers])
+        for module in frozen:
+            module.requires_grad_(False)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("frozen: the embeddings and %d of the encoder layers; %.1fM parameters train", layers, trainable / 1e6)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before Lightning loads the weights (--ckpt_path, load_from_checkpoint): a structurally pruned
