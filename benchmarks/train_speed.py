@@ -2,18 +2,19 @@
 
     python benchmarks/train_speed.py --data ../shared/data/emotion --steps 60 --warmup 10 --rounds 2
 
-Same model (packaged all-MiniLM-L6-v2), batch size 32, max length 128, AdamW, all CPU threads. The HF
-Trainer runs with ``group_by_length`` and ``optim="adamw_torch_fused"`` in fp32 and with ``bf16=True``, its
-fastest documented CPU setting; emocompress runs its real training path (oversampling, inverse class
-weights, length-grouped batches, fused AdamW) in fp32 and in ``bf16-mixed``, like for like. Each setting
-trains ``steps`` optimizer steps after ``warmup`` untimed ones and reports samples/s and padded tokens/s over
-the timed steps; the settings run in interleaved rounds (each once per round, in one process) so that drift
-of a shared machine hits all alike, and the table gives the median over rounds with the least and greatest.
-The timed steps are a sample of an epoch's batches, and the two loops' samplers draw different ones, so
-samples/s alone compares batches of different lengths. The script also counts the real and padded tokens per
-text of each loop's batches over one epoch, and estimates samples/s over an epoch as tokens/s divided by
-padded tokens per text: the like-for-like figure. Needs ``pip install -e .[bench]`` (the HF Trainer needs
-accelerate).
+Same model (packaged all-MiniLM-L6-v2), batch size 32, max length 128, AdamW, all CPU threads. The HF Trainer
+runs with ``group_by_length`` and ``optim="adamw_torch_fused"`` in fp32 and with ``bf16=True``, its fastest
+documented CPU setting; emocompress runs its real training path (oversampling, inverse class weights,
+length-grouped batches, fused AdamW) in fp32 and in ``bf16-mixed``, like for like, and then with
+``model.freeze_embeddings`` and ``model.freeze_layers 2``, which compute less (what that costs in macro F1 is
+measured by full fits: see the README). Each setting trains ``steps`` optimizer steps after ``warmup`` untimed
+ones and reports samples/s and padded tokens/s over the timed steps; the settings run in interleaved rounds
+(each once per round, in one process) so that drift of a shared machine hits all alike, and the table gives
+the median over rounds with the least and greatest. The timed steps are a sample of an epoch's batches, and
+the two loops' samplers draw different ones, so samples/s alone compares batches of different lengths. The
+script also counts the real and padded tokens per text of each loop's batches over one epoch, and estimates
+samples/s over an epoch as tokens/s divided by padded tokens per text: the like-for-like figure. Needs ``pip
+install -e .[bench]`` (the HF Trainer needs accelerate).
 """
 
 import argparse
@@ -49,10 +50,10 @@ class _Throughput(Callback):
         self.rate = (self.samples / seconds, self.tokens / seconds)
 
 
-def emocompress_rate(data: str, steps: int, warmup: int, batch_size: int,
-                     precision: str = "32-true") -> tuple[float, float]:
+def emocompress_rate(data: str, steps: int, warmup: int, batch_size: int, precision: str = "32-true",
+                     **model_args) -> tuple[float, float]:
     datamodule = EmotionDataModule(data, batch_size=batch_size)
-    model = EmotionClassifier(id2label=datamodule.id2label)
+    model = EmotionClassifier(id2label=datamodule.id2label, **model_args)
     meter = _Throughput(warmup)
     # gradient clipping at 1.0 like the teacher config (and like the HF Trainer default)
     trainer = Trainer(accelerator="cpu", max_steps=steps + warmup, limit_val_batches=0, logger=False, gradient_clip_val=1.0,
@@ -142,6 +143,12 @@ def main():
         "emocompress, fp32": lambda: emocompress_rate(*common),
         # CPUs with AVX512-BF16/AMX run bf16 matmuls natively; fp32 master weights, as on GPUs
         "emocompress, bf16-mixed": lambda: emocompress_rate(*common, "bf16-mixed"),
+        # computing less: no gradient for the embeddings (half the parameters), or none below layer 3
+        "emocompress, bf16-mixed, frozen embeddings": lambda: emocompress_rate(*common, "bf16-mixed",
+                                                                             freeze_embeddings=True),
+        "emocompress, bf16-mixed, frozen embeddings + 2 layers": lambda: emocompress_rate(*common, "bf16-mixed",
+                                                                                        freeze_layers=2),
+        "emocompress, fp32, frozen embeddings + 2 layers": lambda: emocompress_rate(*common, freeze_layers=2),
     }
     if not cpu_has_native_bf16():
         # emulated bf16 trains ~14x slower than fp32 (benchmarks/precision_step.py): those rows would measure
@@ -169,12 +176,11 @@ def main():
         epoch_rates[name] = [t / padded for t in tokens]
         print(f"{name:<56}{_spread(sample_rates[name]):>30}{_spread(tokens):>36}"
               f"{statistics.median(epoch_rates[name]):>24.1f}")
-    for ours, peer in (("emocompress, fp32", "HF Trainer, group_by_length, fp32, adamw_torch_fused"),
-                       ("emocompress, bf16-mixed", "HF Trainer, group_by_length, bf16, adamw_torch_fused")):
-        if ours in rates:
-            for what, table in (("timed samples/s", sample_rates), ("epoch samples/s (est.)", epoch_rates)):
-                ratios = [a / b for a, b in zip(table[ours], table[peer])]
-                print(f"{ours} / {peer}, {what}, per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+    for ours in (name for name in rates if name.startswith("emocompress")):
+        peer = f"HF Trainer, group_by_length, {'bf16' if 'bf16' in ours else 'fp32'}, adamw_torch_fused"
+        for what, table in (("timed samples/s", sample_rates), ("epoch samples/s (est.)", epoch_rates)):
+            ratios = [a / b for a, b in zip(table[ours], table[peer])]
+            print(f"{ours} / {peer}, {what}, per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
 
 
 def _spread(values) -> str:
