@@ -144,10 +144,11 @@ class _SaveAt(Callback):
 
 @pytest.fixture
 def fit(make_datamodule, tiny_trainer, wide_model_dir):
-    """``fit(callbacks, ckpt_path=None, **trainer_kwargs) -> (model, trainer)``: a short CPU fit of the wide BERT."""
-    def fit(callbacks, ckpt_path=None, **trainer_kwargs):
+    """``fit(callbacks, ckpt_path=None, model_args=None, **trainer_kwargs) -> (model, trainer)``: a short CPU fit
+    of the wide BERT."""
+    def fit(callbacks, ckpt_path=None, model_args=None, **trainer_kwargs):
         dm = make_datamodule(model_dir=wide_model_dir, batch_size=4)
-        model = EmotionClassifier(wide_model_dir, dm.id2label, lr=1e-2)
+        model = EmotionClassifier(wide_model_dir, dm.id2label, lr=1e-2, **(model_args or {}))
         trainer = tiny_trainer(callbacks=callbacks, **trainer_kwargs)
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
         return model, trainer
@@ -171,6 +172,21 @@ def test_one_shot_rebuilds_the_layers_smaller_and_keeps_training(fit):
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert params == {id(p) for p in model.model.parameters() if p.requires_grad}
     assert all(p in optimizer.state for p in model.model.parameters())
+
+
+def test_frozen_layers_stay_frozen_when_rebuilt_smaller(fit):
+    model, trainer = fit([StructuredPruning(head_amount=0.5, ffn_amount=0.25, start_step=2)], max_steps=4,
+                         model_args={"freeze_layers": 1})
+    first, second = model.model.bert.encoder.layer
+    assert not any(p.requires_grad for p in first.parameters())
+    assert all(p.requires_grad for p in second.parameters())
+    params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert params == {id(p) for p in model.model.parameters() if p.requires_grad}
+    # the frozen layer lost units but never trained: each row it kept is a row of the pretrained matrix
+    pretrained = EmotionClassifier(model.hparams.model_name, model.id2label).model.bert.encoder.layer[0]
+    kept, original = first.intermediate.dense.weight, pretrained.intermediate.dense.weight
+    assert len(kept) < len(original)
+    assert all(any(torch.equal(row, other) for other in original) for row in kept)
 
 
 def test_cubic_schedule_masks_until_the_end_then_rebuilds(fit):
