@@ -143,7 +143,7 @@ def main():
         "emocompress, fp32": lambda: emocompress_rate(*common),
         # CPUs with AVX512-BF16/AMX run bf16 matmuls natively; fp32 master weights, as on GPUs
         "emocompress, bf16-mixed": lambda: emocompress_rate(*common, "bf16-mixed"),
-        # computing less: no gradient for the embeddings (half the parameters), or none below layer 3
+        # computing less: no gradient for the embeddings (half the parameters), or for them and the first 2 layers
         "emocompress, bf16-mixed, frozen embeddings": lambda: emocompress_rate(*common, "bf16-mixed",
                                                                              freeze_embeddings=True),
         "emocompress, bf16-mixed, frozen embeddings + 2 layers": lambda: emocompress_rate(*common, "bf16-mixed",
