@@ -16,7 +16,7 @@ from torchmetrics.classification import (
 )
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from emocompress import pretrained, structure
+from emocompress import first_token, pretrained, structure
 from emocompress import students  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
 from emocompress.checkpoints import load_network
 
@@ -110,12 +110,16 @@ class EmotionClassifier(LightningModule):
         freeze_layers: also keep the first N encoder layers (in [0, number of layers]) at their pretrained
             values; backward then stops above them, which saves most of their cost. Implies
             ``freeze_embeddings``. BERT-, RoBERTa- and DistilBERT-style encoders.
+        trim_last_layer: compute the last encoder layer for the first token only, the one the classification
+            head reads (``first_token.py``): the same logits up to rounding, and a bf16 training step on a CPU
+            about 1.1x faster. BERT-, RoBERTa- and DistilBERT-style ``transformers`` classifiers; other models
+            run unchanged.
     """
 
     def __init__(self, model_name: str = pretrained.PACKAGED_MINILM, id2label: dict[int, str] | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
                  init_checkpoint: str | None = None, trust_remote_code: bool = False,
-                 freeze_embeddings: bool = False, freeze_layers: int = 0):
+                 freeze_embeddings: bool = False, freeze_layers: int = 0, trim_last_layer: bool = True):
         super().__init__()
         if not id2label or len(id2label) < 2:
             raise ValueError(f"model.id2label needs at least two labels, got {id2label}")
@@ -139,6 +143,9 @@ class EmotionClassifier(LightningModule):
         self.model.train()
         if freeze_embeddings or freeze_layers:
             self._freeze(freeze_layers)
+        if trim_last_layer and not first_token.supported(self.model):
+            log.info("model.trim_last_layer: %s is not a BERT-, RoBERTa- or DistilBERT-style classifier with eager or "
+                     "SDPA attention; its last layer runs in full", type(self.model).__name__)
         self.register_buffer("class_weights", torch.ones(len(self.id2label)))
         num_classes = len(self.id2label)
         metrics = classification_metrics(num_classes)
@@ -199,7 +206,8 @@ class EmotionClassifier(LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (B, C) for a tokenized batch; keys other than the model's inputs are ignored."""
-        return self.model(**model_inputs(batch)).logits
+        with first_token.first_token_only(self.model, self.hparams.trim_last_layer):
+            return self.model(**model_inputs(batch)).logits
 
     def training_step(self, batch, batch_idx):
         logits = self(batch)

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from emocompress import pretrained
 from emocompress.checkpoints import load_network, read_checkpoint
 from emocompress.classifier import EmotionClassifier, model_inputs
+from emocompress.first_token import first_token_only
 from emocompress.outputs import atomic_file
 from emocompress.students import ENCODERS, build_student, every_other_layer
 
@@ -177,8 +178,10 @@ class Teacher:
 
     @torch.no_grad()
     def outputs(self, texts: list[str], **kwargs):
-        """The network's output for raw ``texts`` (``kwargs`` such as ``output_hidden_states`` go to it)."""
-        return self.network(**self.encode(texts), **kwargs)
+        """The network's output for raw ``texts`` (``kwargs`` such as ``output_hidden_states`` go to it). With no
+        ``kwargs`` only the logits are asked for, so the last layer computes the first token only."""
+        with first_token_only(self.network, enabled=not kwargs):
+            return self.network(**self.encode(texts), **kwargs)
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         """(N, C) float logits for raw ``texts`` on the CPU, computed in batches of similar length."""
@@ -343,7 +346,8 @@ class Distiller(EmotionClassifier):
     def training_step(self, batch, batch_idx):
         hp = self.hparams
         hidden = hp.hidden_weight > 0
-        student = self.model(**model_inputs(batch), output_hidden_states=hidden)
+        with first_token_only(self.model, hp.trim_last_layer and not hidden):  # hidden states need every token
+            student = self.model(**model_inputs(batch), output_hidden_states=hidden)
         if not self._needs_teacher:  # the alpha = 1 control: plain weighted cross-entropy
             teacher_logits, teacher_hidden = student.logits.detach(), None
         elif self.cached_logits is not None:
