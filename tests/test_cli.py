@@ -156,7 +156,7 @@ def test_every_config_parses(experiment, capsys):
              "distill_prune.yaml": ["distill.yaml", "prune.yaml", "quantize.yaml"],
              "distill_structured_prune.yaml": ["distill.yaml", "structured_prune.yaml", "quantize.yaml"],
              "structured_prune_distill.yaml": ["distill.yaml", "structured_prune.yaml"],
-             "freeze.yaml": ["teacher.yaml"]}.get(experiment, [])
+             "freeze.yaml": ["teacher.yaml"], "fast.yaml": ["teacher.yaml"]}.get(experiment, [])
     overlays = [arg for name in bases for arg in ("-c", str(CONFIGS / name))]
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", str(CONFIGS / "base.yaml"), *overlays, "-c", str(CONFIGS / experiment), "--print_config"])
