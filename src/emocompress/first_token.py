@@ -60,8 +60,8 @@ def _distilbert_layer(layer: nn.Module, hidden: torch.Tensor, attention_mask: to
     return layer.output_layer_norm(layer.ffn(x) + x)
 
 
-_LAYERS = {"bert": _bert_layer, "roberta": _bert_layer, "xlm-roberta": _bert_layer, "camembert": _bert_layer,
-           "distilbert": _distilbert_layer}
+# by where the encoder family (``structure.py``, which maps model types to families) keeps its layers
+_LAYERS = {"encoder.layer": _bert_layer, "transformer.layer": _distilbert_layer}
 
 
 def supported(model: nn.Module) -> bool:
@@ -71,7 +71,8 @@ def supported(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return (type(model).__module__.startswith("transformers.models.")  # not remote code with its own head
             and type(model).__name__.endswith("ForSequenceClassification")
-            and getattr(config, "model_type", None) in _LAYERS and not getattr(config, "is_decoder", False)
+            and getattr(config, "model_type", None) in structure.SUPPORTED
+            and structure.family(model).layers in _LAYERS and not getattr(config, "is_decoder", False)
             and getattr(config, "_attn_implementation", None) in ("eager", "sdpa"))
 
 
@@ -83,8 +84,9 @@ def first_token_only(model: nn.Module, enabled: bool = True):
     if not (enabled and supported(model)):
         yield
         return
-    layer = model.base_model.get_submodule(structure.family(model).layers)[-1]
-    layer.forward = partial(_LAYERS[model.config.model_type], layer)  # an instance attribute: this layer only
+    layers = structure.family(model).layers
+    layer = model.base_model.get_submodule(layers)[-1]
+    layer.forward = partial(_LAYERS[layers], layer)  # an instance attribute: this layer only
     try:
         yield
     finally:
