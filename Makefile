@@ -14,7 +14,7 @@ seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --tra
 
 .PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
 	structured_prune structured_prune_distill distill_structured_prune structured_sweep distill_structured_sweep \
-	distill_structured_results structured_results structured_prune_distill_sweep structured_targets test test-fast speed freeze_results \
+	distill_structured_results structured_results structured_prune_distill_sweep structured_targets test test-fast speed speed_steps freeze_results \
 	vocab distill_bilstm_vocab distill_cnn_vocab vocab_results goemotions_teacher goemotions_baseline goemotions_tuning goemotions_int8 \
 	goemotions_distill goemotions_vocab goemotions_bilstm goemotions_cnn goemotions_results
 
@@ -195,7 +195,13 @@ goemotions_results:
 	$(MAKE) goemotions_cnn EXTRA="--data.augment null --trainer.logger.init_args.name distill_cnn_vocab_noaug"
 	$(BIN)/emocompress benchmark --config configs/benchmark_goemotions.yaml
 
+# training throughput against the HF Trainer's fastest CPU setting (README, Training speed): whole epochs of the HF
+# Trainer in bf16, the teacher recipe and configs/fast.yaml's frozen layers, in 3 interleaved rounds (25 min with
+# native bf16); speed_steps: every setting of the script (fp32, full last layer, more freezing), 60 timed steps each
 speed: install
+	$(BIN)/python benchmarks/train_speed.py --data ../shared/data/emotion --epoch --rows hf-bf16 bf16 bf16-layers1 --rounds 3
+
+speed_steps: install
 	$(BIN)/python benchmarks/train_speed.py --data ../shared/data/emotion
 
 # what computing less costs in macro F1 (README, Training speed): the teacher recipe for 1 epoch with everything trained,

@@ -14,7 +14,12 @@ ones and reports samples/s and padded tokens/s over the timed steps; the setting
 the median over rounds with the least and greatest. The timed steps are a sample of an epoch's batches, and
 the two loops' samplers draw different ones, so samples/s alone compares batches of different lengths. The
 script also counts the real and padded tokens per text of each loop's batches over one epoch, and estimates
-samples/s over an epoch as tokens/s divided by padded tokens per text: the like-for-like figure. Needs ``pip
+samples/s over an epoch as tokens/s divided by padded tokens per text: the like-for-like figure.
+
+    python benchmarks/train_speed.py --epoch --rows hf-bf16 bf16 bf16-layers1 --rounds 3
+
+times whole epochs instead (every batch after the warm-up; about 2.5 minutes a setting with native bf16), for
+the settings named (keys in ``--help``): slower, but no sampling of batches and no estimate. Needs ``pip
 install -e .[bench]`` (the HF Trainer needs accelerate).
 """
 
@@ -51,20 +56,22 @@ class _Throughput(Callback):
         self.rate = (self.samples / seconds, self.tokens / seconds)
 
 
-def emocompress_rate(data: str, steps: int, warmup: int, batch_size: int, precision: str = "32-true",
+def emocompress_rate(data: str, steps: int | None, warmup: int, batch_size: int, precision: str = "32-true",
                      **model_args) -> tuple[float, float]:
+    """(samples/s, padded tokens/s) of ``steps`` steps after ``warmup``; ``steps=None``: the rest of an epoch."""
     datamodule = EmotionDataModule(data, batch_size=batch_size)
     model = EmotionClassifier(id2label=datamodule.id2label, **model_args)
     meter = _Throughput(warmup)
     # gradient clipping at 1.0 like the teacher config (and like the HF Trainer default)
-    trainer = Trainer(accelerator="cpu", max_steps=steps + warmup, limit_val_batches=0, logger=False, gradient_clip_val=1.0,
+    trainer = Trainer(accelerator="cpu", max_epochs=1, max_steps=-1 if steps is None else steps + warmup,
+                      limit_val_batches=0, logger=False, gradient_clip_val=1.0,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       callbacks=[meter], precision=precision)
     trainer.fit(model, datamodule=datamodule)
     return meter.rate
 
 
-def hf_trainer_rate(data: str, steps: int, warmup: int, batch_size: int, group_by_length: bool,
+def hf_trainer_rate(data: str, steps: int | None, warmup: int, batch_size: int, group_by_length: bool,
                     bf16: bool = False) -> tuple[float, float]:
     from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer as HFTrainer,
                               TrainerCallback, TrainingArguments)
@@ -90,9 +97,11 @@ def hf_trainer_rate(data: str, steps: int, warmup: int, batch_size: int, group_b
 
         def on_train_end(self, args, state, control, **kwargs):
             timer["seconds"] = time.perf_counter() - timer["start"]
+            timer["steps"] = state.global_step - warmup
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(out, per_device_train_batch_size=batch_size, max_steps=steps + warmup,
+        args = TrainingArguments(out, per_device_train_batch_size=batch_size, num_train_epochs=1,
+                                 max_steps=-1 if steps is None else steps + warmup,
                                  learning_rate=1e-4, length_column_name="length",
                                  train_sampling_strategy="group_by_length" if group_by_length else "random",
                                  report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
@@ -100,7 +109,8 @@ def hf_trainer_rate(data: str, steps: int, warmup: int, batch_size: int, group_b
                                  optim="adamw_torch_fused")  # its fastest documented optimizer on CPU, as ours
         HFTrainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(
             datamodule.tokenizer), callbacks=[Timer()]).train()
-    return steps * batch_size / timer["seconds"], timer["tokens"] / timer["seconds"]
+    # drop_last: every step is a full batch
+    return timer["steps"] * batch_size / timer["seconds"], timer["tokens"] / timer["seconds"]
 
 
 def tokens_per_text(data: str, batch_size: int) -> dict[str, tuple[float, float]]:
@@ -134,41 +144,55 @@ def main():
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--epoch", action="store_true",
+                        help="time the rest of a whole epoch after the warm-up steps instead of --steps")
+    parser.add_argument("--rows", nargs="+", metavar="KEY", help="only these settings (default: all): "
+                        "hf-fp32 hf-bf16 fp32 bf16 bf16-full bf16-emb bf16-layers1 bf16-layers2")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    common = (args.data, args.steps, args.warmup, args.batch_size)
-    settings = {
-        "HF Trainer, group_by_length, fp32, adamw_torch_fused": lambda: hf_trainer_rate(*common, True),
+    common = (args.data, None if args.epoch else args.steps, args.warmup, args.batch_size)
+    bf16 = "bf16-mixed"
+    settings = {  # key: (row name, measure)
+        "hf-fp32": ("HF Trainer, group_by_length, fp32, adamw_torch_fused", lambda: hf_trainer_rate(*common, True)),
         # the peer's fastest documented CPU setting: bf16 autocast and the fused AdamW kernel
-        "HF Trainer, group_by_length, bf16, adamw_torch_fused": lambda: hf_trainer_rate(*common, True, bf16=True),
-        "emocompress, fp32": lambda: emocompress_rate(*common),
+        "hf-bf16": ("HF Trainer, group_by_length, bf16, adamw_torch_fused",
+                    lambda: hf_trainer_rate(*common, True, bf16=True)),
+        "fp32": ("emocompress, fp32", lambda: emocompress_rate(*common)),
         # CPUs with AVX512-BF16/AMX run bf16 matmuls natively; fp32 master weights, as on GPUs
-        "emocompress, bf16-mixed": lambda: emocompress_rate(*common, "bf16-mixed"),
+        "bf16": ("emocompress, bf16-mixed", lambda: emocompress_rate(*common, bf16)),
         # the same without trimming the last layer to the first token (model.trim_last_layer, on by default)
-        "emocompress, bf16-mixed, full last layer": lambda: emocompress_rate(*common, "bf16-mixed",
-                                                                           trim_last_layer=False),
+        "bf16-full": ("emocompress, bf16-mixed, full last layer",
+                      lambda: emocompress_rate(*common, bf16, trim_last_layer=False)),
         # computing less: no gradient for the embeddings (half the parameters), or for them and the first 1 or 2 layers
-        "emocompress, bf16-mixed, frozen embeddings": lambda: emocompress_rate(*common, "bf16-mixed",
-                                                                             freeze_embeddings=True),
-        "emocompress, bf16-mixed, frozen embeddings + 1 layer": lambda: emocompress_rate(*common, "bf16-mixed",
-                                                                                       freeze_layers=1),
-        "emocompress, bf16-mixed, frozen embeddings + 2 layers": lambda: emocompress_rate(*common, "bf16-mixed",
-                                                                                        freeze_layers=2),
+        "bf16-emb": ("emocompress, bf16-mixed, frozen embeddings",
+                     lambda: emocompress_rate(*common, bf16, freeze_embeddings=True)),
+        "bf16-layers1": ("emocompress, bf16-mixed, frozen embeddings + 1 layer",
+                         lambda: emocompress_rate(*common, bf16, freeze_layers=1)),
+        "bf16-layers2": ("emocompress, bf16-mixed, frozen embeddings + 2 layers",
+                         lambda: emocompress_rate(*common, bf16, freeze_layers=2)),
     }
+    unknown = set(args.rows or []) - set(settings)
+    if unknown:
+        parser.error(f"--rows: unknown {sorted(unknown)}; choose from {list(settings)}")
+    settings = {name: measure for key, (name, measure) in settings.items() if not args.rows or key in args.rows}
     if not cpu_has_native_bf16():
         # emulated bf16 trains ~14x slower than fp32 (benchmarks/precision_step.py): those rows would measure
         # the emulation, for an hour
         settings = {name: fn for name, fn in settings.items() if "bf16" not in name}
         print("this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 rows are skipped")
+        if not settings:
+            parser.error("nothing left to measure: name fp32 rows with --rows (hf-fp32 fp32)")
     rates = {name: [] for name in settings}
     for _ in range(args.rounds):
         for name, measure in settings.items():
             rates[name].append(measure())
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up steps, {args.rounds} interleaved rounds")
+          f"{'the rest of an epoch' if args.epoch else f'{args.steps} timed steps'} after {args.warmup} warm-up "
+          f"steps, {args.rounds} interleaved rounds")
     # 60 steps see 60 of an epoch's 500-650 batches, and which ones differs between the loops' samplers: the
     # timed batches of one loop can be 10% longer than the other's. Padded tokens/s is the rate at equal work;
-    # divided by the tokens per text of a whole epoch it estimates samples/s over an epoch.
+    # divided by the tokens per text of a whole epoch it estimates samples/s over an epoch. With --epoch the
+    # timed samples/s is that rate itself (bar the warm-up steps).
     per_text = tokens_per_text(args.data, args.batch_size)
     for name, (real, padded) in per_text.items():
         print(f"tokens per training text over an epoch, {name}: {real:.2f} real, {padded:.2f} with padding")
@@ -183,6 +207,8 @@ def main():
               f"{statistics.median(epoch_rates[name]):>24.1f}")
     for ours in (name for name in rates if name.startswith("emocompress")):
         peer = f"HF Trainer, group_by_length, {'bf16' if 'bf16' in ours else 'fp32'}, adamw_torch_fused"
+        if peer not in rates:
+            continue
         for what, table in (("timed samples/s", sample_rates), ("epoch samples/s (est.)", epoch_rates)):
             ratios = [a / b for a, b in zip(table[ours], table[peer])]
             print(f"{ours} / {peer}, {what}, per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
