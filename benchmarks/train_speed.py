@@ -136,23 +136,10 @@ def tokens_per_text(data: str, batch_size: int) -> dict[str, tuple[float, float]
                                              sum(len(b) * b.max() for b in batches) / texts)
     return counts
 
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/emotion")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--epoch", action="store_true",
-                        help="time the rest of a whole epoch after the warm-up steps instead of --steps")
-    parser.add_argument("--rows", nargs="+", metavar="KEY", help="only these settings (default: all): "
-                        "hf-fp32 hf-bf16 fp32 bf16 bf16-full bf16-emb bf16-layers1 bf16-layers2")
-    args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    common = (args.data, None if args.epoch else args.steps, args.warmup, args.batch_size)
+def _settings(common: tuple) -> dict[str, tuple[str, object]]:
+    """The settings by their ``--rows`` key: (row name, a function measuring it with the ``common`` arguments)."""
     bf16 = "bf16-mixed"
-    settings = {  # key: (row name, measure)
+    return {
         "hf-fp32": ("HF Trainer, group_by_length, fp32, adamw_torch_fused", lambda: hf_trainer_rate(*common, True)),
         # the peer's fastest documented CPU setting: bf16 autocast and the fused AdamW kernel
         "hf-bf16": ("HF Trainer, group_by_length, bf16, adamw_torch_fused",
@@ -163,7 +150,8 @@ def main():
         # the same without trimming the last layer to the first token (model.trim_last_layer, on by default)
         "bf16-full": ("emocompress, bf16-mixed, full last layer",
                       lambda: emocompress_rate(*common, bf16, trim_last_layer=False)),
-        # computing less: no gradient for the embeddings (half the parameters), or for them and the first 1 or 2 layers
+        # computing less: no gradient for the embeddings (half the parameters), or for them and the first 1 or 2
+        # layers
         "bf16-emb": ("emocompress, bf16-mixed, frozen embeddings",
                      lambda: emocompress_rate(*common, bf16, freeze_embeddings=True)),
         "bf16-layers1": ("emocompress, bf16-mixed, frozen embeddings + 1 layer",
@@ -171,10 +159,25 @@ def main():
         "bf16-layers2": ("emocompress, bf16-mixed, frozen embeddings + 2 layers",
                          lambda: emocompress_rate(*common, bf16, freeze_layers=2)),
     }
-    unknown = set(args.rows or []) - set(settings)
-    if unknown:
-        parser.error(f"--rows: unknown {sorted(unknown)}; choose from {list(settings)}")
-    settings = {name: measure for key, (name, measure) in settings.items() if not args.rows or key in args.rows}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/emotion")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--epoch", action="store_true",
+                        help="time the rest of a whole epoch after the warm-up steps instead of --steps")
+    keys = list(_settings(()))  # the keys only: nothing is measured here
+    parser.add_argument("--rows", nargs="+", choices=keys, metavar="KEY",
+                        help=f"only these settings (default: all): {' '.join(keys)}")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    common = (args.data, None if args.epoch else args.steps, args.warmup, args.batch_size)
+    settings = {name: measure for key, (name, measure) in _settings(common).items()
+                if not args.rows or key in args.rows}
     if not cpu_has_native_bf16():
         # emulated bf16 trains ~14x slower than fp32 (benchmarks/precision_step.py): those rows would measure
         # the emulation, for an hour

@@ -106,13 +106,13 @@ class EmotionClassifier(LightningModule):
         trust_remote_code: allow a model folder to run its own code; only for models you trust.
         freeze_embeddings: keep the input embeddings (token, position and type tables and their LayerNorm)
             at their pretrained values. The token table is half of MiniLM's 22.7M parameters, and its
-            gradient is dense: without it a bf16 step on a CPU is about 1.1x faster (``make speed``).
+            gradient is dense: without it a bf16 step on a CPU is about 1.1x faster (``make speed_steps``).
         freeze_layers: also keep the first N encoder layers (in [0, number of layers]) at their pretrained
             values; backward then stops above them, which saves most of their cost. Implies
             ``freeze_embeddings``. BERT-, RoBERTa- and DistilBERT-style encoders.
         trim_last_layer: compute the last encoder layer for the first token only, the one the classification
             head reads (``first_token.py``): the same logits up to rounding, and bf16 training on a CPU 1.07x
-            to 1.39x faster (``make speed``). BERT-, RoBERTa- and DistilBERT-style ``transformers``
+            to 1.39x faster (``make speed_steps``). BERT-, RoBERTa- and DistilBERT-style ``transformers``
             classifiers; other models run unchanged.
     """
 

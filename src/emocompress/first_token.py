@@ -5,7 +5,7 @@ first token ([CLS], <s>) and nothing else. The last layer still computes all T o
 through them, although T - 1 of them have no effect on the logits. ``first_token_only`` runs that layer for the
 first token alone: its keys and values still come from every token, but its queries, attention output and FFN
 are (B, 1, H) instead of (B, T, H): about 5/6 of that layer's matrix products are skipped (one of MiniLM's 6
-layers), and our bf16 training loop on a CPU ran 1.07x to 1.39x faster per round (``make speed``). The logits are
+layers), and our bf16 training loop on a CPU ran 1.07x to 1.39x faster per round (``make speed_steps``). The logits are
 the same up to rounding (``tests/test_first_token.py`` checks logits and gradients against the full forward).
 
 The layer's forward is replaced only inside the ``with`` block, on that model object, so checkpoints, exports
