@@ -8,7 +8,7 @@ documented CPU setting; emocompress runs its real training path (oversampling, i
 length-grouped batches, fused AdamW, the last layer trimmed to the first token) in fp32 and in ``bf16-mixed``;
 then in bf16 with the full last layer (``model.trim_last_layer false``: the loops at equal work), and with
 ``model.freeze_embeddings`` and ``model.freeze_layers`` 1 and 2, which compute less (what that costs in macro F1 is
-measured by full fits: see the README). Each setting trains ``steps`` optimizer steps after ``warmup`` untimed
+measured by full fits: see reports/benchmark_freeze/README.md). Each setting trains ``steps`` optimizer steps after ``warmup`` untimed
 ones and reports samples/s and padded tokens/s over the timed steps; the settings run in interleaved rounds
 (each once per round, in one process) so that drift of a shared machine hits all alike, and the table gives
 the median over rounds with the least and greatest. The timed steps are a sample of an epoch's batches, and
