@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", ONNX_FILE, TORCH_WEIG
 # report of ours and is never replaced: pointed at reports/ or logs/, a replace would erase committed results.
 _REPORT_ENTRIES = ("model_comparison.csv", "model_comparison.md", "per_class.csv", "per_class.md", "confusion_*.png",
                    "tradeoff.png", "per_class_f1.png", "environment.json", "reports.json", "predictions.json",
-                   "pairs.csv", "pairs.md", "tensorboard")
+                   "pairs.csv", "pairs.md", "tensorboard",
+                   "README.md")  # the study's write-up (reports/<study>/README.md): kept across a re-run
 _COLUMNS = ["model", "runs", "params", "nonzero_params", "sparsity", "size_mb", "gzip_mb",
             "latency_ms_median", "latency_ms_min", "latency_ms_max", "latency_ms_p90",
             "throughput_per_s", "throughput_min_per_s", "throughput_max_per_s",
@@ -599,6 +601,9 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
     with atomic_dir(out_dir) as out:  # moved into place when complete: never a half-written report
         write_report(out, rows, per_class, reports, predictions, split, baseline,
                      _environment(num_threads, settings), tensorboard, pair_rows)
+        # the write-up is the study's, not the report's: a re-run keeps it (its numbers then need a look)
+        if (Path(out_dir) / "README.md").is_file():
+            shutil.copy2(Path(out_dir) / "README.md", out / "README.md")
     log.info("benchmark report written to %s\n%s", out_dir,
              _markdown(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "macro_f1_low", "macro_f1_high",
                               "speedup", "compression"]))
