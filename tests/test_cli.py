@@ -66,11 +66,13 @@ def _assert_one_and_two_processes_agree(runs: Path) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 def test_fit_test_predict(emotion_dir, tiny_model_dir, tmp_path):
-    _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir), cwd=tmp_path))
+    fit = _ok(run_cli("fit", *tiny_args(emotion_dir, tiny_model_dir), cwd=tmp_path))
     run = tmp_path / "logs" / "tiny" / "version_0"
     assert (run / "config.yaml").is_file()
     assert list(run.glob("events.out.tfevents.*"))
     best = next((run / "checkpoints").glob("best-*.ckpt"))
+    # the one epoch of the run is epoch 1 in the summary, as in the per-epoch lines (the file name says epoch=0)
+    assert "epoch=0" in best.name and f" at epoch 1: {Path('logs') / 'tiny' / 'version_0'}" in fit.stderr
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
     # fit tested the best checkpoint and wrote the metrics

@@ -217,8 +217,9 @@ class EmoCLI(LightningCLI):
         best = self.trainer.checkpoint_callback
         if subcommand == "fit" and getattr(best, "best_model_path", ""):
             epoch = re.search(r"epoch=(\d+)", Path(best.best_model_path).name)
+            # epochs count from 1 in what we print (the per-epoch lines), from 0 in Lightning's file names
             lines.append(f"  best {best.monitor} {float(best.best_model_score):.4f}"
-                         f"{f' at epoch {epoch[1]}' if epoch else ''}: {best.best_model_path}")
+                         f"{f' at epoch {int(epoch[1]) + 1}' if epoch else ''}: {best.best_model_path}")
         report = getattr(self.model, "test_report", None)
         if report and subcommand in ("fit", "test"):
             lines.append("  test: " + ", ".join(f"{key} {report[key]:.4f}" for key in _SUMMARY_METRICS))
