@@ -5,10 +5,28 @@ Torch-free on purpose: ``emocompress.serve`` uses it on servers that have only o
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _create_beside(path: Path, create) -> tuple[Path, object]:
+    """(name, what ``create(name)`` returned) for a new entry with a unique hidden name beside ``path``: two
+    writers never share it, and a crash leaves nothing that looks like a result. ``create`` is a plain
+    ``mkdir``/``open`` (0o777/0o666, which the umask then trims), not ``mkdtemp``/``mkstemp``: their 0700/0600
+    would make every output unreadable to other users (a server running as another user), whatever the umask.
+
+    Raises:
+        FileExistsError: no free name in 100 tries (never in practice: 2^32 names).
+    """
+    for _ in range(100):
+        name = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            return name, create(name)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name beside {path.name}")
 
 
 @contextlib.contextmanager
@@ -28,8 +46,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique hidden name: two writers never share it, and a crash leaves nothing that looks like a result.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp, _ = _create_beside(path, lambda name: os.mkdir(name, 0o777))
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -67,7 +84,7 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    name, fd = _create_beside(path, lambda name: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     if "b" in mode:
         encoding = None
     try:
