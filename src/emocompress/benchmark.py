@@ -48,7 +48,7 @@ from emocompress.classifier import (EmotionClassifier, classification_metrics, c
                                     model_inputs)
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller
-from emocompress.outputs import atomic_dir
+from emocompress.outputs import atomic_dir, check_not_cwd
 from emocompress.significance import (SCALARS, bootstrap_indices, mcnemar_exact, paired_difference,
                                       percentile_interval, resampled_metrics)
 
@@ -70,12 +70,16 @@ _COLUMNS = ["model", "runs", "params", "nonzero_params", "sparsity", "size_mb", 
 
 
 def check_out_dir(out_dir: str | Path) -> None:
-    """Refuse an ``out_dir`` that a report may not replace: a file, or a non-empty folder holding anything a
-    report does not write (``_REPORT_ENTRIES``).
+    """Refuse an ``out_dir`` that a report may not replace: a file, a non-empty folder holding anything a
+    report does not write (``_REPORT_ENTRIES``), or the current directory or a folder above it.
 
     Raises:
         ValueError: naming the folder, a few foreign entries and the fix.
     """
+    try:
+        check_not_cwd(out_dir)
+    except ValueError as err:
+        raise ValueError(f"benchmark: --out_dir {err}") from err
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"benchmark: --out_dir {out_dir} is a file, not a report folder; choose a new --out_dir")

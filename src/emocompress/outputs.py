@@ -35,7 +35,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     ``with`` block ends without an error, replacing an earlier ``path``. On an error the temporary
     folder is removed and ``path`` is left as it was: a reader never sees a half-written folder.
 
-    The caller decides whether ``path`` may be replaced: this removes an existing ``path`` folder.
+    The caller decides whether ``path`` may be replaced: this removes an existing ``path`` folder, but never the
+    current directory or a folder above it (``check_not_cwd``).
 
     >>> import tempfile
     >>> root = Path(tempfile.mkdtemp())
@@ -44,6 +45,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     >>> sorted(p.name for p in root.iterdir()), (root / "out" / "a.txt").read_text()
     (['out'], 'x')
     """
+    check_not_cwd(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, _ = _create_beside(path, lambda name: os.mkdir(name, 0o777))
@@ -57,13 +59,42 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def check_replaceable(path: str | Path, marker: str, what: str) -> None:
-    """Refuse to replace ``path`` unless it is missing, an empty folder, or an earlier output of the same kind
-    (a folder holding ``marker``): a folder of anything else is never removed.
+def check_not_cwd(path: str | Path) -> None:
+    """Refuse an output folder that is the current directory or a folder above it, however it is spelled
+    (``.``, ``..``, ``../x``, an absolute path, a symlink): replacing an output removes the old folder first,
+    which would remove the folder the command runs in. Every command checks its output folders with this
+    before computing anything, and ``atomic_dir`` again before it replaces anything.
 
     Raises:
-        ValueError: ``path`` is a file, or a non-empty folder without ``marker``.
+        ValueError: naming the folder and the fix.
     """
+    cwd = Path.cwd().resolve()
+    resolved = Path(path).resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(f"{path}: is the current directory or a folder above it ({resolved}), which an output "
+                         "would replace as a whole; choose a new folder for the output, e.g. a subfolder")
+
+
+def check_folder_name(name: str, key: str) -> None:
+    """Refuse an output folder name that is not one plain name inside its parent (a run folder): empty, ``.``,
+    ``..`` (``<run>/..`` holds every run of the experiment) or a path.
+
+    Raises:
+        ValueError: naming ``key`` and the name.
+    """
+    if name in ("", ".", "..") or Path(name).name != name:
+        raise ValueError(f"{key} must be a plain folder name, got {name!r}")
+
+
+def check_replaceable(path: str | Path, marker: str, what: str) -> None:
+    """Refuse to replace ``path`` unless it is missing, an empty folder, or an earlier output of the same kind
+    (a folder holding ``marker``): a folder of anything else is never removed, nor the current directory or a
+    folder above it (``check_not_cwd``).
+
+    Raises:
+        ValueError: ``path`` is a file, a non-empty folder without ``marker``, or at or above the current directory.
+    """
+    check_not_cwd(path)
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).is_file())):
         raise ValueError(f"{path}: exists and is not {what} (no {marker}), so it is not replaced; "
