@@ -90,6 +90,11 @@ def test_a_checkpoint_s_own_trust_remote_code_is_never_obeyed(remote_code_folder
     with pytest.raises(ValueError, match=REFUSED):
         Distiller(teacher=ckpt, model_name=tiny_model_dir, id2label=ID2LABEL)
     assert not marker.exists()
+    # over folders without code of their own, the same checkpoints load as ever
+    for hparams, state in ((classifier.hparams, classifier.state_dict()), (student.hparams, student.state_dict())):
+        path = _checkpoint(tmp_path / "plain.ckpt", {**hparams, "trust_remote_code": True}, state)
+        model, tokenizer_path, _ = load_for_benchmark(path)
+        assert tokenizer_path == tiny_model_dir and type(model).__name__ == "BertForSequenceClassification"
 
 
 def _cli(*args, cwd, stdin: str = ""):
