@@ -49,7 +49,7 @@ from emocompress.classifier import (EmotionClassifier, classification_metrics, c
                                     model_inputs)
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller
-from emocompress.outputs import atomic_dir
+from emocompress.outputs import atomic_dir, check_not_cwd
 from emocompress.significance import (SCALARS, bootstrap_indices, mcnemar_exact, paired_difference,
                                       percentile_interval, resampled_metrics)
 
@@ -72,12 +72,16 @@ _COLUMNS = ["model", "runs", "params", "nonzero_params", "sparsity", "size_mb", 
 
 
 def check_out_dir(out_dir: str | Path) -> None:
-    """Refuse an ``out_dir`` that a report may not replace: a file, or a non-empty folder holding anything a
-    report does not write (``_REPORT_ENTRIES``).
+    """Refuse an ``out_dir`` that a report may not replace: a file, a non-empty folder holding anything a
+    report does not write (``_REPORT_ENTRIES``), or the current directory or a folder above it.
 
     Raises:
         ValueError: naming the folder, a few foreign entries and the fix.
     """
+    try:
+        check_not_cwd(out_dir)
+    except ValueError as err:
+        raise ValueError(f"benchmark: --out_dir {err}") from err
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"benchmark: --out_dir {out_dir} is a file, not a report folder; choose a new --out_dir")
@@ -108,8 +112,9 @@ def model_path_problem(path: str | Path) -> str | None:
     return None
 
 
-def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
-    """(model in eval mode, where its tokenizer is, its weights file) for an HF export, INT8 folder or .ckpt."""
+def load_for_benchmark(path: str | Path, trust_remote_code: bool = False) -> tuple[nn.Module, str, Path]:
+    """(model in eval mode, where its tokenizer is, its weights file) for an HF export, INT8 folder or .ckpt.
+    ``trust_remote_code`` is this run's setting: a checkpoint's own (a hyper-parameter) is never used."""
     problem = model_path_problem(path)
     if problem:
         raise ValueError(f"benchmark model {problem}")
@@ -118,12 +123,12 @@ def load_for_benchmark(path: str | Path) -> tuple[nn.Module, str, Path]:
         # A Distiller's student may be cut from its teacher: only the Distiller can rebuild it.
         module_class = Distiller if "teacher" in read_checkpoint(str(path)).get("hyper_parameters", {}) \
             else EmotionClassifier
-        module = module_class.load_from_checkpoint(path, map_location="cpu")
+        module = module_class.load_from_checkpoint(path, map_location="cpu", trust_remote_code=trust_remote_code)
         return module.model.eval(), module.hparams.model_name, path
     weights = _weights_file(path)
     if (path / META_FILE).is_file():
         return load_artifact(path, num_threads=torch.get_num_threads()), str(path), weights
-    return pretrained.load_model(str(path)).eval(), str(path), weights
+    return pretrained.load_model(str(path), trust_remote_code=trust_remote_code).eval(), str(path), weights
 
 
 def file_sizes_mb(path: Path) -> tuple[float, float]:
@@ -243,15 +248,16 @@ def _predict(model: nn.Module, batches: list[dict], id2label: dict[int, str]) ->
 
 
 def measure(name: str, paths: list[str], data: str, split: str, latency_samples: int, batch_size: int,
-            max_samples: int | None) -> Variant:
+            max_samples: int | None, trust_remote_code: bool = False) -> Variant:
     """Load every run of one variant and predict the whole split with each (untimed); the first run stays
     loaded, with its tokenized inputs, for the interleaved timing."""
     variant = None
     for path in paths:
-        model, tokenizer_path, weights = load_for_benchmark(path)
+        model, tokenizer_path, weights = load_for_benchmark(path, trust_remote_code)
         id2label = {int(k): v for k, v in model.config.id2label.items()}
         datamodule = EmotionDataModule(data, model_name=tokenizer_path, max_samples=max_samples,
-                                       labels=[id2label[i] for i in range(len(id2label))])
+                                       labels=[id2label[i] for i in range(len(id2label))],
+                                       trust_remote_code=trust_remote_code)
         datamodule.setup("test" if split == "test" else "validate")
         dataset = datamodule.splits[split].remove_columns("length")
         collate = DataCollatorWithPadding(datamodule.tokenizer)
@@ -550,7 +556,7 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
               split: Literal["test", "val"] = "test", baseline: str | None = None, out_dir: str = "reports/benchmark",
               num_threads: int | None = None, latency_samples: int = 300, warmup: int = 30, batch_size: int = 32,
               max_samples: int | None = None, tensorboard: bool = False, rounds: int = 5, bootstrap: int = 1000,
-              seed: int = 0, pairs: list[tuple[str, str]] | None = None) -> list[dict]:
+              seed: int = 0, pairs: list[tuple[str, str]] | None = None, trust_remote_code: bool = False) -> list[dict]:
     """Compare model variants on one data split and write a report folder.
 
     Args:
@@ -577,6 +583,8 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
         pairs: more comparisons than each row against the baseline: (model, reference) pairs of display names,
             e.g. a distilled student against its control; written to ``pairs.csv``/``pairs.md`` with the same
             paired interval, p-value and McNemar test.
+        trust_remote_code: let model folders run their own Python code (``auto_map``); only for code you trust.
+            Only this setting counts: a checkpoint's own ``trust_remote_code`` is ignored.
 
     Returns:
         The rows of ``model_comparison.csv``.
@@ -588,7 +596,7 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
     if num_threads:
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
-    variants = [measure(name, paths, data, split, latency_samples, batch_size, max_samples)
+    variants = [measure(name, paths, data, split, latency_samples, batch_size, max_samples, trust_remote_code)
                 for name, paths in tqdm(runs.items(), desc="benchmark: predict", unit="model")]
     timing = time_variants(variants, rounds, warmup)
     rows, per_class, reports, pair_rows = compare(variants, timing, baseline, bootstrap, seed, pairs)

@@ -103,7 +103,8 @@ class EmotionClassifier(LightningModule):
         init_checkpoint: a Lightning checkpoint of this class whose network weights start this run (to
             prune or distil a fine-tuned model). Unlike ``--ckpt_path``, optimizer, schedule and epochs
             start fresh. An ``hf_model`` export works too, as ``data.model_name``.
-        trust_remote_code: allow a model folder to run its own code; only for models you trust.
+        trust_remote_code: allow a model folder to run its own code; only for models you trust. Linked from
+            ``data.trust_remote_code``; a checkpoint's own value is never used.
         freeze_embeddings: keep the input embeddings (token, position and type tables and their LayerNorm)
             at their pretrained values. The token table is half of MiniLM's 22.7M parameters, and its
             gradient is dense: without it a bf16 step on a CPU is about 1.1x faster (``make speed_steps``).

@@ -95,6 +95,9 @@ class EmoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.set_defaults({"model": {"class_path": f"{EmotionClassifier.__module__}.{EmotionClassifier.__name__}"}})
         parser.link_arguments("data.model_name", "model.init_args.model_name")
+        # One setting of this run for the tokenizer, the model and a teacher: a --ckpt_path's hyper-parameters
+        # (which Lightning parses into model.init_args) never decide whether a folder's code runs.
+        parser.link_arguments("data.trust_remote_code", "model.init_args.trust_remote_code")
         parser.link_arguments("data.id2label", "model.init_args.id2label", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the best checkpoint on the test split (fit only).")

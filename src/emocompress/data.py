@@ -181,6 +181,9 @@ class EmotionDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the oversampling draws and the shuffling (the same on every rank); default: the run's
             ``seed_everything``, so one ``--seed_everything N`` makes a whole run, data order included, seed N.
+        trust_remote_code: let the ``model_name`` folder run its own Python code (``auto_map`` in its config), for
+            the tokenizer here and, linked, the model (and a distillation teacher); only for code you trust. Only
+            this run's setting counts, never a checkpoint's.
     """
 
     def __init__(self, data: str, model_name: str = pretrained.PACKAGED_MINILM, text_column: str = "text",
@@ -189,15 +192,15 @@ class EmotionDataModule(LightningDataModule):
                  class_weighting: Literal["none", "inverse", "sqrt_inverse"] = "inverse",
                  group_by_length: bool = True, max_samples: int | None = None, min_label_count: int = 3,
                  augment: Augmentation | None = None, predict_file: str | None = None, num_workers: int = 0,
-                 seed: int | None = None):
+                 seed: int | None = None, trust_remote_code: bool = False):
         super().__init__()
         # Saved as a plain dict: checkpoints are read with weights_only=True, which refuses a dataclass.
         self.save_hyperparameters(ignore=["augment"])
         self.hparams["augment"] = None if augment is None else dataclasses.asdict(augment)
         self.augmentation = augment
         _check_settings(self.hparams)
-        self.tokenizer = pretrained.load_tokenizer(model_name)
-        _check_max_length(max_length, model_name, self.tokenizer)
+        self.tokenizer = pretrained.load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+        _check_max_length(max_length, model_name, self.tokenizer, trust_remote_code)
         self.source = DataSource(data, text_column, label_column, max_samples)
         self.splits: dict[str, datasets.Dataset] = {}  # tokenized, by split name
         self.counts_before: list[int] = []
@@ -381,10 +384,10 @@ def class_table(names: list[str], before: list[int], after: list[int], weights: 
     return "\n".join(lines)
 
 
-def _check_max_length(max_length: int, model_name: str, tokenizer) -> None:
+def _check_max_length(max_length: int, model_name: str, tokenizer, trust_remote_code: bool) -> None:
     """Refuse a ``max_length`` past the model's position table, which would crash at the first long batch."""
     try:
-        config = pretrained.load_config(model_name)
+        config = pretrained.load_config(model_name, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 (a folder AutoConfig cannot read fails, clearly, when the model is built)
         return
     limit = pretrained.position_limit(config, tokenizer)

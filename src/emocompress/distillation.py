@@ -153,6 +153,7 @@ class Teacher:
             raise ValueError(f"model.teacher: {source} predicts {network.config.id2label}, but the data's labels "
                              f"are {labels}; distil from a teacher fine-tuned on this label set")
         self.network = network.requires_grad_(False).eval()
+        self.trust_remote_code = trust_remote_code
         self.batch_size = batch_size
         self.device = torch.device("cpu")
         self.max_length: int | None = None
@@ -161,7 +162,8 @@ class Teacher:
     def tokenizer_for(self, model_name: str):
         """``model_name``'s tokenizer; the teacher's own if it was read from there, so it is read once."""
         path = pretrained.resolve(model_name)
-        return self.tokenizer if self.tokenizer.name_or_path == path else pretrained.load_tokenizer(path)
+        return self.tokenizer if self.tokenizer.name_or_path == path \
+            else pretrained.load_tokenizer(path, trust_remote_code=self.trust_remote_code)
 
     def prepare(self, device: torch.device, max_length: int,
                 forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):

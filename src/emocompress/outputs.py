@@ -5,10 +5,28 @@ Torch-free on purpose: ``emocompress.serve`` uses it on servers that have only o
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _create_beside(path: Path, create) -> tuple[Path, object]:
+    """(name, what ``create(name)`` returned) for a new entry with a unique hidden name beside ``path``: two
+    writers never share it, and a crash leaves nothing that looks like a result. ``create`` is a plain
+    ``mkdir``/``open`` (0o777/0o666, which the umask then trims), not ``mkdtemp``/``mkstemp``: their 0700/0600
+    would make every output unreadable to other users (a server running as another user), whatever the umask.
+
+    Raises:
+        FileExistsError: no free name in 100 tries (never in practice: 2^32 names).
+    """
+    for _ in range(100):
+        name = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            return name, create(name)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name beside {path.name}")
 
 
 @contextlib.contextmanager
@@ -17,7 +35,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     ``with`` block ends without an error, replacing an earlier ``path``. On an error the temporary
     folder is removed and ``path`` is left as it was: a reader never sees a half-written folder.
 
-    The caller decides whether ``path`` may be replaced: this removes an existing ``path`` folder.
+    The caller decides whether ``path`` may be replaced: this removes an existing ``path`` folder, but never the
+    current directory or a folder above it (``check_not_cwd``).
 
     >>> import tempfile
     >>> root = Path(tempfile.mkdtemp())
@@ -26,10 +45,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     >>> sorted(p.name for p in root.iterdir()), (root / "out" / "a.txt").read_text()
     (['out'], 'x')
     """
+    check_not_cwd(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique hidden name: two writers never share it, and a crash leaves nothing that looks like a result.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp, _ = _create_beside(path, lambda name: os.mkdir(name, 0o777))
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -40,13 +59,42 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def check_replaceable(path: str | Path, marker: str, what: str) -> None:
-    """Refuse to replace ``path`` unless it is missing, an empty folder, or an earlier output of the same kind
-    (a folder holding ``marker``): a folder of anything else is never removed.
+def check_not_cwd(path: str | Path) -> None:
+    """Refuse an output folder that is the current directory or a folder above it, however it is spelled
+    (``.``, ``..``, ``../x``, an absolute path, a symlink): replacing an output removes the old folder first,
+    which would remove the folder the command runs in. Every command checks its output folders with this
+    before computing anything, and ``atomic_dir`` again before it replaces anything.
 
     Raises:
-        ValueError: ``path`` is a file, or a non-empty folder without ``marker``.
+        ValueError: naming the folder and the fix.
     """
+    cwd = Path.cwd().resolve()
+    resolved = Path(path).resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(f"{path}: is the current directory or a folder above it ({resolved}), which an output "
+                         "would replace as a whole; choose a new folder for the output, e.g. a subfolder")
+
+
+def check_folder_name(name: str, key: str) -> None:
+    """Refuse an output folder name that is not one plain name inside its parent (a run folder): empty, ``.``,
+    ``..`` (``<run>/..`` holds every run of the experiment) or a path.
+
+    Raises:
+        ValueError: naming ``key`` and the name.
+    """
+    if name in ("", ".", "..") or Path(name).name != name:
+        raise ValueError(f"{key} must be a plain folder name, got {name!r}")
+
+
+def check_replaceable(path: str | Path, marker: str, what: str) -> None:
+    """Refuse to replace ``path`` unless it is missing, an empty folder, or an earlier output of the same kind
+    (a folder holding ``marker``): a folder of anything else is never removed, nor the current directory or a
+    folder above it (``check_not_cwd``).
+
+    Raises:
+        ValueError: ``path`` is a file, a non-empty folder without ``marker``, or at or above the current directory.
+    """
+    check_not_cwd(path)
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).is_file())):
         raise ValueError(f"{path}: exists and is not {what} (no {marker}), so it is not replaced; "
@@ -67,7 +115,7 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    name, fd = _create_beside(path, lambda name: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     if "b" in mode:
         encoding = None
     try:

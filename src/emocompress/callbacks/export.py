@@ -12,7 +12,7 @@ from typing_extensions import override
 from emocompress import pretrained
 from emocompress.artifacts import datamodule_max_length, export_onnx
 from emocompress.checkpoints import load_network
-from emocompress.outputs import atomic_dir, run_dir
+from emocompress.outputs import atomic_dir, check_folder_name, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,7 @@ class _BestModelExport(Callback):
     with ``_write``; without a ``ModelCheckpoint`` (or before it saved anything), the final weights."""
 
     def __init__(self, dirname: str):
-        if not dirname or Path(dirname).name != dirname:
-            raise ValueError(f"{type(self).__name__}.dirname must be a plain folder name, got {dirname!r}")
+        check_folder_name(dirname, f"{type(self).__name__}.dirname")
         self.dirname = dirname
 
     def _write(self, model: nn.Module, out: Path, datamodule) -> None:

@@ -23,7 +23,7 @@ from emocompress.artifacts import (  # noqa: F401  (re-exports for older scripts
     load_int8,
     quantize,
 )
-from emocompress.outputs import run_dir
+from emocompress.outputs import check_folder_name, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ class Int8Quantization(Callback):
                  num_threads: int | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"Int8Quantization.backend must be 'onnxruntime' or 'torch', got {backend!r}")
-        if not dirname or Path(dirname).name != dirname:
-            raise ValueError(f"Int8Quantization.dirname must be a plain folder name, got {dirname!r}")
+        check_folder_name(dirname, "Int8Quantization.dirname")
         self.backend = backend
         self.include_embeddings = include_embeddings
         self.dirname = dirname
