@@ -260,3 +260,52 @@ def test_benchmark_rejects_an_unknown_baseline_or_pair(exported):
         benchmark({"fp32": str(exported[0])}, baseline="nope")
     with pytest.raises(ValueError, match=r"pairs entry \['fp32', 'nope'\] must be \[model, reference\]"):
         benchmark({"fp32": str(exported[0])}, pairs=[["fp32", "nope"]])
+
+
+def _synthetic_variant(name: str, target: list[int], preds: list[int], id2label: dict[int, str]):
+    """A benchmark row measured without a model: its predictions and the report metrics_report makes of them."""
+    from sklearn.metrics import confusion_matrix
+
+    from emocompress.benchmark import Variant
+    from emocompress.classifier import classification_metrics, metrics_report
+
+    metrics = classification_metrics(len(id2label))
+    metrics.update(torch.tensor(preds), torch.tensor(target))
+    confusion = torch.tensor(confusion_matrix(target, preds, labels=list(id2label)))
+    static = {"params": 10, "nonzero_params": 10, "sparsity": 0.0, "size_mb": 1.0, "gzip_mb": 0.5}
+    return Variant(name, [name], None, static, id2label, [], [], np.array(target), [np.array(preds)],
+                   [metrics_report(metrics.compute(), confusion, id2label)])
+
+
+def test_report_names_absent_classes_and_keeps_every_models_figure(tmp_path):
+    from emocompress.benchmark import compare, write_report
+
+    id2label = dict(enumerate(["anger", "joy", "love", "fear"]))  # "fear" has no text in the split
+    target = [0, 0, 1, 1, 2, 2, 1, 0]
+    variants = [_synthetic_variant("a/b", target, [0, 1, 1, 1, 2, 2, 1, 0], id2label),
+                _synthetic_variant("a b", target, [0, 0, 1, 3, 2, 0, 1, 0], id2label),  # predicts "fear" once
+                _synthetic_variant("A B", target, target, id2label)]
+    timing = dict.fromkeys(("latency_ms_median", "latency_ms_min", "latency_ms_max", "latency_ms_p90",
+                            "throughput_per_s", "throughput_min_per_s", "throughput_max_per_s"), 1.0)
+    rows, per_class, reports, pairs = compare(variants, {v.name: timing for v in variants}, "a/b", 50, 0)
+    write_report(tmp_path, rows, per_class, reports, {}, "test", "a/b", {}, False)
+
+    # three names that differ only by punctuation or case: three figures, each named in reports.json
+    saved = json.loads((tmp_path / "reports.json").read_text())
+    figures = [saved[name]["confusion_figure"] for name in ("a/b", "a b", "A B")]
+    assert len({f.casefold() for f in figures}) == 3
+    assert sorted(p.name for p in tmp_path.glob("confusion_*.png")) == sorted(figures)
+    # the absent class: empty cells, not 0.0, and named in per_class.md and reports.json
+    with (tmp_path / "per_class.csv").open() as f:
+        fear = [r for r in csv.DictReader(f) if r["class"] == "fear"]
+    assert len(fear) == 3
+    for row in fear:
+        assert row["support"] == "0"
+        assert all(row[key] == "" for key in ("f1", "f1_low", "f1_high", "accuracy", "f1_change", "accuracy_change"))
+    assert saved["a b"]["absent_classes"] == ["fear"] and saved["a b"]["per_class"]["fear"]["f1"] is None
+    assert "Absent from the test split (support 0, so no F1 or accuracy; empty cells): fear." in \
+        (tmp_path / "per_class.md").read_text()
+    assert (tmp_path / "per_class_f1.png").stat().st_size > 0
+    # the present classes keep their numbers: "a b" got joy 2 of 3 right
+    joy = next(r for r in per_class if r["model"] == "a b" and r["class"] == "joy")
+    assert joy["accuracy"] == pytest.approx(2 / 3)

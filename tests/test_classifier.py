@@ -220,3 +220,22 @@ def test_model_folder_code_does_not_run_without_trust_remote_code(tiny_model_dir
     except ValueError as err:  # or transformers refuses outright
         assert "trust_remote_code" in str(err)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("predicted", [False, True], ids=["never_predicted", "predicted"])
+def test_a_class_absent_from_the_split_is_reported_as_absent_not_zero(predicted):
+    # class "d" has no text in the split; "predicted": the model still predicts it once
+    target = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
+    preds = torch.tensor([0, 1, 1, 1, 2, 0, 2, 3 if predicted else 0])
+    id2label = dict(enumerate("abcd"))
+    metrics = classification_metrics(4)
+    metrics.update(preds, target)
+    report = metrics_report(metrics.compute(), torch.tensor(confusion_matrix(target, preds, labels=range(4))),
+                            id2label)
+    assert report["per_class"]["d"] == {"f1": None, "accuracy": None, "support": 0}
+    assert report["absent_classes"] == ["d"]
+    f1 = f1_score(target, preds, average=None, labels=[0, 1, 2])
+    assert [report["per_class"][label]["f1"] for label in "abc"] == pytest.approx(f1.tolist(), abs=1e-6)
+    # macro F1: as sklearn's default (the classes in the split or predicted): a prediction of "d" costs a 0
+    assert report["macro_f1"] == pytest.approx(f1_score(target, preds, average="macro"), abs=1e-6)
+    assert report["macro_f1"] == pytest.approx(f1.sum() / (4 if predicted else 3), abs=1e-6)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from emocompress.data import EmotionDataModule, EpochSampler, class_weights, oversampled_counts
+from emocompress.sources import DataSource
 
 
 def _datamodule(folder, tiny_model_dir, **kwargs) -> EmotionDataModule:
@@ -490,3 +491,84 @@ def test_predict_file_with_hostile_texts(emotion_dir, tiny_model_dir, tmp_path):
     dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(texts))
     with pytest.raises(ValueError, match=f"{texts}:2: byte 0xff at column 5 is not UTF-8"):
         dm.setup("predict")
+
+
+# ---- issue 28 case 8: a text is what lies between \n's; `line` is the physical line the user can open ----
+# Every character Python's universal newlines or str.splitlines would break a line at, except \n itself.
+_INNER_BREAKS = ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+_line_text = st.text(st.sampled_from(["a", "b", " ", "é", *_INNER_BREAKS]), min_size=1, max_size=8).map(
+    lambda t: f"w{t}w")  # a word on each side: surrounding whitespace is dropped by the spec, inner kept
+
+
+def _split_files(folder, name: str, content: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(content.encode())
+    suffix = Path(name).suffix
+    for split in ("val", "test"):
+        other = {".txt": "".join(f"{label} words;{label}\n" for label in NAMES),
+                 ".csv": "text,label\n" + "".join(f"{label} words,{label}\n" for label in NAMES),
+                 ".jsonl": "".join(json.dumps({"text": "w", "label": label}) + "\n" for label in NAMES)}[suffix]
+        (folder / f"{split}{suffix}").write_text(other)
+
+
+@given(texts=st.lists(_line_text, min_size=3, max_size=8), data=st.data(),
+       newline=st.sampled_from(["\n", "\r\n", "\r\r\n"]), suffix=st.sampled_from([".txt", ".jsonl", ".csv"]))
+@_hostile
+def test_inner_line_breaks_stay_in_their_text_and_lines_are_physical(texts, data, newline, suffix, tmp_path_factory):
+    labels = [NAMES[i % 3] for i in range(len(texts))]
+    rows = {".txt": [f"{t};{label}" for t, label in zip(texts, labels)],
+            ".jsonl": [json.dumps({"text": t, "label": label}, ensure_ascii=False) for t, label in zip(texts, labels)],
+            # quoted: a field may hold a line break; every other text gets a quoted \n as well
+            ".csv": [f'"{t}{chr(10) * (i % 2)}",{label}' for i, (t, label) in enumerate(zip(texts, labels))]}[suffix]
+    positions = data.draw(st.lists(st.integers(0, len(rows) - 1), max_size=2))
+    lines, numbers = _with_blanks(rows, [""], positions)
+    if suffix == ".csv":
+        lines.insert(0, "text,label")
+        # a row's line is its first physical line: rows before it with a quoted \n took two lines
+        numbers = [n + 1 + sum(1 for j in range(i) if j % 2) for i, n in enumerate(numbers)]
+    folder = tmp_path_factory.mktemp("breaks")
+    _split_files(folder, f"train{suffix}", newline.join(lines) + newline)
+    raw = DataSource(str(folder)).read("train")
+    # \r\r\n: the line ends in \r (one \r before \n is the line ending); a trailing \r is whitespace, dropped
+    expected = [t.strip() + ("\n" * (i % 2) if suffix == ".csv" else "") for i, t in enumerate(texts)]
+    assert raw["text"] == [e.strip() for e in expected]
+    assert raw["label"] == labels
+    assert raw["line"] == numbers
+
+
+@pytest.mark.parametrize(("name", "content", "line"), [
+    ("train.txt", "a\rb;joy\r\r\nc;anger\r\r\n\r\nno separator\r\n", 4),  # \r\r\n once counted twice
+    ("train.txt", "a\u2028b;joy\nc\x0bd;anger\nx\x85y;love\nno separator\n", 4),
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n\n\n{"text": "b\u2028c", "label": "anger"}\n{"text": 1,\n', 5),
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n\n{"text": "", "label": "anger"}\n', 3),
+    ("train.csv", 'text,label\n"a\nb\nc",joy\n\n"d\r\ne",anger\n,love\n', 8),
+    ("train.csv", 'text,label\r\na\rb,joy\r\n"x ""quoted"" \n",anger\r\nc,\r\n', 5),
+])
+def test_errors_name_the_physical_line(tmp_path, name, content, line):
+    folder = tmp_path / "d"
+    _split_files(folder, name, content)
+    with pytest.raises(ValueError, match=rf"{folder / name}:{line}: "):
+        DataSource(str(folder)).read("train")
+
+
+def test_jsonl_with_unicode_line_separators_in_strings_loads(tmp_path):
+    # valid JSON: U+2028, U+2029 and U+0085 need no escape inside a string; str.splitlines broke the row apart
+    folder = tmp_path / "d"
+    texts = ["a\u2028b", "c\u2029d", "e\x85f"]
+    _split_files(folder, "train.jsonl", "".join(json.dumps({"text": t, "label": label}, ensure_ascii=False) + "\n\n"
+                                                for t, label in zip(texts, NAMES)))
+    raw = DataSource(str(folder)).read("train")
+    assert raw["text"] == texts
+    assert raw["line"] == [1, 3, 5]
+
+
+@pytest.mark.parametrize(("name", "content", "texts", "lines"), [
+    ("texts.txt", "one\rtext\r\r\n\nsecond\u2028text\nthird\r\n", ["one\rtext", "second\u2028text", "third"], [1, 3, 4]),
+    ("texts.csv", 'text\n"two\nlines"\n\nnext\n', ["two\nlines", "next"], [2, 5]),
+    ("texts.jsonl", '{"text": "a"}\n\n{"text": "b\\rc"}\n', ["a", "b\rc"], [1, 3]),
+])
+def test_predict_file_texts_and_lines_are_exact(tmp_path, name, content, texts, lines):
+    (tmp_path / name).write_bytes(content.encode())
+    raw = DataSource(str(tmp_path)).read_texts(tmp_path / name)
+    assert raw["text"] == texts
+    assert raw["line"] == lines

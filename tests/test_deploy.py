@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -403,3 +404,104 @@ def test_server_answers_with_a_structurally_pruned_model(teacher, emotion_dir, t
     served = [json.loads(line)["label"] for line in done.stdout.decode("utf-8").splitlines()]
     labels = list(model.config.id2label.values())
     assert served == [labels[i] for i in _logits(model.eval(), tokenizer, texts).argmax(-1).tolist()]
+
+
+# ---- issue 28 cases 8 and 9 (serve): texts between \n's, physical lines, one-line errors, co-process use ----
+def test_serve_splits_on_newlines_only_and_numbers_physical_lines(onnx_folder, tmp_path):
+    texts = ["one\rtext", "crlf", "cr before crlf\r", "", "line\u2028separator \x0b\x0c\x1c\x85 kept", "last"]
+    (tmp_path / "in.txt").write_bytes("one\rtext\ncrlf\r\ncr before crlf\r\r\n\r\nline\u2028separator \x0b\x0c\x1c\x85 "
+                                      "kept\nlast".encode())
+    main([str(onnx_folder), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.jsonl")])
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").split("\n")[:-1]]
+    assert [r["text"] for r in records] == texts
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["label"] for r in records] == [p["label"] for p in OnnxPredictor(onnx_folder).predict(texts)]
+
+
+def _more_tokens(spec: dict) -> None:
+    """Token ids past the tiny BERT's embedding table (28 rows): the tokenizer of another model."""
+    size = len(spec["model"]["vocab"])
+    spec["model"]["vocab"] |= {f"extra{i}": size + i for i in range(5)}
+
+
+_UNUSABLE = {  # case -> (file, its new bytes or a change to the tokenizer's JSON, the message)
+    "tokenizer_not_json": ("tokenizer.json", b"\x00garbage", r"tokenizer\.json: cannot read it .*re-export"),
+    "tokenizer_not_a_tokenizer": ("tokenizer.json", lambda spec: spec["model"].update(type="NoSuchModel"),
+                                  r"tokenizer\.json: not a tokenizers file .*re-export"),
+    "model_not_onnx": ("model.onnx", b"not a protobuf at all", r"model\.onnx: onnxruntime cannot load it .*re-export"),
+    "vocab_too_big": ("tokenizer.json", _more_tokens, r"model\.onnx: fails on token id 32, the last of "
+                                                      r"tokenizer\.json's 33 tokens .*not the model's: re-export with"),
+}
+
+
+@pytest.mark.parametrize("case", list(_UNUSABLE))
+def test_serve_refuses_unusable_files_in_one_line(onnx_folder, tmp_path, capsys, case):
+    name, change, message = _UNUSABLE[case]
+    folder = shutil.copytree(onnx_folder, tmp_path / "onnx")
+    if isinstance(change, bytes):
+        (folder / name).write_bytes(change)
+    else:
+        spec = json.loads((folder / name).read_text())
+        change(spec)
+        (folder / name).write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=message):
+        OnnxPredictor(folder).predict(["extra4 happy"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), "--input", os.devnull])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(folder) in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--input", "{tmp}/missing.txt"], r"--input .*missing\.txt does not exist; give a text file"),
+    (["--input", "{tmp}"], r"--input .* is a folder; give a text file"),
+    (["--input", "{tmp}/in.txt", "--output", "{tmp}"], r"--output .* is a folder; give the path of the JSON-lines"),
+])
+def test_serve_refuses_bad_input_and_output_paths_in_one_line(onnx_folder, tmp_path, capsys, args, message):
+    (tmp_path / "in.txt").write_text("happy\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(onnx_folder), *(a.format(tmp=tmp_path) for a in args)])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def _serve_shell(folder, redirect: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    command = f'"{sys.executable}" -c "$SERVE" "{folder}" --batch_size 1 {redirect}'
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"SERVE": _BLOCKED_SERVE}
+    return subprocess.run(["bash", "-c", command], env=env, capture_output=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_serve_closed_streams_and_early_reader_exit(onnx_folder, tmp_path):
+    for redirect, what in (("<&-", "stdin is closed; pipe the texts in or give --input FILE"),
+                           (f"--input {os.devnull} >&-", "stdout is closed; give --output FILE")):
+        done = _serve_shell(onnx_folder, redirect)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.decode().strip().splitlines()[-1].endswith(what)
+    (tmp_path / "many.txt").write_text("i feel happy\n" * 5000)
+    # the reader stops after one answer: the server ends quietly (no traceback, no "Exception ignored")
+    done = _serve_shell(onnx_folder, f'< "{tmp_path / "many.txt"}" | head -1; exit "${{PIPESTATUS[0]}}"')
+    assert json.loads(done.stdout)["line"] == 1
+    assert done.stderr == b"" and done.returncode == 141
+
+
+@pytest.mark.slow
+def test_serve_answers_each_line_as_it_arrives_with_batch_size_1(onnx_folder):
+    import select
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a deployment runs
+    server = subprocess.Popen([sys.executable, "-c", _BLOCKED_SERVE, str(onnx_folder), "--batch_size", "1"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        for line_no, text in enumerate(["i feel happy", "one\rtext", "furious"], start=1):
+            server.stdin.write(f"{text}\n".encode())
+            server.stdin.flush()  # the pipe stays open: the answer must come before the next line or EOF
+            ready, _, _ = select.select([server.stdout], [], [], 60)
+            assert ready, f"no answer to line {line_no} within 60 s"
+            answer = json.loads(server.stdout.readline())
+            assert answer["line"] == line_no and answer["text"] == text and "label" in answer
+        server.stdin.close()
+        assert server.wait(timeout=60) == 0 and server.stdout.read() == b""
+    finally:
+        server.kill()

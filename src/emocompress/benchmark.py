@@ -22,6 +22,7 @@ list of them: runs of one recipe with different seeds. How things are measured (
 import csv
 import fnmatch
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import platform
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,12 +373,17 @@ def _variant_report(v: Variant, row: dict, f1_samples: np.ndarray) -> dict:
     report["intervals"] = {key: [row[f"{key}_low"], row[f"{key}_high"]] for key in SCALARS}
     report["per_class"] = {}
     for i, label in v.id2label.items():
+        support = v.reports[0]["per_class"][label]["support"]  # the split's, shared by every run
+        if not support:  # absent from the split: no F1 or accuracy (see metrics_report), empty cells
+            report["per_class"][label] = dict.fromkeys(("f1", "f1_std", "f1_low", "f1_high", "accuracy",
+                                                        "accuracy_std")) | {"support": 0}
+            continue
         f1s = [r["per_class"][label]["f1"] for r in v.reports]
         accs = [r["per_class"][label]["accuracy"] for r in v.reports]
         report["per_class"][label] = {"f1": float(np.mean(f1s)), "f1_std": _std(f1s), "f1_low": float(f1_low[i]),
                                       "f1_high": float(f1_high[i]), "accuracy": float(np.mean(accs)),
-                                      "accuracy_std": _std(accs),
-                                      "support": v.reports[0]["per_class"][label]["support"]}
+                                      "accuracy_std": _std(accs), "support": support}
+    report["absent_classes"] = v.reports[0]["absent_classes"]
     report["labels"] = v.reports[0]["labels"]
     report["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in v.reports], axis=0).tolist()
     report["runs"] = v.reports
@@ -423,16 +430,31 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")
 
 
+def _file_stems(names: list[str]) -> dict[str, str]:
+    """A distinct file-name-safe stem for each display name: its ``_slug``, and where two names share a slug
+    (``a/b`` and ``a b``, or ``A`` and ``a`` on a case-insensitive disk) a hash of the name after it, so
+    neither figure overwrites the other.
+
+    >>> _file_stems(["a/b", "a b", "fp32", "!"])
+    {'a/b': 'a_b-3ec69c85', 'a b': 'a_b-7dbde935', 'fp32': 'fp32', '!': 'model'}
+    """
+    slugs = {name: _slug(name) or "model" for name in names}
+    shared = Counter(slug.casefold() for slug in slugs.values())
+    return {name: slug if shared[slug.casefold()] == 1 else f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+            for name, slug in slugs.items()}
+
+
 def _per_class_rows(reports: dict[str, dict], baseline: str) -> list[dict]:
     rows = []
     for name, report in reports.items():
         for label, values in report["per_class"].items():
             base = reports[baseline]["per_class"][label]
+            present = values["support"] > 0  # an absent class has no F1 or accuracy, hence no change
             rows.append({"model": name, "class": label, "support": values["support"], "f1": values["f1"],
                          "f1_std": values["f1_std"], "f1_low": values["f1_low"], "f1_high": values["f1_high"],
                          "accuracy": values["accuracy"], "accuracy_std": values["accuracy_std"],
-                         "f1_change": values["f1"] - base["f1"],
-                         "accuracy_change": values["accuracy"] - base["accuracy"]})
+                         "f1_change": values["f1"] - base["f1"] if present else None,
+                         "accuracy_change": values["accuracy"] - base["accuracy"] if present else None})
     return rows
 
 
@@ -538,11 +560,13 @@ def _per_class_plot(per_class: list[dict], out: Path) -> None:
     width = 0.8 / len(models)
     for m, model in enumerate(models):
         rows = [r for r in per_class if r["model"] == model]
-        f1 = np.array([r["f1"] for r in rows])
-        errors = [f1 - [r["f1_low"] for r in rows], [r["f1_high"] for r in rows] - f1]
+        # an absent class (None) is NaN: no bar
+        f1, low, high = (np.array([r[key] for r in rows], dtype=float) for key in ("f1", "f1_low", "f1_high"))
+        errors = [f1 - low, high - f1]
         ax.bar(np.arange(len(labels)) + (m - (len(models) - 1) / 2) * width, f1, width, yerr=errors, capsize=2,
                label=model)
-    ax.set_xticks(range(len(labels)), labels)
+    absent = {r["class"] for r in per_class if not r["support"]}
+    ax.set_xticks(range(len(labels)), [f"{label}\n(absent)" if label in absent else label for label in labels])
     ax.set_ylabel("F1 (bar: 95% bootstrap interval)")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, loc="lower left")
@@ -658,12 +682,17 @@ def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: di
             writer.writeheader()
             writer.writerows(table)
     (out / "model_comparison.md").write_text(_comparison_markdown(rows, baseline))
-    (out / "per_class.md").write_text(_markdown(per_class, list(per_class[0])))
+    absent = next(iter(reports.values()))["absent_classes"]  # the split's: the same for every variant
+    note = (f"\nAbsent from the {split} split (support 0, so no F1 or accuracy; empty cells): "
+            f"{', '.join(absent)}. Macro F1 averages the classes in the split or predicted.\n" if absent else "")
+    (out / "per_class.md").write_text(_markdown(per_class, list(per_class[0])) + note)
+    stems = _file_stems(list(reports))
     for name, report in reports.items():
         runs = len(report["runs"])
         title = f"{name} ({split}{f', {runs} runs summed' if runs > 1 else ''})"
         fig = confusion_figure(torch.tensor(report["confusion_matrix"]), report["labels"], title)
-        fig.savefig(out / f"confusion_{_slug(name)}.png", dpi=120)
+        report["confusion_figure"] = f"confusion_{stems[name]}.png"  # in reports.json: which figure is whose
+        fig.savefig(out / report["confusion_figure"], dpi=120)
         _close(fig)
     _tradeoff_plot(rows, out / "tradeoff.png")
     _per_class_plot(per_class, out / "per_class_f1.png")

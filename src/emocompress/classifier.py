@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -41,14 +42,26 @@ def classification_metrics(num_classes: int) -> MetricCollection:
 
 
 def metrics_report(values: dict[str, torch.Tensor], confusion: torch.Tensor, id2label: dict[int, str]) -> dict:
-    """Computed metrics as plain JSON-ready numbers: scalars, ``per_class`` by label name, and the
-    confusion matrix (rows: true class, columns: predicted class)."""
+    """Computed metrics as plain JSON-ready numbers: scalars, ``per_class`` by label name, the labels absent
+    from the split, and the confusion matrix (rows: true class, columns: predicted class).
+
+    A class with no text in the split (support 0) has no recall, hence no F1: its ``f1`` and ``accuracy`` are
+    None (JSON null), not torchmetrics' 0.0, and it is listed in ``absent_classes``. ``macro_f1`` stays
+    torchmetrics' (as sklearn's ``f1_score(average="macro")`` without ``labels``): the mean over the classes
+    that are in the split or predicted, so predicting an absent class still costs macro F1 (a 0 for it).
+    """
     report = {name: value.item() for name, value in values.items() if value.ndim == 0}
+    support = confusion.sum(dim=1)  # (C,) texts of each true class
     report["per_class"] = {
-        label: {"f1": values["f1_per_class"][i].item(), "accuracy": values["accuracy_per_class"][i].item(),
-                "support": int(confusion[i].sum())}
+        label: {"f1": values["f1_per_class"][i].item() if support[i] else None,
+                "accuracy": values["accuracy_per_class"][i].item() if support[i] else None,
+                "support": int(support[i])}
         for i, label in id2label.items()
     }
+    report["absent_classes"] = [label for i, label in id2label.items() if not support[i]]
+    if report["absent_classes"]:
+        rank_zero_warn(f"classes with no text in the evaluated split, reported without F1 or accuracy "
+                       f"(null in the report): {report['absent_classes']}")
     report["labels"] = [id2label[i] for i in range(len(id2label))]
     report["confusion_matrix"] = confusion.long().tolist()
     return report
@@ -239,8 +252,9 @@ class EmotionClassifier(LightningModule):
         report = metrics_report(values, confusion, self.id2label)
         scalars = {f"{stage}/{k}": v for k, v in report.items() if isinstance(v, float)}
         for label, per_class in report["per_class"].items():
-            scalars[f"{stage}/f1/{label}"] = per_class["f1"]
-            scalars[f"{stage}/accuracy/{label}"] = per_class["accuracy"]
+            if per_class["support"]:  # an absent class has no F1 or accuracy to log
+                scalars[f"{stage}/f1/{label}"] = per_class["f1"]
+                scalars[f"{stage}/accuracy/{label}"] = per_class["accuracy"]
         # Already global after compute(); sync_dist only averages identical values.
         self.log_dict(scalars, sync_dist=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:

@@ -8,7 +8,9 @@ The folder is an fp32 export (``OnnxExport``, ``export_onnx``) or an ``onnxrunti
 metadata is checked by ``emocompress.artifact_format.read_metadata``. Nothing here imports torch,
 transformers or lightning, so a server needs none of them.
 
-Input is one text per line (stdin by default). Bytes that are not UTF-8 are replaced with U+FFFD
+Input is one text per line (stdin by default): a text is what lies between two ``\n`` (one ``\r`` before
+the ``\n`` is dropped; a bare ``\r``, U+2028 and the like are part of the text, see ``emocompress.lines``),
+and ``line`` is its line number in the input. Bytes that are not UTF-8 are replaced with U+FFFD
 rather than rejected, so one bad line cannot stop a batch. An empty or blank line is still a text:
 it is predicted from the special tokens alone (``[CLS] [SEP]``), which is the model's prior. Texts
 longer than the export's ``max_length`` tokens are truncated, as in training. Output is one JSON
@@ -17,11 +19,17 @@ yields no tokens at all (only with a tokenizer that adds no special tokens) gets
 of ``label`` and ``probs``. ``--output`` is written under a temporary name and moved into place
 when every line is done, so a crash leaves an earlier output whole; ``--output`` naming the
 ``--input`` file is refused before anything is written.
+
+Answers are flushed after every batch of ``--batch_size`` lines, so with ``--batch_size 1`` the server is a
+co-process: one line in, one line out, as each line arrives. A reader that goes away early (``| head -1``)
+ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
+else that stops it before it starts (a missing ``--input``, a folder as ``--output``, a closed stdin or
+stdout, a ``tokenizer.json`` or ``model.onnx`` that cannot be read, a tokenizer with ids past the model's
+vocabulary) is one line naming the file and the fix, with exit code 2.
 """
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import sys
@@ -34,6 +42,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from emocompress.artifact_format import FIX, ONNX_FILE, TOKENIZER_FILE, read_metadata
+from emocompress.lines import iter_lines
 from emocompress.outputs import atomic_file
 
 
@@ -77,7 +86,11 @@ class OnnxPredictor:
         self.precision = meta.precision
         self.batch_size = batch_size
 
-        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        except Exception as err:  # tokenizers raises a bare Exception for every unreadable file
+            raise ValueError(f"{folder / TOKENIZER_FILE}: not a tokenizers file ({err}); {FIX} "
+                             "(with the datamodule's tokenizer, which writes tokenizer.json)") from None
         pad_id = 0 if meta.pad_id is None else meta.pad_id
         pad_token = meta.pad_token or self.tokenizer.id_to_token(pad_id) or "[PAD]"
         self.tokenizer.enable_truncation(self.max_length)
@@ -87,12 +100,29 @@ class OnnxPredictor:
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = num_threads
-        self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no public base class
+            raise ValueError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({err}); {FIX}") from None
         # Feed only what the graph declares: DistilBERT and the recurrent students take no token_type_ids.
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
         if unknown:
             raise ValueError(f"{folder}: {ONNX_FILE} takes inputs {sorted(unknown)} this server cannot make; {FIX}")
+        self._check_vocabulary(folder)
+
+    def _check_vocabulary(self, folder: Path) -> None:
+        """Run the tokenizer's highest token id through the graph once: a tokenizer bigger than the model's
+        embedding table would otherwise fail (or, on other runtimes, read past the table) only on the texts
+        that happen to contain such a token, long after the server started."""
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        probe = {"input_ids": [[size - 1]], "attention_mask": [[1]], "token_type_ids": [[0]]}
+        try:
+            self.session.run(None, {name: np.array(probe[name], dtype=np.int64) for name in self.input_names})
+        except Exception as err:  # onnxruntime's errors share no public base class
+            raise ValueError(f"{folder / ONNX_FILE}: fails on token id {size - 1}, the last of {TOKENIZER_FILE}'s "
+                             f"{size} tokens ({str(err).strip()}); the tokenizer is not the model's: {FIX} "
+                             "with the tokenizer the model was trained with") from None
 
     def predict(self, texts: Iterable[str]) -> list[dict]:
         """Label and class probabilities of each text.
@@ -128,11 +158,6 @@ class OnnxPredictor:
         return results
 
 
-def _lines(stream: io.TextIOBase) -> Iterator[str]:
-    for line in stream:
-        yield line.rstrip("\r\n")
-
-
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     items = iter(items)
     while chunk := list(islice(items, size)):
@@ -149,6 +174,23 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _check_streams(args: argparse.Namespace) -> str | None:
+    """What stops the server before it loads a model: the one-line error, or None."""
+    if args.input and (os.path.isdir(args.input) or not os.path.exists(args.input)):  # a FIFO or device is fine
+        what = "is a folder" if os.path.isdir(args.input) else "does not exist"
+        return f"--input {args.input} {what}; give a text file with one text per line (or pipe the texts in)"
+    if args.input is None and sys.stdin is None:
+        return "stdin is closed; pipe the texts in or give --input FILE"
+    if args.output and os.path.isdir(args.output):
+        return f"--output {args.output} is a folder; give the path of the JSON-lines file to write"
+    if args.output is None and sys.stdout is None:
+        return "stdout is closed; give --output FILE"
+    if args.input and args.output and _same_file(args.input, args.output):
+        # Opening the output for writing would empty the input before a line is read.
+        return f"--output {args.output} is the --input file {args.input}; write the predictions elsewhere"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m emocompress.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
     one JSON object per output line (see the module docstring)."""
@@ -156,22 +198,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", help="ONNX artifact folder (OnnxExport, export_onnx or onnxruntime INT8)")
     parser.add_argument("--input", help="text file, one text per line; stdin if omitted")
     parser.add_argument("--output", help="JSON-lines file to write; stdout if omitted")
-    parser.add_argument("--batch_size", type=int, default=32, help="texts per model call")
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="texts per model call; answers are flushed after each batch (1: answer every line "
+                             "as it arrives)")
     parser.add_argument("--num_threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     args = parser.parse_args(argv)
-    if args.input and args.output and _same_file(args.input, args.output):
-        # Opening the output for writing would empty the input before a line is read.
-        parser.error(f"--output {args.output} is the --input file {args.input}; write the predictions elsewhere")
+    if problem := _check_streams(args):
+        parser.error(problem)
     try:
         predictor = OnnxPredictor(args.folder, args.num_threads, args.batch_size)
     except ValueError as error:
         parser.error(str(error))
+    try:
+        _serve(predictor, args)
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly, as Unix tools do on SIGPIPE. Python would
+        # report the failing flush of sys.stdout at exit, so point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + 13)  # 128 + SIGPIPE: the status a shell reports for `yes | head -1`'s `yes`
+
+
+def _serve(predictor: OnnxPredictor, args: argparse.Namespace) -> None:
     with contextlib.ExitStack() as stack:
-        # utf-8-sig drops a leading byte-order mark; errors="replace" turns undecodable bytes into U+FFFD.
+        # utf-8-sig drops a leading byte-order mark; errors="replace" turns undecodable bytes into U+FFFD;
+        # newline="\n": only \n ends a line (emocompress.lines), not a bare \r as in universal newlines.
         if args.input:
-            reader = stack.enter_context(open(args.input, encoding="utf-8-sig", errors="replace"))
+            reader = stack.enter_context(open(args.input, encoding="utf-8-sig", errors="replace", newline="\n"))
         else:
-            sys.stdin.reconfigure(encoding="utf-8-sig", errors="replace")
+            sys.stdin.reconfigure(encoding="utf-8-sig", errors="replace", newline="\n")
             reader = sys.stdin
         if args.output and (not os.path.exists(args.output) or os.path.isfile(args.output)):
             # Moved onto args.output only when every line is written: a crash keeps an earlier output whole.
@@ -182,10 +236,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.stdout.reconfigure(encoding="utf-8", newline="\n")
             writer = sys.stdout
         line_no = 0
-        for chunk in _chunks(_lines(reader), predictor.batch_size):
+        for chunk in _chunks(iter_lines(reader), predictor.batch_size):
             for text, result in zip(chunk, predictor.predict(chunk)):
                 line_no += 1
                 writer.write(json.dumps({"line": line_no, "text": text, **result}, ensure_ascii=False) + "\n")
+            writer.flush()  # a co-process reads each answer as soon as its batch is done
+
 
 if __name__ == "__main__":
     main()

@@ -12,21 +12,24 @@ train labels that are too rare or differ from another only by case or whitespace
 a stray ``;`` or a typo. Texts that occur with conflicting labels are only warned about.
 """
 
+import io
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
 import datasets
+import pandas as pd
 from lightning.pytorch.utilities import rank_zero_warn
+
+from emocompress.lines import split_lines
 
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
 BUILDERS = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 # Raw splits always hold string labels, whatever the source's label type (ints, ClassLabel ids).
 _RAW_FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("string"),
                                    "line": datasets.Value("int64")})
-# First data row of a file is line 2 in a CSV (after the header) and line 1 elsewhere.
-_FIRST_LINE = {".csv": 2}
 _FIX_SOURCE = "give a folder of train/val/test files, a save_to_disk folder or a Hugging Face dataset name"
 
 
@@ -98,16 +101,16 @@ class DataSource:
             name = next((n for n in SPLIT_NAMES[split] if n in available), None)
             if name is None:
                 raise ValueError(f"{where}: no {split} split; the dataset has {available}")
-            dataset, first_line = self.dataset_dict[name], 0
+            dataset, line_numbers = self.dataset_dict[name], None  # rows of a dataset: numbered from 0
         else:
-            dataset, first_line = _load_file(path), _FIRST_LINE.get(path.suffix, 1)
+            dataset, line_numbers = _load_file(path)
         if self.max_samples:
             dataset = dataset.select(range(min(self.max_samples, len(dataset))))
         if path is not None and path.suffix == ".txt":
             dataset = dataset.map(_parse_txt, batched=True, with_indices=True, remove_columns=dataset.column_names,
                                   fn_kwargs={"where": where}, features=_RAW_FEATURES, desc=f"parse {split}")
         else:
-            dataset = self._tabular_to_raw(dataset, where, first_line)
+            dataset = self._tabular_to_raw(dataset, where, line_numbers)
         if len(dataset) == 0:
             raise ValueError(f"{where}: the {split} split has no examples")
         warn_conflicting_labels(dataset, where)
@@ -122,20 +125,21 @@ class DataSource:
         if path.suffix not in BUILDERS:
             raise ValueError(f"data.predict_file: {path} must end in one of {list(BUILDERS)}")
         try:
-            raw = _load_file(path)
+            raw, line_numbers = _load_file(path)
         except ValueError as err:
             raise ValueError(f"data.predict_file: {err}") from None
         column = "text" if path.suffix == ".txt" else self.text_column
         if column not in raw.column_names:
             raise ValueError(f"{path}: no column {column!r}; the columns are {raw.column_names}; set data.text_column")
         raw = raw.map(_parse_text_lines, batched=True, with_indices=True, remove_columns=raw.column_names,
-                      fn_kwargs={"column": column, "first_line": _FIRST_LINE.get(path.suffix, 1)})
+                      fn_kwargs={"column": column, "line_numbers": line_numbers})
         if len(raw) == 0:
             raise ValueError(f"data.predict_file: {path} has no texts (every line or {column!r} is blank); "
                              "give a file with one text per line")
         return raw
 
-    def _tabular_to_raw(self, dataset: datasets.Dataset, where: str, first_line: int) -> datasets.Dataset:
+    def _tabular_to_raw(self, dataset: datasets.Dataset, where: str, line_numbers: list[int] | None
+                        ) -> datasets.Dataset:
         text_col, label_col = self.text_column, self.label_column
         for key, column in (("text_column", text_col), ("label_column", label_col)):
             if column not in dataset.column_names:
@@ -144,7 +148,7 @@ class DataSource:
         feature = dataset.features[label_col]
         names = feature.names if isinstance(feature, datasets.ClassLabel) else None
         return dataset.map(_parse_row, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                           fn_kwargs={"where": where, "first_line": first_line, "text_col": text_col,
+                           fn_kwargs={"where": where, "line_numbers": line_numbers, "text_col": text_col,
                                       "label_col": label_col, "names": names},
                            features=_RAW_FEATURES, desc=f"parse {where}")
 
@@ -200,17 +204,35 @@ def _looks_like_a_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or Path(source).suffix in BUILDERS
 
 
-def _load_file(path: Path) -> datasets.Dataset:
-    _check_content(path)
+def _load_file(path: Path) -> tuple[datasets.Dataset, list[int]]:
+    """The rows of a split or predict file and the physical line (``emocompress.lines``) each row starts on."""
+    lines = split_lines(_check_content(path).removeprefix("\ufeff"))
+    if path.suffix == ".txt":  # every line is a row, blank ones too (skipped later, keeping the numbering)
+        return datasets.Dataset.from_dict({"text": lines}), list(range(1, len(lines) + 1))
     try:
-        return datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
-    except Exception as err:  # a malformed file surfaces as one of several pyarrow/datasets errors
+        if path.suffix == ".csv":
+            # pandas directly, on the lines joined by \n alone: its reader (and datasets' csv builder) would
+            # also end a row at a bare \r. Strings as written ("007" stays "007"); empty cells are None.
+            frame = pd.read_csv(io.StringIO("\n".join(_csv_without_blank_lines(lines))), lineterminator="\n",
+                                dtype=str)
+            frame = frame.rename(columns=lambda name: name.rstrip("\r"))  # the header line of a \r\r\n file
+            dataset = datasets.Dataset.from_pandas(frame, preserve_index=False)
+        else:
+            dataset = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+    except Exception as err:  # a malformed file surfaces as one of several pandas/pyarrow/datasets errors
         raise ValueError(f"{path}: could not be read as {path.suffix[1:]} ({err}); fix the file's format") from err
+    if path.suffix == ".csv":
+        numbers = _csv_row_lines(lines)[1:]  # the first row is the header
+    else:
+        numbers = _json_row_lines(lines)
+    if len(numbers) != len(dataset):  # a JSON document (an array, {"data": [...]}): rows are items, not lines
+        numbers = list(range(1, len(dataset) + 1))
+    return dataset, numbers
 
 
-def _check_content(path: Path) -> None:
-    """Refuse, with a place, what ``datasets`` reports without one: bytes that are not UTF-8, a file
-    with no rows, and JSON rows that are not objects."""
+def _check_content(path: Path) -> str:
+    """The text of ``path``. Refuse, with a place, what ``datasets`` reports without one: bytes that are not
+    UTF-8, a file with no rows, and JSON rows that are not objects."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -219,13 +241,14 @@ def _check_content(path: Path) -> None:
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise ValueError(f"{path}:{line_no}: byte 0x{data[err.start]:02x} at column {column} is not UTF-8; "
                          "save the file as UTF-8") from None
-    lines = [line for line in text.lstrip("\ufeff").splitlines() if line.strip()]
+    lines = [line for line in split_lines(text.lstrip("\ufeff")) if line.strip()]
     if not lines:
         raise ValueError(f"{path}: the file is empty; add rows or remove the file")
     if path.suffix == ".csv" and len(lines) == 1:
         raise ValueError(f"{path}: the file has a header row and no data rows; add rows below the header")
     if path.suffix in (".json", ".jsonl"):
         _check_json_rows(path, text)
+    return text
 
 
 def _check_json_rows(path: Path, text: str) -> None:
@@ -240,7 +263,7 @@ def _check_json_rows(path: Path, text: str) -> None:
         return  # one object, or the `{"data": [...]}` layout datasets reads
     else:
         rows = []
-        for line_no, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
+        for line_no, line in enumerate(split_lines(text.lstrip("\ufeff")), start=1):
             if not line.strip():
                 continue
             try:
@@ -252,6 +275,53 @@ def _check_json_rows(path: Path, text: str) -> None:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: a JSON {type(row).__name__}, not an object; each row must be one JSON "
                              'object such as {"text": "...", "label": "..."}')
+
+
+def _json_row_lines(lines: list[str]) -> list[int]:
+    """The line of each row of a JSON-lines file: its non-blank lines (datasets skips the blank ones)."""
+    return [number for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _csv_row_lines(lines: list[str]) -> list[int]:
+    """The line each row of a CSV file (header included) starts on: a field that starts with ``"`` runs to the
+    next lone ``"``, across lines (the rules of pandas' reader); blank lines outside such fields are no rows.
+
+    >>> _csv_row_lines(['text,label', '', '"two', 'lines, ""quoted"" too",joy', 'a"b,joy', ' \\r'])
+    [1, 3, 5]
+    """
+    return [number for number, starts_row in _csv_line_kinds(lines) if starts_row]
+
+
+def _csv_without_blank_lines(lines: list[str]) -> list[str]:
+    """``lines`` with the blank ones outside quoted fields emptied: pandas skips only empty lines and lines of
+    spaces and tabs, a line of ``\\r`` (from ``\\r\\r\\n``) or other white space would be a row of empty cells."""
+    kinds = dict(_csv_line_kinds(lines))
+    return ["" if kinds.get(number) is False else line for number, line in enumerate(lines, start=1)]
+
+
+def _csv_line_kinds(lines: list[str]) -> Iterator[tuple[int, bool]]:
+    """(line number, whether it starts a row) for every line outside a quoted field: True for a row's first line,
+    False for a blank line; the lines that continue a quoted field are left out."""
+    quoted = False
+    for number, line in enumerate(lines, start=1):
+        if not quoted:
+            yield number, bool(line.strip())
+            if not line.strip():
+                continue
+        field_start, closing = True, False  # at the start of a field; just after a " inside a quoted field
+        for char in line:
+            if quoted:
+                if closing and char != '"':
+                    quoted = closing = False  # the quoted part ended; pandas keeps the rest of the field
+                else:
+                    closing = not closing if char == '"' else False
+                    continue
+            if char == ",":
+                field_start = True
+            else:
+                quoted, field_start = field_start and char == '"', False
+        if closing:
+            quoted = False  # the line ended right after a closing "
 
 
 # ---- dataset.map functions (module level, so datasets can hash them for its cache) ----
@@ -287,11 +357,12 @@ def _label_string(label, where: str, label_col: str) -> str:
     return str(label).strip()
 
 
-def _parse_row(batch, indices, where, first_line, text_col, label_col, names):
-    """Rows of a table -> text, label (as str; ClassLabel ids become their names), line."""
+def _parse_row(batch, indices, where, line_numbers, text_col, label_col, names):
+    """Rows of a table -> text, label (as str; ClassLabel ids become their names), line (``line_numbers[i]``,
+    or the row index where there are no lines)."""
     out = {"text": [], "label": [], "line": []}
     for text, label, i in zip(batch[text_col], batch[label_col], indices):
-        line_no = i + first_line
+        line_no = i if line_numbers is None else line_numbers[i]
         if text is None or not str(text).strip():
             raise ValueError(f"{where}:{line_no}: empty {text_col!r}; remove the row or add its text")
         if label is None or not str(label).strip():
@@ -302,8 +373,8 @@ def _parse_row(batch, indices, where, first_line, text_col, label_col, names):
     return out
 
 
-def _parse_text_lines(batch, indices, column, first_line):
-    """One text per line or row -> text, line; blank texts are skipped."""
-    kept = [(str(t).lstrip("\ufeff").strip(), i + first_line) for t, i in zip(batch[column], indices)
+def _parse_text_lines(batch, indices, column, line_numbers):
+    """One text per line or row -> text, line (``line_numbers[i]``); blank texts are skipped."""
+    kept = [(str(t).lstrip("\ufeff").strip(), line_numbers[i]) for t, i in zip(batch[column], indices)
             if t is not None and str(t).strip("\ufeff \t\r")]
     return {"text": [t for t, _ in kept], "line": [i for _, i in kept]}
