@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from emocompress.artifact_format import FIX, ONNX_FILE, TOKENIZER_FILE, read_metadata
+from emocompress.artifact_format import FIX, ONNX_FILE, TOKENIZER_FILE, check_output_width, read_metadata
 from emocompress.outputs import atomic_file
 
 
@@ -57,7 +57,8 @@ class OnnxPredictor:
 
     Raises:
         ValueError: ``folder`` is not a servable ONNX artifact (the message says which file is missing)
-            or its metadata is refused (see ``emocompress.artifact_format.read_metadata``).
+            or its metadata is refused (see ``emocompress.artifact_format.read_metadata``; its labels must be as
+            many as the graph's outputs, ``check_output_width``).
     """
 
     def __init__(self, folder: str | Path, num_threads: int | None = None, batch_size: int = 32):
@@ -88,6 +89,7 @@ class OnnxPredictor:
         if num_threads:
             options.intra_op_num_threads = num_threads
         self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        check_output_width(self.session, self.labels, folder)
         # Feed only what the graph declares: DistilBERT and the recurrent students take no token_type_ids.
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
