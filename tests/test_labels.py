@@ -13,11 +13,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from emocompress.artifacts import export_onnx, load_artifact
 from emocompress.benchmark import benchmark, measure
 from emocompress.classifier import EmotionClassifier
-from emocompress.cli import main
 from emocompress.distillation import Teacher
 from emocompress.serve import OnnxPredictor
 
-from .conftest import REPO, write_split
+from .conftest import write_split
+from .test_cli import _refused as _cli_refused
+from .test_cli import _run_in_process, tiny_args
 
 LABELS = ["anger", "joy", "love"]  # the data's own order (sorted train labels)
 ORDER = ["love", "anger", "joy"]  # the same labels in another order
@@ -29,7 +30,8 @@ TEXTS = ["i feel so happy today", "furious and mad", "loving and tender", "the d
 def _data(folder: Path, rename: dict[str, str] | None = None, extra: dict[str, int] | None = None) -> Path:
     """train/val/test files like conftest's ``emotion_dir``, with labels renamed or extra rows of other labels."""
     folder.mkdir(parents=True)
-    for name, counts, seed in (("train", {"anger": 8, "joy": 4, "love": 3}, 0), ("val", {"anger": 3, "joy": 2, "love": 2}, 1),
+    for name, counts, seed in (("train", {"anger": 8, "joy": 4, "love": 3}, 0),
+                               ("val", {"anger": 3, "joy": 2, "love": 2}, 1),
                                ("test", {"anger": 4, "joy": 3, "love": 2}, 2)):
         path = write_split(folder / f"{name}.txt", counts, seed)
         lines = path.read_text().splitlines()
@@ -40,23 +42,9 @@ def _data(folder: Path, rename: dict[str, str] | None = None, extra: dict[str, i
     return folder
 
 
-def _args(data, model_dir, *extra):
-    return ["-c", REPO / "configs" / "base.yaml", "-c", REPO / "configs" / "tiny.yaml", "--data.data", data,
-            "--data.model_name", model_dir, *extra]
-
-
-def _run(args, cwd, monkeypatch):
-    monkeypatch.chdir(cwd)
-    main([str(a) for a in args])
-
-
 def _refused(args, cwd, monkeypatch, capsys) -> str:
     """The one line of the error that the command stopped with (exit 2, no traceback)."""
-    with pytest.raises(SystemExit) as exit_info:
-        _run(args, cwd, monkeypatch)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
+    err = _cli_refused(args, capsys, monkeypatch, cwd)
     [line] = [line for line in err.splitlines() if line.startswith("emocompress: error:")]
     return line
 
@@ -81,8 +69,8 @@ def run(tiny_teacher_dir, tmp_path_factory) -> tuple[Path, Path]:
     data = _data(root / "emotion")
     mp = pytest.MonkeyPatch()
     try:
-        _run(["fit", *_args(data, tiny_teacher_dir, "--test_after_fit", "false", "--trainer.max_epochs", "5",
-                            "--model.lr", "1e-2")], root, mp)
+        _run_in_process(["fit", *tiny_args(data, tiny_teacher_dir, "--test_after_fit", "false",
+                                           "--trainer.max_epochs", "5", "--model.lr", "1e-2")], mp, root)
     finally:
         mp.undo()
     return data, next((root / "logs" / "tiny" / "version_0" / "checkpoints").glob("best-*.ckpt"))
@@ -100,10 +88,10 @@ def test_checkpoint_tested_and_predicted_in_another_label_order_gives_the_same_n
     texts.write_text("\n".join(TEXTS) + "\n")
     results = {}
     for name, extra in (("data order", []), ("reordered", ["--data.labels", json.dumps(ORDER)])):
-        _run(["test", *_args(data, tiny_model_dir, "--ckpt_path", ckpt, *extra)], tmp_path, monkeypatch)
+        _run_in_process(["test", *tiny_args(data, tiny_model_dir, "--ckpt_path", ckpt, *extra)], monkeypatch, tmp_path)
         report = json.loads((_newest_run(tmp_path) / "test_metrics.json").read_text())
-        _run(["predict", *_args(data, tiny_model_dir, "--ckpt_path", ckpt, "--data.predict_file", texts, *extra)],
-             tmp_path, monkeypatch)
+        _run_in_process(["predict", *tiny_args(data, tiny_model_dir, "--ckpt_path", ckpt, "--data.predict_file", texts,
+                                               *extra)], monkeypatch, tmp_path)
         records = [json.loads(line) for line in (_newest_run(tmp_path) / "predictions.jsonl").read_text().splitlines()]
         results[name] = report, records
     (report, records), (reordered, reordered_records) = results["data order"], results["reordered"]
@@ -124,8 +112,18 @@ def test_checkpoint_against_other_labels_is_refused_naming_both_lists(run, tiny_
     else:  # case 9: a checkpoint with another label count
         data, labels = _data(tmp_path / "data", extra={"fear": 3}), sorted([*LABELS, "fear"])
     for subcommand in ("test", "predict"):
-        err = _refused([subcommand, *_args(data, tiny_model_dir, "--ckpt_path", ckpt)], tmp_path, monkeypatch, capsys)
+        err = _refused([subcommand, *tiny_args(data, tiny_model_dir, "--ckpt_path", ckpt)], tmp_path, monkeypatch,
+                       capsys)
         assert str(ckpt) in err and str(LABELS) in err and str(labels) in err and "--data.labels" in err
+
+
+def test_resuming_a_fit_in_another_label_order_is_refused(run, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # the optimizer's state is kept by class id: a resumed fit keeps the order it was trained in
+    data, ckpt = run
+    err = _refused(["fit", *tiny_args(data, tiny_model_dir, "--ckpt_path", ckpt, "--data.labels", json.dumps(ORDER))],
+                   tmp_path, monkeypatch, capsys)
+    assert f"{ckpt}: the run was trained with the labels in the order {LABELS}" in err
+    assert f"--data.labels {LABELS}" in err
 
 
 # ---- model.init_checkpoint ----
@@ -159,11 +157,11 @@ def test_export_as_model_name_tests_to_the_same_numbers_in_another_order(run, ti
     data, _ = run
     reports = []
     for extra in ([], ["--data.labels", json.dumps(ORDER)]):
-        _run(["test", *_args(data, tiny_teacher_dir, *extra)], tmp_path, monkeypatch)
+        _run_in_process(["test", *tiny_args(data, tiny_teacher_dir, *extra)], monkeypatch, tmp_path)
         reports.append(json.loads((_newest_run(tmp_path) / "test_metrics.json").read_text()))
     _same_report(reports[1], reports[0])
     renamed = _data(tmp_path / "renamed", rename={"love": "amazement"})
-    err = _refused(["test", *_args(renamed, tiny_teacher_dir)], tmp_path, monkeypatch, capsys)
+    err = _refused(["test", *tiny_args(renamed, tiny_teacher_dir)], tmp_path, monkeypatch, capsys)
     assert str(Path(tiny_teacher_dir) / "config.json") in err and str(RENAMED) in err
 
 

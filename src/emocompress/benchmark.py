@@ -14,9 +14,10 @@ list of them: runs of one recipe with different seeds. How things are measured (
     round median, and the 90th percentile of all timed calls.
   * throughput: batches of ``batch_size`` consecutive texts (padded to their longest), texts per second of
     model time; median over the same interleaved rounds, and its least and greatest.
-  * metrics: the whole split, with the same torchmetrics code as training; mean over runs, std over runs, and
-    95% paired-bootstrap intervals; macro-F1 difference to the baseline with its interval and p-value, and an
-    exact McNemar test (``emocompress.significance``).
+  * metrics: the whole split, with the same torchmetrics code as training, each model's classes matched by name to
+    the data's labels (the sorted train labels; a model trained on another label set is refused); mean over runs,
+    std over runs, and 95% paired-bootstrap intervals; macro-F1 difference to the baseline with its interval and
+    p-value, and an exact McNemar test (``emocompress.significance``).
 """
 
 import csv
