@@ -178,7 +178,8 @@ def test_teacher_from_a_classifier_checkpoint(make_datamodule, tiny_teacher_dir,
     ({"student": "bilstm", "hidden_weight": 1.0}, "model.hidden_weight needs a transformer student"),
     ({"hidden_weight": 1.0, "logits_cache": "x"}, "set model.logits_cache to null"),
     ({"student_layers": [5]}, "model.student_layers must be increasing"),
-    ({"id2label": {0: "joy", 1: "anger", 2: "love"}}, "distil from a teacher fine-tuned on this label set"),
+    ({"id2label": {0: "joy", 1: "anger", 2: "fear"}},  # another label set (another order is mapped by name)
+     r"model.teacher: .*config.json: the model was trained on the labels \['anger', 'joy', 'love'\]"),
 ])
 def test_bad_settings_fail_at_construction(tiny_teacher_dir, kwargs, message):
     args = {"teacher": tiny_teacher_dir, "model_name": tiny_teacher_dir, "id2label": ID2LABEL, **kwargs}

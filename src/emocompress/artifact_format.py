@@ -1,5 +1,6 @@
 """The on-disk format of an ONNX or INT8 artifact folder: its file names, its metadata keys, and the
-one function that reads and checks a folder's metadata (``read_metadata``).
+one function that reads and checks a folder's metadata (``read_metadata``), and the check of its labels against
+the graph's outputs (``check_output_width``).
 
 Written by ``emocompress.artifacts`` (``export_onnx``, ``quantize``), read by ``emocompress.serve`` and
 ``emocompress.artifacts.load_artifact`` (hence the benchmark). Torch-free on purpose: the server imports it
@@ -171,3 +172,21 @@ def read_metadata(folder: str | Path) -> ArtifactMeta:
     return ArtifactMeta(backend=backend, precision=precision, id2label=id2label,
                         include_embeddings=include_embeddings, max_length=max_length,
                         input_names=meta.get("input_names"), pad_token=meta.get("pad_token"), pad_id=pad_id)
+
+
+def check_output_width(session, labels: list[str], folder: str | Path) -> None:
+    """Refuse an ONNX folder whose metadata names another number of labels than its graph has outputs: more
+    labels would crash at the first prediction, fewer would silently drop classes.
+
+    Args:
+        session: the ``onnxruntime.InferenceSession`` of the folder's ``model.onnx``.
+        labels: the labels of its metadata (``ArtifactMeta.labels``).
+
+    Raises:
+        ValueError: naming ``int8.json``, both counts and the fix.
+    """
+    shape = session.get_outputs()[0].shape  # e.g. ["batch", 6]; a symbolic width (a str) cannot be checked
+    width = shape[-1] if shape else None
+    if _is_int(width) and width != len(labels):
+        raise ValueError(f"{Path(folder) / META_FILE}: {len(labels)} labels {labels}, but its {ONNX_FILE} outputs "
+                         f"{width} classes; {FIX} (the labels are those of the model exported)")

@@ -35,6 +35,7 @@ from emocompress.artifact_format import (
     ONNX_FILE,
     TORCH_WEIGHTS_FILE,
     ArtifactMeta,
+    check_output_width,
     read_metadata,
 )
 from emocompress.outputs import atomic_dir, check_replaceable
@@ -295,13 +296,16 @@ def load_artifact(path: str | Path, num_threads: int | None = None) -> nn.Module
 
     Raises:
         ValueError: ``path`` is not such a folder, its metadata is refused (see
-            ``emocompress.artifact_format.read_metadata``) or its weights are unreadable.
+            ``emocompress.artifact_format.read_metadata``), its labels are not as many as its graph's outputs
+            (``check_output_width``) or its weights are unreadable.
     """
     path = Path(path)
     meta = read_metadata(path)
     config = pretrained.load_config(str(path))
     if meta.backend == "onnxruntime":
-        return OrtClassifier(path / ONNX_FILE, config, num_threads)
+        model = OrtClassifier(path / ONNX_FILE, config, num_threads)
+        check_output_width(model.session, meta.labels, path)
+        return model
     skeleton = structure.build(config, **_attention(config, "sdpa")).eval()
     model = _quantize_torch(skeleton, meta.include_embeddings)
     try:

@@ -14,9 +14,10 @@ list of them: runs of one recipe with different seeds. How things are measured (
     round median, and the 90th percentile of all timed calls.
   * throughput: batches of ``batch_size`` consecutive texts (padded to their longest), texts per second of
     model time; median over the same interleaved rounds, and its least and greatest.
-  * metrics: the whole split, with the same torchmetrics code as training; mean over runs, std over runs, and
-    95% paired-bootstrap intervals; macro-F1 difference to the baseline with its interval and p-value, and an
-    exact McNemar test (``emocompress.significance``).
+  * metrics: the whole split, with the same torchmetrics code as training, each model's classes matched by name to
+    the data's labels (the sorted train labels; a model trained on another label set is refused); mean over runs,
+    std over runs, and 95% paired-bootstrap intervals; macro-F1 difference to the baseline with its interval and
+    p-value, and an exact McNemar test (``emocompress.significance``).
 """
 
 import csv
@@ -46,12 +47,13 @@ from transformers import DataCollatorWithPadding
 from emocompress import pretrained
 from emocompress.artifact_format import DEFAULT_MAX_LENGTH, META_FILE, ONNX_FILE, TORCH_WEIGHTS_FILE
 from emocompress.artifacts import load_artifact
-from emocompress.checkpoints import read_checkpoint
+from emocompress.checkpoints import label_columns, read_checkpoint, stored_labels
 from emocompress.classifier import (EmotionClassifier, classification_metrics, confusion_figure, metrics_report,
                                     model_inputs)
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller
 from emocompress.outputs import atomic_dir, check_not_cwd
+from emocompress.sources import DataSource, check_label_set
 from emocompress.significance import (SCALARS, bootstrap_indices, mcnemar_exact, paired_difference,
                                       percentile_interval, resampled_metrics)
 
@@ -131,6 +133,24 @@ def load_for_benchmark(path: str | Path, trust_remote_code: bool = False) -> tup
     if (path / META_FILE).is_file():
         return load_artifact(path, num_threads=torch.get_num_threads()), str(path), weights
     return pretrained.load_model(str(path), trust_remote_code=trust_remote_code).eval(), str(path), weights
+
+
+def _labels_file(path: str | Path) -> Path:
+    """The file that stores the labels of a benchmark model: the ``.ckpt``, an artifact folder's metadata, or an
+    export's ``config.json``."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        return path
+    return path / META_FILE if (path / META_FILE).is_file() else path / "config.json"
+
+
+def data_labels(data: str) -> list[str] | None:
+    """The data's labels, in the order a datamodule without ``data.labels`` gives them: the sorted labels of the
+    train split (rare ones kept: the benchmark judges models, not data); None without a train split."""
+    source = DataSource(data)
+    if not source.has_split("train"):
+        return None
+    return check_label_set(source.read("train"), source.locate("train")[1], min_count=1)
 
 
 def file_sizes_mb(path: Path) -> tuple[float, float]:
@@ -228,20 +248,28 @@ class Variant:
     singles: list[dict]  # the first ``latency_samples`` texts, each a batch of one
     batches: list[dict]  # the whole split in batches of ``batch_size``
     target: np.ndarray  # (N,) true class ids
+    columns: torch.Tensor | None = None  # (C,) the model's class id of each of the data's labels; None: the same
     preds: list[np.ndarray] = field(default_factory=list)  # (N,) predicted class ids, one per run
     reports: list[dict] = field(default_factory=list)  # ``metrics_report`` of each run
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(**model_inputs(batch)).logits  # (B, T) -> (B, C)
+        return _logits(self.model, batch, self.columns)
 
 
-def _predict(model: nn.Module, batches: list[dict], id2label: dict[int, str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(target, predictions, metrics report) of one model over the whole split."""
+def _logits(model: nn.Module, batch: dict, columns: torch.Tensor | None) -> torch.Tensor:
+    """(B, C) logits of ``model`` in the data's label order: its own columns taken in ``columns`` order."""
+    logits = model(**model_inputs(batch)).logits  # (B, T) -> (B, C)
+    return logits if columns is None else logits[:, columns]
+
+
+def _predict(model: nn.Module, batches: list[dict], id2label: dict[int, str],
+             columns: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(target, predictions, metrics report) of one model over the whole split; ``columns`` as in ``Variant``."""
     metrics, confusion = classification_metrics(len(id2label)), MulticlassConfusionMatrix(len(id2label))
     preds, target = [], []
     with torch.inference_mode():
         for batch in batches:
-            preds.append(model(**model_inputs(batch)).logits.argmax(-1))
+            preds.append(_logits(model, batch, columns).argmax(-1))
             target.append(batch["labels"])
             metrics.update(preds[-1], target[-1])
             confusion.update(preds[-1], target[-1])
@@ -250,29 +278,40 @@ def _predict(model: nn.Module, batches: list[dict], id2label: dict[int, str]) ->
 
 
 def measure(name: str, paths: list[str], data: str, split: str, latency_samples: int, batch_size: int,
-            max_samples: int | None, trust_remote_code: bool = False) -> Variant:
+            max_samples: int | None, labels: list[str] | None = None, trust_remote_code: bool = False) -> Variant:
     """Load every run of one variant and predict the whole split with each (untimed); the first run stays
-    loaded, with its tokenized inputs, for the interleaved timing."""
+    loaded, with its tokenized inputs, for the interleaved timing.
+
+    Each model's classes are the labels stored with it, matched by name to ``labels`` (default: ``data_labels``;
+    without a train split, the model's own), whose order the predictions and reports follow.
+
+    Raises:
+        ValueError: a model was trained on another set of labels than the data's (naming its file).
+    """
     variant = None
+    labels = labels or data_labels(data)
     for path in paths:
         model, tokenizer_path, weights = load_for_benchmark(path, trust_remote_code)
-        id2label = {int(k): v for k, v in model.config.id2label.items()}
-        datamodule = EmotionDataModule(data, model_name=tokenizer_path, max_samples=max_samples,
-                                       labels=[id2label[i] for i in range(len(id2label))],
+        trained_on = stored_labels(model.config.id2label)
+        labels = labels or trained_on
+        columns = label_columns(trained_on, labels, str(_labels_file(path)))
+        columns = None if columns == sorted(columns) else torch.tensor(columns)
+        id2label = dict(enumerate(labels))
+        datamodule = EmotionDataModule(data, model_name=tokenizer_path, max_samples=max_samples, labels=labels,
                                        trust_remote_code=trust_remote_code)
         datamodule.setup("test" if split == "test" else "validate")
         dataset = datamodule.splits[split].remove_columns("length")
         collate = DataCollatorWithPadding(datamodule.tokenizer)
         batches = [collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
                    for i in range(0, len(dataset), batch_size)]
-        target, preds, report = _predict(model, batches, id2label)
+        target, preds, report = _predict(model, batches, id2label, columns)
         if variant is None:
             singles = [collate([dataset[i]]) for i in range(min(latency_samples, len(dataset)))]
             total, nonzero = count_parameters(model)
             size_mb, gzip_mb = file_sizes_mb(weights)
             static = {"params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total,
                       "size_mb": size_mb, "gzip_mb": gzip_mb}
-            variant = Variant(name, list(paths), model, static, id2label, singles, batches, target)
+            variant = Variant(name, list(paths), model, static, id2label, singles, batches, target, columns)
         elif id2label != variant.id2label or not np.array_equal(target, variant.target):
             raise ValueError(f"benchmark model {name!r}: run {path} has labels {id2label} or test texts unlike its "
                              f"first run {paths[0]} ({variant.id2label}); list only runs of one recipe together")
@@ -620,7 +659,8 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
     if num_threads:
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
-    variants = [measure(name, paths, data, split, latency_samples, batch_size, max_samples, trust_remote_code)
+    labels = data_labels(data)  # one label order for every row, whatever order each model stores
+    variants = [measure(name, paths, data, split, latency_samples, batch_size, max_samples, labels, trust_remote_code)
                 for name, paths in tqdm(runs.items(), desc="benchmark: predict", unit="model")]
     timing = time_variants(variants, rounds, warmup)
     rows, per_class, reports, pair_rows = compare(variants, timing, baseline, bootstrap, seed, pairs)

@@ -1,4 +1,5 @@
-"""Reading Lightning checkpoints as data: never code, and with a clear message when it fails."""
+"""Reading Lightning checkpoints as data: never code, and with a clear message when it fails; and the labels
+bound to a model's weights, which decide what its classes are called (``label_columns``, ``reorder_head``)."""
 
 import pickle
 
@@ -28,14 +29,87 @@ def read_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def load_network(model: nn.Module, path: str) -> None:
-    """Load the ``model.*`` weights of an ``EmotionClassifier`` (or ``Distiller``) checkpoint into ``model``.
+def label_columns(model_labels: list[str], data_labels: list[str], where: str) -> list[int]:
+    """For each of the data's labels, the model's class id of the label with that name: the column of the
+    model's logits that belongs to it. The labels stored with the weights are the truth; the same labels in
+    another order are matched by name, never by position.
+
+    Args:
+        model_labels: the labels stored with the weights, in class id order.
+        data_labels: the data's labels (``data.labels``, else the sorted train labels), in class id order.
+        where: the file that stores ``model_labels``, for the message.
 
     Raises:
-        ValueError: the checkpoint cannot be read, or its weights do not fit ``model``.
+        ValueError: the two are not the same set of labels (a class renamed, added or dropped).
+
+    >>> label_columns(["anger", "joy", "love"], ["love", "anger", "joy"], "best.ckpt")
+    [2, 0, 1]
+    >>> label_columns(["anger", "joy"], ["anger", "fear"], "best.ckpt")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: best.ckpt: the model was trained on the labels ['anger', 'joy'], but the data's labels are ...
     """
-    state = read_checkpoint(path)["state_dict"]
+    model_labels, data_labels = list(model_labels), list(data_labels)
+    if sorted(model_labels) != sorted(data_labels):
+        raise ValueError(f"{where}: the model was trained on the labels {model_labels}, but the data's labels are "
+                         f"{data_labels}; use the data and labels the model was trained with (its label names in "
+                         f"the data, or --data.labels {model_labels}), or a model trained on these labels")
+    return [model_labels.index(label) for label in data_labels]
+
+
+def _head_name(model: nn.Module) -> str:
+    """The name of the classification head's output layer in ``model``: the last ``nn.Linear`` with one output
+    per label (``classifier``, RoBERTa's ``classifier.out_proj``, a recurrent student's ``classifier``)."""
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and module.out_features == model.config.num_labels]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear classification head with {model.config.num_labels} "
+                         "outputs whose classes could be reordered; give the labels in the model's order "
+                         f"(--data.labels {list(model.config.id2label.values())})")
+    return names[-1]
+
+
+def reorder_head(model: nn.Module, columns: list[int], state: dict | None = None, prefix: str = "") -> None:
+    """Reorder the classes of ``model``'s classification head: class ``i`` becomes the old class ``columns[i]``
+    (see ``label_columns``), so that its logits come in the data's label order, to the same numbers.
+
+    Args:
+        model: the network; its own weights are reordered unless ``state`` is given.
+        columns: the old class id of each new one.
+        state: a state dict of ``model`` (keys with ``prefix``, as in a Lightning checkpoint's ``model.``) to
+            reorder in place instead, before it is loaded.
+    """
+    if columns == list(range(len(columns))):
+        return
+    name = prefix + _head_name(model)
+    target = model.state_dict() if state is None else state
+    reordered = {key: target[key][columns] for key in (f"{name}.weight", f"{name}.bias") if key in target}
+    if state is None:
+        model.load_state_dict(reordered, strict=False)
+    else:
+        state.update(reordered)
+
+
+def stored_labels(id2label: dict | None) -> list[str] | None:
+    """The label names of a stored ``id2label`` (ids as ints or strings) in class id order; None if absent."""
+    return [id2label[i] for i in sorted(id2label, key=int)] if id2label else None
+
+
+def load_network(model: nn.Module, path: str, id2label: dict[int, str] | None = None) -> None:
+    """Load the ``model.*`` weights of an ``EmotionClassifier`` (or ``Distiller``) checkpoint into ``model``.
+
+    Args:
+        id2label: the labels ``model`` predicts; the checkpoint's classes are matched to them by name
+            (``label_columns``). None loads them by position.
+
+    Raises:
+        ValueError: the checkpoint cannot be read, was trained on other labels, or its weights do not fit ``model``.
+    """
+    checkpoint = read_checkpoint(path)
+    state = checkpoint["state_dict"]
     network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    trained_on = stored_labels(checkpoint.get("hyper_parameters", {}).get("id2label"))
+    if id2label and trained_on:
+        reorder_head(model, label_columns(trained_on, stored_labels(id2label), path), state=network)
     fit_to_state_dict(model, network)  # a structurally pruned run's checkpoint has smaller layers
     try:
         model.load_state_dict(network)

@@ -1,6 +1,7 @@
 """A transformer emotion classifier as a LightningModule: weighted loss, imbalance-aware metrics."""
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from emocompress import first_token, pretrained, structure
 from emocompress import students  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
-from emocompress.checkpoints import load_network
+from emocompress.checkpoints import label_columns, load_network, reorder_head, stored_labels
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class EmotionClassifier(LightningModule):
         self.model = self._build_model()
         if init_checkpoint is not None:
             try:
-                load_network(self.model, init_checkpoint)
+                load_network(self.model, init_checkpoint, self.id2label)
             except ValueError as err:
                 raise ValueError(f"model.init_checkpoint: {err}") from err
             self.head_is_new = False
@@ -175,7 +176,20 @@ class EmotionClassifier(LightningModule):
             label2id={name: i for i, name in self.id2label.items()}, ignore_mismatched_sizes=True,
             trust_remote_code=self.hparams.trust_remote_code, output_loading_info=True)
         self.head_is_new = bool(info["missing_keys"] or info["mismatched_keys"])
+        if not self.head_is_new:  # a trained head (an hf_model export): its classes are the labels it was saved with
+            reorder_head(model, self._export_columns())
         return model
+
+    def _export_columns(self) -> list[int]:
+        """``label_columns`` of the labels in ``model_name``'s ``config.json`` against the data's; none to map
+        when they are transformers' placeholder names (``LABEL_0``...), which name no class."""
+        path = pretrained.resolve(self.hparams.model_name)
+        config = pretrained.load_config(path, trust_remote_code=self.hparams.trust_remote_code)
+        trained_on, data = stored_labels(config.id2label), list(self.id2label.values())
+        if trained_on == [f"LABEL_{i}" for i in range(len(trained_on))]:
+            return list(range(len(data)))
+        where = Path(path, "config.json") if Path(path).is_dir() else path
+        return label_columns(trained_on, data, str(where))
 
     def _freeze(self, layers: int) -> None:
         """Turn off gradients of the input embeddings and the first ``layers`` encoder layers. Frozen
@@ -199,8 +213,20 @@ class EmotionClassifier(LightningModule):
         log.info("frozen: the embeddings and %d of the encoder layers; %.1fM parameters train", layers, trainable / 1e6)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Before Lightning loads the weights (--ckpt_path, load_from_checkpoint): a structurally pruned
-        # run's checkpoint has smaller layers than the model its config builds.
+        # Before Lightning loads the weights (--ckpt_path, load_from_checkpoint): the checkpoint's classes are
+        # the labels it was trained on, matched to the data's by name; and a structurally pruned run's
+        # checkpoint has smaller layers than the model its config builds.
+        trained_on = stored_labels(checkpoint.get("hyper_parameters", {}).get("id2label"))
+        if trained_on:
+            where = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
+            columns = label_columns(trained_on, list(self.id2label.values()), where)
+            if columns != sorted(columns) and self._trainer is not None and self._trainer.state.fn == "fit":
+                # the optimizer's moments are kept by class id, and stay in the order they were trained in
+                raise ValueError(f"{where}: the run was trained with the labels in the order {trained_on}; resume "
+                                 f"it with that order, --data.labels {trained_on}")
+            reorder_head(self.model, columns, checkpoint["state_dict"], prefix="model.")
+            if "class_weights" in checkpoint["state_dict"]:
+                checkpoint["state_dict"]["class_weights"] = checkpoint["state_dict"]["class_weights"][columns]
         structure.fit_to_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
 
     @property

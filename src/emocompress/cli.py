@@ -260,6 +260,11 @@ def main(args: list[str] | None = None):
         # Our errors name the file, line or config key and the fix: one line, not a traceback.
         if os.environ.get("EMOCOMPRESS_DEBUG"):
             raise
+        if str(err).startswith("Does not validate against any of the Union subtypes") and \
+                isinstance(err.__cause__, ValueError):
+            # jsonargparse wraps an error raised while building the model (model is a Union with None) in a
+            # report of every subtype it tried; ours, the cause, is the one line that says what is wrong.
+            err = err.__cause__
         sys.stderr.write(f"emocompress: error: {err}\n(set EMOCOMPRESS_DEBUG=1 to see the traceback)\n")
         sys.exit(2)
 

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
 from emocompress import pretrained
-from emocompress.checkpoints import load_network, read_checkpoint
+from emocompress.checkpoints import label_columns, load_network, read_checkpoint, reorder_head, stored_labels
 from emocompress.classifier import EmotionClassifier, model_inputs
 from emocompress.first_token import first_token_only
 from emocompress.outputs import atomic_file
@@ -137,21 +137,29 @@ class Teacher:
 
     Args:
         source: an ``hf_model`` export folder, a hub name, or a classifier ``.ckpt`` (``load_teacher``).
-        id2label: the data's labels, which the teacher must predict in the same order; None skips the check.
+        id2label: the data's labels: the teacher must have been trained on the same set, and its classes are put
+            in their order (matched by name); None keeps the teacher's own.
         trust_remote_code: allow the model folder to run its own code.
         batch_size: texts per forward pass when computing logits.
 
     Raises:
-        ValueError: the teacher cannot be loaded, or predicts other labels than ``id2label``.
+        ValueError: the teacher cannot be loaded, or was trained on other labels than ``id2label``.
     """
 
     def __init__(self, source: str, id2label: dict[int, str] | None = None, trust_remote_code: bool = False,
                  batch_size: int = 64):
         network, self.tokenizer = load_teacher(source, trust_remote_code)
-        labels = {int(i): name for i, name in (id2label or {}).items()}
-        if labels and network.config.id2label != labels:
-            raise ValueError(f"model.teacher: {source} predicts {network.config.id2label}, but the data's labels "
-                             f"are {labels}; distil from a teacher fine-tuned on this label set")
+        if id2label:
+            # Its classes are the labels it was trained on: matched to the data's by name, its head reordered
+            # once, so that its logits (and a student cut from it) follow the data's order.
+            labels = stored_labels(id2label)
+            where = Path(source, "config.json") if Path(source).is_dir() else source
+            try:
+                reorder_head(network, label_columns(stored_labels(network.config.id2label), labels, str(where)))
+            except ValueError as err:
+                raise ValueError(f"model.teacher: {err}") from err
+            network.config.id2label = dict(enumerate(labels))
+            network.config.label2id = {name: i for i, name in enumerate(labels)}
         self.network = network.requires_grad_(False).eval()
         self.trust_remote_code = trust_remote_code
         self.batch_size = batch_size
@@ -252,7 +260,7 @@ class Distiller(EmotionClassifier):
 
     Args:
         teacher: the fine-tuned teacher: an ``hf_model`` export folder, a hub name, or a classifier ``.ckpt``.
-            Its labels must be the data's, in the same order.
+            Its labels must be the data's, in any order (matched by name).
         student: ``layers``: a copy of the teacher with only ``student_layers`` kept (DistilBERT-style
             initialisation; ``data.model_name`` must then be the teacher's tokenizer); ``pretrained``:
             ``model_name`` (any HF model) with a fresh head; ``bilstm`` / ``meanpool`` / ``cnn``: a

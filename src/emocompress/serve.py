@@ -41,7 +41,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from emocompress.artifact_format import FIX, ONNX_FILE, TOKENIZER_FILE, read_metadata
+from emocompress.artifact_format import FIX, ONNX_FILE, TOKENIZER_FILE, check_output_width, read_metadata
 from emocompress.lines import iter_lines
 from emocompress.outputs import atomic_file
 
@@ -66,7 +66,8 @@ class OnnxPredictor:
 
     Raises:
         ValueError: ``folder`` is not a servable ONNX artifact (the message says which file is missing)
-            or its metadata is refused (see ``emocompress.artifact_format.read_metadata``).
+            or its metadata is refused (see ``emocompress.artifact_format.read_metadata``; its labels must be as
+            many as the graph's outputs, ``check_output_width``).
     """
 
     def __init__(self, folder: str | Path, num_threads: int | None = None, batch_size: int = 32):
@@ -104,6 +105,7 @@ class OnnxPredictor:
             self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no public base class
             raise ValueError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({err}); {FIX}") from None
+        check_output_width(self.session, self.labels, folder)
         # Feed only what the graph declares: DistilBERT and the recurrent students take no token_type_ids.
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
