@@ -539,16 +539,19 @@ def test_data_errors_print_one_line_without_a_traceback(emotion_dir, tiny_model_
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(("native", "expected"), [(False, "32-true"), (True, "bf16-mixed")])
+@pytest.mark.parametrize(("precision", "native", "expected"), [
+    ("bf16-mixed", False, "32-true"), ("bf16-mixed", True, "bf16-mixed"),
+    # Lightning runs 16-mixed on a CPU as bf16-mixed (fp16 AMP has no CPU kernels): the same fallback applies
+    ("16-mixed", False, "32-true"), ("16", False, "32-true"), ("16-mixed", True, "bf16-mixed")])
 def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(emotion_dir, tiny_model_dir, tmp_path, monkeypatch,
-                                                              native, expected):
+                                                              precision, native, expected):
     # Emulated bf16 trained 14x slower than fp32 on an AVX2-only CPU: the teacher's bf16 default would crawl.
     from emocompress.cli import EmoCLI, EmotionClassifier, EmotionDataModule
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.chdir(tmp_path)
-    args = ["fit", *map(str, tiny_args(emotion_dir, tiny_model_dir, "--trainer.precision", "bf16-mixed"))]
+    args = ["fit", *map(str, tiny_args(emotion_dir, tiny_model_dir, "--trainer.precision", precision))]
     with pytest.warns(UserWarning, match="no native bf16") if not native else contextlib.nullcontext():
         cli = EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args[1:], run=False)
     assert cli.trainer.precision == expected

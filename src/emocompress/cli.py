@@ -66,10 +66,13 @@ def cpu_has_native_bf16() -> bool:
 
 def _cpu_precision(trainer_config) -> None:
     """bf16 precision on a CPU without native bf16 becomes 32-true, with a warning: what the configs mean by
-    "bf16 where it is fast" (teacher.yaml), instead of a fit 14x slower than it needs to be."""
+    "bf16 where it is fast" (teacher.yaml), instead of a fit 14x slower than it needs to be. ``16-mixed`` (and
+    its old spelling ``16``) counts too: Lightning runs it on a CPU as bf16-mixed, fp16 autocast having no CPU
+    kernels (``_AcceleratorConnector._check_and_init_precision``)."""
     precision = str(trainer_config.get("precision") or "")
     on_cpu = trainer_config.get("accelerator") == "cpu" or not torch.cuda.is_available()
-    if precision.startswith("bf16") and on_cpu and not cpu_has_native_bf16():
+    bf16_on_cpu = precision.startswith("bf16") or precision in ("16", "16-mixed")
+    if bf16_on_cpu and on_cpu and not cpu_has_native_bf16():
         trainer_config.precision = "32-true"
         rank_zero_warn(f"trainer.precision {precision}: this CPU has no native bf16 (no AVX512-BF16 or AMX), where "
                        "bf16 autocast trains about 14x slower than fp32; using 32-true instead (pass "
