@@ -3,6 +3,8 @@
 import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.classifier import EmotionClassifier
@@ -487,6 +490,59 @@ def test_resume_only_continues_the_run_it_belongs_to(emotion_dir, tiny_model_dir
         capsys.readouterr().err
     assert torch.load(finished / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
     assert not (tmp_path / "logs" / "tiny" / "version_2").exists()
+
+
+class SigtermInSecondEpoch(Callback):
+    """Sends this process a real SIGTERM after the first batch of epoch 1, as a cluster's time limit would; once
+    (``sent``), so that the same command resumes."""
+
+    sent = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 0 and not SigtermInSecondEpoch.sent:
+            SigtermInSecondEpoch.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_exits_143_and_names_the_resume(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # Lightning ends fit on SIGTERM with a SystemExit without a code: exit 0, and `make ... && next` went on.
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--trainer.max_epochs", "2",
+                              "--trainer.callbacks+", f"{__name__}.SigtermInSecondEpoch")]
+    monkeypatch.setattr(SigtermInSecondEpoch, "sent", False)
+    with pytest.raises(SystemExit) as exit_info:
+        _run_in_process(args, monkeypatch, tmp_path)
+    assert exit_info.value.code == 143
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    err = capsys.readouterr().err
+    assert f"fit interrupted by SIGTERM; resume it from {Path('logs/tiny/version_0/checkpoints/last.ckpt')} with " \
+           "the same command and --ckpt_path last" in err
+    assert not (run / "hf_model").exists() and not (run / "test_metrics.json").exists()
+    _run_in_process([*args, "--ckpt_path", "last"], monkeypatch, tmp_path)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert (run / "hf_model" / "config.json").is_file() and (run / "test_metrics.json").is_file()
+
+
+def test_resume_finishes_a_run_killed_during_its_exports(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # Killed after its last epoch, before hf_model and test_metrics.json were written: resume was refused as
+    # "already finished", and the run could never be completed.
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir)]
+    _run_in_process(args, monkeypatch, tmp_path)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    report = json.loads((run / "test_metrics.json").read_text())
+    last = (run / "checkpoints" / "last.ckpt").read_bytes()
+    shutil.rmtree(run / "hf_model")
+    (run / "test_metrics.json").unlink()
+    capsys.readouterr()
+    _run_in_process([*args, "--ckpt_path", "last"], monkeypatch, tmp_path)
+    assert "finishing logs/tiny/version_0: its 1 epochs are done; writing what is missing: hf_model, " \
+           "test_metrics.json" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == last  # not trained further
+    assert json.loads((run / "test_metrics.json").read_text()) == report
+    assert AutoModelForSequenceClassification.from_pretrained(run / "hf_model").config.id2label[2] == "love"
+    assert not (run.parent / "version_1").exists()
+    # now complete: a further resume is refused as before
+    err = _refused([*args, "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
+    assert "logs/tiny/version_0 already finished its 1 epochs" in err
 
 
 def test_a_new_fit_never_overwrites_a_named_run(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):

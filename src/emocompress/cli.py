@@ -14,6 +14,7 @@ without a ``class_path`` it is the ``EmotionClassifier``.
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -25,8 +26,12 @@ import yaml
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from emocompress.benchmark import benchmark
+from emocompress.callbacks.export import HFExport, OnnxExport
+from emocompress.callbacks.metrics import TestMetricsWriter
+from emocompress.callbacks.quantization import Int8Quantization
 from emocompress.checkpoints import read_checkpoint
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
@@ -43,6 +48,8 @@ _SUMMARY_METRICS = ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")
 _FUNCTIONS = {"benchmark": benchmark, "vocab": train_vocabulary}
 # --ckpt_path values that Lightning resolves itself rather than reading a file.
 _CKPT_KEYWORDS = ("best", "last", "hpc")
+# Exit code of a run stopped by SIGTERM: the shell's 128 + signal number, as if the signal had killed it.
+_SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
 def _comparable(config: str) -> dict:
@@ -169,15 +176,61 @@ class EmoCLI(LightningCLI):
         epoch, step = state.get("epoch", 0), state.get("global_step", 0)
         max_epochs = config.trainer.get("max_epochs")
         if isinstance(max_epochs, int) and max_epochs > 0 and epoch + 1 >= max_epochs:
-            raise ValueError(f"--ckpt_path last: {folder} already finished its {max_epochs} epochs (last.ckpt is "
-                             f"from epoch {epoch}); nothing to resume. To train it further, raise "
-                             f"--trainer.max_epochs and name the run with --trainer.logger.init_args.version")
+            # Trained, but maybe killed while exporting or testing: before_fit, when the callbacks exist, decides
+            # whether anything is missing (Lightning then skips the done epochs and runs on_fit_end and the test).
+            self._finishing = (folder, max_epochs, epoch)
         name = folder.name
         number = name.removeprefix("version_")
         args.version = int(number) if number.isdigit() else name
-        log.info("resuming %s from %s (epoch %d, global step %d)", folder, last, epoch, step)
+        if not getattr(self, "_finishing", None):
+            log.info("resuming %s from %s (epoch %d, global step %d)", folder, last, epoch, step)
+
+    def _finish_or_refuse(self):
+        """A resumed run whose epochs are all done: write the outputs it lacks (the fit-end exports, and the test's
+        metrics and INT8 folder when it tests after fit), or refuse when it has them all."""
+        folder, max_epochs, epoch = self._finishing
+        callbacks = self.trainer.callbacks
+        expected = [c.dirname for c in callbacks if isinstance(c, HFExport | OnnxExport)]
+        if self.config.fit.test_after_fit:
+            expected += [c.dirname for c in callbacks if isinstance(c, Int8Quantization)]
+            expected += [c.filename for c in callbacks if isinstance(c, TestMetricsWriter)]
+        missing = [name for name in expected if not (folder / name).exists()]
+        if not missing:
+            raise ValueError(f"--ckpt_path last: {folder} already finished its {max_epochs} epochs (last.ckpt is "
+                             f"from epoch {epoch}) and wrote its exports; nothing to resume. To train it further, "
+                             "raise --trainer.max_epochs and name the run with --trainer.logger.init_args.version")
+        log.info("finishing %s: its %d epochs are done; writing what is missing: %s", folder, max_epochs,
+                 ", ".join(missing))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            # Lightning stops on SIGTERM with a SystemExit without a code, so the process would exit 0 and
+            # `make ... && next` carry on as if the run had succeeded.
+            self._say_how_to_resume(subcommand)
+            sys.exit(_SIGTERM_EXIT)
+
+    def _say_how_to_resume(self, subcommand: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        if subcommand != "fit":
+            log.error("%s interrupted by SIGTERM; its outputs were not written: run the same command again",
+                      subcommand)
+            return
+        dirs = {Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+        last = next((d / "last.ckpt" for d in sorted(dirs) if (d / "last.ckpt").is_file()), None)
+        if last is None:
+            log.error("fit interrupted by SIGTERM before its first epoch ended (no last.ckpt to resume from); "
+                      "start it again")
+        else:
+            log.error("fit interrupted by SIGTERM; resume it from %s with the same command and --ckpt_path last "
+                      "(it also writes the exports and test metrics a run killed after training lacks)",
+                      os.path.relpath(last))
 
     def before_fit(self):
+        if getattr(self, "_finishing", None):
+            self._finish_or_refuse()
         source = getattr(self.datamodule, "source", None)
         if self.config.fit.test_after_fit and source is not None and not source.has_split("test"):
             raise ValueError(f"data: {source.data} has no test split, and fit tests the best checkpoint when it "
