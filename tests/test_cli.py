@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -543,6 +544,46 @@ def test_resume_finishes_a_run_killed_during_its_exports(emotion_dir, tiny_model
     # now complete: a further resume is refused as before
     err = _refused([*args, "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
     assert "logs/tiny/version_0 already finished its 1 epochs" in err
+
+
+def test_test_and_predict_resolve_last_and_best_from_their_run(emotion_dir, tiny_model_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    # `test --ckpt_path last` loaded nothing (Lightning: "No checkpoint will be loaded") and scored a random head.
+    common = tiny_args(emotion_dir, tiny_model_dir)
+    err = _refused(["test", *common, "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
+    assert "--ckpt_path last: no run under logs/tiny was started with this config" in err
+    _run_in_process(["fit", *common, "--trainer.max_epochs", "2"], monkeypatch, tmp_path)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    report = json.loads((run / "test_metrics.json").read_text())
+    capsys.readouterr()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run_in_process(["test", *common, "--trainer.max_epochs", "2", "--ckpt_path", "best"], monkeypatch, tmp_path)
+    assert not [str(w.message) for w in caught if "No checkpoint" in str(w.message) or "at random" in str(w.message)]
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    assert f"test: --ckpt_path best is {best.relative_to(tmp_path)} (run {Path('logs/tiny/version_0')})" in \
+        capsys.readouterr().err
+    assert json.loads((run.parent / "version_1" / "test_metrics.json").read_text()) == report  # fit tested best
+
+    _run_in_process(["test", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"], monkeypatch, tmp_path)
+    assert f"is {Path('logs/tiny/version_0/checkpoints/last.ckpt')}" in capsys.readouterr().err
+    _run_in_process(["test", *common, "--ckpt_path", run / "checkpoints" / "last.ckpt"], monkeypatch, tmp_path)
+    assert (json.loads((run.parent / "version_2" / "test_metrics.json").read_text())
+            == json.loads((run.parent / "version_3" / "test_metrics.json").read_text()))
+
+    # predict with another predict_file is still this run; a changed model setting is not
+    texts = tmp_path / "texts.txt"
+    texts.write_text("i feel so happy\n")
+    _run_in_process(["predict", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last",
+                     "--data.predict_file", texts], monkeypatch, tmp_path)
+    assert (run.parent / "version_4" / "predictions.jsonl").is_file()
+    err = _refused(["test", *common, "--trainer.max_epochs", "2", "--model.lr", "5e-4", "--ckpt_path", "best"],
+                   capsys, monkeypatch, tmp_path)
+    assert "--ckpt_path best: no run under logs/tiny was started with this config" in err
+    err = _refused(["validate", *common, "--trainer.max_epochs", "2", "--trainer.logger", "false",
+                    "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
+    assert "--ckpt_path last: without a logger there is no run folder to take it from" in err
 
 
 def test_a_new_fit_never_overwrites_a_named_run(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):

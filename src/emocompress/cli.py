@@ -52,14 +52,18 @@ _CKPT_KEYWORDS = ("best", "last", "hpc")
 _SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
-def _comparable(config: str) -> dict:
-    """A dumped run config without what a resume changes (``ckpt_path``, the logger's ``version``)."""
+def _comparable(config: str, keys=None) -> dict:
+    """A dumped run config without what a resume changes (``ckpt_path``, the logger's ``version``); with ``keys``,
+    only those top-level keys, and without ``data.predict_file`` (what predict reads is not part of the run)."""
     config = yaml.safe_load(config) or {}
     for key in _RESUME_FLAGS:
         config.pop(key, None)
     logger = (config.get("trainer") or {}).get("logger")
     if isinstance(logger, dict):
         (logger.get("init_args") or {}).pop("version", None)
+    if keys is not None:
+        config = {key: value for key, value in config.items() if key in keys}
+        (config.get("data") or {}).pop("predict_file", None)
     return config
 
 
@@ -132,6 +136,8 @@ class EmoCLI(LightningCLI):
             transformers.logging.set_verbosity_error()
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resume_into_its_own_run(self.config.fit)
+        elif self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") in ("last", "best"):
+            self._checkpoint_of_its_run(config)
         elif self.subcommand == "fit":
             self._refuse_to_overwrite_a_run(self.config.fit)
 
@@ -157,17 +163,9 @@ class EmoCLI(LightningCLI):
         args = getattr(config.trainer.logger, "init_args", None)
         if args is None or "save_dir" not in args:
             return  # not a logger with version folders: Lightning's own lookup of "last"
-        root = Path(args.save_dir, args.get("name") or "")
         choose = ("pass --ckpt_path <file.ckpt> to start a new run from a checkpoint, or "
                   "--trainer.logger.init_args.version <N> to continue version_<N>")
-        folder = _named_run_folder(config)
-        if folder is None:
-            current = _comparable(self._parser("fit").dump(config, skip_none=False))
-            same = [path.parent for path in root.glob("*/config.yaml") if _comparable(path.read_text()) == current]
-            if not same:
-                raise ValueError(f"--ckpt_path last: no run under {root} was started with this config, so none is "
-                                 f"this run to resume; {choose}")
-            folder = max(same, key=lambda run: (run / "config.yaml").stat().st_mtime)
+        folder = self._run_folder(config, "fit", f"so none is this run to resume; {choose}")
         last = folder / "checkpoints" / "last.ckpt"
         if not last.is_file():
             raise ValueError(f"--ckpt_path last: {folder} has no checkpoints/last.ckpt (it stopped before its first "
@@ -184,6 +182,65 @@ class EmoCLI(LightningCLI):
         args.version = int(number) if number.isdigit() else name
         if not getattr(self, "_finishing", None):
             log.info("resuming %s from %s (epoch %d, global step %d)", folder, last, epoch, step)
+
+    def _run_folder(self, config, subcommand: str, fix: str) -> Path:
+        """The run folder named with ``--trainer.logger.init_args.version``, else the newest one under the logger's
+        name whose saved config equals this ``subcommand``'s ``config`` (for fit all of it, for validate/test/predict
+        the settings they share with fit); ``fix`` ends the error when there is none."""
+        folder = _named_run_folder(config)
+        if folder is not None:
+            return folder
+        args = config.trainer.logger.init_args
+        root = Path(args.save_dir, args.get("name") or "")
+        dumped = self._parser(subcommand).dump(config, skip_none=False)
+        keys = None if subcommand == "fit" else set(yaml.safe_load(dumped))
+        current = _comparable(dumped, keys)
+
+        def is_this_run(path: Path) -> bool:
+            saved = _comparable(path.read_text(), keys)
+            if keys is None:
+                return saved == current
+            # validate/test/predict: a fit (earlier tests' folders have a config too) with the same shared settings
+            return (path.parent / "checkpoints" / "last.ckpt").is_file() and all(
+                saved[k] == current[k] for k in saved.keys() & keys)
+
+        same = [path.parent for path in root.glob("*/config.yaml") if is_this_run(path)]
+        if not same:
+            raise ValueError(f"--ckpt_path {config.ckpt_path}: no run under {root} was started with this config, {fix}")
+        return max(same, key=lambda run: (run / "config.yaml").stat().st_mtime)
+
+    def _checkpoint_of_its_run(self, config):
+        """``validate/test/predict --ckpt_path last|best``: the run's ``last.ckpt``, or the best checkpoint its first
+        monitored ``ModelCheckpoint`` recorded in it. Lightning would find neither (a new run folder) and go on with
+        the fresh model, scoring a random head."""
+        keyword = config.ckpt_path
+        args = getattr(config.trainer.logger, "init_args", None)
+        if args is None or "save_dir" not in args:
+            raise ValueError(f"--ckpt_path {keyword}: without a logger there is no run folder to take it from; pass "
+                             "the .ckpt file (checkpoints/ in the run's folder)")
+        fix = ("so none is the run to take it from; pass the .ckpt file, or --trainer.logger.init_args.version <N> "
+               "for version_<N>")
+        folder = self._run_folder(config, self.subcommand, fix)
+        last = folder / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ValueError(f"--ckpt_path {keyword}: {folder} has no checkpoints/last.ckpt (it stopped before its "
+                             "first epoch ended); pass a .ckpt file")
+        path = last
+        if keyword == "best":
+            states = read_checkpoint(str(last)).get("callbacks", {})
+            recorded = next((state["best_model_path"] for name, state in states.items() if name.startswith(
+                "ModelCheckpoint") and state.get("monitor") and state.get("best_model_path")), None)
+            if recorded is None:
+                raise ValueError(f"--ckpt_path best: {last} records no best checkpoint (no ModelCheckpoint with a "
+                                 "monitor); pass the .ckpt file")
+            # recorded as the fit saw it: relative to the fit's working directory, or moved with its run folder
+            path = Path(recorded) if Path(recorded).is_file() else folder / "checkpoints" / Path(recorded).name
+            if not path.is_file():
+                raise ValueError(f"--ckpt_path best: {last} names {recorded} as the best checkpoint, which is gone; "
+                                 "pass a .ckpt file")
+        read_checkpoint(str(path))  # a broken file: one line now, not an unpickling traceback later
+        config.ckpt_path = str(path)
+        log.info("%s: --ckpt_path %s is %s (run %s)", self.subcommand, keyword, os.path.relpath(path), folder)
 
     def _finish_or_refuse(self):
         """A resumed run whose epochs are all done: write the outputs it lacks (the fit-end exports, and the test's
