@@ -586,6 +586,14 @@ def test_test_and_predict_resolve_last_and_best_from_their_run(emotion_dir, tiny
     assert "--ckpt_path last: without a logger there is no run folder to take it from" in err
 
 
+@pytest.mark.parametrize("option", ["--trainer.max_epochs", "--trainer.max_steps"])
+def test_a_fit_of_zero_epochs_is_refused(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch, option):
+    # It exported the random head as hf_model and tested it as if it were a trained model.
+    err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, option, "0")], capsys, monkeypatch, tmp_path)
+    assert f"{option.removeprefix('--')} 0: fit would train nothing and export the untrained model" in err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_a_new_fit_never_overwrites_a_named_run(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
     # the Makefile's seed, sweep and tuning runs name their folders: run twice, the second must not replace the first
     args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false",

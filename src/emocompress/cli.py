@@ -134,12 +134,24 @@ class EmoCLI(LightningCLI):
         if config.get("ckpt_path"):
             # The checkpoint restores the head: transformers' report of a freshly initialised one is noise.
             transformers.logging.set_verbosity_error()
+        if self.subcommand == "fit":
+            self._refuse_zero_epochs(config)
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resume_into_its_own_run(self.config.fit)
         elif self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") in ("last", "best"):
             self._checkpoint_of_its_run(config)
         elif self.subcommand == "fit":
             self._refuse_to_overwrite_a_run(self.config.fit)
+
+    @staticmethod
+    def _refuse_zero_epochs(config):
+        """A fit limited to 0 epochs or steps trains nothing, yet would export and test the model it started
+        with (a head initialised at random) as if it were trained: refused, not warned, because nothing useful
+        comes of it (``test`` without --ckpt_path scores a fresh model, with its warning)."""
+        for key in ("max_epochs", "max_steps"):
+            if config.trainer.get(key) == 0:
+                raise ValueError(f"trainer.{key} 0: fit would train nothing and export the untrained model as its "
+                                 f"result; give at least 1 (or use `test` to score the model as it is)")
 
     def _refuse_to_overwrite_a_run(self, config):
         """A new ``fit`` into a run folder named with ``--trainer.logger.init_args.version`` that already holds a
