@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -660,6 +661,57 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(emotion_dir, tiny_
     with pytest.warns(UserWarning, match="no native bf16") if not native else contextlib.nullcontext():
         cli = EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args[1:], run=False)
     assert cli.trainer.precision == expected
+
+
+def test_a_checkpoint_save_that_fails_midway_leaves_the_earlier_file(emotion_dir, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
+    # Lightning writes to a temp file in the system temp dir and moves it: across filesystems that is a copy,
+    # which a full disk cuts short, leaving a truncated best-*.ckpt where the file was.
+    import errno
+
+    from emocompress import checkpoints
+    from emocompress.cli import EmoCLI, EmotionClassifier, EmotionDataModule
+
+    monkeypatch.chdir(tmp_path)
+    cli = EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, run=False,
+                 args=[*map(str, tiny_args(emotion_dir, tiny_model_dir))])
+    io = cli.trainer.strategy.checkpoint_io
+    target = tmp_path / "checkpoints" / "best-epoch=0.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, target)
+    before = target.read_bytes()
+
+    # 1. The system temp dir on another filesystem: a rename out of it fails (EXDEV), the copy runs out of space.
+    elsewhere = tmp_path / "other-filesystem"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    rename = os.rename
+
+    def cross_device_rename(src, dst, *args, **kwargs):
+        if str(src).startswith(str(elsewhere)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(src, dst, *args, **kwargs)
+
+    def copy_until_full(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:20])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", cross_device_rename)
+    monkeypatch.setattr(shutil, "copyfile", copy_until_full)  # what shutil.move's copy2 calls
+
+    # 2. The disk fills while the checkpoint itself is written
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for failure in ({}, {"save": disk_full}):
+        target.write_bytes(before)
+        for name, replacement in failure.items():
+            monkeypatch.setattr(checkpoints.torch, name, replacement)
+        with contextlib.suppress(OSError):  # raising is fine; replacing the earlier file with half a file is not
+            io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, target)
+        # the earlier checkpoint or the new one, whole
+        assert torch.load(target, weights_only=True)["epoch"] == (0 if failure else 1)
+        assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temp file left behind
 
 
 def _structured_args(emotion_dir, model_dir, *configs, extra=()):

@@ -24,6 +24,7 @@ import torch
 import transformers
 import yaml
 from jsonargparse import CLI
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -32,7 +33,7 @@ from emocompress.benchmark import benchmark
 from emocompress.callbacks.export import HFExport, OnnxExport
 from emocompress.callbacks.metrics import TestMetricsWriter
 from emocompress.callbacks.quantization import Int8Quantization
-from emocompress.checkpoints import read_checkpoint
+from emocompress.checkpoints import AtomicCheckpointIO, read_checkpoint
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
@@ -270,6 +271,13 @@ class EmoCLI(LightningCLI):
                              "raise --trainer.max_epochs and name the run with --trainer.logger.init_args.version")
         log.info("finishing %s: its %d epochs are done; writing what is missing: %s", folder, max_epochs,
                  ", ".join(missing))
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # Checkpoints written whole or not at all, also across filesystems (a plugin the user set is kept).
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
