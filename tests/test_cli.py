@@ -595,6 +595,33 @@ def test_a_fit_of_zero_epochs_is_refused(emotion_dir, tiny_model_dir, tmp_path, 
     assert not (tmp_path / "logs").exists()
 
 
+def test_resume_refuses_changed_data_unless_told(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # An edited train.txt (same path, same config) was resumed silently, with a schedule sized for the old epoch.
+    import hashlib
+
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false")]
+    _run_in_process(args, monkeypatch, tmp_path)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    train = emotion_dir / "train.txt"
+    recorded = json.loads((run / "data_fingerprint.json").read_text())
+    assert set(recorded) == {"train", "val", "test"}
+    assert recorded["train"] == {"file": str(train), "bytes": train.stat().st_size,
+                                 "sha256": hashlib.sha256(train.read_bytes()).hexdigest()}
+    assert f"data train: {train} ({train.stat().st_size} bytes, sha256 {recorded['train']['sha256'][:16]})" in \
+        capsys.readouterr().err  # in the run summary
+
+    train.write_text(train.read_text() + "i am so glad today;joy\n")
+    more = [*args, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", "0", "--ckpt_path", "last"]
+    err = _refused(more, capsys, monkeypatch, tmp_path)
+    assert f"data: {train} changed since {Path('logs/tiny/version_0')} was trained on it" in err
+    assert "--data_changed_ok true" in err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # not resumed
+
+    _run_in_process([*more, "--data_changed_ok", "true"], monkeypatch, tmp_path)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert json.loads((run / "data_fingerprint.json").read_text())["train"]["bytes"] == train.stat().st_size
+
+
 def test_a_new_fit_never_overwrites_a_named_run(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
     # the Makefile's seed, sweep and tuning runs name their folders: run twice, the second must not replace the first
     args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false",

@@ -11,6 +11,7 @@
 without a ``class_path`` it is the ``EmotionClassifier``.
 """
 
+import json
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ import transformers
 import yaml
 from jsonargparse import CLI
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -37,12 +38,16 @@ from emocompress.checkpoints import AtomicCheckpointIO, read_checkpoint
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
+from emocompress.outputs import atomic_write_text
+from emocompress.sources import SPLIT_NAMES, split_fingerprint
 from emocompress.vocabulary import train_vocabulary
 
 # Not __name__: under `python -m emocompress.cli` (as the tests run it) that is __main__, outside our package logger.
 log = logging.getLogger("emocompress.cli")
 # Settings that may differ between a run and its resumption.
-_RESUME_FLAGS = ("ckpt_path", "config")
+_RESUME_FLAGS = ("ckpt_path", "config", "data_changed_ok")
+# The run folder's record of the data a fit trained on (split_fingerprint of each split).
+_FINGERPRINTS = "data_fingerprint.json"
 # Scalars of test_metrics.json in the end-of-run summary.
 _SUMMARY_METRICS = ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")
 # Subcommands that are plain functions rather than Trainer methods.
@@ -113,6 +118,9 @@ class EmoCLI(LightningCLI):
         parser.link_arguments("data.id2label", "model.init_args.id2label", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the best checkpoint on the test split (fit only).")
+        parser.add_argument("--data_changed_ok", type=bool, default=False,
+                            help="fit --ckpt_path last: resume even though a split's data differs from the one the "
+                                 f"run was trained on (its {_FINGERPRINTS}).")
 
     def parse_arguments(self, parser, args):
         super().parse_arguments(parser, args)
@@ -190,6 +198,7 @@ class EmoCLI(LightningCLI):
             # Trained, but maybe killed while exporting or testing: before_fit, when the callbacks exist, decides
             # whether anything is missing (Lightning then skips the done epochs and runs on_fit_end and the test).
             self._finishing = (folder, max_epochs, epoch)
+        self._resumed = folder
         name = folder.name
         number = name.removeprefix("version_")
         args.version = int(number) if number.isdigit() else name
@@ -255,6 +264,26 @@ class EmoCLI(LightningCLI):
         config.ckpt_path = str(path)
         log.info("%s: --ckpt_path %s is %s (run %s)", self.subcommand, keyword, os.path.relpath(path), folder)
 
+    def _refuse_changed_data(self, folder: Path):
+        """Resuming on data edited since the run began would continue on other texts, with a schedule sized for the
+        old epoch: refused, naming the split, unless ``--data_changed_ok true``."""
+        recorded_file = folder / _FINGERPRINTS
+        source = getattr(self.datamodule, "source", None)
+        if source is None or not recorded_file.is_file():
+            return  # a run from before fingerprints were recorded: nothing to compare with
+        recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
+        current = _fingerprints(source)
+        changed = [split for split, print_ in recorded.items() if current.get(split) != print_]
+        if not changed:
+            return
+        named = ", ".join(str((current.get(s) or recorded[s]).get("file") or recorded[s].get("source")) for s in changed)
+        message = (f"data: {named} changed since {folder} was trained on it ({recorded_file} records other bytes); "
+                   "resuming would continue on different data with a schedule sized for the old epoch")
+        if not self.config.fit.data_changed_ok:
+            raise ValueError(f"{message}. Restore the data, start a new run without --ckpt_path, or pass "
+                             "--data_changed_ok true to resume anyway")
+        rank_zero_warn(f"{message}; resuming anyway (--data_changed_ok true)")
+
     def _finish_or_refuse(self):
         """A resumed run whose epochs are all done: write the outputs it lacks (the fit-end exports, and the test's
         metrics and INT8 folder when it tests after fit), or refuse when it has them all."""
@@ -306,6 +335,8 @@ class EmoCLI(LightningCLI):
                       os.path.relpath(last))
 
     def before_fit(self):
+        if getattr(self, "_resumed", None):
+            self._refuse_changed_data(self._resumed)
         if getattr(self, "_finishing", None):
             self._finish_or_refuse()
         source = getattr(self.datamodule, "source", None)
@@ -352,6 +383,13 @@ class EmoCLI(LightningCLI):
             epoch = re.search(r"epoch=(\d+)", Path(best.best_model_path).name)
             lines.append(f"  best {best.monitor} {float(best.best_model_score):.4f}"
                          f"{f' at epoch {epoch[1]}' if epoch else ''}: {best.best_model_path}")
+        fingerprints = folder / _FINGERPRINTS
+        if subcommand == "fit" and fingerprints.is_file():
+            for split, print_ in json.loads(fingerprints.read_text(encoding="utf-8")).items():
+                lines.append(f"  data {split}: {print_['file']} ({print_['bytes']} bytes, sha256 "
+                             f"{print_['sha256'][:16]})" if "file" in print_ else
+                             f"  data {split}: {print_['source']} (datasets fingerprint "
+                             f"{print_['datasets_fingerprint']})")
         report = getattr(self.model, "test_report", None)
         if report and subcommand in ("fit", "test"):
             lines.append("  test: " + ", ".join(f"{key} {report[key]:.4f}" for key in _SUMMARY_METRICS))
@@ -360,6 +398,23 @@ class EmoCLI(LightningCLI):
             entries += [path for entry in entries if entry.name == "checkpoints" for path in sorted(entry.iterdir())]
             lines += [f"  {path}{'/' if path.is_dir() else ''}" for path in sorted(entries)]
         log.info("\n".join(lines))
+
+
+class _SaveRunRecord(SaveConfigCallback):
+    """Beside ``config.yaml``, a fit's run folder gets ``data_fingerprint.json``: which data it was trained on."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # rank 0, right after config.yaml
+        source = getattr(trainer.datamodule, "source", None)
+        if stage == "fit" and source is not None:
+            # the logger's folder, as config.yaml's: trainer.log_dir is a collective, and only rank 0 is here
+            folder = trainer.logger.log_dir if trainer.logger is not None else None
+            atomic_write_text(Path(folder or trainer.default_root_dir) / _FINGERPRINTS,
+                              json.dumps(_fingerprints(source), indent=2))
+
+
+def _fingerprints(source) -> dict:
+    """``split_fingerprint`` of each split the source has."""
+    return {split: split_fingerprint(source, split) for split in SPLIT_NAMES if source.has_split(split)}
 
 
 def _named_run_folder(config) -> Path | None:
@@ -410,7 +465,7 @@ def _run(args: list[str] | None) -> None:
     # checkpoint, which is what we want, and Lightning warns about exactly that on every fit.
     warnings.filterwarnings("ignore", message=r".*called with Trainer configured with multiple `ModelCheckpoint`")
     EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args,
-           save_config_kwargs={"overwrite": True},
+           save_config_callback=_SaveRunRecord, save_config_kwargs={"overwrite": True},
            trainer_defaults={"default_root_dir": "logs"})
 
 
