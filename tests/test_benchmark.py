@@ -309,3 +309,20 @@ def test_report_names_absent_classes_and_keeps_every_models_figure(tmp_path):
     # the present classes keep their numbers: "a b" got joy 2 of 3 right
     joy = next(r for r in per_class if r["model"] == "a b" and r["class"] == "joy")
     assert joy["accuracy"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("latency_samples", 0), ("latency_samples", -3), ("batch_size", 0), ("rounds", 0), ("warmup", -1),
+    ("num_threads", 0), ("num_threads", -2), ("max_samples", 0)])
+def test_timing_options_below_one_are_refused_before_predicting(emotion_dir, tiny_model_dir, tmp_path, monkeypatch,
+                                                                option, value):
+    # Today latency_samples 0 predicts every model first and then crashes on an empty list of timings.
+    import emocompress.benchmark as bench
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the settings were checked")
+
+    monkeypatch.setattr(bench, "measure", measured)
+    with pytest.raises(ValueError, match=rf"benchmark: {option} must be at least {0 if option == 'warmup' else 1}, "
+                                         rf"got {value}"):
+        benchmark({"m": tiny_model_dir}, data=str(emotion_dir), out_dir=str(tmp_path / "r"), **{option: value})

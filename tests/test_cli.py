@@ -3,13 +3,18 @@
 import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.classifier import EmotionClassifier
@@ -491,6 +496,159 @@ def test_resume_only_continues_the_run_it_belongs_to(emotion_dir, tiny_model_dir
     assert not (tmp_path / "logs" / "tiny" / "version_2").exists()
 
 
+class SigtermInSecondEpoch(Callback):
+    """Sends this process a real SIGTERM after the first batch of epoch 1, as a cluster's time limit would; once
+    (``sent``), so that the same command resumes."""
+
+    sent = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 0 and not SigtermInSecondEpoch.sent:
+            SigtermInSecondEpoch.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_exits_143_and_names_the_resume(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # Lightning ends fit on SIGTERM with a SystemExit without a code: exit 0, and `make ... && next` went on.
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--trainer.max_epochs", "2",
+                              "--trainer.callbacks+", f"{__name__}.SigtermInSecondEpoch")]
+    monkeypatch.setattr(SigtermInSecondEpoch, "sent", False)
+    with pytest.raises(SystemExit) as exit_info:
+        _run_in_process(args, monkeypatch, tmp_path)
+    assert exit_info.value.code == 143
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    err = capsys.readouterr().err
+    assert f"fit interrupted by SIGTERM; resume it from {Path('logs/tiny/version_0/checkpoints/last.ckpt')} with " \
+           "the same command and --ckpt_path last" in err
+    assert not (run / "hf_model").exists() and not (run / "test_metrics.json").exists()
+    _run_in_process([*args, "--ckpt_path", "last"], monkeypatch, tmp_path)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert (run / "hf_model" / "config.json").is_file() and (run / "test_metrics.json").is_file()
+
+
+def test_resume_finishes_a_run_killed_during_its_exports(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # Killed after its last epoch, before hf_model and test_metrics.json were written: resume was refused as
+    # "already finished", and the run could never be completed.
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir)]
+    _run_in_process(args, monkeypatch, tmp_path)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    report = json.loads((run / "test_metrics.json").read_text())
+    last = (run / "checkpoints" / "last.ckpt").read_bytes()
+    shutil.rmtree(run / "hf_model")
+    (run / "test_metrics.json").unlink()
+    capsys.readouterr()
+    _run_in_process([*args, "--ckpt_path", "last"], monkeypatch, tmp_path)
+    assert "finishing logs/tiny/version_0: its 1 epochs are done; writing what is missing: hf_model, " \
+           "test_metrics.json" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == last  # not trained further
+    assert json.loads((run / "test_metrics.json").read_text()) == report
+    assert AutoModelForSequenceClassification.from_pretrained(run / "hf_model").config.id2label[2] == "love"
+    assert not (run.parent / "version_1").exists()
+    # now complete: a further resume is refused as before
+    err = _refused([*args, "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
+    assert "logs/tiny/version_0 already finished its 1 epochs" in err
+
+
+def test_test_and_predict_resolve_last_and_best_from_their_run(emotion_dir, tiny_model_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    # `test --ckpt_path last` loaded nothing (Lightning: "No checkpoint will be loaded") and scored a random head.
+    common = tiny_args(emotion_dir, tiny_model_dir)
+    err = _refused(["test", *common, "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
+    assert "--ckpt_path last: no run under logs/tiny was started with this config" in err
+    _run_in_process(["fit", *common, "--trainer.max_epochs", "2"], monkeypatch, tmp_path)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    report = json.loads((run / "test_metrics.json").read_text())
+    capsys.readouterr()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run_in_process(["test", *common, "--trainer.max_epochs", "2", "--ckpt_path", "best"], monkeypatch, tmp_path)
+    assert not [str(w.message) for w in caught if "No checkpoint" in str(w.message) or "at random" in str(w.message)]
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    assert f"test: --ckpt_path best is {best.relative_to(tmp_path)} (run {Path('logs/tiny/version_0')})" in \
+        capsys.readouterr().err
+    assert json.loads((run.parent / "version_1" / "test_metrics.json").read_text()) == report  # fit tested best
+
+    _run_in_process(["test", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"], monkeypatch, tmp_path)
+    assert f"is {Path('logs/tiny/version_0/checkpoints/last.ckpt')}" in capsys.readouterr().err
+    _run_in_process(["test", *common, "--ckpt_path", run / "checkpoints" / "last.ckpt"], monkeypatch, tmp_path)
+    assert (json.loads((run.parent / "version_2" / "test_metrics.json").read_text())
+            == json.loads((run.parent / "version_3" / "test_metrics.json").read_text()))
+
+    # predict with another predict_file is still this run; a changed model setting is not
+    texts = tmp_path / "texts.txt"
+    texts.write_text("i feel so happy\n")
+    _run_in_process(["predict", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last",
+                     "--data.predict_file", texts], monkeypatch, tmp_path)
+    assert (run.parent / "version_4" / "predictions.jsonl").is_file()
+    err = _refused(["test", *common, "--trainer.max_epochs", "2", "--model.lr", "5e-4", "--ckpt_path", "best"],
+                   capsys, monkeypatch, tmp_path)
+    assert "--ckpt_path best: no run under logs/tiny was started with this config" in err
+    err = _refused(["validate", *common, "--trainer.max_epochs", "2", "--trainer.logger", "false",
+                    "--ckpt_path", "last"], capsys, monkeypatch, tmp_path)
+    assert "--ckpt_path last: without a logger there is no run folder to take it from" in err
+
+
+@pytest.mark.parametrize("option", ["--trainer.max_epochs", "--trainer.max_steps"])
+def test_a_fit_of_zero_epochs_is_refused(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch, option):
+    # It exported the random head as hf_model and tested it as if it were a trained model.
+    err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, option, "0")], capsys, monkeypatch, tmp_path)
+    assert f"{option.removeprefix('--')} 0: fit would train nothing and export the untrained model" in err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_resume_refuses_changed_data_unless_told(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # An edited train.txt (same path, same config) was resumed silently, with a schedule sized for the old epoch.
+    import hashlib
+
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false")]
+    _run_in_process(args, monkeypatch, tmp_path)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    train = emotion_dir / "train.txt"
+    recorded = json.loads((run / "data_fingerprint.json").read_text())
+    assert set(recorded) == {"train", "val", "test"}
+    assert recorded["train"] == {"file": str(train), "bytes": train.stat().st_size,
+                                 "sha256": hashlib.sha256(train.read_bytes()).hexdigest()}
+    assert f"data train: {train} ({train.stat().st_size} bytes, sha256 {recorded['train']['sha256'][:16]})" in \
+        capsys.readouterr().err  # in the run summary
+
+    train.write_text(train.read_text() + "i am so glad today;joy\n")
+    more = [*args, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", "0", "--ckpt_path", "last"]
+    err = _refused(more, capsys, monkeypatch, tmp_path)
+    assert f"data: {train} changed since {Path('logs/tiny/version_0')} was trained on it" in err
+    assert "--data_changed_ok true" in err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # not resumed
+
+    _run_in_process([*more, "--data_changed_ok", "true"], monkeypatch, tmp_path)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert json.loads((run / "data_fingerprint.json").read_text())["train"]["bytes"] == train.stat().st_size
+
+
+def test_model_and_checkpoint_mistakes_are_one_line(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # transformers/huggingface_hub tracebacks before: a mistyped folder is tried as a hub repo id
+    err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, "--data.model_name", "./nope")], capsys,
+                   monkeypatch, tmp_path)
+    assert "data.model_name './nope' (or a model the config names) cannot be loaded" in err
+    # a checkpoint of another hidden size: torch's state_dict error with a Lightning traceback before
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.bert.embeddings.word_embeddings.weight": torch.zeros(30, 8)},
+                "pytorch-lightning_version": "2.6.0", "epoch": 0, "global_step": 1}, other)
+    err = _refused(["test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", other)], capsys, monkeypatch,
+                   tmp_path)
+    assert f"--ckpt_path {other}: its weights do not fit this model" in err
+
+
+def test_fit_and_test_without_a_logger(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # LearningRateMonitor (base.yaml) crashed a fit with --trainer.logger false
+    args = tiny_args(emotion_dir, tiny_model_dir, "--trainer.logger", "false")
+    _run_in_process(["fit", *args], monkeypatch, tmp_path)
+    best = next((tmp_path / "logs" / "checkpoints").glob("best-*.ckpt"))
+    assert (tmp_path / "logs" / "hf_model" / "config.json").is_file()
+    assert (tmp_path / "logs" / "data_fingerprint.json").is_file()
+    _run_in_process(["test", *args, "--ckpt_path", best], monkeypatch, tmp_path)
+    assert json.loads((tmp_path / "logs" / "test_metrics.json").read_text())["labels"] == ["anger", "joy", "love"]
+
+
 def test_a_new_fit_never_overwrites_a_named_run(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
     # the Makefile's seed, sweep and tuning runs name their folders: run twice, the second must not replace the first
     args = ["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false",
@@ -541,19 +699,73 @@ def test_data_errors_print_one_line_without_a_traceback(emotion_dir, tiny_model_
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(("native", "expected"), [(False, "32-true"), (True, "bf16-mixed")])
+@pytest.mark.parametrize(("precision", "native", "expected"), [
+    ("bf16-mixed", False, "32-true"), ("bf16-mixed", True, "bf16-mixed"),
+    # Lightning runs 16-mixed on a CPU as bf16-mixed (fp16 AMP has no CPU kernels): the same fallback applies
+    ("16-mixed", False, "32-true"), ("16", False, "32-true"), ("16-mixed", True, "bf16-mixed")])
 def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(emotion_dir, tiny_model_dir, tmp_path, monkeypatch,
-                                                              native, expected):
+                                                              precision, native, expected):
     # Emulated bf16 trained 14x slower than fp32 on an AVX2-only CPU: the teacher's bf16 default would crawl.
     from emocompress.cli import EmoCLI, EmotionClassifier, EmotionDataModule
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.chdir(tmp_path)
-    args = ["fit", *map(str, tiny_args(emotion_dir, tiny_model_dir, "--trainer.precision", "bf16-mixed"))]
+    args = ["fit", *map(str, tiny_args(emotion_dir, tiny_model_dir, "--trainer.precision", precision))]
     with pytest.warns(UserWarning, match="no native bf16") if not native else contextlib.nullcontext():
         cli = EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args[1:], run=False)
     assert cli.trainer.precision == expected
+
+
+def test_a_checkpoint_save_that_fails_midway_leaves_the_earlier_file(emotion_dir, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
+    # Lightning writes to a temp file in the system temp dir and moves it: across filesystems that is a copy,
+    # which a full disk cuts short, leaving a truncated best-*.ckpt where the file was.
+    import errno
+
+    from emocompress import checkpoints
+    from emocompress.cli import EmoCLI, EmotionClassifier, EmotionDataModule
+
+    monkeypatch.chdir(tmp_path)
+    cli = EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, run=False,
+                 args=[*map(str, tiny_args(emotion_dir, tiny_model_dir))])
+    io = cli.trainer.strategy.checkpoint_io
+    target = tmp_path / "checkpoints" / "best-epoch=0.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, target)
+    before = target.read_bytes()
+
+    # 1. The system temp dir on another filesystem: a rename out of it fails (EXDEV), the copy runs out of space.
+    elsewhere = tmp_path / "other-filesystem"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    rename = os.rename
+
+    def cross_device_rename(src, dst, *args, **kwargs):
+        if str(src).startswith(str(elsewhere)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(src, dst, *args, **kwargs)
+
+    def copy_until_full(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:20])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", cross_device_rename)
+    monkeypatch.setattr(shutil, "copyfile", copy_until_full)  # what shutil.move's copy2 calls
+
+    # 2. The disk fills while the checkpoint itself is written
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for failure in ({}, {"save": disk_full}):
+        target.write_bytes(before)
+        for name, replacement in failure.items():
+            monkeypatch.setattr(checkpoints.torch, name, replacement)
+        with contextlib.suppress(OSError):  # raising is fine; replacing the earlier file with half a file is not
+            io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, target)
+        # the earlier checkpoint or the new one, whole
+        assert torch.load(target, weights_only=True)["epoch"] == (0 if failure else 1)
+        assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temp file left behind
 
 
 def _structured_args(emotion_dir, model_dir, *configs, extra=()):

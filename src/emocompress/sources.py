@@ -12,6 +12,7 @@ train labels that are too rare or differ from another only by case or whitespace
 a stray ``;`` or a typo. Texts that occur with conflicting labels are only warned about.
 """
 
+import hashlib
 import io
 import json
 from collections import Counter, defaultdict
@@ -151,6 +152,21 @@ class DataSource:
                            fn_kwargs={"where": where, "line_numbers": line_numbers, "text_col": text_col,
                                       "label_col": label_col, "names": names},
                            features=_RAW_FEATURES, desc=f"parse {where}")
+
+
+def split_fingerprint(source: DataSource, split: str) -> dict:
+    """What identifies the data of ``split`` without keeping it: its file's path, size and SHA-256 (one read of
+    the bytes), or for hub and ``save_to_disk`` data the ``datasets`` fingerprint of the split. A resume compares
+    it with the run's record to notice data edited in place."""
+    path, where = source.locate(split)
+    if path is None:
+        name = next(n for n in SPLIT_NAMES[split] if n in source.dataset_dict)
+        return {"source": where, "datasets_fingerprint": source.dataset_dict[name]._fingerprint}
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def check_label_set(raw: datasets.Dataset, where: str, min_count: int) -> list[str]:
