@@ -273,8 +273,8 @@ def _synthetic_variant(name: str, target: list[int], preds: list[int], id2label:
     metrics.update(torch.tensor(preds), torch.tensor(target))
     confusion = torch.tensor(confusion_matrix(target, preds, labels=list(id2label)))
     static = {"params": 10, "nonzero_params": 10, "sparsity": 0.0, "size_mb": 1.0, "gzip_mb": 0.5}
-    return Variant(name, [name], None, static, id2label, [], [], np.array(target), [np.array(preds)],
-                   [metrics_report(metrics.compute(), confusion, id2label)])
+    return Variant(name, [name], None, static, id2label, [], [], np.array(target), preds=[np.array(preds)],
+                   reports=[metrics_report(metrics.compute(), confusion, id2label)])
 
 
 def test_report_names_absent_classes_and_keeps_every_models_figure(tmp_path):
