@@ -21,8 +21,8 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from emocompress import pretrained
-from emocompress.cli import cpu_has_native_bf16
+from emocompress.hardware import cpu_has_native_bf16
+from emocompress.models import pretrained
 
 
 def step_seconds(model, optimizer, batch, labels, bf16: bool, steps: int) -> tuple[float, float]:

@@ -6,8 +6,8 @@
 
 import argparse
 
-from emocompress import pretrained
-from emocompress.sources import DataSource
+from emocompress.data.sources import DataSource
+from emocompress.models import pretrained
 
 
 def main() -> None:

@@ -32,10 +32,10 @@ import time
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from emocompress import pretrained
-from emocompress.cli import cpu_has_native_bf16
-from emocompress.classifier import EmotionClassifier
-from emocompress.data import EmotionDataModule
+from emocompress.data.datamodule import EmotionDataModule
+from emocompress.hardware import cpu_has_native_bf16
+from emocompress.models import pretrained
+from emocompress.models.classifier import EmotionClassifier
 
 
 class _Throughput(Callback):
@@ -73,8 +73,13 @@ def emocompress_rate(data: str, steps: int | None, warmup: int, batch_size: int,
 
 def hf_trainer_rate(data: str, steps: int | None, warmup: int, batch_size: int, group_by_length: bool,
                     bf16: bool = False) -> tuple[float, float]:
-    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer as HFTrainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        TrainerCallback,
+        TrainingArguments,
+    )
+    from transformers import Trainer as HFTrainer
 
     datamodule = EmotionDataModule(data, batch_size=batch_size, oversample_to=None)
     datamodule.setup("fit")

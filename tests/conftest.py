@@ -85,7 +85,7 @@ def tiny_teacher_dir(tiny_model_dir, tmp_path_factory) -> str:
 def make_datamodule(emotion_dir, tiny_model_dir):
     """``make_datamodule(model_dir=None, data_dir=None, **overrides)``: an ``EmotionDataModule`` on ``emotion_dir``
     tokenized for the tiny BERT, unless told otherwise; ``overrides`` (``batch_size=4``, ...) go to the constructor."""
-    from emocompress.data import EmotionDataModule
+    from emocompress.data.datamodule import EmotionDataModule
 
     def make(model_dir=None, data_dir=None, **overrides):
         return EmotionDataModule(str(data_dir or emotion_dir), model_name=str(model_dir or tiny_model_dir),

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from emocompress.augment import Augmentation, augmented_texts, perturb
-from emocompress.classifier import EmotionClassifier
-from emocompress.distillation import Distiller, Teacher, distillation_losses
+from emocompress.compression.distillation import Distiller, distillation_losses
+from emocompress.data.augment import Augmentation, augmented_texts, perturb
+from emocompress.models.classifier import EmotionClassifier
 
 
 def test_perturbation_rates_match_the_probabilities():

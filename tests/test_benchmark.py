@@ -9,10 +9,18 @@ from sklearn.metrics import f1_score, recall_score
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.benchmark import (_comparison_markdown, benchmark, check_out_dir, count_parameters, file_sizes_mb,
-                                   interleaved_times, load_for_benchmark, time_calls)
-from emocompress.callbacks.quantization import quantize
+from emocompress.benchmark.run import (
+    _comparison_markdown,
+    benchmark,
+    check_out_dir,
+    count_parameters,
+    file_sizes_mb,
+    interleaved_times,
+    load_for_benchmark,
+    time_calls,
+)
 from emocompress.cli import main
+from emocompress.compression.quantization import quantize
 from tests.conftest import REPO
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
@@ -266,8 +274,8 @@ def _synthetic_variant(name: str, target: list[int], preds: list[int], id2label:
     """A benchmark row measured without a model: its predictions and the report metrics_report makes of them."""
     from sklearn.metrics import confusion_matrix
 
-    from emocompress.benchmark import Variant
-    from emocompress.classifier import classification_metrics, metrics_report
+    from emocompress.benchmark.run import Variant
+    from emocompress.models.classifier import classification_metrics, metrics_report
 
     metrics = classification_metrics(len(id2label))
     metrics.update(torch.tensor(preds), torch.tensor(target))
@@ -278,7 +286,7 @@ def _synthetic_variant(name: str, target: list[int], preds: list[int], id2label:
 
 
 def test_report_names_absent_classes_and_keeps_every_models_figure(tmp_path):
-    from emocompress.benchmark import compare, write_report
+    from emocompress.benchmark.run import compare, write_report
 
     id2label = dict(enumerate(["anger", "joy", "love", "fear"]))  # "fear" has no text in the split
     target = [0, 0, 1, 1, 2, 2, 1, 0]
@@ -317,7 +325,7 @@ def test_report_names_absent_classes_and_keeps_every_models_figure(tmp_path):
 def test_timing_options_below_one_are_refused_before_predicting(emotion_dir, tiny_model_dir, tmp_path, monkeypatch,
                                                                 option, value):
     # Today latency_samples 0 predicts every model first and then crashes on an empty list of timings.
-    import emocompress.benchmark as bench
+    import emocompress.benchmark.run as bench
 
     def measured(*args, **kwargs):
         raise AssertionError("measured before the settings were checked")

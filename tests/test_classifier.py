@@ -1,10 +1,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
-                             recall_score)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    recall_score,
+)
 
-from emocompress.classifier import EmotionClassifier, classification_metrics, confusion_figure, metrics_report
+from emocompress.models.classifier import EmotionClassifier, classification_metrics, confusion_figure, metrics_report
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
 
@@ -113,7 +119,7 @@ def test_frozen_parts_do_not_change_and_stay_out_of_the_optimizer(make_datamodul
 
 
 def test_freeze_layers_needs_a_known_encoder(tiny_model_dir, monkeypatch):
-    from emocompress import structure
+    from emocompress.models import structure
 
     monkeypatch.setattr(structure, "_FAMILIES", {})  # as for an encoder family the project does not map
     with pytest.raises(ValueError, match="model.freeze_layers: .*no attention heads"):

@@ -17,8 +17,8 @@ import yaml
 from lightning.pytorch import Callback
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.classifier import EmotionClassifier
 from emocompress.cli import main
+from emocompress.models.classifier import EmotionClassifier
 
 from .conftest import REPO
 
@@ -284,7 +284,7 @@ def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
     exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model").eval()
     assert exported.config.num_hidden_layers == 1
     # the benchmark reads the student from the Distiller checkpoint too: the same network as the export
-    from emocompress.benchmark import load_for_benchmark
+    from emocompress.benchmark.run import load_for_benchmark
 
     from_checkpoint, _, _ = load_for_benchmark(best)
     ids = torch.tensor([[2, 5, 6, 3]])
@@ -309,8 +309,8 @@ def test_distill_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_teach
 
 @pytest.mark.slow
 def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp_path):
-    from emocompress.callbacks.quantization import load_int8
-    from emocompress.students import RecurrentClassifier
+    from emocompress.models.loading import load_artifact
+    from emocompress.models.students import RecurrentClassifier
 
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "distill_bilstm.yaml", "quantize.yaml",
                         extra=("--model.embedding_dim", 8, "--model.hidden_size", 8))
@@ -326,7 +326,7 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
                       return_tensors="pt")
     with torch.no_grad():
         fp32 = student(**batch).logits
-    int8 = load_int8(run / "int8")(**batch).logits
+    int8 = load_artifact(run / "int8")(**batch).logits
     torch.testing.assert_close(int8, fp32, atol=0.05, rtol=0.05)
 
 
@@ -549,6 +549,37 @@ def test_resume_finishes_a_run_killed_during_its_exports(emotion_dir, tiny_model
     assert "logs/tiny/version_0 already finished its 1 epochs" in err
 
 
+def test_runs_and_checkpoints_of_version_0_1_still_resume_and_load(emotion_dir, tiny_model_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    # 0.1.0 recorded the class paths of its flat modules (emocompress.classifier.EmotionClassifier) in config.yaml
+    # and in checkpoints (hyper_parameters' _class_path), and its configs had no data.trust_remote_code
+    from emocompress.benchmark.variants import load_for_benchmark
+
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir)]
+    _run_in_process(args, monkeypatch, tmp_path)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    report = json.loads((run / "test_metrics.json").read_text())
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["class_path"] == "emocompress.models.classifier.EmotionClassifier"
+    saved["model"]["class_path"] = "emocompress.classifier.EmotionClassifier"
+    del saved["data"]["trust_remote_code"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["hyper_parameters"]["_class_path"] == "emocompress.models.classifier.EmotionClassifier"
+    checkpoint["hyper_parameters"]["_class_path"] = "emocompress.classifier.EmotionClassifier"
+    torch.save(checkpoint, best)
+    shutil.rmtree(run / "hf_model")
+    capsys.readouterr()
+
+    _run_in_process([*args, "--ckpt_path", "last"], monkeypatch, tmp_path)  # the old run is this config's run
+    assert "finishing logs/tiny/version_0" in capsys.readouterr().err and (run / "hf_model").is_dir()
+    _run_in_process(["test", *tiny_args(emotion_dir, tiny_model_dir), "--ckpt_path", best], monkeypatch, tmp_path)
+    assert json.loads((run.parent / "version_1" / "test_metrics.json").read_text()) == report
+    model, _, _ = load_for_benchmark(best)
+    assert model.config.id2label == {0: "anger", 1: "joy", 2: "love"}
+
+
 def test_test_and_predict_resolve_last_and_best_from_their_run(emotion_dir, tiny_model_dir, tmp_path, capsys,
                                                                monkeypatch):
     # `test --ckpt_path last` loaded nothing (Lightning: "No checkpoint will be loaded") and scored a random head.
@@ -723,8 +754,8 @@ def test_a_checkpoint_save_that_fails_midway_leaves_the_earlier_file(emotion_dir
     # which a full disk cuts short, leaving a truncated best-*.ckpt where the file was.
     import errno
 
-    from emocompress import checkpoints
     from emocompress.cli import EmoCLI, EmotionClassifier, EmotionDataModule
+    from emocompress.models import checkpoints
 
     monkeypatch.chdir(tmp_path)
     cli = EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, run=False,
@@ -781,7 +812,7 @@ def _structured_args(emotion_dir, model_dir, *configs, extra=()):
 def test_structured_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_model_dir, tmp_path):
     # Taylor scores averaged across ranks: 2 processes x batch 4 remove the same heads and neurons as 1 process x
     # batch 8, although only the single process rebuilds at once (DDP holds masks until the end of training).
-    from emocompress import pretrained, structure
+    from emocompress.models import pretrained, structure
 
     _ok(run_cli("fit", *_structured_args(emotion_dir, tiny_model_dir, extra=("--data.batch_size", 8)), cwd=tmp_path))
     _ok(run_cli("fit", *_structured_args(emotion_dir, tiny_model_dir, extra=(
@@ -795,7 +826,7 @@ def test_structured_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_mode
     reports = [json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1")]
     assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
     assert json.loads((runs / "version_1" / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
-    with pytest.raises(ValueError, match="emocompress.pretrained.load_model"):
+    with pytest.raises(ValueError, match="emocompress.models.pretrained.load_model"):
         AutoModelForSequenceClassification.from_pretrained(runs / "version_0" / "hf_model")
     # the pruned export is a model like any other for the next command: test it as data.model_name
     _ok(run_cli("test", *tiny_args(emotion_dir, runs / "version_0" / "hf_model"), cwd=tmp_path))
@@ -805,7 +836,7 @@ def test_structured_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_mode
 
 @pytest.mark.slow
 def test_structured_prune_recovers_under_distillation(emotion_dir, tiny_teacher_dir, tmp_path):
-    from emocompress import pretrained, structure
+    from emocompress.models import pretrained, structure
 
     args = _structured_args(emotion_dir, tiny_teacher_dir, "distill.yaml", extra=(
         "-c", CONFIGS / "structured_prune_distill.yaml", "--data.model_name", tiny_teacher_dir,

@@ -6,8 +6,9 @@ import datasets
 import pytest
 import torch
 
-from emocompress.data import EmotionDataModule, EpochSampler, class_weights, oversampled_counts
-from emocompress.sources import DataSource
+from emocompress.data.datamodule import EmotionDataModule
+from emocompress.data.sampling import EpochSampler, class_weights, oversampled_counts
+from emocompress.data.sources import DataSource
 
 
 def _datamodule(folder, tiny_model_dir, **kwargs) -> EmotionDataModule:

@@ -15,13 +15,14 @@ from torch import nn
 from torch.nn.utils import prune
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.benchmark import load_for_benchmark
+from emocompress.benchmark.run import load_for_benchmark
 from emocompress.callbacks.export import OnnxExport
-from emocompress.artifacts import OrtClassifier, export_onnx, load_artifact, quantize
-from emocompress.classifier import EmotionClassifier
-from emocompress import serve
-from emocompress.serve import OnnxPredictor, main
-from emocompress.students import RecurrentClassifier, RecurrentConfig, keep_layers
+from emocompress.compression.export import export_onnx, quantize
+from emocompress.deploy import serve
+from emocompress.deploy.serve import OnnxPredictor, main
+from emocompress.models.classifier import EmotionClassifier
+from emocompress.models.loading import OrtClassifier, load_artifact
+from emocompress.models.students import RecurrentClassifier, RecurrentConfig, keep_layers
 from tests.conftest import write_split
 
 # fp32 ONNX Runtime vs PyTorch logits: the same maths in another kernel order and fused ops (~1e-6 seen).
@@ -32,8 +33,8 @@ _BLOCKED_SERVE = """
 import runpy, sys
 for name in ("torch", "transformers", "lightning"):
     sys.modules[name] = None
-sys.argv = ["emocompress.serve", *sys.argv[1:]]
-runpy.run_module("emocompress.serve", run_name="__main__")
+sys.argv = ["emocompress.deploy.serve", *sys.argv[1:]]
+runpy.run_module("emocompress.deploy.serve", run_name="__main__")
 """
 
 
@@ -330,15 +331,6 @@ def test_metadata_of_older_folders_falls_back_to_config(onnx_folder, tmp_path):
     assert isinstance(load_artifact(folder), OrtClassifier)
 
 
-def test_load_int8_is_still_an_alias(onnx_folder):
-    from emocompress.artifacts import load_int8
-    from emocompress.callbacks.quantization import export_onnx as old_export_onnx
-    from emocompress.callbacks.quantization import load_int8 as old_load_int8
-
-    assert load_int8 is load_artifact and old_load_int8 is load_artifact and old_export_onnx is export_onnx
-    assert isinstance(load_int8(onnx_folder), OrtClassifier)
-
-
 @pytest.mark.parametrize("spelling", ["same", "dotted", "symlink"])
 def test_serve_refuses_to_write_over_its_input(onnx_folder, tmp_path, capsys, spelling):
     text_file = tmp_path / "texts.txt"
@@ -391,7 +383,7 @@ def test_export_never_replaces_a_folder_it_did_not_write(teacher, tmp_path):
 
 def test_server_answers_with_a_structurally_pruned_model(teacher, emotion_dir, tmp_path):
     # uneven layers (1 head and 20 neurons, then 2 heads and 9): exported, optimized and served without torch
-    from emocompress import structure
+    from emocompress.models import structure
 
     model, tokenizer = copy.deepcopy(teacher[0]), teacher[1]
     structure.layers(model)[0].keep(heads=torch.tensor([1]), ffn=torch.arange(20))

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emocompress.classifier import EmotionClassifier
-from emocompress.distillation import Distiller, Teacher, distillation_losses, patient_loss
-from emocompress.students import RecurrentClassifier
+from emocompress.compression.distillation import Distiller, Teacher, distillation_losses, patient_loss
+from emocompress.models.classifier import EmotionClassifier
+from emocompress.models.students import RecurrentClassifier
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
 

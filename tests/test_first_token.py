@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-from emocompress import structure
-from emocompress.classifier import EmotionClassifier
-from emocompress.first_token import first_token_only, supported
+from emocompress.models import structure
+from emocompress.models.classifier import EmotionClassifier
+from emocompress.models.first_token import first_token_only, supported
 
 SIZES = {"bert": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),

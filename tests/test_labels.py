@@ -10,11 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.artifacts import export_onnx, load_artifact
-from emocompress.benchmark import benchmark, measure
-from emocompress.classifier import EmotionClassifier
-from emocompress.distillation import Teacher
-from emocompress.serve import OnnxPredictor
+from emocompress.benchmark.run import benchmark, measure
+from emocompress.compression.distillation import Teacher
+from emocompress.compression.export import export_onnx
+from emocompress.deploy.serve import OnnxPredictor
+from emocompress.models.classifier import EmotionClassifier
+from emocompress.models.loading import load_artifact
 
 from .conftest import write_split
 from .test_cli import _refused as _cli_refused

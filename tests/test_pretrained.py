@@ -1,4 +1,4 @@
-"""Where models come from (``emocompress.pretrained``): a model folder's own Python code runs only when the
+"""Where models come from (``emocompress.models.pretrained``): a model folder's own Python code runs only when the
 command line or config of this run allows it, never because a file (a checkpoint's hyper-parameters, a
 Distiller's teacher) says so, and never by answering transformers' "[y/N]" prompt."""
 
@@ -13,10 +13,10 @@ import lightning
 import pytest
 import torch
 
-from emocompress import pretrained
-from emocompress.benchmark import load_for_benchmark
-from emocompress.classifier import EmotionClassifier
-from emocompress.distillation import Distiller
+from emocompress.benchmark.run import load_for_benchmark
+from emocompress.compression.distillation import Distiller
+from emocompress.models import pretrained
+from emocompress.models.classifier import EmotionClassifier
 
 from .test_cli import CONFIGS
 

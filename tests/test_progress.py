@@ -5,7 +5,7 @@ import pytest
 from lightning.pytorch import Callback
 
 from emocompress.callbacks.progress import EpochSummary
-from emocompress.classifier import EmotionClassifier
+from emocompress.models.classifier import EmotionClassifier
 
 
 class _Losses(Callback):

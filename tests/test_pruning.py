@@ -4,8 +4,8 @@ from lightning.pytorch import Callback
 from torch import nn
 from torch.nn.utils import prune
 
-from emocompress.callbacks.pruning import MagnitudePruning, sparsity
-from emocompress.classifier import EmotionClassifier
+from emocompress.compression.pruning import MagnitudePruning, sparsity
+from emocompress.models.classifier import EmotionClassifier
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_a_model_with_only_a_head_to_prune_is_refused_before_training():
     # A BiLSTM student's only nn.Linear is its head: pruning would cut the head alone and report success.
     from types import SimpleNamespace
 
-    from emocompress.students import RecurrentClassifier, RecurrentConfig
+    from emocompress.models.students import RecurrentClassifier, RecurrentConfig
 
     bilstm = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3))
     callback = MagnitudePruning(amount=0.5)

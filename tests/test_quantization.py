@@ -4,13 +4,16 @@ import sys
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.artifacts import OrtClassifier, load_artifact, quantize
 from emocompress.callbacks.metrics import TestMetricsWriter
-from emocompress.callbacks.quantization import Int8Quantization, OnCpu
-from emocompress.classifier import EmotionClassifier
+from emocompress.compression.export import quantize
+from emocompress.compression.quantization import Int8Quantization, OnCpu
+from emocompress.data.datamodule import EmotionDataModule
+from emocompress.models.classifier import EmotionClassifier
+from emocompress.models.loading import OrtClassifier, load_artifact
 
 TEXTS = ["i feel so happy today", "furious", "really loving and tender the day was"]
 
@@ -18,7 +21,7 @@ TEXTS = ["i feel so happy today", "furious", "really loving and tender the day w
 _RELOAD = """
 import sys, torch
 from transformers import AutoTokenizer
-from emocompress.artifacts import load_artifact
+from emocompress.models.loading import load_artifact
 model = load_artifact(sys.argv[1])
 batch = AutoTokenizer.from_pretrained(sys.argv[1])(sys.argv[2:], return_tensors="pt", padding=True)
 with torch.no_grad():

@@ -3,9 +3,16 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, recall_score
 
-from emocompress.classifier import classification_metrics
-from emocompress.significance import (bootstrap_indices, confusion_matrices, mcnemar_exact, metrics_from_confusion,
-                                      paired_difference, percentile_interval, resampled_metrics)
+from emocompress.evaluation.significance import (
+    bootstrap_indices,
+    confusion_matrices,
+    mcnemar_exact,
+    metrics_from_confusion,
+    paired_difference,
+    percentile_interval,
+    resampled_metrics,
+)
+from emocompress.models.classifier import classification_metrics
 
 
 @pytest.mark.parametrize("seed", range(4))

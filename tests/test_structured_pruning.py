@@ -8,9 +8,9 @@ import torch
 from lightning.pytorch import Callback
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress import pretrained, structure
-from emocompress.callbacks.structured_pruning import StructuredPruning, _taylor_scores
-from emocompress.classifier import EmotionClassifier
+from emocompress.compression.structured_pruning import StructuredPruning, _taylor_scores
+from emocompress.models import pretrained, structure
+from emocompress.models.classifier import EmotionClassifier
 
 # 4 heads of 4 dims per layer, 24 FFN neurons: enough units to rank.
 _SHAPE = {"bert": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24},
@@ -258,7 +258,7 @@ def test_bad_settings_fail_at_construction(kwargs, message):
 def test_a_model_without_heads_is_refused_before_training():
     from types import SimpleNamespace
 
-    from emocompress.students import RecurrentClassifier, RecurrentConfig
+    from emocompress.models.students import RecurrentClassifier, RecurrentConfig
 
     bilstm = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3))
     with pytest.raises(ValueError, match=r"StructuredPruning: RecurrentClassifier \(model type "
@@ -272,7 +272,8 @@ def test_a_model_without_heads_is_refused_before_training():
 def test_export_and_int8_of_a_pruned_model(backend, heads, tmp_path):
     import onnx
 
-    from emocompress.artifacts import export_onnx, load_artifact, quantize
+    from emocompress.compression.export import export_onnx, quantize
+    from emocompress.models.loading import load_artifact
 
     model = tiny("bert", vocab_size=40)
     for layer, kept in zip(structure.layers(model), heads):

@@ -2,7 +2,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from emocompress.students import RecurrentClassifier, RecurrentConfig, build_student, every_other_layer, keep_layers
+from emocompress.models.students import (
+    RecurrentClassifier,
+    RecurrentConfig,
+    build_student,
+    every_other_layer,
+    keep_layers,
+)
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
 

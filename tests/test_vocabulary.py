@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from emocompress.artifacts import export_onnx, quantize
 from emocompress.cli import main
-from emocompress.distillation import Distiller
-from emocompress.serve import OnnxPredictor
-from emocompress.students import RecurrentClassifier
-from emocompress.vocabulary import build_tokenizer, train_vocabulary
+from emocompress.compression.distillation import Distiller
+from emocompress.compression.export import export_onnx, quantize
+from emocompress.data.vocabulary import build_tokenizer, train_vocabulary
+from emocompress.deploy.serve import OnnxPredictor
+from emocompress.models.students import RecurrentClassifier
 
 
 def test_vocabulary_is_learned_from_the_train_split_only(emotion_dir, tmp_path):

@@ -7,7 +7,7 @@
     emocompress benchmark --config configs/benchmark.yaml
     emocompress vocab --data ../shared/data/emotion --vocab_size 4000 --out_dir logs/vocab/emotion_4k
 
-``model`` is any ``EmotionClassifier`` subclass (``class_path: emocompress.distillation.Distiller``);
+``model`` is any ``EmotionClassifier`` subclass (``class_path: emocompress.compression.distillation.Distiller``);
 without a ``class_path`` it is the ``EmotionClassifier``.
 """
 
@@ -27,28 +27,21 @@ import yaml
 from jsonargparse import CLI
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from emocompress.benchmark import benchmark
-from emocompress.callbacks.export import HFExport, OnnxExport
-from emocompress.callbacks.metrics import TestMetricsWriter
-from emocompress.callbacks.quantization import Int8Quantization
-from emocompress.checkpoints import AtomicCheckpointIO, read_checkpoint
-from emocompress.classifier import EmotionClassifier
-from emocompress.data import EmotionDataModule
-from emocompress.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
-from emocompress.outputs import atomic_write_text
-from emocompress.sources import SPLIT_NAMES, split_fingerprint
-from emocompress.vocabulary import train_vocabulary
+from emocompress import runs
+from emocompress.benchmark.run import benchmark
+from emocompress.compression.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
+from emocompress.data.datamodule import EmotionDataModule
+from emocompress.data.vocabulary import train_vocabulary
+from emocompress.hardware import cpu_has_native_bf16
+from emocompress.models.checkpoints import AtomicCheckpointIO, current_class_paths, read_checkpoint
+from emocompress.models.classifier import EmotionClassifier
 
 # Not __name__: under `python -m emocompress.cli` (as the tests run it) that is __main__, outside our package logger.
 log = logging.getLogger("emocompress.cli")
-# Settings that may differ between a run and its resumption.
-_RESUME_FLAGS = ("ckpt_path", "config", "data_changed_ok")
-# The run folder's record of the data a fit trained on (split_fingerprint of each split).
-_FINGERPRINTS = "data_fingerprint.json"
 # Scalars of test_metrics.json in the end-of-run summary.
 _SUMMARY_METRICS = ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")
 # Subcommands that are plain functions rather than Trainer methods.
@@ -59,27 +52,6 @@ _CKPT_KEYWORDS = ("best", "last", "hpc")
 _SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
-def _comparable(config: str, keys=None) -> dict:
-    """A dumped run config without what a resume changes (``ckpt_path``, the logger's ``version``); with ``keys``,
-    only those top-level keys, and without ``data.predict_file`` (what predict reads is not part of the run)."""
-    config = yaml.safe_load(config) or {}
-    for key in _RESUME_FLAGS:
-        config.pop(key, None)
-    logger = (config.get("trainer") or {}).get("logger")
-    if isinstance(logger, dict):
-        (logger.get("init_args") or {}).pop("version", None)
-    if keys is not None:
-        config = {key: value for key, value in config.items() if key in keys}
-        (config.get("data") or {}).pop("predict_file", None)
-    return config
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it, torch emulates bf16 and
-    bf16 autocast trains MiniLM about 14x slower than fp32 (2.2 vs 30.8 samples/s measured on an AVX2-only
-    AMD EPYC). Unknown (an older torch without the probes) counts as native."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None) or all(probe is None for probe in probes)
 
 
 def _cpu_precision(trainer_config) -> None:
@@ -124,7 +96,7 @@ class EmoCLI(LightningCLI):
                             help="After fit, test the best checkpoint on the test split (fit only).")
         parser.add_argument("--data_changed_ok", type=bool, default=False,
                             help="fit --ckpt_path last: resume even though a split's data differs from the one the "
-                                 f"run was trained on (its {_FINGERPRINTS}).")
+                                 f"run was trained on (its {runs.FINGERPRINTS}).")
 
     def parse_arguments(self, parser, args):
         super().parse_arguments(parser, args)
@@ -140,6 +112,21 @@ class EmoCLI(LightningCLI):
         elif path and path not in _CKPT_KEYWORDS and not path.startswith("registry"):
             parser.error(f"--ckpt_path: {path} does not exist; give a .ckpt file of a run (checkpoints/ in its "
                          "folder), or 'last' to resume")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's (2.6), but reading the checkpoint as data once more (read_checkpoint: weights_only, mmap) and
+        # with the class paths an earlier version recorded made current, so its checkpoints still load.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():
+            return
+        hparams = current_class_paths(dict(read_checkpoint(path).get("hyper_parameters", {})))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self):
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
@@ -170,7 +157,7 @@ class EmoCLI(LightningCLI):
         """A new ``fit`` into a run folder named with ``--trainer.logger.init_args.version`` that already holds a
         run would overwrite its config, checkpoints, exports and test metrics (``save_config_kwargs`` allows
         overwriting, which resuming needs). Unnamed runs get a fresh version_N from the logger."""
-        folder = _named_run_folder(config)
+        folder = runs.named_run_folder(config)
         # only rank 0: DDP re-runs this command in each child process, after rank 0 has parsed it
         if folder is not None and (folder / "config.yaml").is_file() and rank_zero_only.rank == 0:
             raise ValueError(f"{folder} already holds a run, which this fit would overwrite; continue it with "
@@ -210,30 +197,17 @@ class EmoCLI(LightningCLI):
             log.info("resuming %s from %s (epoch %d, global step %d)", folder, last, epoch, step)
 
     def _run_folder(self, config, subcommand: str, fix: str) -> Path:
-        """The run folder named with ``--trainer.logger.init_args.version``, else the newest one under the logger's
-        name whose saved config equals this ``subcommand``'s ``config`` (for fit all of it, for validate/test/predict
-        the settings they share with fit); ``fix`` ends the error when there is none."""
-        folder = _named_run_folder(config)
-        if folder is not None:
-            return folder
-        args = config.trainer.logger.init_args
-        root = Path(args.save_dir, args.get("name") or "")
-        dumped = self._parser(subcommand).dump(config, skip_none=False)
+        """``runs.find_run`` for this ``subcommand``'s config: for fit all of it, for validate/test/predict the
+        settings they share with fit."""
+        parser = self._parser(subcommand)
+        dumped = parser.dump(config, skip_none=False)
         keys = None if subcommand == "fit" else set(yaml.safe_load(dumped))
-        current = _comparable(dumped, keys)
+        fit = self._parser("fit")
 
-        def is_this_run(path: Path) -> bool:
-            saved = _comparable(path.read_text(), keys)
-            if keys is None:
-                return saved == current
-            # validate/test/predict: a fit (earlier tests' folders have a config too) with the same shared settings
-            return (path.parent / "checkpoints" / "last.ckpt").is_file() and all(
-                saved[k] == current[k] for k in saved.keys() & keys)
+        def complete(saved: dict) -> dict:  # a saved fit config, with the settings added since at their defaults
+            return yaml.safe_load(fit.dump(fit.parse_object(saved), skip_none=False))
 
-        same = [path.parent for path in root.glob("*/config.yaml") if is_this_run(path)]
-        if not same:
-            raise ValueError(f"--ckpt_path {config.ckpt_path}: no run under {root} was started with this config, {fix}")
-        return max(same, key=lambda run: (run / "config.yaml").stat().st_mtime)
+        return runs.find_run(config, runs.comparable(dumped, keys), keys, fix, complete)
 
     def _checkpoint_of_its_run(self, config):
         """``validate/test/predict --ckpt_path last|best``: the run's ``last.ckpt``, or the best checkpoint its first
@@ -247,42 +221,16 @@ class EmoCLI(LightningCLI):
         fix = ("so none is the run to take it from; pass the .ckpt file, or --trainer.logger.init_args.version <N> "
                "for version_<N>")
         folder = self._run_folder(config, self.subcommand, fix)
-        last = folder / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise ValueError(f"--ckpt_path {keyword}: {folder} has no checkpoints/last.ckpt (it stopped before its "
-                             "first epoch ended); pass a .ckpt file")
-        path = last
-        if keyword == "best":
-            states = read_checkpoint(str(last)).get("callbacks", {})
-            recorded = next((state["best_model_path"] for name, state in states.items() if name.startswith(
-                "ModelCheckpoint") and state.get("monitor") and state.get("best_model_path")), None)
-            if recorded is None:
-                raise ValueError(f"--ckpt_path best: {last} records no best checkpoint (no ModelCheckpoint with a "
-                                 "monitor); pass the .ckpt file")
-            # recorded as the fit saw it: relative to the fit's working directory, or moved with its run folder
-            path = Path(recorded) if Path(recorded).is_file() else folder / "checkpoints" / Path(recorded).name
-            if not path.is_file():
-                raise ValueError(f"--ckpt_path best: {last} names {recorded} as the best checkpoint, which is gone; "
-                                 "pass a .ckpt file")
-        read_checkpoint(str(path))  # a broken file: one line now, not an unpickling traceback later
+        path = runs.checkpoint_of_run(folder, keyword)
         config.ckpt_path = str(path)
         log.info("%s: --ckpt_path %s is %s (run %s)", self.subcommand, keyword, os.path.relpath(path), folder)
 
     def _refuse_changed_data(self, folder: Path):
         """Resuming on data edited since the run began would continue on other texts, with a schedule sized for the
         old epoch: refused, naming the split, unless ``--data_changed_ok true``."""
-        recorded_file = folder / _FINGERPRINTS
-        source = getattr(self.datamodule, "source", None)
-        if source is None or not recorded_file.is_file():
-            return  # a run from before fingerprints were recorded: nothing to compare with
-        recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
-        current = _fingerprints(source)
-        changed = [split for split, print_ in recorded.items() if current.get(split) != print_]
-        if not changed:
+        message = runs.changed_data(folder, getattr(self.datamodule, "source", None))
+        if message is None:
             return
-        named = ", ".join(str((current.get(s) or recorded[s]).get("file") or recorded[s].get("source")) for s in changed)
-        message = (f"data: {named} changed since {folder} was trained on it ({recorded_file} records other bytes); "
-                   "resuming would continue on different data with a schedule sized for the old epoch")
         if not self.config.fit.data_changed_ok:
             raise ValueError(f"{message}. Restore the data, start a new run without --ckpt_path, or pass "
                              "--data_changed_ok true to resume anyway")
@@ -292,12 +240,7 @@ class EmoCLI(LightningCLI):
         """A resumed run whose epochs are all done: write the outputs it lacks (the fit-end exports, and the test's
         metrics and INT8 folder when it tests after fit), or refuse when it has them all."""
         folder, max_epochs, epoch = self._finishing
-        callbacks = self.trainer.callbacks
-        expected = [c.dirname for c in callbacks if isinstance(c, HFExport | OnnxExport)]
-        if self.config.fit.test_after_fit:
-            expected += [c.dirname for c in callbacks if isinstance(c, Int8Quantization)]
-            expected += [c.filename for c in callbacks if isinstance(c, TestMetricsWriter)]
-        missing = [name for name in expected if not (folder / name).exists()]
+        missing = runs.missing_outputs(folder, self.trainer.callbacks, self.config.fit.test_after_fit)
         if not missing:
             raise ValueError(f"--ckpt_path last: {folder} already finished its {max_epochs} epochs (last.ckpt is "
                              f"from epoch {epoch}) and wrote its exports; nothing to resume. To train it further, "
@@ -409,7 +352,7 @@ class EmoCLI(LightningCLI):
             # epochs count from 1 in what we print (the per-epoch lines), from 0 in Lightning's file names
             lines.append(f"  best {best.monitor} {float(best.best_model_score):.4f}"
                          f"{f' at epoch {int(epoch[1]) + 1}' if epoch else ''}: {best.best_model_path}")
-        fingerprints = folder / _FINGERPRINTS
+        fingerprints = folder / runs.FINGERPRINTS
         if subcommand == "fit" and fingerprints.is_file():
             for split, print_ in json.loads(fingerprints.read_text(encoding="utf-8")).items():
                 lines.append(f"  data {split}: {print_['file']} ({print_['bytes']} bytes, sha256 "
@@ -426,30 +369,10 @@ class EmoCLI(LightningCLI):
         log.info("\n".join(lines))
 
 
-class _SaveRunRecord(SaveConfigCallback):
-    """Beside ``config.yaml``, a fit's run folder gets ``data_fingerprint.json``: which data it was trained on."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:  # rank 0, right after config.yaml
-        source = getattr(trainer.datamodule, "source", None)
-        if stage == "fit" and source is not None:
-            # the logger's folder, as config.yaml's: trainer.log_dir is a collective, and only rank 0 is here
-            folder = trainer.logger.log_dir if trainer.logger is not None else None
-            atomic_write_text(Path(folder or trainer.default_root_dir) / _FINGERPRINTS,
-                              json.dumps(_fingerprints(source), indent=2))
 
 
-def _fingerprints(source) -> dict:
-    """``split_fingerprint`` of each split the source has."""
-    return {split: split_fingerprint(source, split) for split in SPLIT_NAMES if source.has_split(split)}
 
 
-def _named_run_folder(config) -> Path | None:
-    """The run folder a logger with version folders writes to when its version is named, else None."""
-    args = getattr(config.trainer.logger, "init_args", None)
-    if args is None or "save_dir" not in args or args.get("version") is None:
-        return None
-    version = args.version
-    return Path(args.save_dir, args.get("name") or "", f"version_{version}" if isinstance(version, int) else str(version))
 
 
 def main(args: list[str] | None = None):
@@ -496,7 +419,7 @@ def _run(args: list[str] | None) -> None:
     # checkpoint, which is what we want, and Lightning warns about exactly that on every fit.
     warnings.filterwarnings("ignore", message=r".*called with Trainer configured with multiple `ModelCheckpoint`")
     EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args,
-           save_config_callback=_SaveRunRecord, save_config_kwargs={"overwrite": True},
+           save_config_callback=runs.RunRecord, save_config_kwargs={"overwrite": True},
            trainer_defaults={"default_root_dir": "logs"})
 
 

@@ -9,10 +9,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from emocompress import pretrained
-from emocompress.artifacts import datamodule_max_length, export_onnx
-from emocompress.checkpoints import load_network
-from emocompress.outputs import atomic_dir, check_folder_name, run_dir
+from emocompress.compression.export import datamodule_max_length, export_onnx
+from emocompress.io import atomic_dir, check_folder_name, run_dir
+from emocompress.models import pretrained
+from emocompress.models.checkpoints import load_network
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class HFExport(_BestModelExport):
 class OnnxExport(_BestModelExport):
     """When ``fit`` ends, write the best checkpoint's ``pl_module.model`` as fp32 ONNX, with the
     datamodule's tokenizer and the label names, to ``<log_dir>/<dirname>`` (see
-    ``emocompress.artifacts.export_onnx``). Serve it with
-    ``python -m emocompress.serve <dir>``; benchmark it like an INT8 folder.
+    ``emocompress.compression.export.export_onnx``). Serve it with
+    ``python -m emocompress.deploy.serve <dir>``; benchmark it like an INT8 folder.
 
     Works for fine-tuned, pruned and distilled runs (the model is the student). The folder is
     written under a temporary name and renamed into place. Without a ``ModelCheckpoint`` (or before

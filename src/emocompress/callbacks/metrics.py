@@ -7,7 +7,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from emocompress.outputs import atomic_write_text, run_dir
+from emocompress.io import atomic_write_text, run_dir
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
-from emocompress.outputs import atomic_file, run_dir
+from emocompress.io import atomic_file, run_dir
 
 log = logging.getLogger(__name__)
 

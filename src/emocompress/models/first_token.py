@@ -20,7 +20,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from emocompress import structure
+from emocompress.models import structure
 
 
 def _attend(attention: nn.Module, q_lin: nn.Linear, k_lin: nn.Linear, v_lin: nn.Linear, hidden: torch.Tensor,

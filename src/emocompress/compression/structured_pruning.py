@@ -10,8 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.utils import prune
 from typing_extensions import override
 
-from emocompress import structure
-from emocompress.callbacks.pruning import check_schedule, fold_masks, scheduled_amount
+from emocompress.compression.pruning import check_schedule, fold_masks, scheduled_amount
+from emocompress.models import structure
 
 _KINDS = {"heads": ("heads",), "ffn": ("ffn",), "both": ("heads", "ffn")}
 
@@ -43,7 +43,7 @@ class StructuredPruning(Callback):
 
     Keep ``start_step`` (``end_step`` with ``cubic``) within the first epoch, so that every checkpoint chosen on
     validation is at the final shape. Exports record the per-layer shape in ``config.json``; load them with
-    ``emocompress.pretrained.load_model`` (every model path of the project does). onnxruntime fuses attention
+    ``emocompress.models.pretrained.load_model`` (every model path of the project does). onnxruntime fuses attention
     only when every layer kept as many heads (``scope: per_layer``).
 
     Logs ``prune/heads`` and ``prune/ffn``: the share of each removed so far.

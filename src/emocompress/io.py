@@ -1,13 +1,19 @@
-"""How a run's outputs are written: whole or not at all, and where they go.
+"""Files in and out: how outputs are written (whole or not at all, never over the current directory, with the
+permissions the umask gives) and where a run's go; and what a line of a text file is.
 
-Torch-free on purpose: ``emocompress.serve`` uses it on servers that have only onnxruntime.
+A line is what lies between two ``\\n``; one ``\\r`` before the ``\\n`` is dropped (CRLF files), and every other
+character, a bare ``\\r``, ``\\x0b``, ``\\x0c``, ``\\x85`` or ``\\u2028`` included, is part of the line. Line N is
+the N-th line an editor shows. Python's universal newlines and ``str.splitlines`` break lines at those other
+characters too, so one text would become two and every later line number would shift.
+
+Stdlib only, on purpose: ``emocompress.deploy.serve`` uses it on servers that have only onnxruntime.
 """
 
 import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -140,3 +146,27 @@ def run_dir(trainer) -> Path:
     Under DDP ``trainer.log_dir`` is a collective (rank 0 broadcasts it): every rank must call this.
     """
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of ``text``; line N is ``split_lines(text)[N - 1]``. A final ``\\n`` ends the last line
+    rather than starting an empty one.
+
+    >>> split_lines("a\\rb\\r\\nc\\u2028d\\r\\r\\n\\ne")
+    ['a\\rb', 'c\\u2028d\\r', '', 'e']
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def iter_lines(stream: Iterable[str]) -> Iterator[str]:
+    """The lines of a text stream opened with ``newline="\\n"`` (so that only ``\\n`` ends a line), as they arrive.
+
+    >>> import io
+    >>> list(iter_lines(io.StringIO("a\\rb\\r\\n\\nc", newline="\\n")))
+    ['a\\rb', '', 'c']
+    """
+    for line in stream:
+        yield line.removesuffix("\n").removesuffix("\r")

@@ -24,7 +24,7 @@ import datasets
 import pandas as pd
 from lightning.pytorch.utilities import rank_zero_warn
 
-from emocompress.lines import split_lines
+from emocompress.io import split_lines
 
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
 BUILDERS = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json"}
@@ -221,7 +221,7 @@ def _looks_like_a_path(source: str) -> bool:
 
 
 def _load_file(path: Path) -> tuple[datasets.Dataset, list[int]]:
-    """The rows of a split or predict file and the physical line (``emocompress.lines``) each row starts on."""
+    """The rows of a split or predict file and the physical line (``emocompress.io``) each row starts on."""
     lines = split_lines(_check_content(path).removeprefix("\ufeff"))
     if path.suffix == ".txt":  # every line is a row, blank ones too (skipped later, keeping the numbering)
         return datasets.Dataset.from_dict({"text": lines}), list(range(1, len(lines) + 1))

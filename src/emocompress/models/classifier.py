@@ -7,90 +7,22 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
-from torchmetrics import MetricCollection
 from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCohenKappa,
     MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassRecall,
 )
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from emocompress import first_token, pretrained, structure
-from emocompress import students  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
-from emocompress.checkpoints import label_columns, load_network, reorder_head, stored_labels
+from emocompress.evaluation.metrics import classification_metrics, metrics_report
+from emocompress.evaluation.plots import confusion_figure
+from emocompress.models import (
+    first_token,
+    pretrained,
+    structure,
+    students,  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
+)
+from emocompress.models.checkpoints import label_columns, load_network, reorder_head, stored_labels
 
 log = logging.getLogger(__name__)
-
-
-def classification_metrics(num_classes: int) -> MetricCollection:
-    """The metrics reported for every model, all from torchmetrics.
-
-    Scalars: ``accuracy`` (micro), ``macro_f1``, ``balanced_accuracy`` (macro recall) and
-    ``cohen_kappa``. Vectors of shape (C,): ``f1_per_class`` and ``accuracy_per_class`` (per-class
-    recall: the share of each class predicted correctly).
-    """
-    return MetricCollection({
-        "accuracy": MulticlassAccuracy(num_classes, average="micro"),
-        "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-        "balanced_accuracy": MulticlassRecall(num_classes, average="macro"),
-        "cohen_kappa": MulticlassCohenKappa(num_classes),
-        "f1_per_class": MulticlassF1Score(num_classes, average=None),
-        "accuracy_per_class": MulticlassRecall(num_classes, average=None),
-    })
-
-
-def metrics_report(values: dict[str, torch.Tensor], confusion: torch.Tensor, id2label: dict[int, str]) -> dict:
-    """Computed metrics as plain JSON-ready numbers: scalars, ``per_class`` by label name, the labels absent
-    from the split, and the confusion matrix (rows: true class, columns: predicted class).
-
-    A class with no text in the split (support 0) has no recall, hence no F1: its ``f1`` and ``accuracy`` are
-    None (JSON null), not torchmetrics' 0.0, and it is listed in ``absent_classes``. ``macro_f1`` stays
-    torchmetrics' (as sklearn's ``f1_score(average="macro")`` without ``labels``): the mean over the classes
-    that are in the split or predicted, so predicting an absent class still costs macro F1 (a 0 for it).
-    """
-    report = {name: value.item() for name, value in values.items() if value.ndim == 0}
-    support = confusion.sum(dim=1)  # (C,) texts of each true class
-    report["per_class"] = {
-        label: {"f1": values["f1_per_class"][i].item() if support[i] else None,
-                "accuracy": values["accuracy_per_class"][i].item() if support[i] else None,
-                "support": int(support[i])}
-        for i, label in id2label.items()
-    }
-    report["absent_classes"] = [label for i, label in id2label.items() if not support[i]]
-    if report["absent_classes"]:
-        rank_zero_warn(f"classes with no text in the evaluated split, reported without F1 or accuracy "
-                       f"(null in the report): {report['absent_classes']}")
-    report["labels"] = [id2label[i] for i in range(len(id2label))]
-    report["confusion_matrix"] = confusion.long().tolist()
-    return report
-
-
-def confusion_figure(confusion: torch.Tensor, labels: list[str], title: str = ""):
-    """A matplotlib figure of a (C, C) confusion matrix: colour by row percentage, each cell showing
-    its count and row percentage (rows: true class, columns: predicted class)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # render off-screen; training machines have no display
-    import matplotlib.pyplot as plt
-
-    counts = confusion.double()
-    percent = 100 * counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.5))
-    ax.imshow(percent.numpy(), cmap="Blues", vmin=0, vmax=100)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            ax.text(j, i, f"{int(counts[i, j])}\n{percent[i, j]:.1f}%", ha="center", va="center", fontsize=8,
-                    color="white" if percent[i, j] > 50 else "black")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
 
 
 def model_inputs(batch: dict) -> dict:
@@ -239,7 +171,7 @@ class EmotionClassifier(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and getattr(datamodule, "augmented", False) and not self.teaches_augmented_texts:
             raise ValueError("data.augment adds texts without gold labels, which only a distillation teacher can "
-                             "label: use model.class_path emocompress.distillation.Distiller with model.alpha < 1, "
+                             "label: use model.class_path emocompress.compression.distillation.Distiller with model.alpha < 1, "
                              "or remove data.augment")
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "class_weights"):
             self.class_weights.copy_(datamodule.class_weights)

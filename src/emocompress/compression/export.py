@@ -10,84 +10,39 @@ Two INT8 backends behind one option, both CPU-only:
 
 ``export_onnx`` writes the same kind of folder in fp32 (for any trained, pruned or distilled model).
 Every ONNX folder holds ``model.onnx``, ``config.json``, the tokenizer and a metadata file (input
-names, ``max_length``, ``id2label``, padding token; format in ``emocompress.artifact_format``), so
-``emocompress.serve`` can run it with only onnxruntime and tokenizers installed. ``load_artifact``
+names, ``max_length``, ``id2label``, padding token; format in ``emocompress.deploy.format``), so
+``emocompress.deploy.serve`` can run it with only onnxruntime and tokenizers installed. ``load_artifact``
 reads any of these folders back. The ``Int8Quantization`` and ``OnnxExport`` callbacks call this module.
 """
 
-import contextlib
 import inspect
 import logging
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
 
-from emocompress import pretrained, structure
-from emocompress import students  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
-from emocompress.artifact_format import (
+from emocompress.deploy.format import (
     DEFAULT_MAX_LENGTH,
     META_FILE,
     ONNX_FILE,
     TORCH_WEIGHTS_FILE,
     ArtifactMeta,
-    check_output_width,
-    read_metadata,
 )
-from emocompress.outputs import atomic_dir, check_replaceable
+from emocompress.io import atomic_dir, check_replaceable
+from emocompress.models import (
+    pretrained,
+    structure,
+    students,  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
+)
+from emocompress.models.loading import OrtClassifier, attention_kwargs, quiet_deprecations, torch_int8
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["onnxruntime", "torch"]
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@contextlib.contextmanager
-def _quiet():
-    # torch.ao.quantization and the TorchScript ONNX exporter warn that they are deprecated on every call.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _quantize_torch(model: nn.Module, include_embeddings: bool) -> nn.Module:
-    """A copy of ``model`` with INT8 ``nn.Linear`` weights (and ``nn.Embedding`` tables, if asked);
-    activations are quantized on the fly per batch."""
-    from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, quantize_dynamic
-
-    # Not nn.LSTM: its quantized weights save as TorchScript objects, which weights_only loading refuses.
-    spec = {nn.Linear: default_dynamic_qconfig}
-    if include_embeddings:
-        spec[nn.Embedding] = float_qparams_weight_only_qconfig
-    with _quiet():
-        return quantize_dynamic(model, spec, dtype=torch.qint8)
-
-
-class OrtClassifier(nn.Module):
-    """An ONNX Runtime session behind the ``AutoModelForSequenceClassification`` call signature:
-    ``model(input_ids=..., attention_mask=...).logits`` is a (B, C) float tensor on the CPU."""
-
-    def __init__(self, path: str | Path, config, num_threads: int | None = None):
-        super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-        self.path = str(path)
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.config = config
-
-    def forward(self, **inputs) -> SequenceClassifierOutput:
-        if "token_type_ids" not in inputs:
-            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-        feeds = {name: inputs[name].cpu().numpy() for name in self.input_names}
-        return SequenceClassifierOutput(logits=torch.from_numpy(self.session.run(None, feeds)[0]))
 
 
 def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddings: bool = False,
@@ -103,7 +58,7 @@ def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddi
             with ``onnxruntime``, nothing saved with ``torch``.
         num_threads: ONNX Runtime intra-op threads (default: all cores).
         tokenizer: saved beside the model, so the folder is all a user needs.
-        max_length: tokens per text that ``emocompress.serve`` keeps (recorded, ``onnxruntime`` only).
+        max_length: tokens per text that ``emocompress.deploy.serve`` keeps (recorded, ``onnxruntime`` only).
 
     Returns:
         The INT8 model, CPU-only, called like the original: ``model(**batch).logits``.
@@ -111,7 +66,7 @@ def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddi
     model = _fp32_copy(model, attn_implementation="sdpa" if backend == "torch" else "eager")
     meta = {"backend": backend, "precision": "int8", "include_embeddings": include_embeddings}
     if backend == "torch":
-        quantized = _quantize_torch(model, include_embeddings)
+        quantized = torch_int8(model, include_embeddings)
         if out_dir is not None:
             _save(out_dir, ArtifactMeta(**meta, id2label=_id2label(model.config)), model.config, tokenizer,
                   lambda tmp: torch.save(quantized.state_dict(), tmp / TORCH_WEIGHTS_FILE))
@@ -128,7 +83,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize:
 
     Works for fine-tuned, pruned (zeros stay zeros; ONNX stores them densely) and distilled models,
     including ``RecurrentClassifier`` students. ``load_artifact`` reads the folder back as an
-    ``OrtClassifier``; ``python -m emocompress.serve`` serves it with only onnxruntime and tokenizers.
+    ``OrtClassifier``; ``python -m emocompress.deploy.serve`` serves it with only onnxruntime and tokenizers.
 
     Args:
         model: an ``AutoModelForSequenceClassification`` model (any dtype and device; it is not changed).
@@ -154,14 +109,9 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize:
 def _fp32_copy(model: nn.Module, attn_implementation: str) -> nn.Module:
     """A plain CPU fp32 eval-mode copy of ``model``. Eager attention exports as plain MatMul/Softmax,
     which onnxruntime's BERT optimizer fuses into one Attention op; torch runs faster with sdpa."""
-    copy = structure.build(model.config, **_attention(model.config, attn_implementation))
+    copy = structure.build(model.config, **attention_kwargs(model.config, attn_implementation))
     copy.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     return copy.eval()
-
-
-def _attention(config, implementation: str) -> dict:
-    """``attn_implementation`` for models with attention; recurrent students have none to choose."""
-    return {"attn_implementation": implementation} if hasattr(config, "num_attention_heads") else {}
 
 
 def _input_names(model: nn.Module) -> list[str]:
@@ -202,7 +152,7 @@ def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool) -> None:
     example = {n: torch.ones(1, 8, dtype=torch.long) for n in names}
     if "token_type_ids" in example:
         example["token_type_ids"] = torch.zeros(1, 8, dtype=torch.long)
-    with _quiet(), torch.no_grad():
+    with quiet_deprecations(), torch.no_grad():
         torch.onnx.export(model, (), str(out_file), kwargs=example, input_names=names, output_names=["logits"],
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
@@ -255,7 +205,7 @@ def quantize_onnx_file(fp32_file: str | Path, out_file: str | Path, op_types: li
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet():
+    with quiet_deprecations():
         quantize_dynamic(str(fp32_file), str(out_file), weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
                          per_channel=per_channel, reduce_range=reduce_range,
                          # the optimizer's fused ops carry no inferred types; they are all float here
@@ -280,42 +230,3 @@ def _save(out_dir: str | Path, meta: ArtifactMeta, config, tokenizer, write) -> 
         (tmp / META_FILE).write_text(meta.to_json(), encoding="utf-8")
 
 
-def load_artifact(path: str | Path, num_threads: int | None = None) -> nn.Module:
-    """Load an INT8 model saved by ``quantize``/``Int8Quantization``, or an fp32 ONNX folder written by
-    ``export_onnx``/``OnnxExport``, in a fresh process. ONNX folders load as an ``OrtClassifier``.
-
-    Nothing executes code from the folder: the torch backend's weights load with
-    ``torch.load(weights_only=True)`` into a freshly quantized skeleton built from ``config.json``.
-
-    Args:
-        path: the artifact folder.
-        num_threads: ONNX Runtime intra-op threads (default: all cores).
-
-    Returns:
-        The model, CPU-only, called like a ``transformers`` classifier: ``model(**batch).logits``.
-
-    Raises:
-        ValueError: ``path`` is not such a folder, its metadata is refused (see
-            ``emocompress.artifact_format.read_metadata``), its labels are not as many as its graph's outputs
-            (``check_output_width``) or its weights are unreadable.
-    """
-    path = Path(path)
-    meta = read_metadata(path)
-    config = pretrained.load_config(str(path))
-    if meta.backend == "onnxruntime":
-        model = OrtClassifier(path / ONNX_FILE, config, num_threads)
-        check_output_width(model.session, meta.labels, path)
-        return model
-    skeleton = structure.build(config, **_attention(config, "sdpa")).eval()
-    model = _quantize_torch(skeleton, meta.include_embeddings)
-    try:
-        state = torch.load(path / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    except Exception as err:  # a planted pickle is refused by weights_only; a truncated file fails in many ways
-        raise ValueError(f"{path / TORCH_WEIGHTS_FILE}: refused or unreadable as INT8 weights ({type(err).__name__}); "
-                         "re-create the folder with Int8Quantization") from err
-    model.load_state_dict(state)
-    return model
-
-
-# The old name, kept for one release so scripts written against it keep working.
-load_int8 = load_artifact

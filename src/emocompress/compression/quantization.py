@@ -1,8 +1,6 @@
 """Post-training dynamic INT8 quantization of ``pl_module.model`` when ``test`` starts (``Int8Quantization``).
 
-The artifact code (``quantize``, ``export_onnx``, ``load_artifact``, ``OrtClassifier``) lives in
-``emocompress.artifacts``; ``load_int8``, ``export_onnx`` and ``quantize`` are re-exported here so
-scripts written against this module keep working.
+Writing the artifact is ``emocompress.compression.export``'s job; reading it back, ``emocompress.models.loading``'s.
 """
 
 import logging
@@ -14,16 +12,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from emocompress.artifact_format import BACKENDS, ONNX_FILE, TORCH_WEIGHTS_FILE
-from emocompress.artifacts import (  # noqa: F401  (re-exports for older scripts and the README of 0.1)
-    Backend,
-    OrtClassifier,
-    datamodule_max_length,
-    export_onnx,
-    load_int8,
-    quantize,
-)
-from emocompress.outputs import check_folder_name, run_dir
+from emocompress.compression.export import Backend, datamodule_max_length, quantize
+from emocompress.deploy.format import BACKENDS, ONNX_FILE, TORCH_WEIGHTS_FILE
+from emocompress.io import check_folder_name, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +37,7 @@ class OnCpu(nn.Module):
 
 class Int8Quantization(Callback):
     """Replaces ``pl_module.model`` with its INT8 version when ``test`` starts, so the test metrics are
-    the INT8 model's, and saves it to ``<log_dir>/<dirname>`` (reload with ``emocompress.artifacts.load_artifact``).
+    the INT8 model's, and saves it to ``<log_dir>/<dirname>`` (reload with ``emocompress.models.loading.load_artifact``).
     After ``fit`` (with the CLI's test of the best checkpoint) it quantizes the fine-tuned, pruned or distilled model;
     with ``emocompress test --ckpt_path`` it quantizes a saved model. Logs ``quant/size_mb`` (the
     weights file's bytes / 1e6). INT8 inference is CPU-only: when the test runs on a GPU (a fit on a GPU with

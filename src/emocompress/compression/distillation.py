@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
-from emocompress import pretrained
-from emocompress.checkpoints import label_columns, load_network, read_checkpoint, reorder_head, stored_labels
-from emocompress.classifier import EmotionClassifier, model_inputs
-from emocompress.first_token import first_token_only
-from emocompress.outputs import atomic_file
-from emocompress.students import ENCODERS, build_student, every_other_layer
+from emocompress.io import atomic_file
+from emocompress.models import pretrained
+from emocompress.models.checkpoints import label_columns, reorder_head, stored_labels
+from emocompress.models.classifier import EmotionClassifier, model_inputs
+from emocompress.models.first_token import first_token_only
+from emocompress.models.loading import load_classifier
+from emocompress.models.students import ENCODERS, build_student, every_other_layer
 
 log = logging.getLogger(__name__)
 
@@ -91,36 +92,6 @@ def _spread_layer_map(student: PreTrainedModel, teacher: PreTrainedModel) -> lis
     return [round((i + 1) * teacher_depth / depth) - 1 for i in range(depth)]
 
 
-def load_teacher(source: str, trust_remote_code: bool = False) -> tuple[PreTrainedModel, object]:
-    """The teacher network and its tokenizer from an ``hf_model`` export folder, a hub name, or an
-    ``EmotionClassifier`` Lightning checkpoint (``.ckpt``, read with ``weights_only=True``).
-
-    Raises:
-        ValueError: the checkpoint cannot be read or is not an ``EmotionClassifier``'s.
-    """
-    if not source.endswith(".ckpt"):
-        path = pretrained.resolve(source)
-        return (pretrained.load_model(path, trust_remote_code=trust_remote_code),
-                pretrained.load_tokenizer(path, trust_remote_code=trust_remote_code))
-    try:
-        hparams = read_checkpoint(source).get("hyper_parameters", {})
-    except ValueError as err:
-        raise ValueError(f"model.teacher: {err}") from err
-    if "teacher" in hparams or "model_name" not in hparams or "id2label" not in hparams:
-        raise ValueError(f"model.teacher: {source} is not an EmotionClassifier checkpoint; give the hf_model folder "
-                         "that its run exported instead")
-    id2label = {int(i): name for i, name in hparams["id2label"].items()}
-    base = pretrained.resolve(hparams["model_name"])
-    model = pretrained.load_model(
-        base, num_labels=len(id2label), id2label=id2label, label2id={n: i for i, n in id2label.items()},
-        ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
-    try:
-        load_network(model, source)
-    except ValueError as err:
-        raise ValueError(f"model.teacher: {err}") from err
-    return model, pretrained.load_tokenizer(base, trust_remote_code=trust_remote_code)
-
-
 def tokenizer_spec(tokenizer) -> str:
     """Everything that decides how a tokenizer splits text (vocabulary, normalizer, special tokens)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -136,7 +107,7 @@ class Teacher:
     ``model.train()``, or what the compression callbacks see.
 
     Args:
-        source: an ``hf_model`` export folder, a hub name, or a classifier ``.ckpt`` (``load_teacher``).
+        source: an ``hf_model`` export folder, a hub name, or a classifier ``.ckpt`` (``load_classifier``).
         id2label: the data's labels: the teacher must have been trained on the same set, and its classes are put
             in their order (matched by name); None keeps the teacher's own.
         trust_remote_code: allow the model folder to run its own code.
@@ -148,7 +119,7 @@ class Teacher:
 
     def __init__(self, source: str, id2label: dict[int, str] | None = None, trust_remote_code: bool = False,
                  batch_size: int = 64):
-        network, self.tokenizer = load_teacher(source, trust_remote_code)
+        network, self.tokenizer = load_classifier(source, trust_remote_code)
         if id2label:
             # Its classes are the labels it was trained on: matched to the data's by name, its head reordered
             # once, so that its logits (and a student cut from it) follow the data's order.

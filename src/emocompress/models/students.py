@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from emocompress import structure
+from emocompress.models import structure
 
 
 def every_other_layer(num_layers: int) -> list[int]:

@@ -2,8 +2,8 @@
 one function that reads and checks a folder's metadata (``read_metadata``), and the check of its labels against
 the graph's outputs (``check_output_width``).
 
-Written by ``emocompress.artifacts`` (``export_onnx``, ``quantize``), read by ``emocompress.serve`` and
-``emocompress.artifacts.load_artifact`` (hence the benchmark). Torch-free on purpose: the server imports it
+Written by ``emocompress.compression.export`` (``export_onnx``, ``quantize``), read by ``emocompress.deploy.serve`` and
+``emocompress.models.loading.load_artifact`` (hence the benchmark). Torch-free on purpose: the server imports it
 on machines with only onnxruntime and tokenizers.
 """
 
@@ -27,7 +27,7 @@ MAX_LENGTH_LIMIT = 100_000
 BACKENDS = ("onnxruntime", "torch")
 PRECISIONS = ("fp32", "int8")
 
-FIX = "re-export with emocompress.callbacks.export.OnnxExport, Int8Quantization or emocompress.artifacts.export_onnx"
+FIX = "re-export with emocompress.callbacks.export.OnnxExport, Int8Quantization or emocompress.compression.export.export_onnx"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _vocab_size(tokenizer_file: Path) -> int:
     return max([len(vocab), *(i + 1 for i in added if isinstance(i, int))])
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -148,11 +148,11 @@ def read_metadata(folder: str | Path) -> ArtifactMeta:
         raise ValueError(f"{folder}: no id2label in {META_FILE} or {CONFIG_FILE}; {FIX}")
 
     positions = config.get("max_position_embeddings")
-    positions = positions if _is_int(positions) and positions > 0 else None
+    positions = positions if is_int(positions) and positions > 0 else None
     max_length = meta.get("max_length")
     if max_length is None:
         max_length = min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
-    elif not _is_int(max_length) or not 1 <= max_length <= min(MAX_LENGTH_LIMIT, positions or MAX_LENGTH_LIMIT):
+    elif not is_int(max_length) or not 1 <= max_length <= min(MAX_LENGTH_LIMIT, positions or MAX_LENGTH_LIMIT):
         limit = f"the model's {positions} positions ({config_file})" if positions else MAX_LENGTH_LIMIT
         raise ValueError(f"{meta_file}: max_length {max_length!r} is not an integer from 1 to {limit}; "
                          f"{FIX} (data.max_length or export_onnx's max_length sets it)")
@@ -162,7 +162,7 @@ def read_metadata(folder: str | Path) -> ArtifactMeta:
     if pad_id is not None:
         tokenizer_file = folder / TOKENIZER_FILE
         vocab_size = _vocab_size(tokenizer_file) if tokenizer_file.is_file() else None
-        if not _is_int(pad_id) or pad_id < 0 or (vocab_size is not None and pad_id >= vocab_size):
+        if not is_int(pad_id) or pad_id < 0 or (vocab_size is not None and pad_id >= vocab_size):
             raise ValueError(f"{pad_source}: pad_id {pad_id!r} is not a token id of {tokenizer_file} "
                              f"({vocab_size} tokens); {FIX} and the tokenizer the model was trained with")
 
@@ -174,19 +174,3 @@ def read_metadata(folder: str | Path) -> ArtifactMeta:
                         input_names=meta.get("input_names"), pad_token=meta.get("pad_token"), pad_id=pad_id)
 
 
-def check_output_width(session, labels: list[str], folder: str | Path) -> None:
-    """Refuse an ONNX folder whose metadata names another number of labels than its graph has outputs: more
-    labels would crash at the first prediction, fewer would silently drop classes.
-
-    Args:
-        session: the ``onnxruntime.InferenceSession`` of the folder's ``model.onnx``.
-        labels: the labels of its metadata (``ArtifactMeta.labels``).
-
-    Raises:
-        ValueError: naming ``int8.json``, both counts and the fix.
-    """
-    shape = session.get_outputs()[0].shape  # e.g. ["batch", 6]; a symbolic width (a str) cannot be checked
-    width = shape[-1] if shape else None
-    if _is_int(width) and width != len(labels):
-        raise ValueError(f"{Path(folder) / META_FILE}: {len(labels)} labels {labels}, but its {ONNX_FILE} outputs "
-                         f"{width} classes; {FIX} (the labels are those of the model exported)")

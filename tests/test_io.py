@@ -1,4 +1,4 @@
-"""How outputs are written (``emocompress.outputs``): with the permissions of a plain write, and never over the
+"""How outputs are written (``emocompress.io``): with the permissions of a plain write, and never over the
 current directory or a folder above it."""
 
 import json
@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from emocompress.cli import main
-from emocompress.outputs import atomic_dir, atomic_file, atomic_write_text, check_replaceable
+from emocompress.io import atomic_dir, atomic_file, atomic_write_text, check_replaceable
 
 
 def _mode(path) -> int:
@@ -62,14 +62,14 @@ def test_no_output_replaces_the_current_directory_or_a_folder_above_it(tmp_path,
 @pytest.mark.parametrize("out", [".", ".."])
 def test_benchmark_and_vocab_refuse_an_out_dir_at_or_above_the_current_directory(
         out, emotion_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import emocompress.benchmark
+    import emocompress.benchmark.run
 
     cwd = tmp_path / "report" / "tensorboard"
     cwd.mkdir(parents=True)
     (cwd / "model_comparison.csv").write_text("an earlier report's")  # "." looks like an earlier report too
     monkeypatch.chdir(cwd)
     measured = []
-    monkeypatch.setattr(emocompress.benchmark, "measure", lambda *args, **kwargs: measured.append(args))
+    monkeypatch.setattr(emocompress.benchmark.run, "measure", lambda *args, **kwargs: measured.append(args))
     for args in (["benchmark", "--models", json.dumps({"m": tiny_model_dir}), "--data", str(emotion_dir)],
                  ["vocab", "--data", str(emotion_dir), "--vocab_size", "120"]):
         with pytest.raises(SystemExit) as exit_info:
@@ -85,7 +85,7 @@ def test_benchmark_and_vocab_refuse_an_out_dir_at_or_above_the_current_directory
 def test_export_folder_names_stay_inside_the_run_folder(dirname):
     # <run>/.. is the folder of every run of the experiment: an export there would replace them all.
     from emocompress.callbacks.export import HFExport, OnnxExport
-    from emocompress.callbacks.quantization import Int8Quantization
+    from emocompress.compression.quantization import Int8Quantization
 
     for callback in (HFExport, OnnxExport, Int8Quantization):
         with pytest.raises(ValueError, match=rf"{callback.__name__}.dirname must be a plain folder name"):

@@ -60,7 +60,7 @@ def position_limit(config, tokenizer=None) -> int | None:
 # A structurally pruned model's config.json names another model type, so that a plain transformers
 # from_pretrained fails and says what to use: it would otherwise build the unpruned shape, "reinit due to
 # size mismatch" the pruned layers, and return a model that predicts noise, with only a load report.
-_PRUNED_TYPE = "{base}-structurally-pruned (load it with emocompress.pretrained.load_model)"
+_PRUNED_TYPE = "{base}-structurally-pruned (load it with emocompress.models.pretrained.load_model)"
 _BASE_TYPE_KEY = "pruned_model_type"
 
 
@@ -71,7 +71,7 @@ def mark_saved_config(folder) -> None:
     import json
     from pathlib import Path
 
-    from emocompress.structure import SHAPE_KEY
+    from emocompress.models.structure import SHAPE_KEY
 
     file = Path(folder) / "config.json"
     config = json.loads(file.read_text(encoding="utf-8"))
@@ -176,7 +176,7 @@ def _load_pruned(path: str, config, ignore_mismatched_sizes: bool, **options):
 
     from safetensors.torch import load_file
 
-    from emocompress import structure
+    from emocompress.models import structure
 
     model = structure.build(config, **options)
     state = load_file(Path(path) / "model.safetensors")

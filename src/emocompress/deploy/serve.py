@@ -1,15 +1,15 @@
 """Predict emotions from an ONNX artifact folder with only onnxruntime, tokenizers and numpy installed.
 
     pip install onnxruntime tokenizers numpy
-    python -m emocompress.serve logs/teacher_onnx/version_0/onnx --input texts.txt --output predictions.jsonl
+    python -m emocompress.deploy.serve logs/teacher_onnx/version_0/onnx --input texts.txt --output predictions.jsonl
 
 The folder is an fp32 export (``OnnxExport``, ``export_onnx``) or an ``onnxruntime`` INT8 folder
 (``Int8Quantization``): ``model.onnx``, ``tokenizer.json``, ``config.json`` and ``int8.json``, whose
-metadata is checked by ``emocompress.artifact_format.read_metadata``. Nothing here imports torch,
+metadata is checked by ``emocompress.deploy.format.read_metadata``. Nothing here imports torch,
 transformers or lightning, so a server needs none of them.
 
 Input is one text per line (stdin by default): a text is what lies between two ``\n`` (one ``\r`` before
-the ``\n`` is dropped; a bare ``\r``, U+2028 and the like are part of the text, see ``emocompress.lines``),
+the ``\n`` is dropped; a bare ``\r``, U+2028 and the like are part of the text, see ``emocompress.io``),
 and ``line`` is its line number in the input. Bytes that are not UTF-8 are replaced with U+FFFD
 rather than rejected, so one bad line cannot stop a batch. An empty or blank line is still a text:
 it is predicted from the special tokens alone (``[CLS] [SEP]``), which is the model's prior. Texts
@@ -38,12 +38,11 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from emocompress.artifact_format import FIX, ONNX_FILE, TOKENIZER_FILE, check_output_width, read_metadata
-from emocompress.lines import iter_lines
-from emocompress.outputs import atomic_file
+from emocompress.deploy.format import FIX, ONNX_FILE, TOKENIZER_FILE, read_metadata
+from emocompress.deploy.runtime import open_session, run_logits
+from emocompress.io import atomic_file, iter_lines
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -66,7 +65,7 @@ class OnnxPredictor:
 
     Raises:
         ValueError: ``folder`` is not a servable ONNX artifact (the message says which file is missing)
-            or its metadata is refused (see ``emocompress.artifact_format.read_metadata``; its labels must be as
+            or its metadata is refused (see ``emocompress.deploy.format.read_metadata``; its labels must be as
             many as the graph's outputs, ``check_output_width``).
     """
 
@@ -98,19 +97,7 @@ class OnnxPredictor:
         # Right padding to the batch's longest text: what the model saw in training (and RecurrentClassifier needs).
         self.tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
 
-        options = ort.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-        try:
-            self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no public base class
-            raise ValueError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({err}); {FIX}") from None
-        check_output_width(self.session, self.labels, folder)
-        # Feed only what the graph declares: DistilBERT and the recurrent students take no token_type_ids.
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
-        if unknown:
-            raise ValueError(f"{folder}: {ONNX_FILE} takes inputs {sorted(unknown)} this server cannot make; {FIX}")
+        self.session = open_session(folder / ONNX_FILE, self.labels, num_threads)
         self._check_vocabulary(folder)
 
     def _check_vocabulary(self, folder: Path) -> None:
@@ -118,9 +105,9 @@ class OnnxPredictor:
         embedding table would otherwise fail (or, on other runtimes, read past the table) only on the texts
         that happen to contain such a token, long after the server started."""
         size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        probe = {"input_ids": [[size - 1]], "attention_mask": [[1]], "token_type_ids": [[0]]}
+        probe = {"input_ids": [[size - 1]], "attention_mask": [[1]]}
         try:
-            self.session.run(None, {name: np.array(probe[name], dtype=np.int64) for name in self.input_names})
+            run_logits(self.session, {name: np.array(ids, dtype=np.int64) for name, ids in probe.items()})
         except Exception as err:  # onnxruntime's errors share no public base class
             raise ValueError(f"{folder / ONNX_FILE}: fails on token id {size - 1}, the last of {TOKENIZER_FILE}'s "
                              f"{size} tokens ({str(err).strip()}); the tokenizer is not the model's: {FIX} "
@@ -151,9 +138,9 @@ class OnnxPredictor:
             return results
         columns = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
         # (B, T) int64 each: padding made every row one length, so they stack
-        feeds = {name: np.array([getattr(encodings[i], columns[name]) for i in rows], dtype=np.int64)
-                 for name in self.input_names}
-        probs = _softmax(self.session.run(None, feeds)[0])  # (B, C)
+        feeds = {name: np.array([getattr(encodings[i], column) for i in rows], dtype=np.int64)
+                 for name, column in columns.items()}
+        probs = _softmax(run_logits(self.session, feeds))  # (B, C)
         for i, row in zip(rows, probs):
             results[i] = {"label": self.labels[int(row.argmax())],
                           "probs": {label: float(p) for label, p in zip(self.labels, row)}}
@@ -194,9 +181,9 @@ def _check_streams(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m emocompress.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
+    """``python -m emocompress.deploy.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
     one JSON object per output line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m emocompress.serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m emocompress.deploy.serve", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="ONNX artifact folder (OnnxExport, export_onnx or onnxruntime INT8)")
     parser.add_argument("--input", help="text file, one text per line; stdin if omitted")
     parser.add_argument("--output", help="JSON-lines file to write; stdout if omitted")
@@ -223,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 def _serve(predictor: OnnxPredictor, args: argparse.Namespace) -> None:
     with contextlib.ExitStack() as stack:
         # utf-8-sig drops a leading byte-order mark; errors="replace" turns undecodable bytes into U+FFFD;
-        # newline="\n": only \n ends a line (emocompress.lines), not a bare \r as in universal newlines.
+        # newline="\n": only \n ends a line (emocompress.io), not a bare \r as in universal newlines.
         if args.input:
             reader = stack.enter_context(open(args.input, encoding="utf-8-sig", errors="replace", newline="\n"))
         else:

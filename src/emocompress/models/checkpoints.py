@@ -9,8 +9,35 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
-from emocompress.outputs import atomic_file
-from emocompress.structure import fit_to_state_dict
+from emocompress.io import atomic_file
+from emocompress.models.structure import fit_to_state_dict
+
+# Class paths that version 0.1.0 wrote into run configs (config.yaml) and checkpoints (hyper_parameters' _class_path)
+# before the package was split into subpackages. They are read as the current paths, so that its runs still resume
+# and its checkpoints still load.
+MOVED_CLASS_PATHS = {
+    "emocompress.classifier.EmotionClassifier": "emocompress.models.classifier.EmotionClassifier",
+    "emocompress.distillation.Distiller": "emocompress.compression.distillation.Distiller",
+    "emocompress.data.EmotionDataModule": "emocompress.data.datamodule.EmotionDataModule",
+    "emocompress.callbacks.pruning.MagnitudePruning": "emocompress.compression.pruning.MagnitudePruning",
+    "emocompress.callbacks.structured_pruning.StructuredPruning":
+        "emocompress.compression.structured_pruning.StructuredPruning",
+    "emocompress.callbacks.quantization.Int8Quantization": "emocompress.compression.quantization.Int8Quantization",
+}
+
+
+def current_class_paths(value):
+    """``value`` (a loaded config or hyper-parameters: dicts, lists and strings) with every class path of
+    ``MOVED_CLASS_PATHS`` replaced by the current one.
+
+    >>> current_class_paths({"model": {"class_path": "emocompress.distillation.Distiller"}, "seed": 1})
+    {'model': {'class_path': 'emocompress.compression.distillation.Distiller'}, 'seed': 1}
+    """
+    if isinstance(value, dict):
+        return {key: current_class_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [current_class_paths(item) for item in value]
+    return MOVED_CLASS_PATHS.get(value, value) if isinstance(value, str) else value
 
 
 def read_checkpoint(path: str) -> dict:

@@ -13,8 +13,8 @@ import json
 import logging
 from pathlib import Path
 
-from emocompress.outputs import atomic_dir, check_replaceable
-from emocompress.sources import DataSource
+from emocompress.data.sources import DataSource
+from emocompress.io import atomic_dir, check_replaceable
 
 log = logging.getLogger(__name__)
 

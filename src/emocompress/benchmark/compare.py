@@ -1,0 +1,111 @@
+"""Comparing variants: metrics with intervals, paired differences to the baseline, McNemar tests, per class."""
+
+
+import numpy as np
+
+from emocompress.benchmark.variants import Variant
+from emocompress.evaluation.significance import (
+    SCALARS,
+    bootstrap_indices,
+    mcnemar_exact,
+    paired_difference,
+    percentile_interval,
+    resampled_metrics,
+)
+
+
+def _std(values: list[float]) -> float | None:
+    """Sample standard deviation over runs; None (an empty cell) for a single run."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, bootstrap: int, seed: int,
+            pairs: list[tuple[str, str]] = ()) -> tuple[list[dict], list[dict], dict[str, dict], list[dict]]:
+    """The comparison rows, the per-class rows, each variant's report (``reports.json``) and the rows of ``pairs``
+    (model, reference): the same difference and tests as against the baseline, for other pairs of rows.
+
+    Metrics are the mean over a variant's runs, with their standard deviation over runs (``_std``) and a 95%
+    paired-bootstrap interval (``_low``/``_high``): ``bootstrap`` resamples of the split's texts, drawn once
+    with ``seed`` and shared by every variant and run; on each resample a variant's value is the mean over its
+    runs. Against the baseline row: the macro-F1 difference with its paired interval and bootstrap p-value
+    (``significance.paired_difference``), and the exact McNemar test on per-text correctness of the first
+    runs (``significance.mcnemar_exact``).
+    """
+    by_name = {v.name: v for v in variants}
+    base = by_name[baseline]
+    for v in variants:
+        if v.id2label != base.id2label or not np.array_equal(v.target, base.target):
+            raise ValueError(f"benchmark: {v.name!r} was tested on other labels or texts than the baseline "
+                             f"{baseline!r} ({v.id2label} vs {base.id2label}); paired comparisons need the same")
+    num_classes = len(base.id2label)
+    idx = bootstrap_indices(len(base.target), bootstrap, seed)  # (R, N), shared: the comparisons are paired
+    samples = {v.name: resampled_metrics(v.target, v.preds, num_classes, idx) for v in variants}
+    rows, reports = [], {}
+    for v in variants:
+        row = {"model": v.name, "runs": len(v.paths), **v.static, **timing[v.name]}
+        for key in SCALARS:
+            values = [r[key] for r in v.reports]
+            low, high = percentile_interval(samples[v.name][key])
+            row |= {key: float(np.mean(values)), f"{key}_std": _std(values), f"{key}_low": low, f"{key}_high": high}
+        rows.append(row | _difference(v, base, samples))
+        reports[v.name] = _variant_report(v, row, samples[v.name]["f1_per_class"])
+    base_row = next(r for r in rows if r["model"] == baseline)
+    for row in rows:
+        row["macro_f1_diff"] = row["macro_f1"] - base_row["macro_f1"]
+        row["speedup"] = base_row["latency_ms_median"] / row["latency_ms_median"]
+        row["compression"] = base_row["size_mb"] / row["size_mb"]
+        row["gzip_compression"] = base_row["gzip_mb"] / row["gzip_mb"]
+    means = {row["model"]: row["macro_f1"] for row in rows}
+    pair_rows = [{"model": name, "reference": ref, "macro_f1_diff": means[name] - means[ref],
+                  **_difference(by_name[name], by_name[ref], samples)} for name, ref in pairs]
+    return rows, _per_class_rows(reports, baseline), reports, pair_rows
+
+
+def _difference(v: Variant, ref: Variant, samples: dict[str, dict]) -> dict:
+    """Macro F1 of ``v`` against ``ref``: the paired-bootstrap interval and p-value of the difference of their
+    seed means over the shared resamples, and the exact McNemar test on the first runs' per-text correctness."""
+    diff = paired_difference(samples[v.name]["macro_f1"], samples[ref.name]["macro_f1"])
+    mcnemar = mcnemar_exact(v.preds[0] == v.target, ref.preds[0] == ref.target)
+    return {"macro_f1_diff_low": diff["low"], "macro_f1_diff_high": diff["high"], "macro_f1_diff_p": diff["p"],
+            "mcnemar_only_model_correct": mcnemar["only_model_correct"],
+            "mcnemar_only_base_correct": mcnemar["only_base_correct"], "mcnemar_p": mcnemar["p"]}
+
+
+def _variant_report(v: Variant, row: dict, f1_samples: np.ndarray) -> dict:
+    """A variant's entry of ``reports.json``: its row's metrics and intervals, per-class means over runs with
+    their std and F1 interval (``f1_samples``: (R, C) resampled per-class F1), the confusion matrix summed over
+    runs (one run: its own), and each run's own report."""
+    f1_low, f1_high = percentile_interval(f1_samples)  # (C,) each
+    report = {key: row[key] for key in SCALARS}
+    report["intervals"] = {key: [row[f"{key}_low"], row[f"{key}_high"]] for key in SCALARS}
+    report["per_class"] = {}
+    for i, label in v.id2label.items():
+        support = v.reports[0]["per_class"][label]["support"]  # the split's, shared by every run
+        if not support:  # absent from the split: no F1 or accuracy (see metrics_report), empty cells
+            report["per_class"][label] = dict.fromkeys(("f1", "f1_std", "f1_low", "f1_high", "accuracy",
+                                                        "accuracy_std")) | {"support": 0}
+            continue
+        f1s = [r["per_class"][label]["f1"] for r in v.reports]
+        accs = [r["per_class"][label]["accuracy"] for r in v.reports]
+        report["per_class"][label] = {"f1": float(np.mean(f1s)), "f1_std": _std(f1s), "f1_low": float(f1_low[i]),
+                                      "f1_high": float(f1_high[i]), "accuracy": float(np.mean(accs)),
+                                      "accuracy_std": _std(accs), "support": support}
+    report["absent_classes"] = v.reports[0]["absent_classes"]
+    report["labels"] = v.reports[0]["labels"]
+    report["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in v.reports], axis=0).tolist()
+    report["runs"] = v.reports
+    return report
+
+
+def _per_class_rows(reports: dict[str, dict], baseline: str) -> list[dict]:
+    rows = []
+    for name, report in reports.items():
+        for label, values in report["per_class"].items():
+            base = reports[baseline]["per_class"][label]
+            present = values["support"] > 0  # an absent class has no F1 or accuracy, hence no change
+            rows.append({"model": name, "class": label, "support": values["support"], "f1": values["f1"],
+                         "f1_std": values["f1_std"], "f1_low": values["f1_low"], "f1_high": values["f1_high"],
+                         "accuracy": values["accuracy"], "accuracy_std": values["accuracy_std"],
+                         "f1_change": values["f1"] - base["f1"] if present else None,
+                         "accuracy_change": values["accuracy"] - base["accuracy"] if present else None})
+    return rows

@@ -1,0 +1,196 @@
+"""Writing a benchmark report folder: CSV and Markdown tables, figures, the environment, predictions."""
+
+import csv
+import fnmatch
+import hashlib
+import json
+import os
+import platform
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from emocompress.deploy.format import DEFAULT_MAX_LENGTH
+from emocompress.evaluation.plots import close_figure, confusion_figure, per_class_plot, tradeoff_plot
+from emocompress.evaluation.significance import SCALARS
+from emocompress.hardware import cpu_info
+from emocompress.io import check_not_cwd
+
+# Every entry a report folder may hold (shell patterns). A non-empty --out_dir with anything else in it is not a
+# report of ours and is never replaced: pointed at reports/ or logs/, a replace would erase committed results.
+_REPORT_ENTRIES = ("model_comparison.csv", "model_comparison.md", "per_class.csv", "per_class.md", "confusion_*.png",
+                   "tradeoff.png", "per_class_f1.png", "environment.json", "reports.json", "predictions.json",
+                   "pairs.csv", "pairs.md", "tensorboard",
+                   "README.md")  # the study's write-up (reports/<study>/README.md): kept across a re-run
+
+
+_COLUMNS = ["model", "runs", "params", "nonzero_params", "sparsity", "size_mb", "gzip_mb",
+            "latency_ms_median", "latency_ms_min", "latency_ms_max", "latency_ms_p90",
+            "throughput_per_s", "throughput_min_per_s", "throughput_max_per_s",
+            *(f"{key}{suffix}" for key in SCALARS for suffix in ("", "_std", "_low", "_high")),
+            "macro_f1_diff", "macro_f1_diff_low", "macro_f1_diff_high", "macro_f1_diff_p",
+            "mcnemar_only_model_correct", "mcnemar_only_base_correct", "mcnemar_p",
+            "speedup", "compression", "gzip_compression"]
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse an ``out_dir`` that a report may not replace: a file, a non-empty folder holding anything a
+    report does not write (``_REPORT_ENTRIES``), or the current directory or a folder above it.
+
+    Raises:
+        ValueError: naming the folder, a few foreign entries and the fix.
+    """
+    try:
+        check_not_cwd(out_dir)
+    except ValueError as err:
+        raise ValueError(f"benchmark: --out_dir {err}") from err
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"benchmark: --out_dir {out_dir} is a file, not a report folder; choose a new --out_dir")
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir()
+                     if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in _REPORT_ENTRIES))
+    if foreign:
+        raise ValueError(f"benchmark: --out_dir {out_dir} holds files no report writes ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}), so it is not a previous report and will not be "
+                         "replaced; choose a new --out_dir (a report replaces only an earlier report)")
+
+
+def environment_info(num_threads: int, settings: dict) -> dict:
+    import transformers
+
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {**cpu_info(), "cores": os.cpu_count(), "threads": num_threads, "torch": torch.__version__,
+            "onnxruntime": ort_version, "transformers": transformers.__version__,
+            "python": platform.python_version(), **settings,
+            "sequence_length": f"each text tokenized to at most {DEFAULT_MAX_LENGTH} tokens; batch 1 unpadded, "
+                               "batches padded to their longest text"}
+
+
+def _slug(name: str) -> str:
+    """A file-name-safe version of a display name.
+
+    >>> _slug("pruned 50% + INT8 (onnxruntime)")
+    'pruned_50_INT8_onnxruntime'
+    """
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_")
+
+
+def _file_stems(names: list[str]) -> dict[str, str]:
+    """A distinct file-name-safe stem for each display name: its ``_slug``, and where two names share a slug
+    (``a/b`` and ``a b``, or ``A`` and ``a`` on a case-insensitive disk) a hash of the name after it, so
+    neither figure overwrites the other.
+
+    >>> _file_stems(["a/b", "a b", "fp32", "!"])
+    {'a/b': 'a_b-3ec69c85', 'a b': 'a_b-7dbde935', 'fp32': 'fp32', '!': 'model'}
+    """
+    slugs = {name: _slug(name) or "model" for name in names}
+    shared = Counter(slug.casefold() for slug in slugs.values())
+    return {name: slug if shared[slug.casefold()] == 1 else f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+            for name, slug in slugs.items()}
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _estimate(row: dict, key: str) -> str:
+    """``mean ± std [low, high]`` (``± std`` only for several runs)."""
+    std = f" ± {row[f'{key}_std']:.4f}" if row.get(f"{key}_std") is not None else ""
+    return f"{row[key]:.4f}{std} [{row[f'{key}_low']:.4f}, {row[f'{key}_high']:.4f}]"
+
+
+def _difference_cell(row: dict) -> str:
+    """``+0.0123 [+0.0010, +0.0240] *``: the macro-F1 difference, its 95% interval, ``*`` if that excludes 0."""
+    low, high = row["macro_f1_diff_low"], row["macro_f1_diff_high"]
+    return f"{row['macro_f1_diff']:+.4f} [{low:+.4f}, {high:+.4f}]" + (" *" if low > 0 or high < 0 else "")
+
+
+def _comparison_markdown(rows: list[dict], baseline: str) -> str:
+    """``model_comparison.md``: estimates with their intervals in one cell each; ``*`` marks a macro-F1 difference
+    whose 95% interval excludes 0."""
+    table = []
+    for row in rows:
+        table.append({
+            "model": row["model"], "runs": row["runs"],
+            "params (non-zero)": f"{row['params']:,} ({row['nonzero_params']:,})",
+            "size MB (gzip)": f"{row['size_mb']:.2f} ({row['gzip_mb']:.2f})",
+            "latency ms, median [rounds min, max]": f"{row['latency_ms_median']:.2f} [{row['latency_ms_min']:.2f}, "
+                                                    f"{row['latency_ms_max']:.2f}]",
+            "p90 ms": f"{row['latency_ms_p90']:.2f}",
+            "texts/s [min, max]": f"{row['throughput_per_s']:.1f} [{row['throughput_min_per_s']:.1f}, "
+                                  f"{row['throughput_max_per_s']:.1f}]",
+            **{key: _estimate(row, key) for key in SCALARS},
+            f"macro F1 - {baseline} [95% CI]": "" if row["model"] == baseline else _difference_cell(row),
+            "p (bootstrap)": "" if row["model"] == baseline else f"{row['macro_f1_diff_p']:.3f}",
+            "McNemar p (only model / only base right)": "" if row["model"] == baseline else
+            f"{row['mcnemar_p']:.3f} ({row['mcnemar_only_model_correct']}/{row['mcnemar_only_base_correct']})",
+            "speedup": f"{row['speedup']:.2f}", "compression (gzip)": f"{row['compression']:.2f} "
+                                                                      f"({row['gzip_compression']:.2f})"})
+    note = (f"\nMetrics: mean over runs (± std over runs when there are several) [95% paired-bootstrap interval]. "
+            f"`*`: the 95% interval of the macro-F1 difference to {baseline} excludes 0.\n")
+    return markdown_table(table, list(table[0])) + note
+
+
+def _pairs_markdown(pair_rows: list[dict]) -> str:
+    """``pairs.md``: each (model, reference) pair's macro-F1 difference; ``*`` where its 95% interval excludes 0."""
+    table = [{"model": row["model"], "reference": row["reference"],
+              "macro F1 difference [95% CI]": _difference_cell(row),
+              "p (bootstrap)": f"{row['macro_f1_diff_p']:.3f}",
+              "McNemar p (only model / only reference right)":
+                  f"{row['mcnemar_p']:.3f} ({row['mcnemar_only_model_correct']}/{row['mcnemar_only_base_correct']})"}
+             for row in pair_rows]
+    return markdown_table(table, list(table[0])) + ("\nDifference of the seed means, paired over the same bootstrap "
+                                               "resamples; McNemar on the first runs. `*`: the 95% interval excludes 0.\n")
+
+
+def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: dict[str, dict], predictions: dict,
+                 split: str, baseline: str, environment: dict, tensorboard: bool, pair_rows: list[dict] = ()) -> None:
+    """Write the report's files (see ``benchmark``'s ``out_dir``) into the folder ``out``."""
+    tables = [("model_comparison", rows, _COLUMNS), ("per_class", per_class, list(per_class[0]))]
+    if pair_rows:
+        tables.append(("pairs", pair_rows, list(pair_rows[0])))
+        (out / "pairs.md").write_text(_pairs_markdown(pair_rows))
+    for stem, table, columns in tables:
+        with (out / f"{stem}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(table)
+    (out / "model_comparison.md").write_text(_comparison_markdown(rows, baseline))
+    absent = next(iter(reports.values()))["absent_classes"]  # the split's: the same for every variant
+    note = (f"\nAbsent from the {split} split (support 0, so no F1 or accuracy; empty cells): "
+            f"{', '.join(absent)}. Macro F1 averages the classes in the split or predicted.\n" if absent else "")
+    (out / "per_class.md").write_text(markdown_table(per_class, list(per_class[0])) + note)
+    stems = _file_stems(list(reports))
+    for name, report in reports.items():
+        runs = len(report["runs"])
+        title = f"{name} ({split}{f', {runs} runs summed' if runs > 1 else ''})"
+        fig = confusion_figure(torch.tensor(report["confusion_matrix"]), report["labels"], title)
+        report["confusion_figure"] = f"confusion_{stems[name]}.png"  # in reports.json: which figure is whose
+        fig.savefig(out / report["confusion_figure"], dpi=120)
+        close_figure(fig)
+    tradeoff_plot(rows, out / "tradeoff.png")
+    per_class_plot(per_class, out / "per_class_f1.png")
+    (out / "environment.json").write_text(json.dumps(environment, indent=2))
+    (out / "reports.json").write_text(json.dumps(reports, indent=2))
+    (out / "predictions.json").write_text(json.dumps(predictions))
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(out / "tensorboard") as writer:
+            for step, row in enumerate(rows):
+                for key in ("macro_f1", "latency_ms_median", "size_mb"):
+                    writer.add_scalar(f"bench/{key}", row[key], step)

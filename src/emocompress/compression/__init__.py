@@ -1,0 +1,1 @@
+"""Making models smaller and faster: distillation, pruning, structured pruning, INT8, export."""

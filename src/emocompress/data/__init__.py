@@ -1,0 +1,1 @@
+"""Data: reading and validating sources, the datamodule, oversampling, augmentation, student vocabularies."""

@@ -1,0 +1,1 @@
+"""How models are judged: significance tests and intervals (numpy and scipy only)."""

@@ -1,0 +1,30 @@
+"""This machine's CPU: its instruction-set flags and whether it computes bf16 natively. Stdlib and torch only."""
+
+import platform
+from pathlib import Path
+
+import torch
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it, torch emulates bf16 and
+    bf16 autocast trains MiniLM about 14x slower than fp32 (2.2 vs 30.8 samples/s measured on an AVX2-only
+    AMD EPYC). Unknown (an older torch without the probes) counts as native."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None) or all(probe is None for probe in probes)
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """CPU vendor, model and the instruction sets INT8/BF16 kernels depend on, from /proc/cpuinfo."""
+    info = {"cpu": platform.processor(), "cpu_vendor": None, "cpu_flags": []}
+    if Path("/proc/cpuinfo").is_file():
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        flags = set(fields.get("flags", "").split())
+        info = {"cpu": fields.get("model name", info["cpu"]), "cpu_vendor": fields.get("vendor_id"),
+                "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
+    return info

@@ -1,0 +1,1 @@
+"""Networks: the classifier, students, pretrained loading, structure, checkpoints."""
