@@ -6,7 +6,7 @@ Exports the model once to fp32 ONNX (``export_onnx``: fused attention), then qua
 ``quantize_onnx_file`` (8 or 7 bits, per tensor or per output channel, embeddings included as ``quantize`` does
 with ``include_embeddings``). For each it prints the share of texts whose label equals the fp32 model's, macro
 F1 against the gold labels, the mean absolute logit change, and the latency at batch 1: the median over
-interleaved rounds (``emocompress.benchmark.run.interleaved_times``) of each round's median call, with the least
+interleaved rounds (``emocompress.benchmark.timing.interleaved_times``) of each round's median call, with the least
 and greatest round. On CPUs without VNNI the kernels add pairs of u8 x s8 products in saturating int16, which
 8-bit weights can overflow; 7 bits (``reduce_range``) cannot.
 """
@@ -19,7 +19,7 @@ import torch
 from sklearn.metrics import f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.benchmark.run import interleaved_times, percentile
+from emocompress.benchmark.timing import interleaved_times, percentile
 from emocompress.compression.export import export_onnx, quantize_onnx_file
 from emocompress.data.sources import DataSource
 from emocompress.deploy.format import ONNX_FILE

@@ -9,16 +9,10 @@ from sklearn.metrics import f1_score, recall_score
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.benchmark.run import (
-    _comparison_markdown,
-    benchmark,
-    check_out_dir,
-    count_parameters,
-    file_sizes_mb,
-    interleaved_times,
-    load_for_benchmark,
-    time_calls,
-)
+from emocompress.benchmark.report import _comparison_markdown, check_out_dir
+from emocompress.benchmark.run import benchmark
+from emocompress.benchmark.timing import interleaved_times, time_calls
+from emocompress.benchmark.variants import count_parameters, file_sizes_mb, load_for_benchmark
 from emocompress.cli import main
 from emocompress.compression.quantization import quantize
 from tests.conftest import REPO
@@ -274,7 +268,7 @@ def _synthetic_variant(name: str, target: list[int], preds: list[int], id2label:
     """A benchmark row measured without a model: its predictions and the report metrics_report makes of them."""
     from sklearn.metrics import confusion_matrix
 
-    from emocompress.benchmark.run import Variant
+    from emocompress.benchmark.variants import Variant
     from emocompress.models.classifier import classification_metrics, metrics_report
 
     metrics = classification_metrics(len(id2label))
@@ -286,7 +280,8 @@ def _synthetic_variant(name: str, target: list[int], preds: list[int], id2label:
 
 
 def test_report_names_absent_classes_and_keeps_every_models_figure(tmp_path):
-    from emocompress.benchmark.run import compare, write_report
+    from emocompress.benchmark.compare import compare
+    from emocompress.benchmark.report import write_report
 
     id2label = dict(enumerate(["anger", "joy", "love", "fear"]))  # "fear" has no text in the split
     target = [0, 0, 1, 1, 2, 2, 1, 0]

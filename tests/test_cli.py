@@ -284,7 +284,7 @@ def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
     exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model").eval()
     assert exported.config.num_hidden_layers == 1
     # the benchmark reads the student from the Distiller checkpoint too: the same network as the export
-    from emocompress.benchmark.run import load_for_benchmark
+    from emocompress.benchmark.variants import load_for_benchmark
 
     from_checkpoint, _, _ = load_for_benchmark(best)
     ids = torch.tensor([[2, 5, 6, 3]])

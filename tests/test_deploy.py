@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import prune
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.benchmark.run import load_for_benchmark
+from emocompress.benchmark.variants import load_for_benchmark
 from emocompress.callbacks.export import OnnxExport
 from emocompress.compression.export import export_onnx, quantize
 from emocompress.deploy import serve

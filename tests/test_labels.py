@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.benchmark.run import benchmark, measure
+from emocompress.benchmark.run import benchmark
+from emocompress.benchmark.variants import measure
 from emocompress.compression.distillation import Teacher
 from emocompress.compression.export import export_onnx
 from emocompress.deploy.serve import OnnxPredictor

@@ -13,7 +13,7 @@ import lightning
 import pytest
 import torch
 
-from emocompress.benchmark.run import load_for_benchmark
+from emocompress.benchmark.variants import load_for_benchmark
 from emocompress.compression.distillation import Distiller
 from emocompress.models import pretrained
 from emocompress.models.classifier import EmotionClassifier
