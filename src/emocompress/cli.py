@@ -205,7 +205,11 @@ class EmoCLI(LightningCLI):
         fit = self._parser("fit")
 
         def complete(saved: dict) -> dict:  # a saved fit config, with the settings added since at their defaults
-            return yaml.safe_load(fit.dump(fit.parse_object(saved), skip_none=False))
+            exit_on_error, fit.exit_on_error = fit.exit_on_error, False  # raise, not print usage and exit
+            try:  # (a folder of an earlier test or predict run holds a config fit refuses: compared as saved)
+                return yaml.safe_load(fit.dump(fit.parse_object(saved), skip_none=False))
+            finally:
+                fit.exit_on_error = exit_on_error
 
         return runs.find_run(config, runs.comparable(dumped, keys), keys, fix, complete)
 
