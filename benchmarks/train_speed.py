@@ -184,8 +184,8 @@ def main():
     settings = {name: measure for key, (name, measure) in _settings(common).items()
                 if not args.rows or key in args.rows}
     if not cpu_has_native_bf16():
-        # emulated bf16 trains ~14x slower than fp32 (benchmarks/precision_step.py): those rows would measure
-        # the emulation, for an hour
+        # emulated bf16 trains many times slower than fp32 (benchmarks/precision_step.py, measured in
+        # reports/training_speed/README.md): those rows would measure the emulation, for an hour
         settings = {name: fn for name, fn in settings.items() if "bf16" not in name}
         print("this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 rows are skipped")
         if not settings:

@@ -80,19 +80,35 @@ def test_embeddings_can_be_included(fit):
     assert (word == 0).float().mean() > 0.1
 
 
+class _SparsityPerStep(Callback):
+    """``seen[t]``: the model's sparsity after optimizer step ``t``."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.seen.append(sparsity(pl_module.model))
+
+
 def test_cubic_schedule_rises_to_the_target(fit):
-    seen = []
-
-    class Record(Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            seen.append(sparsity(pl_module.model))
-
+    record = _SparsityPerStep()
     pruning = MagnitudePruning(amount=0.6, schedule="cubic", start_step=1, end_step=7, every_n_steps=2)
-    fit([pruning, Record()], max_steps=10)
+    fit([pruning, record], max_steps=10)
+    seen = record.seen
     assert seen[0] == 0  # before start_step
     assert all(a <= b + 1e-9 for a, b in zip(seen, seen[1:]))
     assert 0 < seen[3] < 0.6
     assert seen[-1] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_cubic_schedule_reaches_the_target_at_an_end_step_off_its_grid(fit):
+    # Pruning steps 0, 2, 4 and end_step 5 (the rule of PruningSchedule, as StructuredPruning); before the
+    # schedule object this callback pruned on the grid only and reached the target at step 6.
+    record = _SparsityPerStep()
+    fit([MagnitudePruning(amount=0.6, schedule="cubic", start_step=0, end_step=5, every_n_steps=2), record],
+        max_steps=7)
+    assert record.seen[4] == pytest.approx(0.6 * (1 - (1 / 5) ** 3), abs=1e-3)  # 0.595
+    assert record.seen[5] == pytest.approx(0.6, abs=1e-3)
 
 
 def test_checkpoint_is_plain_and_resume_keeps_the_masks(fit, tmp_path):

@@ -70,7 +70,7 @@ def test_a_pruned_folder_reloads_only_through_the_project_loader(model_type, tmp
     model.save_pretrained(tmp_path)
     pretrained.mark_saved_config(tmp_path)
     # plain transformers would rebuild the unpruned shape and re-initialise the pruned layers: it must refuse
-    with pytest.raises(ValueError, match=r"load it with emocompress\.pretrained\.load_model"):
+    with pytest.raises(ValueError, match=r"load it with emocompress\.models\.pretrained\.load_model"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path)
     loaded = pretrained.load_model(str(tmp_path))
     assert structure.shape(loaded) == structure.shape(model)

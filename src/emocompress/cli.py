@@ -56,7 +56,8 @@ _SIGTERM_EXIT = 128 + signal.SIGTERM
 
 def _cpu_precision(trainer_config) -> None:
     """bf16 precision on a CPU without native bf16 becomes 32-true, with a warning: what the configs mean by
-    "bf16 where it is fast" (teacher.yaml), instead of a fit 14x slower than it needs to be. ``16-mixed`` (and
+    "bf16 where it is fast" (teacher.yaml), instead of a fit many times slower than it needs to be (emulated
+    bf16: ``hardware.cpu_has_native_bf16``; see reports/training_speed/README.md). ``16-mixed`` (and
     its old spelling ``16``) counts too: Lightning runs it on a CPU as bf16-mixed, fp16 autocast having no CPU
     kernels (``_AcceleratorConnector._check_and_init_precision``)."""
     precision = str(trainer_config.get("precision") or "")
@@ -65,7 +66,7 @@ def _cpu_precision(trainer_config) -> None:
     if bf16_on_cpu and on_cpu and not cpu_has_native_bf16():
         trainer_config.precision = "32-true"
         rank_zero_warn(f"trainer.precision {precision}: this CPU has no native bf16 (no AVX512-BF16 or AMX), where "
-                       "bf16 autocast trains about 14x slower than fp32; using 32-true instead (pass "
+                       "bf16 autocast is emulated and trains many times slower than fp32; using 32-true instead (pass "
                        "--trainer.precision 32-true to silence this)")
 
 

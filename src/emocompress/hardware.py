@@ -7,9 +7,9 @@ import torch
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it, torch emulates bf16 and
-    bf16 autocast trains MiniLM about 14x slower than fp32 (2.2 vs 30.8 samples/s measured on an AVX2-only
-    AMD EPYC). Unknown (an older torch without the probes) counts as native."""
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it, torch emulates every bf16
+    operation in software, and bf16 autocast trains many times slower than fp32 (measured in
+    reports/training_speed/README.md). Unknown (an older torch without the probes) counts as native."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None) or all(probe is None for probe in probes)
 

@@ -196,11 +196,11 @@ def quantize_onnx_file(fp32_file: str | Path, out_file: str | Path, op_types: li
         reduce_range: 7-bit weights instead of 8-bit.
 
     The defaults are what ``quantize`` writes. On CPUs without VNNI (AVX2 only), ONNX Runtime's u8s8 kernels
-    sum pairs of products in saturating int16, and 8-bit weights overflow it. Measured on an AVX2-only EPYC:
-    tiny test models' logits moved by up to 1.6 (of 4.6) with 8-bit per-tensor weights and by 0.02 with these;
-    the MiniLM teacher agreed with its fp32 labels on 99.2% of the emotion test texts instead of 98.0%, for
-    about 4% more latency at batch 1 (``benchmarks/int8_weights.py``). A file may be served on another CPU than the one that made
-    it, so ``quantize`` always uses them.
+    sum pairs of products in saturating int16: with 8-bit weights such a pair can overflow it (2 x 255 x 127 >
+    32767), with 7-bit weights it cannot (2 x 255 x 63 < 32767). Per-channel scales give back most of the precision the lost bit costs, since each output
+    channel's scale fits its own largest weight. A file may be served on another CPU than the one that made it,
+    so ``quantize`` always uses them. Their effect on labels, macro F1 and latency is measured in
+    docs/compression.md (INT8, ``benchmarks/int8_weights.py``).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic

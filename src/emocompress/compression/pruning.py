@@ -9,46 +9,10 @@ from torch import nn
 from torch.nn.utils import prune
 from typing_extensions import override
 
+from emocompress.compression.schedule import PruningSchedule
+
 # Top-level module names of a transformers classification head (BERT/RoBERTa/DistilBERT/recurrent students).
 _HEAD_NAMES = ("classifier", "pre_classifier", "score")
-
-
-def cubic_sparsity(step: int, final: float, start_step: int, end_step: int) -> float:
-    """Target sparsity at ``step`` under the schedule of Zhu & Gupta (2017), "To prune, or not to prune":
-    ``s_t = s_f * (1 - (1 - (t - t0) / (t1 - t0)) ** 3)``, rising fast first and flattening as
-    ``end_step`` nears, when the network has fewer redundant weights left to lose.
-
-    >>> [round(cubic_sparsity(t, 0.5, 0, 100), 3) for t in (0, 50, 100, 200)]
-    [0.0, 0.438, 0.5, 0.5]
-    """
-    if step <= start_step:
-        return 0.0
-    progress = min(1.0, (step - start_step) / max(1, end_step - start_step))
-    return final * (1 - (1 - progress) ** 3)
-
-
-def scheduled_amount(schedule: str, step: int, final: float, start_step: int, end_step: int | None) -> float:
-    """Share to have pruned at ``step``: ``final`` from ``start_step`` on (``one_shot``), or the ``cubic`` rise.
-
-    >>> scheduled_amount("one_shot", 9, 0.5, 10, None), scheduled_amount("one_shot", 10, 0.5, 10, None)
-    (0.0, 0.5)
-    """
-    if schedule == "one_shot":
-        return final if step >= start_step else 0.0
-    return cubic_sparsity(step, final, start_step, end_step)
-
-
-def check_schedule(owner: str, schedule: str, start_step: int, end_step: int | None, every_n_steps: int) -> None:
-    """Refuse schedule settings ``scheduled_amount`` cannot follow, naming ``owner``'s options.
-
-    Raises:
-        ValueError: ``start_step`` < 0, ``every_n_steps`` < 1, or ``cubic`` without ``end_step`` > ``start_step``.
-    """
-    if start_step < 0 or every_n_steps < 1:
-        raise ValueError(f"{owner}.start_step must be >= 0 and every_n_steps >= 1, got {start_step} and {every_n_steps}")
-    if schedule == "cubic" and (end_step is None or end_step <= start_step):
-        raise ValueError(f"{owner}.end_step must be set and > start_step ({start_step}) for the cubic schedule, "
-                         f"got {end_step}")
 
 
 class MagnitudePruning(Callback):
@@ -70,7 +34,7 @@ class MagnitudePruning(Callback):
         amount: final share of the targeted weights set to zero, in [0, 0.95].
         schedule: ``one_shot`` prunes to ``amount`` at ``start_step``; ``cubic`` raises the sparsity
             from 0 at ``start_step`` to ``amount`` at ``end_step`` (Zhu & Gupta 2017), pruning every
-            ``every_n_steps`` optimizer steps.
+            ``every_n_steps`` optimizer steps and at ``end_step`` (see ``PruningSchedule``).
         start_step: optimizer step at which pruning starts (0: before the first step).
         end_step: with ``cubic``, the step at which ``amount`` is reached; keep it within the first epoch
             or two so that checkpoints chosen on validation are at the final sparsity.
@@ -84,12 +48,8 @@ class MagnitudePruning(Callback):
                  include_classifier: bool = True, include_embeddings: bool = False):
         if not 0 <= amount <= 0.95:
             raise ValueError(f"MagnitudePruning.amount must be in [0, 0.95], got {amount}")
-        check_schedule("MagnitudePruning", schedule, start_step, end_step, every_n_steps)
-        self.amount = amount
-        self.schedule = schedule
-        self.start_step = start_step
-        self.end_step = end_step
-        self.every_n_steps = every_n_steps
+        # Flat keys, as in the configs and the saved config.yaml of earlier runs (which resume by comparing it).
+        self.schedule = PruningSchedule(amount, schedule, start_step, end_step, every_n_steps, owner="MagnitudePruning")
         self.include_classifier = include_classifier
         self.include_embeddings = include_embeddings
         self.sparsity = 0.0  # sparsity reached so far; saved in checkpoints
@@ -151,10 +111,9 @@ class MagnitudePruning(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step < self.start_step or (self.schedule == "cubic" and (step - self.start_step) % self.every_n_steps):
-            return
-        self._prune_to(pl_module, scheduled_amount(self.schedule, step, self.amount, self.start_step, self.end_step))
+        # With gradient accumulation a step runs several batches; _prune_to has nothing left to do after the first.
+        if self.schedule.is_pruning_step(trainer.global_step):
+            self._prune_to(pl_module, self.schedule.amount_at(trainer.global_step))
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -164,8 +123,8 @@ class MagnitudePruning(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Before on_fit_end (the HF export and the test after fit): leave a plain model with zeros.
-        if self.sparsity < self.amount:
-            rank_zero_warn(f"training ended at {self.sparsity:.3f} sparsity, below the target {self.amount}: "
+        if self.sparsity < self.schedule.amount:
+            rank_zero_warn(f"training ended at {self.sparsity:.3f} sparsity, below the target {self.schedule.amount}: "
                            "set MagnitudePruning.end_step within the training steps")
         for _, module in self._targets(pl_module):
             if prune.is_pruned(module):

@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.utils import prune
 from typing_extensions import override
 
-from emocompress.compression.pruning import check_schedule, fold_masks, scheduled_amount
+from emocompress.compression.pruning import fold_masks
+from emocompress.compression.schedule import PruningSchedule
 from emocompress.models import structure
 
 _KINDS = {"heads": ("heads",), "ffn": ("ffn",), "both": ("heads", "ffn")}
@@ -56,7 +57,8 @@ class StructuredPruning(Callback):
         score_batches: with ``taylor``, training batches whose gradients score the units before each pruning.
         scope: ``global`` (rank across layers) or ``per_layer`` (the same share in every layer).
         schedule: ``one_shot`` removes everything at ``start_step``; ``cubic`` raises the removed share from 0
-            at ``start_step`` to the amounts at ``end_step`` (Zhu & Gupta 2017), every ``every_n_steps`` steps.
+            at ``start_step`` to the amounts at ``end_step`` (Zhu & Gupta 2017), every ``every_n_steps`` steps and
+            at ``end_step`` (see ``PruningSchedule``).
         start_step: optimizer step of the first pruning (with ``taylor``, at least ``score_batches``).
         end_step: with ``cubic``, the step at which the amounts are reached.
         every_n_steps: with ``cubic``, steps between pruning updates.
@@ -70,7 +72,8 @@ class StructuredPruning(Callback):
         for name, amount in (("head_amount", head_amount), ("ffn_amount", ffn_amount)):
             if not 0 <= amount < 1:
                 raise ValueError(f"StructuredPruning.{name} must be in [0, 1), got {amount}")
-        check_schedule("StructuredPruning", schedule, start_step, end_step, every_n_steps)
+        # amount 1.0: amount_at gives the share of the way to each kind's amount (self.amounts scales it).
+        self.schedule = PruningSchedule(1.0, schedule, start_step, end_step, every_n_steps, owner="StructuredPruning")
         if score_batches < 1:
             raise ValueError(f"StructuredPruning.score_batches must be >= 1, got {score_batches}")
         if importance == "taylor" and start_step < score_batches:
@@ -82,30 +85,11 @@ class StructuredPruning(Callback):
         self.importance = importance
         self.score_batches = score_batches
         self.scope = scope
-        self.schedule = schedule
-        self.start_step = start_step
-        self.end_step = end_step
-        self.every_n_steps = every_n_steps
         # Saved in checkpoints: per kind, one bool vector per layer over the units it had when pruning began.
         self.kept: dict[str, list[torch.Tensor]] = {}
         self.rebuilt = False
         self._scores: dict[str, list[torch.Tensor]] = {}
         self._last_step = -1
-
-    # ---- schedule ----
-    def _is_pruning_step(self, step: int) -> bool:
-        if self.schedule == "one_shot":
-            return step == self.start_step
-        return step == self.end_step or (self.start_step <= step < self.end_step
-                                         and (step - self.start_step) % self.every_n_steps == 0)
-
-    def _next_pruning_step(self, step: int) -> int | None:
-        if self.schedule == "one_shot":
-            return self.start_step if step < self.start_step else None
-        if step > self.end_step:
-            return None
-        ahead = max(0, step - self.start_step + 1)
-        return min(self.end_step, self.start_step + -(-ahead // self.every_n_steps) * self.every_n_steps)
 
     # ---- hooks ----
     @override
@@ -130,7 +114,7 @@ class StructuredPruning(Callback):
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.importance != "taylor" or self.rebuilt:
             return
-        step, upcoming = trainer.global_step, self._next_pruning_step(trainer.global_step)
+        step, upcoming = trainer.global_step, self.schedule.next_pruning_step(trainer.global_step)
         if upcoming is None or upcoming - step > self.score_batches:
             return
         for kind, values in _taylor_scores(pl_module.model).items():
@@ -142,7 +126,7 @@ class StructuredPruning(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.rebuilt or step == self._last_step or not self._is_pruning_step(step):
+        if self.rebuilt or step == self._last_step or not self.schedule.is_pruning_step(step):
             return  # (gradient accumulation runs several batches per step)
         self._last_step = step
         scores = self._scores if self.importance == "taylor" else _magnitude_scores(pl_module.model)
@@ -155,12 +139,12 @@ class StructuredPruning(Callback):
             if self.amounts[kind] > 0 and kind in scores:
                 local = torch.cat(scores[kind]).to(pl_module.device)
                 reduced = trainer.strategy.reduce(local, reduce_op="mean").cpu()
-                share = scheduled_amount(self.schedule, step, self.amounts[kind], self.start_step, self.end_step)
+                share = self.amounts[kind] * self.schedule.amount_at(step)
                 changed |= self._remove(kind, reduced.split([len(k) for k in self.kept[kind]]), share)
         if changed:
             self._apply_masks(pl_module)
             self._announce(pl_module)
-        if self._final_reached(step) and not isinstance(trainer.strategy, ParallelStrategy):
+        if step >= self.schedule.final_step and not isinstance(trainer.strategy, ParallelStrategy):
             self._rebuild(trainer, pl_module)
 
     @override
@@ -170,7 +154,7 @@ class StructuredPruning(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Before on_fit_end (the HF export and the test after fit): leave a plain, smaller model.
-        if not self._final_reached(trainer.global_step):
+        if trainer.global_step < self.schedule.final_step:
             rank_zero_warn(f"StructuredPruning: training ended with {self._removed_shares()} removed, short of the "
                            f"targets {self.amounts}: set start_step/end_step within the training steps")
         if not self.rebuilt:
@@ -224,9 +208,6 @@ class StructuredPruning(Callback):
         self.rebuilt = True
         rank_zero_info("StructuredPruning: rebuilt the layers smaller, heads/FFN neurons per layer: %s",
                        [(s["heads"], s["ffn"]) for s in structure.shape(model)])
-
-    def _final_reached(self, step: int) -> bool:
-        return step >= (self.start_step if self.schedule == "one_shot" else self.end_step)
 
     def _removed_shares(self) -> dict[str, float]:
         return {f"prune/{kind}": sum(int((~k).sum()) for k in kept) / max(1, sum(len(k) for k in kept))

@@ -52,14 +52,15 @@ class EmotionClassifier(LightningModule):
         trust_remote_code: allow a model folder to run its own code; only for models you trust. Linked from
             ``data.trust_remote_code``; a checkpoint's own value is never used.
         freeze_embeddings: keep the input embeddings (token, position and type tables and their LayerNorm)
-            at their pretrained values. The token table is half of MiniLM's 22.7M parameters, and its
-            gradient is dense: without it a bf16 step on a CPU is about 1.1x faster (``make speed_steps``).
+            at their pretrained values. The token table is about half of MiniLM's parameters, and its
+            gradient is dense (every row, every step): freezing it skips that gradient and its AdamW update.
+            Speed and macro F1: reports/training_speed/README.md, reports/benchmark_freeze/README.md.
         freeze_layers: also keep the first N encoder layers (in [0, number of layers]) at their pretrained
             values; backward then stops above them, which saves most of their cost. Implies
             ``freeze_embeddings``. BERT-, RoBERTa- and DistilBERT-style encoders.
         trim_last_layer: compute the last encoder layer for the first token only, the one the classification
-            head reads (``first_token.py``): the same logits up to rounding, and bf16 training on a CPU 1.07x
-            to 1.39x faster (``make speed_steps``). BERT-, RoBERTa- and DistilBERT-style ``transformers``
+            head reads (``first_token.py``): the same logits up to rounding, for less compute (speed:
+            reports/training_speed/README.md). BERT-, RoBERTa- and DistilBERT-style ``transformers``
             classifiers; other models run unchanged.
     """
 
@@ -255,8 +256,9 @@ class EmotionClassifier(LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim < 2 else decay).append(param)
-        # The fused kernel is ~20% faster on CPU. Lightning refuses to clip the gradients of a fused
-        # optimizer under fp16 loss scaling (the scaler would unscale inside step), so not there.
+        # The fused kernel updates all parameters in a few kernel launches instead of a loop over tensors.
+        # Lightning refuses to clip the gradients of a fused optimizer under fp16 loss scaling (the scaler would
+        # unscale inside step), so not there.
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr,
                                       fused=self.trainer.precision in ("32-true", "bf16-mixed"))

@@ -4,9 +4,11 @@ BERT-, RoBERTa- and DistilBERT-style ``...ForSequenceClassification`` heads read
 first token ([CLS], <s>) and nothing else. The last layer still computes all T outputs, and backward goes
 through them, although T - 1 of them have no effect on the logits. ``first_token_only`` runs that layer for the
 first token alone: its keys and values still come from every token, but its queries, attention output and FFN
-are (B, 1, H) instead of (B, T, H): about 5/6 of that layer's matrix products are skipped (one of MiniLM's 6
-layers), and our bf16 training loop on a CPU ran 1.07x to 1.39x faster per round (``make speed_steps``). The logits are
-the same up to rounding (``tests/test_first_token.py`` checks logits and gradients against the full forward).
+are (B, 1, H) instead of (B, T, H). Per token the layer multiplies by 12 H x H weights (Q, K, V and the
+attention output 4; the FFN 8 at the usual 4H inner width); only K and V (2) still run for every token, so
+about 5/6 of the layer's matrix products are skipped. What that buys in training speed is measured in
+reports/training_speed/README.md. The logits are the same up to rounding (``tests/test_first_token.py`` checks
+logits and gradients against the full forward).
 
 The layer's forward is replaced only inside the ``with`` block, on that model object, so checkpoints, exports
 and anything that asks for hidden states (patient distillation) see the unchanged model.
