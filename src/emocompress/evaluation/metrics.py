@@ -55,12 +55,18 @@ def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     """
     # float64 counts: torchmetrics keeps a floating dtype, so the resampled values are double precision
     confusion = confusion.double()
-    return {name: _on_each(metric, confusion) for name, metric in classification_metrics(confusion.shape[-1]).items()}
+    # the per-class statistics torchmetrics derives from a confusion matrix, (R, C) each
+    tp = confusion.diagonal(dim1=1, dim2=2)
+    fp, fn = confusion.sum(1) - tp, confusion.sum(2) - tp
+    stats = {"tp": tp, "fp": fp, "fn": fn, "tn": confusion.sum((1, 2))[:, None] - tp - fp - fn}
+    return {name: _on_each(metric, confusion, stats)
+            for name, metric in classification_metrics(confusion.shape[-1]).items()}
 
 
-def _on_each(metric: torch.nn.Module, confusion: torch.Tensor) -> torch.Tensor:
-    """``metric``'s value on each of the (R, C, C) ``confusion`` matrices: its class's ``compute`` (the unwrapped
-    one: the instance's wrapper caches and syncs processes) on a copy whose states hold the counts."""
+def _on_each(metric: torch.nn.Module, confusion: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``metric``'s value on each of the (R, C, C) ``confusion`` matrices (``stats``: their (R, C) tp, fp, fn,
+    tn): its class's ``compute`` (the unwrapped one: the instance's wrapper caches and syncs processes) on a
+    copy whose states hold the counts."""
     twin, compute = copy.copy(metric), type(metric).compute
     if isinstance(metric, MulticlassCohenKappa):
         def kappa(counts):  # (C, C): kappa has no per-sample mode, so its compute is vectorised over R
@@ -69,13 +75,10 @@ def _on_each(metric: torch.nn.Module, confusion: torch.Tensor) -> torch.Tensor:
         return torch.vmap(kappa)(confusion)
     if not isinstance(metric, MulticlassStatScores):
         raise ValueError(f"metrics.py: no bootstrap for {type(metric).__name__}; derive its states from confusion "
-                        f"matrices in _on_each")
-    # the per-class statistics torchmetrics derives from a confusion matrix, (R, C) each; "samplewise" makes
-    # its reductions keep the leading R axis
-    tp = confusion.diagonal(dim1=1, dim2=2)
-    twin.tp, twin.fp, twin.fn = tp, confusion.sum(1) - tp, confusion.sum(2) - tp
-    twin.tn = confusion.sum((1, 2))[:, None] - twin.tp - twin.fp - twin.fn
-    twin.multidim_average = "samplewise"
+                         f"matrices in _on_each")
+    for name, value in stats.items():
+        setattr(twin, name, value)
+    twin.multidim_average = "samplewise"  # states of shape (R, C): the reductions keep the leading R axis
     return compute(twin)
 
 
