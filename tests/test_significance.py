@@ -2,12 +2,14 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, recall_score
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score
 
+from emocompress.evaluation import metrics as metrics_module
 from emocompress.evaluation.significance import (
     bootstrap_indices,
     confusion_matrices,
     mcnemar_exact,
-    metrics_from_confusion,
     paired_difference,
     percentile_interval,
     resampled_metrics,
@@ -16,26 +18,56 @@ from emocompress.models.classifier import classification_metrics
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_metrics_match_torchmetrics_and_sklearn(seed):
+def test_resampled_metrics_are_trainings_and_sklearns_on_each_resample(seed):
     rng = np.random.default_rng(seed)
     num_classes = 4
     target = rng.integers(0, num_classes, 60)
     preds = np.where(rng.random(60) < 0.6, target, rng.integers(0, num_classes, 60))
     if seed == 3:  # class 3 neither true nor predicted: torchmetrics leaves it out of macro averages
         target, preds = target % 3, preds % 3
-    ours = {k: v[0] for k, v in metrics_from_confusion(confusion_matrices(target, preds, num_classes)).items()}
-    metrics = classification_metrics(num_classes)
-    metrics.update(torch.from_numpy(preds), torch.from_numpy(target))
-    for name, value in metrics.compute().items():
-        np.testing.assert_allclose(ours[name], value.numpy(), atol=1e-6, err_msg=name)
-    labels = sorted(set(target) | set(preds))
-    assert ours["accuracy"] == pytest.approx(accuracy_score(target, preds))
-    assert ours["macro_f1"] == pytest.approx(f1_score(target, preds, average="macro", labels=labels))
-    assert ours["cohen_kappa"] == pytest.approx(cohen_kappa_score(target, preds))
-    assert ours["balanced_accuracy"] == pytest.approx(
-        recall_score(target, preds, average="macro", labels=labels, zero_division=0))
-    if seed != 3:
-        assert ours["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(target, preds))
+    idx = bootstrap_indices(60, resamples=5, seed=seed)
+    samples = resampled_metrics(target, preds, num_classes, idx)
+    for r in range(5):
+        t, p = target[idx[r]], preds[idx[r]]
+        metrics = classification_metrics(num_classes)  # what training and the benchmark report
+        metrics.update(torch.from_numpy(p), torch.from_numpy(t))
+        ours = {name: values[r] for name, values in samples.items()}
+        for name, value in metrics.compute().items():
+            np.testing.assert_allclose(ours[name], value.numpy(), atol=1e-6, err_msg=name)
+        labels = sorted(set(t) | set(p))
+        assert ours["accuracy"] == pytest.approx(accuracy_score(t, p))
+        assert ours["macro_f1"] == pytest.approx(f1_score(t, p, average="macro", labels=labels))
+        assert ours["cohen_kappa"] == pytest.approx(cohen_kappa_score(t, p))
+        assert ours["balanced_accuracy"] == pytest.approx(
+            recall_score(t, p, average="macro", labels=labels, zero_division=0))
+        if set(p) <= set(t):  # sklearn's balanced accuracy leaves out classes predicted but absent
+            assert ours["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(t, p))
+
+
+def test_the_bootstrap_follows_the_one_definition(monkeypatch):
+    # a change of definition in evaluation/metrics.py (here: weighted F1) reaches the bootstrap unchanged
+    def weighted(num_classes):
+        return MetricCollection({"macro_f1": MulticlassF1Score(num_classes, average="weighted")})
+    monkeypatch.setattr(metrics_module, "classification_metrics", weighted)
+    rng = np.random.default_rng(0)
+    target, preds = rng.integers(0, 3, 80), rng.integers(0, 3, 80)
+    idx = bootstrap_indices(80, resamples=3, seed=0)
+    samples = resampled_metrics(target, preds, 3, idx)
+    assert list(samples) == ["macro_f1"]
+    for r in range(3):
+        assert samples["macro_f1"][r] == pytest.approx(f1_score(target[idx[r]], preds[idx[r]], average="weighted"))
+    monkeypatch.setattr(metrics_module, "classification_metrics",
+                        lambda num_classes: MetricCollection({"auroc": MulticlassAUROC(num_classes)}))
+    with pytest.raises(ValueError, match="no bootstrap for MulticlassAUROC"):
+        resampled_metrics(target, preds, 3, idx)
+
+
+def test_kappa_of_a_one_class_resample_is_nan():
+    # observed and chance agreement both 1: kappa is undefined, and the intervals skip it
+    target = np.zeros(5, int)
+    samples = resampled_metrics(target, target.copy(), 2, bootstrap_indices(5, resamples=4, seed=0))
+    assert np.isnan(samples["cohen_kappa"]).all()
+    assert samples["macro_f1"].tolist() == samples["accuracy"].tolist() == [1.0] * 4
 
 
 def test_resampled_confusion_matrices_are_those_of_the_resampled_texts():

@@ -1,1 +1,1 @@
-"""How models are judged: significance tests and intervals (numpy and scipy only)."""
+"""How models are judged: the metrics (torchmetrics), significance tests and intervals (numpy and scipy), plots."""

@@ -1,6 +1,8 @@
 """The one definition of every reported metric: torchmetrics objects for training, validation, test and the benchmark,
-and the report they become (``metrics_report``)."""
+their values on many confusion matrices at once for the bootstrap (``metrics_from_confusion``), and the report
+they become (``metrics_report``)."""
 
+import copy
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -10,6 +12,7 @@ from torchmetrics.classification import (
     MulticlassCohenKappa,
     MulticlassF1Score,
     MulticlassRecall,
+    MulticlassStatScores,
 )
 
 
@@ -28,6 +31,55 @@ def classification_metrics(num_classes: int) -> MetricCollection:
         "f1_per_class": MulticlassF1Score(num_classes, average=None),
         "accuracy_per_class": MulticlassRecall(num_classes, average=None),
     })
+
+
+def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each metric of ``classification_metrics`` on each of R confusion matrices, as the bootstrap needs it.
+
+    Every value comes from the metric's own torchmetrics ``compute`` (its averaging, its handling of absent
+    classes), run on states filled from the counts, so it cannot drift from what training and the benchmark
+    report. (Passing the resampled texts to torchmetrics' ``multidim_average="samplewise"`` instead would
+    one-hot encode (R, N, C) values: far slower than counting once, ``significance.confusion_matrices``.)
+
+    Args:
+        confusion: (R, C, C) counts, rows true class.
+
+    Returns:
+        float64 values: ``accuracy``, ``macro_f1``, ``balanced_accuracy``, ``cohen_kappa``: (R,);
+        ``f1_per_class``, ``accuracy_per_class``: (R, C). Kappa is NaN where it is undefined (observed and
+        chance agreement both 1: one class only, all predicted right).
+
+    >>> m = metrics_from_confusion(torch.tensor([[[3, 1], [0, 2]]]))
+    >>> [round(m[k][0].item(), 4) for k in ("accuracy", "macro_f1", "balanced_accuracy", "cohen_kappa")]
+    [0.8333, 0.8286, 0.875, 0.6667]
+    """
+    # float64 counts: torchmetrics keeps a floating dtype, so the resampled values are double precision
+    confusion = confusion.double()
+    # the per-class statistics torchmetrics derives from a confusion matrix, (R, C) each
+    tp = confusion.diagonal(dim1=1, dim2=2)
+    fp, fn = confusion.sum(1) - tp, confusion.sum(2) - tp
+    stats = {"tp": tp, "fp": fp, "fn": fn, "tn": confusion.sum((1, 2))[:, None] - tp - fp - fn}
+    return {name: _on_each(metric, confusion, stats)
+            for name, metric in classification_metrics(confusion.shape[-1]).items()}
+
+
+def _on_each(metric: torch.nn.Module, confusion: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``metric``'s value on each of the (R, C, C) ``confusion`` matrices (``stats``: their (R, C) tp, fp, fn,
+    tn): its class's ``compute`` (the unwrapped one: the instance's wrapper caches and syncs processes) on a
+    copy whose states hold the counts."""
+    twin, compute = copy.copy(metric), type(metric).compute
+    if isinstance(metric, MulticlassCohenKappa):
+        def kappa(counts):  # (C, C): kappa has no per-sample mode, so its compute is vectorised over R
+            twin.confmat = counts
+            return compute(twin)
+        return torch.vmap(kappa)(confusion)
+    if not isinstance(metric, MulticlassStatScores):
+        raise ValueError(f"metrics.py: no bootstrap for {type(metric).__name__}; derive its states from confusion "
+                         f"matrices in _on_each")
+    for name, value in stats.items():
+        setattr(twin, name, value)
+    twin.multidim_average = "samplewise"  # states of shape (R, C): the reductions keep the leading R axis
+    return compute(twin)
 
 
 def metrics_report(values: dict[str, torch.Tensor], confusion: torch.Tensor, id2label: dict[int, str]) -> dict:

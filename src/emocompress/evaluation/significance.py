@@ -1,6 +1,7 @@
 """Confidence intervals and paired tests for comparing classifiers on one test set.
 
-Pure numpy/scipy, so the benchmark can run it over stored predictions. The bootstrap is *paired*: one
+Numpy/scipy over stored predictions; the metrics of each resample are ``evaluation.metrics``' (torchmetrics, the
+definition training reports), computed from its confusion matrix. The bootstrap is *paired*: one
 (R, N) matrix of resampled text indices is drawn once and applied to every model's predictions, so a
 difference between two models is measured on the same resampled texts each time.
 
@@ -8,14 +9,13 @@ difference between two models is measured on the same resampled texts each time.
     samples = resampled_metrics(target, preds, num_classes, idx)           # name -> (R,) or (R, C)
     low, high = percentile_interval(samples["macro_f1"])
     diff = paired_difference(samples["macro_f1"], base_samples["macro_f1"])
-
-Metrics follow torchmetrics' multiclass definitions (what training and ``benchmark`` report): macro
-averages skip classes that are neither in the target nor predicted (tp + fp + fn = 0), a per-class score
-whose denominator is 0 is 0.
 """
 
 import numpy as np
+import torch
 from scipy.stats import binomtest
+
+from emocompress.evaluation.metrics import metrics_from_confusion
 
 SCALARS = ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")
 
@@ -52,41 +52,6 @@ def confusion_matrices(target: np.ndarray, preds: np.ndarray, num_classes: int,
     return np.bincount(flat.ravel(), minlength=len(idx) * cells).reshape(len(idx), num_classes, num_classes)
 
 
-def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den != 0)
-
-
-def metrics_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
-    """The benchmark's metrics of each of R confusion matrices.
-
-    Args:
-        confusion: (R, C, C) counts, rows true class.
-
-    Returns:
-        ``accuracy``, ``macro_f1``, ``balanced_accuracy`` (macro recall), ``cohen_kappa``: (R,) float;
-        ``f1_per_class``, ``accuracy_per_class`` (per-class recall): (R, C) float. Kappa is NaN where it is
-        undefined (observed and chance agreement both 1: a resample of one class, all predicted right).
-
-    >>> m = metrics_from_confusion(np.array([[[3, 1], [0, 2]]]))
-    >>> [round(float(m[k][0]), 4) for k in ("accuracy", "macro_f1", "balanced_accuracy", "cohen_kappa")]
-    [0.8333, 0.8286, 0.875, 0.6667]
-    """
-    confusion = confusion.astype(np.float64)
-    tp = np.diagonal(confusion, axis1=1, axis2=2)  # (R, C)
-    true, predicted = confusion.sum(2), confusion.sum(1)  # (R, C) each
-    total = true.sum(1)  # (R,)
-    f1 = _divide(2 * tp, true + predicted)
-    recall = _divide(tp, true)
-    present = (true + predicted) > 0  # tp + fp + fn > 0: torchmetrics leaves other classes out of macro averages
-    observed = tp.sum(1) / total
-    chance = (true * predicted).sum(1) / total**2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        kappa = np.where(chance < 1, (observed - chance) / (1 - chance), np.nan)
-    return {"accuracy": observed, "macro_f1": (f1 * present).sum(1) / present.sum(1),
-            "balanced_accuracy": (recall * present).sum(1) / present.sum(1), "cohen_kappa": kappa,
-            "f1_per_class": f1, "accuracy_per_class": recall}
-
-
 def resampled_metrics(target: np.ndarray, preds: np.ndarray | list[np.ndarray], num_classes: int,
                       idx: np.ndarray) -> dict[str, np.ndarray]:
     """Each metric on each resample of the texts; for several runs (seeds) of one model, the mean over runs of
@@ -99,11 +64,12 @@ def resampled_metrics(target: np.ndarray, preds: np.ndarray | list[np.ndarray], 
         idx: (R, N) from ``bootstrap_indices``.
 
     Returns:
-        As ``metrics_from_confusion``, with a leading R axis.
+        As ``metrics.metrics_from_confusion``, as numpy arrays: name -> (R,) or (R, C) float64.
     """
     runs = [preds] if isinstance(preds, np.ndarray) else preds
-    per_run = [metrics_from_confusion(confusion_matrices(target, p, num_classes, idx)) for p in runs]
-    return {k: np.mean([m[k] for m in per_run], axis=0) for k in per_run[0]}
+    per_run = [metrics_from_confusion(torch.from_numpy(confusion_matrices(target, p, num_classes, idx)))
+               for p in runs]
+    return {k: np.mean([m[k].numpy() for m in per_run], axis=0) for k in per_run[0]}
 
 
 def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple:
