@@ -30,6 +30,7 @@ from emocompress.deploy.format import (
     ONNX_FILE,
     TORCH_WEIGHTS_FILE,
     ArtifactMeta,
+    metadata_file,
 )
 from emocompress.io import atomic_dir, check_replaceable
 from emocompress.models import (
@@ -95,7 +96,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize:
         max_length: tokens per text the server keeps, lowered to the model's position limit if above it.
 
     Returns:
-        ``out_dir``, holding ``model.onnx``, ``config.json``, the tokenizer files and ``int8.json``
+        ``out_dir``, holding ``model.onnx``, ``config.json``, the tokenizer files and ``artifact.json``
         (metadata, ``"precision": "fp32"``).
     """
     model = _fp32_copy(model, attn_implementation="eager")
@@ -214,13 +215,13 @@ def quantize_onnx_file(fp32_file: str | Path, out_file: str | Path, op_types: li
 
 def _save(out_dir: str | Path, meta: ArtifactMeta, config, tokenizer, write) -> None:
     """Write the folder under a temporary name and move it into place: never a half-written artifact. An
-    existing ``out_dir`` is replaced only if it is an earlier artifact (it has the metadata file): a folder
-    of anything else is never removed.
+    existing ``out_dir`` is replaced only if it is an earlier artifact (it has the metadata file, ``int8.json`` in
+    older ones): a folder of anything else is never removed; the new folder has only ``artifact.json``.
 
     Raises:
         ValueError: ``out_dir`` is a file, or a non-empty folder that is not an artifact folder.
     """
-    check_replaceable(out_dir, META_FILE, "an artifact folder")
+    check_replaceable(out_dir, metadata_file(out_dir).name, "an artifact folder")
     with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         pretrained.mark_saved_config(tmp)
