@@ -310,7 +310,7 @@ def test_distill_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_teach
 @pytest.mark.slow
 def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp_path):
     from emocompress.models.loading import load_artifact
-    from emocompress.models.students import RecurrentClassifier
+    from emocompress.models.students import SmallEncoderClassifier
 
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "distill_bilstm.yaml", "quantize.yaml",
                         extra=("--model.embedding_dim", 8, "--model.hidden_size", 8))
@@ -320,7 +320,7 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
     assert (fit.stdout + fit.stderr).count(f"fit done; run folder {Path('logs') / 'tiny' / 'version_0'}") == 1
     assert "multiple `ModelCheckpoint`" not in fit.stderr  # known-harmless: the first one is the best-F1 one
     student = AutoModelForSequenceClassification.from_pretrained(run / "hf_model").eval()
-    assert isinstance(student, RecurrentClassifier) and student.config.encoder == "bilstm"
+    assert isinstance(student, SmallEncoderClassifier) and student.config.encoder == "bilstm"
     tokenizer = AutoTokenizer.from_pretrained(run / "hf_model")
     batch = tokenizer(["i feel so happy today", "furious", "loving and tender, very fond"], padding=True,
                       return_tensors="pt")

@@ -22,7 +22,7 @@ from emocompress.deploy import serve
 from emocompress.deploy.serve import OnnxPredictor, main
 from emocompress.models.classifier import EmotionClassifier
 from emocompress.models.loading import OrtClassifier, load_artifact
-from emocompress.models.students import RecurrentClassifier, RecurrentConfig, keep_layers
+from emocompress.models.students import SmallEncoderClassifier, SmallEncoderConfig, keep_layers
 from tests.conftest import write_split
 
 # fp32 ONNX Runtime vs PyTorch logits: the same maths in another kernel order and fused ops (~1e-6 seen).
@@ -83,10 +83,10 @@ def trained(tiny_teacher_dir, tmp_path_factory):
     students = {}
     for encoder in ("bilstm", "cnn"):
         torch.manual_seed(0)
-        config = RecurrentConfig(vocab_size=len(tokenizer), embedding_dim=8, hidden_size=6, encoder=encoder,
-                                 pad_token_id=tokenizer.pad_token_id, id2label=bert.config.id2label,
-                                 label2id=bert.config.label2id)
-        students[encoder] = _train(RecurrentClassifier(config), tokenizer, train_file)
+        config = SmallEncoderConfig(vocab_size=len(tokenizer), embedding_dim=8, hidden_size=6, encoder=encoder,
+                                    pad_token_id=tokenizer.pad_token_id, id2label=bert.config.id2label,
+                                    label2id=bert.config.label2id)
+        students[encoder] = _train(SmallEncoderClassifier(config), tokenizer, train_file)
     return bert, students, tokenizer
 
 

@@ -36,7 +36,7 @@ from emocompress.io import atomic_dir, check_replaceable
 from emocompress.models import (
     pretrained,
     structure,
-    students,  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
+    students,  # noqa: F401  (registers SmallEncoderClassifier with the Auto classes)
 )
 from emocompress.models.loading import OrtClassifier, attention_kwargs, quiet_deprecations, torch_int8
 
@@ -83,7 +83,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize:
     """Write an fp32 ONNX copy of a ``transformers`` sequence classifier to a self-contained folder.
 
     Works for fine-tuned, pruned (zeros stay zeros; ONNX stores them densely) and distilled models,
-    including ``RecurrentClassifier`` students. ``load_artifact`` reads the folder back as an
+    including ``SmallEncoderClassifier`` students. ``load_artifact`` reads the folder back as an
     ``OrtClassifier``; ``python -m emocompress.deploy.serve`` serves it with only onnxruntime and tokenizers.
 
     Args:
@@ -92,7 +92,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize:
         tokenizer: a fast ``transformers`` tokenizer, saved beside the model (its ``tokenizer.json`` is what
             the server reads).
         optimize: fuse attention and layer norms with onnxruntime's BERT optimizer (transformers only;
-            recurrent students have no attention to fuse).
+            small-encoder students have no attention to fuse).
         max_length: tokens per text the server keeps, lowered to the model's position limit if above it.
 
     Returns:
@@ -157,7 +157,7 @@ def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool) -> None:
         torch.onnx.export(model, (), str(out_file), kwargs=example, input_names=names, output_names=["logits"],
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    if optimize and hasattr(config, "num_attention_heads"):  # fuse attention (recurrent students have none)
+    if optimize and hasattr(config, "num_attention_heads"):  # fuse attention (small-encoder students have none)
         heads, hidden = _fusion_heads(config)
         optimized = optimize_model(str(out_file), model_type="bert", num_heads=heads, hidden_size=hidden)
         optimized.save_model_to_file(str(out_file))

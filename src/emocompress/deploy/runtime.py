@@ -7,7 +7,7 @@ import numpy as np
 
 from emocompress.deploy.format import FIX, ONNX_FILE, is_int, metadata_file
 
-# The inputs a sequence classifier's graph may declare, all (B, T) int64; DistilBERT and the recurrent students
+# The inputs a sequence classifier's graph may declare, all (B, T) int64; DistilBERT and the small-encoder students
 # take no token_type_ids.
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -95,7 +95,7 @@ class OnnxPredictor:
         pad_id = 0 if meta.pad_id is None else meta.pad_id
         pad_token = meta.pad_token or self.tokenizer.id_to_token(pad_id) or "[PAD]"
         self.tokenizer.enable_truncation(self.max_length)
-        # Right padding to the batch's longest text: what the model saw in training (and RecurrentClassifier needs).
+        # Right padding to the batch's longest text: what the model saw in training (and SmallEncoderClassifier needs).
         self.tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
 
         self.session = open_session(folder / ONNX_FILE, self.labels, num_threads)

@@ -19,7 +19,7 @@ from emocompress.deploy.runtime import INPUT_NAMES, open_session, run_logits
 from emocompress.models import (
     pretrained,
     structure,
-    students,  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
+    students,  # noqa: F401  (registers SmallEncoderClassifier with the Auto classes)
 )
 from emocompress.models.checkpoints import load_network, read_checkpoint
 
@@ -61,7 +61,7 @@ class OrtClassifier(nn.Module):
 
 
 def attention_kwargs(config, implementation: str) -> dict:
-    """``attn_implementation`` for models with attention; recurrent students have none to choose."""
+    """``attn_implementation`` for models with attention; small-encoder students have none to choose."""
     return {"attn_implementation": implementation} if hasattr(config, "num_attention_heads") else {}
 
 
