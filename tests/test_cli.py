@@ -51,7 +51,7 @@ def _assert_pruned_and_tested_in_int8(run: Path):
     """``run``'s HF export is 50% pruned over its Linear layers, and its test (all 9 texts) ran on ONNX INT8."""
     exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model")
     _assert_half_zero([m.weight for m in exported.modules() if isinstance(m, torch.nn.Linear)])
-    assert json.loads((run / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
+    assert json.loads((run / "int8" / "artifact.json").read_text())["backend"] == "onnxruntime"
     assert sum(map(sum, json.loads((run / "test_metrics.json").read_text())["confusion_matrix"])) == 9
 
 
@@ -310,7 +310,7 @@ def test_distill_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_teach
 @pytest.mark.slow
 def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp_path):
     from emocompress.models.loading import load_artifact
-    from emocompress.models.students import RecurrentClassifier
+    from emocompress.models.students import SmallEncoderClassifier
 
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "distill_bilstm.yaml", "quantize.yaml",
                         extra=("--model.embedding_dim", 8, "--model.hidden_size", 8))
@@ -320,7 +320,7 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
     assert (fit.stdout + fit.stderr).count(f"fit done; run folder {Path('logs') / 'tiny' / 'version_0'}") == 1
     assert "multiple `ModelCheckpoint`" not in fit.stderr  # known-harmless: the first one is the best-F1 one
     student = AutoModelForSequenceClassification.from_pretrained(run / "hf_model").eval()
-    assert isinstance(student, RecurrentClassifier) and student.config.encoder == "bilstm"
+    assert isinstance(student, SmallEncoderClassifier) and student.config.encoder == "bilstm"
     tokenizer = AutoTokenizer.from_pretrained(run / "hf_model")
     batch = tokenizer(["i feel so happy today", "furious", "loving and tender, very fond"], padding=True,
                       return_tensors="pt")
@@ -825,7 +825,7 @@ def test_structured_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_mode
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
     reports = [json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1")]
     assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
-    assert json.loads((runs / "version_1" / "int8" / "int8.json").read_text())["backend"] == "onnxruntime"
+    assert json.loads((runs / "version_1" / "int8" / "artifact.json").read_text())["backend"] == "onnxruntime"
     with pytest.raises(ValueError, match="emocompress.models.pretrained.load_model"):
         AutoModelForSequenceClassification.from_pretrained(runs / "version_0" / "hf_model")
     # the pruned export is a model like any other for the next command: test it as data.model_name

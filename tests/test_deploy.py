@@ -22,7 +22,7 @@ from emocompress.deploy import serve
 from emocompress.deploy.serve import OnnxPredictor, main
 from emocompress.models.classifier import EmotionClassifier
 from emocompress.models.loading import OrtClassifier, load_artifact
-from emocompress.models.students import RecurrentClassifier, RecurrentConfig, keep_layers
+from emocompress.models.students import SmallEncoderClassifier, SmallEncoderConfig, keep_layers
 from tests.conftest import write_split
 
 # fp32 ONNX Runtime vs PyTorch logits: the same maths in another kernel order and fused ops (~1e-6 seen).
@@ -83,10 +83,10 @@ def trained(tiny_teacher_dir, tmp_path_factory):
     students = {}
     for encoder in ("bilstm", "cnn"):
         torch.manual_seed(0)
-        config = RecurrentConfig(vocab_size=len(tokenizer), embedding_dim=8, hidden_size=6, encoder=encoder,
-                                 pad_token_id=tokenizer.pad_token_id, id2label=bert.config.id2label,
-                                 label2id=bert.config.label2id)
-        students[encoder] = _train(RecurrentClassifier(config), tokenizer, train_file)
+        config = SmallEncoderConfig(vocab_size=len(tokenizer), embedding_dim=8, hidden_size=6, encoder=encoder,
+                                    pad_token_id=tokenizer.pad_token_id, id2label=bert.config.id2label,
+                                    label2id=bert.config.label2id)
+        students[encoder] = _train(SmallEncoderClassifier(config), tokenizer, train_file)
     return bert, students, tokenizer
 
 
@@ -130,10 +130,11 @@ def test_fp32_onnx_matches_pytorch_logits(trained, emotion_dir, tmp_path, varian
     predictor = OnnxPredictor(folder)
     served = torch.tensor([list(p["probs"].values()) for p in predictor.predict(texts)], dtype=torch.float32)
     torch.testing.assert_close(served, reference.softmax(-1), rtol=0, atol=ATOL)
-    meta = json.loads((folder / "int8.json").read_text())
+    meta = json.loads((folder / "artifact.json").read_text())
     assert meta["precision"] == "fp32" and meta["backend"] == "onnxruntime"
-    assert meta["input_names"] == predictor.input_names
-    assert ("token_type_ids" in predictor.input_names) == (variant not in _RECURRENT)
+    graph_inputs = [i.name for i in predictor.session.get_inputs()]
+    assert meta["input_names"] == graph_inputs
+    assert ("token_type_ids" in graph_inputs) == (variant not in _RECURRENT)
     # 1,024 asked: lowered to the tiny BERT's 512 positions; a BiLSTM or CNN has no position limit
     assert meta["max_length"] == (1024 if variant in _RECURRENT else 512)
 
@@ -163,7 +164,7 @@ def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, varia
     # the server reads INT8 folders too, with the same metadata
     served = OnnxPredictor(tmp_path / "int8").predict(texts)
     assert [p["label"] for p in served] == [model.config.id2label[i] for i in int8_labels]
-    meta_file = tmp_path / "int8" / "int8.json"
+    meta_file = tmp_path / "int8" / "artifact.json"
     assert json.loads(meta_file.read_text())["precision"] == "int8"
     # folders written before the metadata grew: labels and padding come from config.json
     meta_file.write_text(json.dumps({"backend": "onnxruntime", "include_embeddings": True}))
@@ -236,9 +237,10 @@ def test_onnx_export_callback_writes_the_best_model(make_datamodule, emotion_dir
     trainer = tiny_trainer(max_epochs=2, limit_train_batches=2, callbacks=[best_ckpt, OnnxExport()])
     trainer.fit(module, datamodule=dm)
     folder = tmp_path / "onnx"
-    assert {"model.onnx", "config.json", "tokenizer.json", "int8.json"} <= {p.name for p in folder.iterdir()}
+    assert {"model.onnx", "config.json", "tokenizer.json", "artifact.json"} <= {p.name for p in folder.iterdir()}
+    assert not (folder / "int8.json").exists()
     assert not (tmp_path / "onnx.tmp").exists()
-    meta = json.loads((folder / "int8.json").read_text())
+    meta = json.loads((folder / "artifact.json").read_text())
     assert meta["id2label"] == {str(i): label for i, label in dm.id2label.items()}
     assert meta["max_length"] == 128  # data.max_length, within the tiny BERT's 512 positions
 
@@ -262,7 +264,7 @@ def test_bad_folders_are_clear_errors(teacher, tmp_path, capsys):
         OnnxPredictor(tmp_path / "missing")
     hf_model = tmp_path / "hf_model"
     teacher[0].save_pretrained(hf_model)
-    with pytest.raises(ValueError, match=rf"{hf_model}: no int8.json, so not an INT8 model folder or ONNX export; "
+    with pytest.raises(ValueError, match=rf"{hf_model}: no artifact.json, so not an INT8 model folder or ONNX export; "
                                          r".*OnnxExport"):
         OnnxPredictor(hf_model)
     quantize(teacher[0], "torch", out_dir=tmp_path / "int8_torch", tokenizer=teacher[1])
@@ -274,7 +276,7 @@ def test_bad_folders_are_clear_errors(teacher, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(hf_model)])
     assert exit_info.value.code == 2
-    assert f"{hf_model}: no int8.json" in capsys.readouterr().err
+    assert f"{hf_model}: no artifact.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="OnnxExport.dirname must be a plain folder name"):
         OnnxExport(dirname="a/b")
 
@@ -286,15 +288,15 @@ def onnx_folder(trained, tmp_path_factory):
 
 
 def _with_meta(onnx_folder, tmp_path, **changes):
-    """A copy of ``onnx_folder`` whose int8.json has ``changes`` (a None value removes the key)."""
+    """A copy of ``onnx_folder`` whose artifact.json has ``changes`` (a None value removes the key)."""
     folder = shutil.copytree(onnx_folder, tmp_path / "onnx")
-    meta = json.loads((folder / "int8.json").read_text())
+    meta = json.loads((folder / "artifact.json").read_text())
     meta.update(changes)
-    (folder / "int8.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    (folder / "artifact.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
     return folder
 
 
-_BAD_META = {  # int8.json changes -> what the message says (after the file's path)
+_BAD_META = {  # artifact.json changes -> what the message says (after the file's path)
     "labels_differ": ({"id2label": {"0": "anger", "1": "joy", "2": "sadness"}},
                       r"id2label .* differs from .*config\.json"),
     "label_gap": ({"id2label": {"0": "anger", "1": "joy", "3": "love"}}, r"id2label must map the class ids 0 to 2"),
@@ -316,19 +318,56 @@ _BAD_META = {  # int8.json changes -> what the message says (after the file's pa
 def test_bad_metadata_is_refused_naming_the_file(onnx_folder, tmp_path, reader, case):
     changes, message = _BAD_META[case]
     folder = _with_meta(onnx_folder, tmp_path, **changes)
-    with pytest.raises(ValueError, match=re.escape(str(folder / "int8.json")) + ": " + message + ".*re-export with"):
+    with pytest.raises(ValueError, match=re.escape(str(folder / "artifact.json")) + ": " + message + ".*re-export with"):
         reader(folder)
 
 
 def test_metadata_of_older_folders_falls_back_to_config(onnx_folder, tmp_path):
-    # INT8 folders written before the metadata grew: only backend and include_embeddings
+    # INT8 folders written before the metadata grew: only backend and include_embeddings, in int8.json
     folder = _with_meta(onnx_folder, tmp_path, include_embeddings=False, precision=None, input_names=None,
                         max_length=None, id2label=None, pad_token=None, pad_id=None)
+    (folder / "artifact.json").rename(folder / "int8.json")
     assert set(json.loads((folder / "int8.json").read_text())) == {"backend", "include_embeddings"}
     predictor = OnnxPredictor(folder)
     assert predictor.labels == ["anger", "joy", "love"]  # config.json's id2label
     assert predictor.max_length == 128  # the default, within the tiny BERT's 512 positions
     assert isinstance(load_artifact(folder), OrtClassifier)
+
+
+def _old_named(folder):
+    """``folder`` as written before its metadata file was renamed: ``int8.json``, no ``artifact.json``."""
+    (folder / "artifact.json").rename(folder / "int8.json")
+    return folder
+
+
+def test_folders_with_the_old_metadata_name_load_serve_and_are_replaced(trained, onnx_folder, emotion_dir, tmp_path,
+                                                                         caplog, recwarn):
+    texts = _test_texts(emotion_dir)
+    folder = _old_named(shutil.copytree(onnx_folder, tmp_path / "onnx"))
+    expected = OnnxPredictor(onnx_folder).predict(texts)
+    caplog.clear()
+    recwarn.clear()
+    # served, loaded and benchmarked as before, and nothing is said about the old name
+    assert OnnxPredictor(folder).predict(texts) == expected
+    torch.testing.assert_close(_logits(load_artifact(folder), trained[2], texts),
+                               _logits(load_artifact(onnx_folder), trained[2], texts), rtol=0, atol=0)
+    model, _, weights = load_for_benchmark(folder)
+    assert isinstance(model, OrtClassifier) and weights == folder / "model.onnx"
+    assert not caplog.records and not [w for w in recwarn if "int8" in str(w.message)]
+    # a torch INT8 folder of then loads too
+    torch_int8 = tmp_path / "int8_torch"
+    quantize(trained[0], "torch", out_dir=torch_int8, tokenizer=trained[2])
+    old_torch_int8 = _old_named(shutil.copytree(torch_int8, tmp_path / "old_int8_torch"))
+    torch.testing.assert_close(_logits(load_artifact(old_torch_int8), trained[2], texts),
+                               _logits(load_artifact(torch_int8), trained[2], texts), rtol=0, atol=0)
+    # its metadata is checked the same, naming the old file
+    (folder / "int8.json").write_text(json.dumps({"backend": "tensorrt"}))
+    with pytest.raises(ValueError, match=re.escape(str(folder / "int8.json")) + ": unknown backend 'tensorrt'"):
+        OnnxPredictor(folder)
+    # an export over it replaces it (it is an artifact folder) and writes only the new name
+    export_onnx(trained[0], folder, trained[2])
+    assert (folder / "artifact.json").is_file() and not (folder / "int8.json").exists()
+    assert OnnxPredictor(folder).predict(texts) == expected
 
 
 @pytest.mark.parametrize("spelling", ["same", "dotted", "symlink"])
@@ -374,7 +413,7 @@ def test_export_never_replaces_a_folder_it_did_not_write(teacher, tmp_path):
     mine = tmp_path / "notes"
     mine.mkdir()
     (mine / "todo.txt").write_text("keep me")
-    with pytest.raises(ValueError, match=r"notes: exists and is not an artifact folder \(no int8\.json\)"):
+    with pytest.raises(ValueError, match=r"notes: exists and is not an artifact folder \(no artifact\.json\)"):
         export_onnx(model, mine, tokenizer)
     assert (mine / "todo.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     folder = export_onnx(model, tmp_path / "onnx", tokenizer)

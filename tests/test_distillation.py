@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from emocompress.compression.distillation import Distiller, Teacher, distillation_losses, patient_loss
 from emocompress.models.classifier import EmotionClassifier
-from emocompress.models.students import RecurrentClassifier
+from emocompress.models.students import SmallEncoderClassifier
 
 ID2LABEL = {0: "anger", 1: "joy", 2: "love"}
 
@@ -129,9 +129,9 @@ def test_hidden_state_loss_and_mse_are_trained(fit):
 
 
 @pytest.mark.parametrize("student", ["bilstm", "meanpool", "cnn"])
-def test_recurrent_student_distils(fit, student):
+def test_small_encoder_student_distils(fit, student):
     model, trainer, dm = fit(student=student, embedding_dim=8, hidden_size=8)
-    assert isinstance(model.model, RecurrentClassifier)
+    assert isinstance(model.model, SmallEncoderClassifier)
     assert model.model.config.vocab_size == len(dm.tokenizer)
     assert model.model.config.id2label == ID2LABEL
     assert trainer.callback_metrics["train/kd"] > 0

@@ -232,7 +232,7 @@ def test_benchmark_row_with_other_labels_is_refused_naming_the_file(run, tiny_te
     path = {"ckpt": lambda: ckpt, "hf_model": lambda: Path(tiny_teacher_dir),
             "onnx": lambda: export_onnx(AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir),
                                         tmp_path / "onnx", AutoTokenizer.from_pretrained(tiny_teacher_dir))}[kind]()
-    file = {"ckpt": path, "hf_model": path / "config.json", "onnx": path / "int8.json"}[kind]
+    file = {"ckpt": path, "hf_model": path / "config.json", "onnx": path / "artifact.json"}[kind]
     with pytest.raises(ValueError, match=rf"{file}: .*{LABELS}.*{RENAMED}"):
         measure(kind, [str(path)], str(renamed), "test", 2, 4, None)
 
@@ -249,9 +249,9 @@ def onnx_export(tiny_teacher_dir, tmp_path_factory) -> Path:
 def test_onnx_folder_with_another_label_count_than_its_graph_is_refused(onnx_export, tmp_path, reader, count):
     folder = shutil.copytree(onnx_export, tmp_path / "onnx")
     id2label = {str(i): f"label{i}" for i in range(count)}
-    for name in ("int8.json", "config.json"):  # both agree, so only the graph tells
+    for name in ("artifact.json", "config.json"):  # both agree, so only the graph tells
         content = json.loads((folder / name).read_text())
         content["id2label"] = id2label
         (folder / name).write_text(json.dumps(content))
-    with pytest.raises(ValueError, match=rf"{folder / 'int8.json'}: {count} labels .* model\.onnx .* 3 classes"):
+    with pytest.raises(ValueError, match=rf"{folder / 'artifact.json'}: {count} labels .* model\.onnx .* 3 classes"):
         reader(folder)

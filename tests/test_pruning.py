@@ -143,15 +143,15 @@ def test_a_model_with_only_a_head_to_prune_is_refused_before_training():
     # A BiLSTM student's only nn.Linear is its head: pruning would cut the head alone and report success.
     from types import SimpleNamespace
 
-    from emocompress.models.students import RecurrentClassifier, RecurrentConfig
+    from emocompress.models.students import SmallEncoderClassifier, SmallEncoderConfig
 
-    bilstm = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3))
+    bilstm = SmallEncoderClassifier(SmallEncoderConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3))
     callback = MagnitudePruning(amount=0.5)
-    with pytest.raises(ValueError, match=r"MagnitudePruning: RecurrentClassifier has no prunable layers outside its "
+    with pytest.raises(ValueError, match=r"MagnitudePruning: SmallEncoderClassifier has no prunable layers outside its "
                                          r"classification head \(targets: \['classifier'\]\)"):
         callback.setup(None, SimpleNamespace(model=bilstm), "fit")
     # its embedding table is prunable when asked for; a mean-pool student has a feed-forward layer
     MagnitudePruning(amount=0.5, include_embeddings=True).setup(None, SimpleNamespace(model=bilstm), "fit")
-    meanpool = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3,
-                                                   encoder="meanpool"))
+    meanpool = SmallEncoderClassifier(SmallEncoderConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3,
+                                                         encoder="meanpool"))
     callback.setup(None, SimpleNamespace(model=meanpool), "fit")

@@ -94,7 +94,7 @@ def test_callback_tests_the_int8_model(make_datamodule, tiny_model_dir, tiny_tra
     assert isinstance(model.model, OrtClassifier) if backend == "onnxruntime" else \
         any(isinstance(m, DynamicInt8Linear) for m in model.model.modules())
     assert logged["quant/size_mb"] > 0
-    assert (tmp_path / "int8" / "int8.json").is_file()
+    assert (tmp_path / "int8" / "artifact.json").is_file()
     report = json.loads((tmp_path / "test_metrics.json").read_text())  # TestMetricsWriter: the INT8 model's report
     assert report["macro_f1"] == pytest.approx(logged["test/macro_f1"])
     assert report == model.test_report
@@ -119,7 +119,7 @@ def test_int8_after_a_gpu_fit_tests_on_the_cpu_by_itself(emotion_dir, tiny_model
                       default_root_dir=tmp_path, callbacks=[Int8Quantization()])
     trainer.fit(model, datamodule=dm)
     on_gpu = trainer.test(model, datamodule=dm)[0]
-    assert isinstance(model.model, OnCpu) and (tmp_path / "int8" / "int8.json").is_file()
+    assert isinstance(model.model, OnCpu) and (tmp_path / "int8" / "artifact.json").is_file()
     model.model = model.model.model  # the same INT8 model, now in a CPU test loop
     cpu = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     assert cpu.test(model, datamodule=dm)[0]["test/macro_f1"] == pytest.approx(on_gpu["test/macro_f1"])

@@ -258,11 +258,11 @@ def test_bad_settings_fail_at_construction(kwargs, message):
 def test_a_model_without_heads_is_refused_before_training():
     from types import SimpleNamespace
 
-    from emocompress.models.students import RecurrentClassifier, RecurrentConfig
+    from emocompress.models.students import SmallEncoderClassifier, SmallEncoderConfig
 
-    bilstm = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3))
-    with pytest.raises(ValueError, match=r"StructuredPruning: RecurrentClassifier \(model type "
-                                         r"'emocompress-recurrent'\) has no attention heads .* supported model "
+    bilstm = SmallEncoderClassifier(SmallEncoderConfig(vocab_size=20, embedding_dim=4, hidden_size=4, num_labels=3))
+    with pytest.raises(ValueError, match=r"StructuredPruning: SmallEncoderClassifier \(model type "
+                                         r"'emocompress-small-encoder'\) has no attention heads .* supported model "
                                          r"types: \['bert'"):
         StructuredPruning().setup(None, SimpleNamespace(model=bilstm), "fit")
 

@@ -1,10 +1,15 @@
+import json
+
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from emocompress.compression.export import quantize
+from emocompress.models import pretrained
+from emocompress.models.loading import load_artifact, load_folder
 from emocompress.models.students import (
-    RecurrentClassifier,
-    RecurrentConfig,
+    SmallEncoderClassifier,
+    SmallEncoderConfig,
     build_student,
     every_other_layer,
     keep_layers,
@@ -62,10 +67,10 @@ def test_layer_student_round_trips_through_save_and_load(teacher, tmp_path):
 
 
 @pytest.mark.parametrize("encoder", ["bilstm", "meanpool", "cnn"])
-def test_recurrent_classifier_round_trips_and_ignores_padding(encoder, tmp_path):
+def test_small_encoder_round_trips_and_ignores_padding(encoder, tmp_path):
     torch.manual_seed(0)
-    model = RecurrentClassifier(RecurrentConfig(vocab_size=50, embedding_dim=8, hidden_size=6, encoder=encoder,
-                                                num_labels=3)).eval()
+    model = SmallEncoderClassifier(SmallEncoderConfig(vocab_size=50, embedding_dim=8, hidden_size=6, encoder=encoder,
+                                                      num_labels=3)).eval()
     ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
     mask = (ids != 0).long()
     logits = model(input_ids=ids, attention_mask=mask).logits
@@ -74,13 +79,48 @@ def test_recurrent_classifier_round_trips_and_ignores_padding(encoder, tmp_path)
     torch.testing.assert_close(model(input_ids=ids[:1, :3]).logits[0], logits[0])
     model.save_pretrained(tmp_path)
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()  # registered Auto class
-    assert isinstance(loaded, RecurrentClassifier)
+    assert isinstance(loaded, SmallEncoderClassifier)
     torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, logits)
 
 
-def test_recurrent_classifier_learns_and_computes_its_loss():
+@pytest.mark.parametrize("encoder", ["bilstm", "meanpool", "cnn"])
+def test_students_saved_as_recurrent_classifier_still_load(encoder, tmp_path):
+    # config.json as written before the rename: model_type emocompress-recurrent, architectures RecurrentClassifier
     torch.manual_seed(0)
-    model = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=8, hidden_size=8, num_labels=2))
+    model = SmallEncoderClassifier(SmallEncoderConfig(vocab_size=50, embedding_dim=8, hidden_size=6, encoder=encoder,
+                                                      num_labels=3, id2label=ID2LABEL)).eval()
+    model.save_pretrained(tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    saved = json.loads(config_file.read_text())
+    assert (saved["model_type"], saved["architectures"]) == ("emocompress-small-encoder", ["SmallEncoderClassifier"])
+    config_file.write_text(json.dumps({**saved, "model_type": "emocompress-recurrent",
+                                       "architectures": ["RecurrentClassifier"]}))
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
+    expected = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+    for loaded in (pretrained.load_model(str(tmp_path / "old")),
+                   AutoModelForSequenceClassification.from_pretrained(tmp_path / "old"), load_folder(tmp_path / "old")):
+        assert type(loaded) is SmallEncoderClassifier and type(loaded.config) is SmallEncoderConfig
+        assert loaded.config.encoder == encoder and loaded.config.id2label == ID2LABEL
+        torch.testing.assert_close(loaded.eval()(input_ids=ids, attention_mask=(ids != 0).long()).logits, expected,
+                                   rtol=0, atol=0)
+    assert type(AutoConfig.from_pretrained(tmp_path / "old")) is SmallEncoderConfig
+    # a torch INT8 folder of such a student, written then (int8.json beside the old config.json), loads too
+    int8 = tmp_path / "int8"
+    quantize(model, "torch", out_dir=int8)
+    (int8 / "config.json").write_text(config_file.read_text())
+    (int8 / "artifact.json").rename(int8 / "int8.json")
+    assert load_artifact(int8)(input_ids=ids, attention_mask=(ids != 0).long()).logits.argmax(-1).tolist() == \
+        expected.argmax(-1).tolist()
+    # saved again, it writes the current names
+    loaded.save_pretrained(tmp_path / "new")
+    resaved = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert resaved["model_type"] == "emocompress-small-encoder"
+    assert resaved["architectures"] == ["SmallEncoderClassifier"]
+
+
+def test_small_encoder_learns_and_computes_its_loss():
+    torch.manual_seed(0)
+    model = SmallEncoderClassifier(SmallEncoderConfig(vocab_size=20, embedding_dim=8, hidden_size=8, num_labels=2))
     ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
     labels = torch.tensor([0, 1])
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -92,18 +132,18 @@ def test_recurrent_classifier_learns_and_computes_its_loss():
     assert model(input_ids=ids, labels=labels).loss < first / 4
 
 
-def test_recurrent_config_rejects_unknown_encoder():
+def test_small_encoder_config_rejects_unknown_encoder():
     with pytest.raises(ValueError, match="encoder must be one of \\['bilstm', 'meanpool', 'cnn'\\]"):
-        RecurrentConfig(encoder="gru")
+        SmallEncoderConfig(encoder="gru")
     with pytest.raises(ValueError, match="kernel_sizes must be positive"):
-        RecurrentConfig(encoder="cnn", kernel_sizes=[3, 0])
+        SmallEncoderConfig(encoder="cnn", kernel_sizes=[3, 0])
 
 
 def test_cnn_student_reads_texts_shorter_than_its_widest_kernel():
     # a 1-token text still has windows of 5 (zeros beyond its ends), and padding does not reach them
     torch.manual_seed(0)
-    model = RecurrentClassifier(RecurrentConfig(vocab_size=20, embedding_dim=4, hidden_size=3, encoder="cnn",
-                                                num_labels=2)).eval()
+    model = SmallEncoderClassifier(SmallEncoderConfig(vocab_size=20, embedding_dim=4, hidden_size=3, encoder="cnn",
+                                                      num_labels=2)).eval()
     alone = model(input_ids=torch.tensor([[7]])).logits
     batch = model(input_ids=torch.tensor([[7, 0, 0, 0, 0, 0], [7, 8, 9, 10, 11, 12]]),
                   attention_mask=torch.tensor([[1, 0, 0, 0, 0, 0], [1] * 6])).logits
@@ -127,9 +167,9 @@ def test_build_student_layers_keeps_the_given_layers_and_trains_them(teacher):
     # embeddings V*E + per kernel width k in (3, 4, 5) k*E*H + H + head 3H*C + C
     ("cnn", lambda v, e, h, c: v * e + sum(k * e * h + h for k in (3, 4, 5)) + 3 * h * c + c),
 ])
-def test_build_student_recurrent_sizes(teacher, tokenizer, encoder, params):
+def test_build_student_small_encoder_sizes(teacher, tokenizer, encoder, params):
     student = build_student(encoder, teacher, ID2LABEL, tokenizer=tokenizer, embedding_dim=8, hidden_size=6)
-    assert isinstance(student, RecurrentClassifier) and student.config.encoder == encoder
+    assert isinstance(student, SmallEncoderClassifier) and student.config.encoder == encoder
     assert student.config.id2label == ID2LABEL and student.classifier.out_features == 3
     assert student.config.pad_token_id == tokenizer.pad_token_id
     assert sum(p.numel() for p in student.parameters()) == params(len(tokenizer), 8, 6, 3)

@@ -1,4 +1,4 @@
-"""The student vocabulary: a WordPiece tokenizer trained on the train split, used by a recurrent student
+"""The student vocabulary: a WordPiece tokenizer trained on the train split, used by a small-encoder student
 in training, in its exports and in the torch-free server."""
 
 import json
@@ -12,7 +12,7 @@ from emocompress.compression.distillation import Distiller
 from emocompress.compression.export import export_onnx, quantize
 from emocompress.data.vocabulary import build_tokenizer, train_vocabulary
 from emocompress.deploy.serve import OnnxPredictor
-from emocompress.models.students import RecurrentClassifier
+from emocompress.models.students import SmallEncoderClassifier
 
 
 def test_vocabulary_is_learned_from_the_train_split_only(emotion_dir, tmp_path):
@@ -57,13 +57,13 @@ def test_vocab_subcommand_and_its_errors(emotion_dir, tmp_path, capsys):
     assert (notes / "todo.txt").read_text() == "keep me"
 
 
-def test_recurrent_student_reads_its_own_vocabulary_end_to_end(emotion_dir, tiny_teacher_dir, make_datamodule,
+def test_small_encoder_student_reads_its_own_vocabulary_end_to_end(emotion_dir, tiny_teacher_dir, make_datamodule,
                                                                 tiny_trainer, tmp_path):
     vocab = train_vocabulary(str(emotion_dir), str(tmp_path / "vocab"), vocab_size=100, min_frequency=1)
     dm = make_datamodule(vocab, batch_size=4)
     model = Distiller(teacher=tiny_teacher_dir, student="bilstm", model_name=str(vocab), id2label=dm.id2label,
                       embedding_dim=8, hidden_size=8, lr=1e-2)
-    assert isinstance(model.model, RecurrentClassifier)
+    assert isinstance(model.model, SmallEncoderClassifier)
     assert model.model.config.vocab_size == len(dm.tokenizer) <= 100  # not the teacher's vocabulary
     trainer = tiny_trainer(max_steps=3, enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(model, datamodule=dm)

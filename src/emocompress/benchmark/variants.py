@@ -14,7 +14,7 @@ from transformers import DataCollatorWithPadding
 from emocompress.compression.distillation import Distiller
 from emocompress.data.datamodule import EmotionDataModule
 from emocompress.data.sources import DataSource, check_label_set
-from emocompress.deploy.format import META_FILE, ONNX_FILE, TORCH_WEIGHTS_FILE
+from emocompress.deploy.format import ONNX_FILE, TORCH_WEIGHTS_FILE, metadata_file
 from emocompress.models.checkpoints import current_class_paths, label_columns, read_checkpoint, stored_labels
 from emocompress.models.classifier import EmotionClassifier, classification_metrics, metrics_report, model_inputs
 from emocompress.models.loading import is_distiller_checkpoint, load_folder
@@ -64,7 +64,7 @@ def _labels_file(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix == ".ckpt":
         return path
-    return path / META_FILE if (path / META_FILE).is_file() else path / "config.json"
+    return metadata_file(path) if metadata_file(path).is_file() else path / "config.json"
 
 
 def data_labels(data: str) -> list[str] | None:

@@ -235,7 +235,7 @@ class Distiller(EmotionClassifier):
         student: ``layers``: a copy of the teacher with only ``student_layers`` kept (DistilBERT-style
             initialisation; ``data.model_name`` must then be the teacher's tokenizer); ``pretrained``:
             ``model_name`` (any HF model) with a fresh head; ``bilstm`` / ``meanpool`` / ``cnn``: a
-            ``RecurrentClassifier`` over ``model_name``'s tokenizer, learned from scratch.
+            ``SmallEncoderClassifier`` over ``model_name``'s tokenizer, learned from scratch.
         student_layers: teacher layers (0-based) a ``layers`` student keeps; default every other one,
             ending with the last (6 layers -> [1, 3, 5]).
         embedding_dim: token embedding width of a ``bilstm``/``meanpool``/``cnn`` student.
@@ -298,7 +298,7 @@ class Distiller(EmotionClassifier):
                              f"{hp.model_name}'s tokenizer differs from {hp.teacher}'s; set data.model_name "
                              "to the teacher")
         if hp.student != "pretrained":  # a pretrained student's builder sets it from its loading report
-            # A layers student starts with the teacher's trained head; a recurrent one is random throughout.
+            # A layers student starts with the teacher's trained head; a small encoder is random throughout.
             self.head_is_new = hp.student in ENCODERS
         return build_student(hp.student, self.teacher, self.id2label, tokenizer=tokenizer, layers=self.layer_map,
                              embedding_dim=hp.embedding_dim, hidden_size=hp.hidden_size,

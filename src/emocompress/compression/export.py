@@ -30,12 +30,13 @@ from emocompress.deploy.format import (
     ONNX_FILE,
     TORCH_WEIGHTS_FILE,
     ArtifactMeta,
+    metadata_file,
 )
 from emocompress.io import atomic_dir, check_replaceable
 from emocompress.models import (
     pretrained,
     structure,
-    students,  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
+    students,  # noqa: F401  (registers SmallEncoderClassifier with the Auto classes)
 )
 from emocompress.models.loading import OrtClassifier, attention_kwargs, quiet_deprecations, torch_int8
 
@@ -82,7 +83,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize:
     """Write an fp32 ONNX copy of a ``transformers`` sequence classifier to a self-contained folder.
 
     Works for fine-tuned, pruned (zeros stay zeros; ONNX stores them densely) and distilled models,
-    including ``RecurrentClassifier`` students. ``load_artifact`` reads the folder back as an
+    including ``SmallEncoderClassifier`` students. ``load_artifact`` reads the folder back as an
     ``OrtClassifier``; ``python -m emocompress.deploy.serve`` serves it with only onnxruntime and tokenizers.
 
     Args:
@@ -91,11 +92,11 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize:
         tokenizer: a fast ``transformers`` tokenizer, saved beside the model (its ``tokenizer.json`` is what
             the server reads).
         optimize: fuse attention and layer norms with onnxruntime's BERT optimizer (transformers only;
-            recurrent students have no attention to fuse).
+            small-encoder students have no attention to fuse).
         max_length: tokens per text the server keeps, lowered to the model's position limit if above it.
 
     Returns:
-        ``out_dir``, holding ``model.onnx``, ``config.json``, the tokenizer files and ``int8.json``
+        ``out_dir``, holding ``model.onnx``, ``config.json``, the tokenizer files and ``artifact.json``
         (metadata, ``"precision": "fp32"``).
     """
     model = _fp32_copy(model, attn_implementation="eager")
@@ -156,7 +157,7 @@ def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool) -> None:
         torch.onnx.export(model, (), str(out_file), kwargs=example, input_names=names, output_names=["logits"],
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    if optimize and hasattr(config, "num_attention_heads"):  # fuse attention (recurrent students have none)
+    if optimize and hasattr(config, "num_attention_heads"):  # fuse attention (small-encoder students have none)
         heads, hidden = _fusion_heads(config)
         optimized = optimize_model(str(out_file), model_type="bert", num_heads=heads, hidden_size=hidden)
         optimized.save_model_to_file(str(out_file))
@@ -214,13 +215,13 @@ def quantize_onnx_file(fp32_file: str | Path, out_file: str | Path, op_types: li
 
 def _save(out_dir: str | Path, meta: ArtifactMeta, config, tokenizer, write) -> None:
     """Write the folder under a temporary name and move it into place: never a half-written artifact. An
-    existing ``out_dir`` is replaced only if it is an earlier artifact (it has the metadata file): a folder
-    of anything else is never removed.
+    existing ``out_dir`` is replaced only if it is an earlier artifact (it has the metadata file, ``int8.json`` in
+    older ones): a folder of anything else is never removed; the new folder has only ``artifact.json``.
 
     Raises:
         ValueError: ``out_dir`` is a file, or a non-empty folder that is not an artifact folder.
     """
-    check_replaceable(out_dir, META_FILE, "an artifact folder")
+    check_replaceable(out_dir, metadata_file(out_dir).name, "an artifact folder")
     with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         pretrained.mark_saved_config(tmp)

@@ -2,7 +2,7 @@
 
     emocompress vocab --data ../shared/data/emotion --vocab_size 4000 --out_dir logs/vocab/emotion_4k
 
-A recurrent student over the teacher's 30,522-token table spends most of its parameters on rows it never
+A small-encoder student over the teacher's 30,522-token table spends most of its parameters on rows it never
 reads (91% of the BiLSTM's 2.15M). A vocabulary learned from the training texts keeps the frequent words
 whole and spells the rest in word pieces, so a few thousand rows cover the data. The folder it writes is
 an ordinary tokenizer folder: give it as ``data.model_name`` and the student reads its ids, while a
@@ -36,7 +36,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = 8000, min_frequency: int
         vocab_size: most entries of the vocabulary, special tokens and single characters included.
         min_frequency: a merge is learned only from pieces seen at least this often.
         lowercase: lowercase and strip accents before splitting (as uncased BERT models).
-        max_length: the tokenizer's ``model_max_length`` (a recurrent student has no position limit).
+        max_length: the tokenizer's ``model_max_length`` (a small-encoder student has no position limit).
 
     >>> tok = build_tokenizer(["i feel happy", "i feel sad", "happy happy day"], vocab_size=60, min_frequency=1)
     >>> tok("I feel HAPPY")["input_ids"] == [tok.cls_token_id, *tok.convert_tokens_to_ids(["i", "feel", "happy"]),
@@ -75,7 +75,7 @@ def train_vocabulary(data: str, out_dir: str, vocab_size: int = 8000, min_freque
     Args:
         data: the data set, as ``data.data`` of a run (a folder of train/val/test files, or a hub name).
         out_dir: the tokenizer folder to write.
-        vocab_size: most entries of the vocabulary (2,000 to 16,000 suit a recurrent student).
+        vocab_size: most entries of the vocabulary (2,000 to 16,000 suit a small-encoder student).
         min_frequency: a merge is learned only from pieces seen at least this often.
         lowercase: lowercase and strip accents first.
         text_column: text column of CSV/JSON/hub data.

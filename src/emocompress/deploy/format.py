@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Historical name: fp32 ONNX folders carry it too (with "precision": "fp32"), because INT8 folders
-# written before fp32 export existed already used it.
-META_FILE = "int8.json"
+# The metadata of every artifact folder, fp32 or INT8 (its "precision" says which).
+META_FILE = "artifact.json"
+# Its name in folders written before it was renamed (fp32 ones too: the name dates from INT8-only times);
+# read like META_FILE.
+OLD_META_FILE = "int8.json"
 ONNX_FILE = "model.onnx"
 TORCH_WEIGHTS_FILE = "int8_state_dict.pt"
 CONFIG_FILE = "config.json"
@@ -32,7 +34,7 @@ FIX = "re-export with emocompress.callbacks.export.OnnxExport, Int8Quantization 
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactMeta:
-    """The metadata of an artifact folder; its field names are the keys of ``int8.json``.
+    """The metadata of an artifact folder; its field names are the keys of ``artifact.json``.
 
     Args:
         backend: ``onnxruntime`` (``model.onnx``) or ``torch`` (``int8_state_dict.pt``).
@@ -60,7 +62,7 @@ class ArtifactMeta:
         return [self.id2label[str(i)] for i in range(len(self.id2label))]
 
     def to_json(self) -> str:
-        """``int8.json``'s text: the fields that are set."""
+        """``artifact.json``'s text: the fields that are set."""
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None}, indent=2)
 
 
@@ -77,7 +79,7 @@ def _read_json(path: Path) -> dict:
 def _label_map(id2label: Any, path: Path) -> dict[str, str]:
     """``id2label`` as ``{"0": name, ...}``, refused unless its keys are exactly the integers 0 to C-1.
 
-    >>> _label_map({"1": "joy", "0": "anger"}, Path("int8.json"))
+    >>> _label_map({"1": "joy", "0": "anger"}, Path("artifact.json"))
     {'0': 'anger', '1': 'joy'}
     """
     if not isinstance(id2label, dict) or not id2label:
@@ -104,10 +106,20 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def metadata_file(folder: str | Path) -> Path:
+    """The metadata file of an artifact folder: its ``artifact.json``, or the ``int8.json`` of a folder written
+    before the file was renamed (and no ``artifact.json``). ``folder / META_FILE`` when it has neither, so
+    ``metadata_file(folder).is_file()`` tells whether ``folder`` is an artifact folder."""
+    folder = Path(folder)
+    old = folder / OLD_META_FILE
+    return old if old.is_file() and not (folder / META_FILE).is_file() else folder / META_FILE
+
+
 def read_metadata(folder: str | Path) -> ArtifactMeta:
     """Read and check the metadata of an artifact folder written by ``export_onnx`` or ``quantize``.
 
-    Folders written before the metadata grew (only ``backend`` and ``include_embeddings``) still load:
+    Folders written before the metadata file was renamed (``int8.json``) read the same. Folders written
+    before the metadata grew (only ``backend`` and ``include_embeddings``) still load:
     labels come from ``config.json``, padding from its ``pad_token_id``, and ``max_length`` is
     ``DEFAULT_MAX_LENGTH`` (lowered to the model's position limit).
 
@@ -122,13 +134,13 @@ def read_metadata(folder: str | Path) -> ArtifactMeta:
             names the file and how to fix it.
     """
     folder = Path(folder)
-    meta_file, config_file = folder / META_FILE, folder / CONFIG_FILE
+    meta_file, config_file = metadata_file(folder), folder / CONFIG_FILE
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder; {FIX}")
     if not meta_file.is_file():
         raise ValueError(f"{folder}: no {META_FILE}, so not an INT8 model folder or ONNX export; {FIX}")
     if not config_file.is_file():
-        raise ValueError(f"{folder}: no {CONFIG_FILE} beside {META_FILE}; {FIX}")
+        raise ValueError(f"{folder}: no {CONFIG_FILE} beside {meta_file.name}; {FIX}")
     meta, config = _read_json(meta_file), _read_json(config_file)
 
     backend, precision = meta.get("backend"), meta.get("precision", "int8")  # older folders were all INT8
@@ -145,7 +157,7 @@ def read_metadata(folder: str | Path) -> ArtifactMeta:
     elif "id2label" in config:  # folders written before the metadata grew
         id2label = _label_map(config["id2label"], config_file)
     else:
-        raise ValueError(f"{folder}: no id2label in {META_FILE} or {CONFIG_FILE}; {FIX}")
+        raise ValueError(f"{folder}: no id2label in {meta_file.name} or {CONFIG_FILE}; {FIX}")
 
     positions = config.get("max_position_embeddings")
     positions = positions if is_int(positions) and positions > 0 else None

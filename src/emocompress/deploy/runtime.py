@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from emocompress.deploy.format import FIX, META_FILE, ONNX_FILE, is_int
+from emocompress.deploy.format import FIX, ONNX_FILE, is_int, metadata_file
 
-# The inputs a sequence classifier's graph may declare, all (B, T) int64; DistilBERT and the recurrent students
+# The inputs a sequence classifier's graph may declare, all (B, T) int64; DistilBERT and the small-encoder students
 # take no token_type_ids.
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -59,10 +59,10 @@ def check_output_width(session, labels: list[str], folder: str | Path) -> None:
         labels: the labels of its metadata (``ArtifactMeta.labels``).
 
     Raises:
-        ValueError: naming ``int8.json``, both counts and the fix.
+        ValueError: naming the metadata file, both counts and the fix.
     """
     shape = session.get_outputs()[0].shape  # e.g. ["batch", 6]; a symbolic width (a str) cannot be checked
     width = shape[-1] if shape else None
     if is_int(width) and width != len(labels):
-        raise ValueError(f"{Path(folder) / META_FILE}: {len(labels)} labels {labels}, but its {ONNX_FILE} outputs "
+        raise ValueError(f"{metadata_file(folder)}: {len(labels)} labels {labels}, but its {ONNX_FILE} outputs "
                          f"{width} classes; {FIX} (the labels are those of the model exported)")

@@ -4,7 +4,7 @@
     python -m emocompress.deploy.serve logs/teacher_onnx/version_0/onnx --input texts.txt --output predictions.jsonl
 
 The folder is an fp32 export (``OnnxExport``, ``export_onnx``) or an ``onnxruntime`` INT8 folder
-(``Int8Quantization``): ``model.onnx``, ``tokenizer.json``, ``config.json`` and ``int8.json``, whose
+(``Int8Quantization``): ``model.onnx``, ``tokenizer.json``, ``config.json`` and ``artifact.json``, whose
 metadata is checked by ``emocompress.deploy.format.read_metadata``. Nothing here imports torch,
 transformers or lightning, so a server needs none of them.
 
@@ -59,7 +59,8 @@ class OnnxPredictor:
     """Emotion predictions from an ONNX artifact folder on the CPU.
 
     Args:
-        folder: the artifact folder (``model.onnx``, ``tokenizer.json``, ``config.json``, ``int8.json``).
+        folder: the artifact folder (``model.onnx``, ``tokenizer.json``, ``config.json``, ``artifact.json``;
+            ``int8.json`` in folders written before it was renamed).
         num_threads: ONNX Runtime intra-op threads (default: all cores).
         batch_size: texts per model call; batches are padded to their longest text.
 
@@ -94,7 +95,7 @@ class OnnxPredictor:
         pad_id = 0 if meta.pad_id is None else meta.pad_id
         pad_token = meta.pad_token or self.tokenizer.id_to_token(pad_id) or "[PAD]"
         self.tokenizer.enable_truncation(self.max_length)
-        # Right padding to the batch's longest text: what the model saw in training (and RecurrentClassifier needs).
+        # Right padding to the batch's longest text: what the model saw in training (and SmallEncoderClassifier needs).
         self.tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
 
         self.session = open_session(folder / ONNX_FILE, self.labels, num_threads)

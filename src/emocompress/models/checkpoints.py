@@ -89,7 +89,7 @@ def label_columns(model_labels: list[str], data_labels: list[str], where: str) -
 
 def _head_name(model: nn.Module) -> str:
     """The name of the classification head's output layer in ``model``: the last ``nn.Linear`` with one output
-    per label (``classifier``, RoBERTa's ``classifier.out_proj``, a recurrent student's ``classifier``)."""
+    per label (``classifier``, RoBERTa's ``classifier.out_proj``, a small-encoder student's ``classifier``)."""
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and module.out_features == model.config.num_labels]
     if not names:

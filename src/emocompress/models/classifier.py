@@ -18,7 +18,7 @@ from emocompress.models import (
     first_token,
     pretrained,
     structure,
-    students,  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
+    students,  # noqa: F401  (registers SmallEncoderClassifier with the Auto classes)
 )
 from emocompress.models.checkpoints import label_columns, load_network, reorder_head, stored_labels
 

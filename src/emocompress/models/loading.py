@@ -10,16 +10,16 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from emocompress.deploy.format import (
-    META_FILE,
     ONNX_FILE,
     TORCH_WEIGHTS_FILE,
+    metadata_file,
     read_metadata,
 )
 from emocompress.deploy.runtime import INPUT_NAMES, open_session, run_logits
 from emocompress.models import (
     pretrained,
     structure,
-    students,  # noqa: F401  (registers RecurrentClassifier with the Auto classes)
+    students,  # noqa: F401  (registers SmallEncoderClassifier with the Auto classes)
 )
 from emocompress.models.checkpoints import load_network, read_checkpoint
 
@@ -61,7 +61,7 @@ class OrtClassifier(nn.Module):
 
 
 def attention_kwargs(config, implementation: str) -> dict:
-    """``attn_implementation`` for models with attention; recurrent students have none to choose."""
+    """``attn_implementation`` for models with attention; small-encoder students have none to choose."""
     return {"attn_implementation": implementation} if hasattr(config, "num_attention_heads") else {}
 
 
@@ -110,7 +110,7 @@ def is_distiller_checkpoint(hparams: dict) -> bool:
 def load_folder(path: str | Path, trust_remote_code: bool = False, num_threads: int | None = None) -> nn.Module:
     """The model in a folder, in eval mode: an ONNX/INT8 artifact (``load_artifact``) or an ``hf_model`` export
     (``pretrained.load_model``)."""
-    if (Path(path) / META_FILE).is_file():
+    if metadata_file(path).is_file():
         return load_artifact(path, num_threads=num_threads)
     return pretrained.load_model(str(path), trust_remote_code=trust_remote_code).eval()
 

@@ -44,7 +44,7 @@ def resolve(name_or_path: str) -> str:
 def position_limit(config, tokenizer=None) -> int | None:
     """Most tokens per text a model takes: its position table (``max_position_embeddings``) or its
     tokenizer's ``model_max_length``, whichever is lower (RoBERTa's table has 514 rows for 512 tokens,
-    its positions start after the padding index); None for models without positions (recurrent students).
+    its positions start after the padding index); None for models without positions (small-encoder students).
 
     >>> from types import SimpleNamespace
     >>> position_limit(SimpleNamespace(max_position_embeddings=514), SimpleNamespace(model_max_length=512))

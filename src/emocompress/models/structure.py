@@ -42,7 +42,7 @@ def family(model: nn.Module) -> _Family:
     """Where ``model``'s heads and FFN neurons are.
 
     Raises:
-        ValueError: ``model`` is not a BERT-, RoBERTa- or DistilBERT-style encoder (a recurrent student has
+        ValueError: ``model`` is not a BERT-, RoBERTa- or DistilBERT-style encoder (a small-encoder student has
             no heads; other families are not mapped).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -182,7 +182,7 @@ def fit_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor], prefix: 
 
     If ``state`` has more units than ``model`` but exactly ``model``'s shape once its all-zero units are left
     out (a checkpoint written while pruning masks held them at zero), those units are dropped from ``state``
-    (in place); otherwise ``model``'s layers are reshaped to ``state``'s. A model without heads (recurrent
+    (in place); otherwise ``model``'s layers are reshaped to ``state``'s. A model without heads (small-encoder
     student) or a state dict of the same shape is left as it is."""
     try:
         current = layers(model)

@@ -1,8 +1,9 @@
-"""Small students for distillation: a transformer cut from its teacher, and a recurrent classifier.
+"""Small students for distillation: a transformer cut from its teacher, and a small non-transformer encoder
+(BiLSTM, CNN or mean-pooled embeddings) learned from scratch.
 
 Both are ordinary ``transformers`` models: they save with ``save_pretrained``, load with
-``AutoModelForSequenceClassification.from_pretrained`` (the recurrent one once ``emocompress`` is
-imported, which registers it), and the compression callbacks treat them like any fine-tuned model.
+``AutoModelForSequenceClassification.from_pretrained`` (the small encoder once this module is imported, which
+registers it), and the compression callbacks treat them like any fine-tuned model.
 """
 
 import copy
@@ -65,8 +66,8 @@ def keep_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
 ENCODERS = ("bilstm", "meanpool", "cnn")  # the students learned from scratch over a tokenizer's ids
 
 
-class RecurrentConfig(PretrainedConfig):
-    """Configuration of ``RecurrentClassifier``.
+class SmallEncoderConfig(PretrainedConfig):
+    """Configuration of ``SmallEncoderClassifier``.
 
     Args:
         vocab_size: rows of the embedding table (the tokenizer's vocabulary size).
@@ -80,15 +81,15 @@ class RecurrentConfig(PretrainedConfig):
         dropout: dropout before the classification layer.
     """
 
-    model_type = "emocompress-recurrent"
+    model_type = "emocompress-small-encoder"
 
     def __init__(self, vocab_size: int = 30522, embedding_dim: int = 128, hidden_size: int = 128,
                  encoder: str = "bilstm", kernel_sizes: list[int] = (3, 4, 5), dropout: float = 0.1,
                  pad_token_id: int = 0, **kwargs):
         if encoder not in ENCODERS:
-            raise ValueError(f"RecurrentConfig.encoder must be one of {list(ENCODERS)}, got {encoder!r}")
+            raise ValueError(f"SmallEncoderConfig.encoder must be one of {list(ENCODERS)}, got {encoder!r}")
         if not kernel_sizes or min(kernel_sizes) < 1:
-            raise ValueError(f"RecurrentConfig.kernel_sizes must be positive token counts, got {kernel_sizes}")
+            raise ValueError(f"SmallEncoderConfig.kernel_sizes must be positive token counts, got {kernel_sizes}")
         self.vocab_size = vocab_size
         self.embedding_dim = embedding_dim
         self.hidden_size = hidden_size
@@ -98,17 +99,31 @@ class RecurrentConfig(PretrainedConfig):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
-class RecurrentClassifier(PreTrainedModel):
-    """A non-transformer text classifier over learned token embeddings: a BiLSTM with max pooling,
-    mean-pooled embeddings with one feed-forward layer, or a CNN (the name is older than the last two).
-    Called like any sequence classifier:
+class _SavedAsRecurrentConfig(SmallEncoderConfig):
+    """Reads the ``config.json`` of students saved before the rename (``model_type: emocompress-recurrent``,
+    ``architectures: [RecurrentClassifier]``) as the ``SmallEncoderConfig`` it is: the keys and the weights' names
+    did not change. Saved again, such a student writes the current names."""
+
+    model_type = "emocompress-recurrent"
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        config_dict = {**config_dict, "model_type": SmallEncoderConfig.model_type,
+                       "architectures": ["SmallEncoderClassifier"]}
+        return SmallEncoderConfig.from_dict(config_dict, **kwargs)
+
+
+class SmallEncoderClassifier(PreTrainedModel):
+    """A non-transformer text classifier over learned token embeddings, pooled over the text's tokens: a BiLSTM
+    with max pooling, a CNN with max pooling, or mean-pooled embeddings with one feed-forward layer
+    (``config.encoder``). Called like any sequence classifier:
     ``model(input_ids=(B, T), attention_mask=(B, T)).logits`` is (B, C); padding must be on the right
     (the default of BERT and RoBERTa tokenizers)."""
 
-    config_class = RecurrentConfig
-    base_model_prefix = "recurrent"
+    config_class = SmallEncoderConfig
+    base_model_prefix = "small_encoder"
 
-    def __init__(self, config: RecurrentConfig):
+    def __init__(self, config: SmallEncoderConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_token_id)
         if config.encoder == "bilstm":
@@ -180,13 +195,13 @@ def build_student(kind: Literal["layers", "pretrained", "bilstm", "meanpool", "c
     Args:
         kind: ``layers``: a copy of ``teacher`` keeping ``layers`` (``keep_layers``); ``pretrained``: what
             ``pretrained_builder()`` returns (a pretrained model with a fresh head); ``bilstm`` / ``meanpool`` /
-            ``cnn``: a ``RecurrentClassifier`` over ``tokenizer``'s vocabulary, learned from scratch.
+            ``cnn``: a ``SmallEncoderClassifier`` over ``tokenizer``'s vocabulary, learned from scratch.
         teacher: the fine-tuned teacher network; it is not changed.
-        id2label: label names by class id, for a recurrent student's head.
-        tokenizer: the tokenizer whose ids the student reads; a recurrent student needs it (vocabulary size,
+        id2label: label names by class id, for a small encoder's head.
+        tokenizer: the tokenizer whose ids the student reads; a small encoder needs it (vocabulary size,
             padding id). Loaded by the caller, so it is read once.
         layers: teacher layers (0-based, increasing) a ``layers`` student keeps, e.g. ``every_other_layer``.
-        embedding_dim: token embedding width of a recurrent student.
+        embedding_dim: token embedding width of a small encoder.
         hidden_size: LSTM units per direction (``bilstm``), feed-forward width (``meanpool``) or filters per
             kernel width (``cnn``).
         pretrained_builder: builds a ``pretrained`` student.
@@ -206,11 +221,12 @@ def build_student(kind: Literal["layers", "pretrained", "bilstm", "meanpool", "c
         return keep_layers(teacher, layers).requires_grad_(True)
     if kind == "pretrained":
         return pretrained_builder()
-    return RecurrentClassifier(RecurrentConfig(
+    return SmallEncoderClassifier(SmallEncoderConfig(
         vocab_size=len(tokenizer), embedding_dim=embedding_dim, hidden_size=hidden_size, encoder=kind,
         pad_token_id=tokenizer.pad_token_id or 0, num_labels=len(id2label), id2label=id2label,
         label2id={n: i for i, n in id2label.items()}))
 
 
-AutoConfig.register(RecurrentConfig.model_type, RecurrentConfig)
-AutoModelForSequenceClassification.register(RecurrentConfig, RecurrentClassifier)
+AutoConfig.register(SmallEncoderConfig.model_type, SmallEncoderConfig)
+AutoConfig.register(_SavedAsRecurrentConfig.model_type, _SavedAsRecurrentConfig)
+AutoModelForSequenceClassification.register(SmallEncoderConfig, SmallEncoderClassifier)
