@@ -340,7 +340,7 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
 
 @pytest.mark.slow
 def test_bilstm_over_its_own_vocabulary_with_augmented_copies(emotion_dir, tiny_teacher_dir, tmp_path):
-    # make distill_bilstm_vocab, shrunk: the vocab subcommand, then the recipe with the student reading it
+    # make recipe NAME=distill_bilstm_vocab, shrunk: the vocab subcommand, then the recipe with the student reading it
     vocab = tmp_path / "vocab"
     _ok(run_cli("vocab", "--data", emotion_dir, "--out_dir", vocab, "--vocab_size", 100, cwd=tmp_path))
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "recipes/distill_bilstm.yaml",
