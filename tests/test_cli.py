@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.cli import main
 from emocompress.models.classifier import EmotionClassifier
+from emocompress.recipes import read_recipes
 
 from .conftest import REPO
 
@@ -33,7 +34,7 @@ def run_cli(*args, cwd: Path, warnings: str = "ignore") -> subprocess.CompletedP
 
 
 def tiny_args(emotion_dir, tiny_model_dir, *extra):
-    return ["-c", CONFIGS / "base.yaml", "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir,
+    return ["-c", CONFIGS / "trainer/default.yaml", "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir,
             "--data.model_name", tiny_model_dir, *extra]
 
 
@@ -152,23 +153,37 @@ def _last_scalar(run: Path, tag: str) -> float:
     return events.Scalars(tag)[-1].value
 
 
-@pytest.mark.parametrize("experiment", sorted(p.name for p in CONFIGS.glob("*.yaml")
-                                              if p.name != "base.yaml" and not p.name.startswith("benchmark")))
-def test_every_config_parses(experiment, capsys):
-    # overlays that are diffs of another experiment are parsed on top of it
-    bases = {"baseline.yaml": ["teacher.yaml"], "distill_control.yaml": ["distill.yaml"],
-             "distill_bilstm.yaml": ["distill.yaml"],
-             "distill_bilstm_vocab.yaml": ["distill.yaml", "distill_bilstm.yaml"],
-             "distill_cnn_vocab.yaml": ["distill.yaml", "distill_bilstm.yaml", "distill_bilstm_vocab.yaml"],
-             "distill_prune.yaml": ["distill.yaml", "prune.yaml", "quantize.yaml"],
-             "distill_structured_prune.yaml": ["distill.yaml", "structured_prune.yaml", "quantize.yaml"],
-             "structured_prune_distill.yaml": ["distill.yaml", "structured_prune.yaml"],
-             "freeze.yaml": ["teacher.yaml"], "fast.yaml": ["teacher.yaml"]}.get(experiment, [])
-    overlays = [arg for name in bases for arg in ("-c", str(CONFIGS / name))]
+RECIPES = read_recipes(str(CONFIGS / "recipes.yaml"))
+
+
+def _print_config(subcommand: str, configs: list[str], capsys) -> dict:
+    """The merged config of ``configs`` (paths as the recipe table writes them, relative to the repository)."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(CONFIGS / "base.yaml"), *overlays, "-c", str(CONFIGS / experiment), "--print_config"])
+        main([subcommand, *(arg for file in configs for arg in ("-c", str(REPO / file))), "--print_config"])
     assert exit_info.value.code == 0
-    assert "val/macro_f1" in capsys.readouterr().out
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("recipe", [name for name, recipe in RECIPES.items() if recipe["command"] != "vocab"])
+def test_every_recipe_stack_parses(recipe, capsys):
+    # the stack of configs/recipes.yaml, as `make recipe NAME=<recipe>` gives it (its fixed args after it)
+    stack = RECIPES[recipe]
+    config = _print_config(stack["command"], stack["configs"], capsys)
+    assert config["trainer"]["callbacks"][0]["init_args"]["monitor"] == "val/macro_f1"
+
+
+def test_every_config_file_is_in_a_recipe_or_an_overlay():
+    # a file under recipes/ or data/ that no recipe stacks is parsed by no test and run by no command
+    used = {file for recipe in RECIPES.values() for file in recipe["configs"]}
+    files = {str(p.relative_to(REPO)) for folder in ("trainer", "recipes", "data")
+             for p in (CONFIGS / folder).rglob("*.yaml")}
+    assert files - used == set()
+
+
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (CONFIGS / "overlays").glob("*.yaml")))
+def test_every_overlay_parses_on_the_teacher(overlay, capsys):
+    config = _print_config("fit", [*RECIPES["teacher"]["configs"], f"configs/overlays/{overlay}"], capsys)
+    assert config["model"]["class_path"] == "emocompress.models.classifier.EmotionClassifier"
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
@@ -225,47 +240,40 @@ def test_bad_distill_config_fails_before_any_data_is_read(emotion_dir, tiny_teac
 def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tmp_path):
     # The real configs, shrunk by tiny.yaml: pruning with recovery during fit, INT8 for the test after
     # it, on 2 DDP processes (where Lightning's own ModelPruning breaks).
-    args = ["-c", CONFIGS / "base.yaml", "-c", CONFIGS / "prune.yaml", "-c", CONFIGS / "quantize.yaml",
-            "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir, "--data.model_name", tiny_model_dir,
+    args = ["-c", CONFIGS / "trainer/default.yaml", "-c", CONFIGS / "recipes/prune.yaml", "-c", CONFIGS / "overlays/quantize.yaml",
+            "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir, "--data.model_name", tiny_model_dir,
             "--trainer.max_epochs", 2, "--trainer.devices", 2, "--trainer.strategy", "ddp"]
     _ok(run_cli("fit", *args, cwd=tmp_path))
     _assert_pruned_and_tested_in_int8(tmp_path / "logs" / "tiny" / "version_0")
 
 
-@pytest.mark.parametrize("overlay", sorted(p.name for p in (CONFIGS / "data").glob("*.yaml")))
-def test_every_data_overlay_parses_on_a_recipe(overlay, capsys):
-    # each overlay on top of the recipe (and the overlays) it follows in the Makefile
-    stack = {"goemotions_teacher.yaml": ["teacher.yaml", "data/goemotions.yaml"],
-             "goemotions_distill.yaml": ["distill.yaml", "quantize.yaml", "data/goemotions.yaml"],
-             "goemotions_vocab.yaml": ["distill.yaml", "distill_bilstm.yaml", "distill_bilstm_vocab.yaml",
-                                       "quantize.yaml", "data/goemotions.yaml", "data/goemotions_distill.yaml"],
-             }.get(overlay, ["teacher.yaml"])
-    configs = [arg for name in ["base.yaml", *stack, f"data/{overlay}"] for arg in ("-c", str(CONFIGS / name))]
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *configs, "--print_config"])
-    assert exit_info.value.code == 0
-    config = yaml.safe_load(capsys.readouterr().out)
+@pytest.mark.parametrize("recipe", [name for name in RECIPES if name.startswith("goemotions_")
+                                    and RECIPES[name]["command"] != "vocab"])
+def test_every_goemotions_recipe_reads_goemotions(recipe, capsys):
+    stack = RECIPES[recipe]
+    config = _print_config(stack["command"], stack["configs"], capsys)
     data = config["data"]["data"]
-    assert (CONFIGS.parent / data).resolve().is_relative_to((CONFIGS.parent.parent / "shared" / "data").resolve())
+    assert (REPO / data).resolve().is_relative_to((REPO.parent / "shared" / "data" / "goemotions_ekman").resolve())
     teacher = config["model"]["init_args"].get("teacher")
     if teacher:  # the data set's own teacher, not emotion's
         assert teacher.startswith(config["trainer"]["logger"]["init_args"]["save_dir"] + "/")
-    if overlay == "goemotions_teacher.yaml":  # the tuned imbalance handling replaces the emotion recipe's
+    if recipe == "goemotions_teacher":  # the tuned imbalance handling replaces the emotion recipe's
         assert (config["data"]["oversample_to"], config["data"]["class_weighting"]) == (None, "sqrt_inverse")
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("benchmark*.yaml")))
+@pytest.mark.parametrize("config", sorted(p.name for p in (CONFIGS / "benchmark").glob("*.yaml")
+                                          if p.name != "defaults.yaml"))
 def test_benchmark_config_parses(config, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["benchmark", "--config", str(CONFIGS / config), "--print_config"])
-    assert exit_info.value.code == 0
-    assert "teacher" in capsys.readouterr().out
+    # composed on the shared defaults, as `make report NAME=<config>` runs it
+    out = _print_config("benchmark", ["configs/benchmark/defaults.yaml", f"configs/benchmark/{config}"], capsys)
+    assert out["baseline"] in out["models"] and out["num_threads"] == 2
+    assert out["out_dir"].startswith("reports/benchmark")
 
 
 def distill_args(emotion_dir, teacher_dir, cache, *configs, extra=()):
     """The real distill.yaml (plus ``configs``), shrunk by tiny.yaml, with the tiny teacher."""
-    overlays = [arg for name in ("distill.yaml", *configs) for arg in ("-c", CONFIGS / name)]
-    return ["-c", CONFIGS / "base.yaml", *overlays, "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir,
+    overlays = [arg for name in ("recipes/distill.yaml", *configs) for arg in ("-c", CONFIGS / name)]
+    return ["-c", CONFIGS / "trainer/default.yaml", *overlays, "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir,
             "--data.model_name", teacher_dir, "--model.teacher", teacher_dir, "--model.student_layers", "[1]",
             "--model.logits_cache", cache, *extra]
 
@@ -298,7 +306,7 @@ def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
 @pytest.mark.slow
 def test_distill_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_teacher_dir, tmp_path):
     # Distil + Prune + Quant: the student is pruned during distillation and tested as INT8, on 2 processes.
-    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "prune.yaml", "quantize.yaml",
+    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "recipes/prune.yaml", "overlays/quantize.yaml",
                         extra=("--model.student_layers", "[0, 1]", "--trainer.max_epochs", 2,
                                "--trainer.devices", 2, "--trainer.strategy", "ddp"))
     _ok(run_cli("fit", *args, cwd=tmp_path))
@@ -312,7 +320,7 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
     from emocompress.models.loading import load_artifact
     from emocompress.models.students import SmallEncoderClassifier
 
-    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "distill_bilstm.yaml", "quantize.yaml",
+    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "recipes/distill_bilstm.yaml", "overlays/quantize.yaml",
                         extra=("--model.embedding_dim", 8, "--model.hidden_size", 8))
     fit = _ok(run_cli("fit", *args, cwd=tmp_path, warnings="default"))
     run = tmp_path / "logs" / "tiny" / "version_0"
@@ -332,11 +340,11 @@ def test_bilstm_student_distils_and_quantizes(emotion_dir, tiny_teacher_dir, tmp
 
 @pytest.mark.slow
 def test_bilstm_over_its_own_vocabulary_with_augmented_copies(emotion_dir, tiny_teacher_dir, tmp_path):
-    # make distill_bilstm_vocab, shrunk: the vocab subcommand, then the recipe with the student reading it
+    # make recipe NAME=distill_bilstm_vocab, shrunk: the vocab subcommand, then the recipe with the student reading it
     vocab = tmp_path / "vocab"
     _ok(run_cli("vocab", "--data", emotion_dir, "--out_dir", vocab, "--vocab_size", 100, cwd=tmp_path))
-    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "distill_bilstm.yaml",
-                        "distill_bilstm_vocab.yaml", "quantize.yaml",
+    args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "recipes/distill_bilstm.yaml",
+                        "recipes/distill_bilstm_vocab.yaml", "overlays/quantize.yaml",
                         extra=("--data.model_name", vocab, "--model.embedding_dim", 8, "--model.hidden_size", 8,
                                "--data.augment.copies", 2))
     fit = _ok(run_cli("fit", *args, cwd=tmp_path))
@@ -363,9 +371,9 @@ def test_distill_and_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_tea
     # autocast the two runs differ by bf16 rounding (up to 1.5e-4 here), which would hide a real bug.
     same = ("--data.class_weighting", "none", "--trainer.max_epochs", 2, "--trainer.precision", "32-true")
     cache = tmp_path / "cache"
-    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, "prune.yaml",
+    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, "recipes/prune.yaml",
                                      extra=(*same, "--data.batch_size", 8)), cwd=tmp_path))
-    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, "prune.yaml", extra=(
+    _ok(run_cli("fit", *distill_args(emotion_dir, tiny_teacher_dir, cache, "recipes/prune.yaml", extra=(
         *same, "--data.batch_size", 4, "--trainer.devices", 2, "--trainer.strategy", "ddp")), cwd=tmp_path))
     weights, _ = _assert_one_and_two_processes_agree(tmp_path / "logs" / "tiny")
     _assert_half_zero([v for k, v in weights.items()
@@ -417,7 +425,7 @@ def test_sigkilled_distill_prune_fit_resumes_to_the_same_model(tiny_teacher_dir,
     write_split(data / "train.txt", {"anger": 160, "joy": 80, "love": 40}, seed=0)  # 120 steps an epoch
     write_split(data / "val.txt", {"anger": 3, "joy": 2, "love": 2}, seed=1)
     write_split(data / "test.txt", {"anger": 4, "joy": 3, "love": 2}, seed=2)
-    args = ["fit", *distill_args(data, tiny_teacher_dir, tmp_path / "cache", "prune.yaml", extra=(
+    args = ["fit", *distill_args(data, tiny_teacher_dir, tmp_path / "cache", "recipes/prune.yaml", extra=(
         "--trainer.max_epochs", 2, "--trainer.limit_train_batches", 1.0, "--trainer.precision", "32-true",
         "--test_after_fit", "false"))]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -801,7 +809,7 @@ def test_a_checkpoint_save_that_fails_midway_leaves_the_earlier_file(emotion_dir
 
 def _structured_args(emotion_dir, model_dir, *configs, extra=()):
     """structured_prune.yaml (+ ``configs``) shrunk by tiny.yaml: units scored on 1 batch, removed at step 1."""
-    overlays = [arg for name in ("base.yaml", "quantize.yaml", *configs, "structured_prune.yaml", "tiny.yaml")
+    overlays = [arg for name in ("trainer/default.yaml", "overlays/quantize.yaml", *configs, "recipes/structured_prune.yaml", "overlays/tiny.yaml")
                 for arg in ("-c", CONFIGS / name)]
     return [*overlays, "--data.data", emotion_dir, "--data.model_name", model_dir,
             "--trainer.callbacks.init_args.start_step", 1, "--trainer.callbacks.init_args.score_batches", 1,
@@ -838,8 +846,8 @@ def test_structured_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_mode
 def test_structured_prune_recovers_under_distillation(emotion_dir, tiny_teacher_dir, tmp_path):
     from emocompress.models import pretrained, structure
 
-    args = _structured_args(emotion_dir, tiny_teacher_dir, "distill.yaml", extra=(
-        "-c", CONFIGS / "structured_prune_distill.yaml", "--data.model_name", tiny_teacher_dir,
+    args = _structured_args(emotion_dir, tiny_teacher_dir, "recipes/distill.yaml", extra=(
+        "-c", CONFIGS / "recipes/structured_prune_distill.yaml", "--data.model_name", tiny_teacher_dir,
         "--model.teacher", tiny_teacher_dir, "--model.logits_cache", tmp_path / "cache"))
     _ok(run_cli("fit", *args, cwd=tmp_path))
     student = pretrained.load_model(str(tmp_path / "logs" / "structured_prune_distill" / "version_0" / "hf_model"))

@@ -108,7 +108,7 @@ def _cli(*args, cwd, stdin: str = ""):
 def test_cli_runs_a_folder_s_code_only_when_this_run_allows_it(remote_code_folder, emotion_dir, tiny_model_dir,
                                                               tmp_path):
     folder, marker = remote_code_folder
-    fit = ["fit", "-c", CONFIGS / "base.yaml", "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir,
+    fit = ["fit", "-c", CONFIGS / "trainer/default.yaml", "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir,
            "--trainer.max_epochs", 1, "--test_after_fit", "false"]
     refused = _cli(*fit, "--data.model_name", folder, cwd=tmp_path, stdin="y\n" * 100)
     assert refused.returncode == 2, refused.stderr[-3000:]
@@ -121,7 +121,7 @@ def test_cli_runs_a_folder_s_code_only_when_this_run_allows_it(remote_code_folde
     ckpt = _checkpoint(tmp_path / "says-trust.ckpt",
                        {**classifier.hparams, "model_name": str(folder), "trust_remote_code": True},
                        classifier.state_dict())
-    refused = _cli("test", "-c", CONFIGS / "base.yaml", "-c", CONFIGS / "tiny.yaml", "--data.data", emotion_dir,
+    refused = _cli("test", "-c", CONFIGS / "trainer/default.yaml", "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir,
                    "--data.model_name", folder, "--ckpt_path", ckpt, cwd=tmp_path, stdin="y\n" * 100)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "--data.trust_remote_code true" in refused.stderr

@@ -12,16 +12,16 @@ pruning, INT8), with PyTorch Lightning; then measure what each compression bough
 subcommands (each takes -c/--config, repeatable: a later file wins key by key, and --help):
   fit         train, then test the best checkpoint (--test_after_fit false skips the test)
   validate    one evaluation epoch over the val split (--ckpt_path <best .ckpt>)
-  test        one evaluation epoch over the test split; INT8 first with -c configs/quantize.yaml
+  test        one evaluation epoch over the test split; INT8 first with -c configs/overlays/quantize.yaml
   predict     predictions for --data.predict_file (default: the test split) into predictions.jsonl
   benchmark   compare exported models: size, latency, metrics with 95% intervals, paired tests
   vocab       train a student vocabulary (WordPiece) on a data set's train texts, for data.model_name
 
 examples:
-  emocompress fit -c configs/base.yaml -c configs/teacher.yaml
-  emocompress fit -c configs/base.yaml -c configs/teacher.yaml --print_config
-  emocompress test -c configs/base.yaml -c configs/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/<best>.ckpt
-  emocompress benchmark -c configs/benchmark.yaml
+  emocompress fit -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml
+  emocompress fit -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml --print_config
+  emocompress test -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/<best>.ckpt
+  emocompress benchmark -c configs/benchmark/defaults.yaml -c configs/benchmark/compression.yaml
   emocompress fit --help                  every option of fit (trainer, data, model)
 """
 

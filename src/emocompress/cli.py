@@ -1,10 +1,10 @@
 """Command line: ``emocompress fit|validate|test|predict`` through LightningCLI.
 
-    emocompress fit -c configs/base.yaml -c configs/teacher.yaml
-    emocompress test -c configs/base.yaml -c configs/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/best.ckpt
-    emocompress predict -c configs/base.yaml -c configs/teacher.yaml --ckpt_path ... --data.predict_file texts.txt
-    emocompress fit -c configs/base.yaml -c configs/distill.yaml
-    emocompress benchmark --config configs/benchmark.yaml
+    emocompress fit -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml
+    emocompress test -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/best.ckpt
+    emocompress predict -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml --ckpt_path ... --data.predict_file texts.txt
+    emocompress fit -c configs/trainer/default.yaml -c configs/recipes/distill.yaml
+    emocompress benchmark -c configs/benchmark/defaults.yaml -c configs/benchmark/compression.yaml
     emocompress vocab --data ../shared/data/emotion --vocab_size 4000 --out_dir logs/vocab/emotion_4k
 
 ``model`` is any ``EmotionClassifier`` subclass (``class_path: emocompress.compression.distillation.Distiller``);
@@ -420,7 +420,7 @@ def _run(args: list[str] | None) -> None:
     # bars say nothing a user needs; our own lines say what was read and written.
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    # configs/base.yaml has two ModelCheckpoints, the val/macro_f1 one first: `test` after `fit` uses its best
+    # configs/trainer/default.yaml has two ModelCheckpoints, the val/macro_f1 one first: `test` after `fit` uses its best
     # checkpoint, which is what we want, and Lightning warns about exactly that on every fit.
     warnings.filterwarnings("ignore", message=r".*called with Trainer configured with multiple `ModelCheckpoint`")
     EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args,

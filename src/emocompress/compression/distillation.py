@@ -1,6 +1,6 @@
 """Knowledge distillation: a frozen fine-tuned teacher trains a smaller student on the same data.
 
-    emocompress fit -c configs/base.yaml -c configs/distill.yaml
+    emocompress fit -c configs/trainer/default.yaml -c configs/recipes/distill.yaml
 """
 
 import contextlib
