@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.compression.structured_pruning import StructuredPruning, _taylor_scores
+from emocompress.compression.structured_pruning import StructuredPruning, _remove_lowest, _taylor_scores
 from emocompress.models import pretrained, structure
 from emocompress.models.classifier import EmotionClassifier
 
@@ -206,11 +206,26 @@ def test_per_layer_scope_and_taylor_importance(fit):
 
 
 def test_the_last_head_of_a_layer_is_never_removed():
-    callback = StructuredPruning(head_amount=0.9)
-    callback.kept = {"heads": [torch.ones(2, dtype=torch.bool), torch.ones(8, dtype=torch.bool)]}
+    kept = [torch.ones(2, dtype=torch.bool), torch.ones(8, dtype=torch.bool)]
     # layer 0's heads score far lowest: global ranking would take both
-    callback._remove("heads", (torch.tensor([0.0, 0.0]), torch.arange(1.0, 9.0)), 0.9)
-    assert [int(k.sum()) for k in callback.kept["heads"]] == [1, 1]
+    assert _remove_lowest(kept, [torch.tensor([0.0, 0.0]), torch.arange(1.0, 9.0)], 0.9, "global")
+    assert [int(k.sum()) for k in kept] == [1, 1]
+
+
+def test_keep_units_rebuilds_only_the_layers_that_lose_units():
+    model, indexed = tiny("bert"), tiny("bert")
+    untouched = structure.layers(model)[1].get("intermediate.dense")
+    heads = [torch.tensor([True, False, True, True]), torch.ones(4, dtype=torch.bool)]
+    ffn = [torch.ones(24, dtype=torch.bool), torch.ones(24, dtype=torch.bool)]
+    ffn[0][[3, 7]] = False
+    moved = structure.keep_units(model, heads, ffn)
+    # the same as keeping the True indices layer by layer
+    structure.layers(indexed)[0].keep(heads=torch.tensor([0, 2, 3]), ffn=torch.tensor([i for i in range(24)
+                                                                                       if i not in (3, 7)]))
+    torch.testing.assert_close(_logits(model), _logits(indexed))
+    assert model.config.layer_shapes == [{"heads": 3, "ffn": 22}, {"heads": 4, "ffn": 24}]
+    assert structure.layers(model)[1].get("intermediate.dense") is untouched  # nothing to remove: not rebuilt
+    assert len(moved) == 2 * 6  # weight and bias of layer 0's six linear layers
 
 
 def test_checkpoints_resume_and_test_with_the_smaller_shape(fit, tmp_path, make_datamodule, tiny_trainer):

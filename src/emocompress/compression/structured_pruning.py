@@ -33,10 +33,8 @@ class StructuredPruning(Callback):
     - ``magnitude``: sum of absolute weights of the unit (all four matrices).
     - ``taylor``: first-order Taylor importance ``|sum(activation * gradient)|`` of the unit's output,
       accumulated over the ``score_batches`` training batches before each pruning step (Michel et al.
-      2019, "Are Sixteen Heads Really Better than One?"; Molchanov et al. 2019). It is read from the
-      gradients training computes anyway: summed over a head's or neuron's columns of the output
-      projection, ``weight * grad`` equals its output times the loss gradient at that output. Scores are
-      averaged across ranks, so every DDP rank removes the same units.
+      2019, "Are Sixteen Heads Really Better than One?"; Molchanov et al. 2019), read from the gradients
+      training computes anyway (``_taylor_scores``). Scores are averaged across DDP ranks.
 
     With ``scope: global`` units compete across layers (scores normalised by each layer's L2 norm, as
     Michel et al.), so layers end with different widths; ``per_layer`` removes the same share from each.
@@ -108,20 +106,15 @@ class StructuredPruning(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Resuming mid-recovery: the checkpoint holds the zeros folded in; hold them with masks again.
         if not self.rebuilt and any((~k).any() for kept in self.kept.values() for k in kept):
-            self._apply_masks(pl_module)
+            _apply_masks(pl_module.model, self.kept)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.importance != "taylor" or self.rebuilt:
             return
         step, upcoming = trainer.global_step, self.schedule.next_pruning_step(trainer.global_step)
-        if upcoming is None or upcoming - step > self.score_batches:
-            return
-        for kind, values in _taylor_scores(pl_module.model).items():
-            if kind in self._scores:
-                self._scores[kind] = [s + v for s, v in zip(self._scores[kind], values)]
-            else:
-                self._scores[kind] = values
+        if upcoming is not None and upcoming - step <= self.score_batches:
+            self._scores = _add_scores(self._scores, _taylor_scores(pl_module.model))
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
@@ -134,90 +127,32 @@ class StructuredPruning(Callback):
             rank_zero_warn("StructuredPruning: no Taylor scores were accumulated before this step; using magnitude")
             scores = _magnitude_scores(pl_module.model)
         self._scores = {}
-        changed = False
-        for kind in ("heads", "ffn"):
-            if self.amounts[kind] > 0 and kind in scores:
-                local = torch.cat(scores[kind]).to(pl_module.device)
-                reduced = trainer.strategy.reduce(local, reduce_op="mean").cpu()
-                share = self.amounts[kind] * self.schedule.amount_at(step)
-                changed |= self._remove(kind, reduced.split([len(k) for k in self.kept[kind]]), share)
-        if changed:
-            self._apply_masks(pl_module)
-            self._announce(pl_module)
+        scores = _mean_across_ranks(trainer.strategy, {k: v for k, v in scores.items() if self.amounts[k] > 0},
+                                    pl_module.device)
+        removed = [_remove_lowest(self.kept[kind], scores[kind], self.amounts[kind] * self.schedule.amount_at(step),
+                                  self.scope) for kind in scores]  # a list, not any(...): every kind prunes
+        if any(removed):
+            _apply_masks(pl_module.model, self.kept)
+            _log_removed(pl_module, self.kept)
         if step >= self.schedule.final_step and not isinstance(trainer.strategy, ParallelStrategy):
             self._rebuild(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pl_module.log_dict(self._removed_shares())
+        pl_module.log_dict(_removed_shares(self.kept))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Before on_fit_end (the HF export and the test after fit): leave a plain, smaller model.
         if trainer.global_step < self.schedule.final_step:
-            rank_zero_warn(f"StructuredPruning: training ended with {self._removed_shares()} removed, short of the "
-                           f"targets {self.amounts}: set start_step/end_step within the training steps")
+            rank_zero_warn(f"StructuredPruning: training ended with {_removed_shares(self.kept)} removed, short of "
+                           f"the targets {self.amounts}: set start_step/end_step within the training steps")
         if not self.rebuilt:
             self._rebuild(trainer, pl_module)
 
-    # ---- pruning ----
-    def _remove(self, kind: str, scores: tuple[torch.Tensor, ...], share: float) -> bool:
-        """Mark the lowest-scoring kept units of ``kind`` removed until ``share`` of them is; True if any was."""
-        kept = self.kept[kind]
-        if self.scope == "per_layer":
-            wanted = [round(share * len(k)) - int((~k).sum()) for k in kept]
-        else:  # global: normalise each layer's scores by their L2 norm over kept units (Michel et al. 2019)
-            scores = [s / s[k].norm().clamp(min=1e-12) for s, k in zip(scores, kept)]
-            wanted = [round(share * sum(len(k) for k in kept)) - sum(int((~k).sum()) for k in kept)]
-        if max(wanted) <= 0:
-            return False
-        pools = [range(len(kept))] if self.scope == "global" else [[i] for i in range(len(kept))]
-        for pool, n in zip(pools, wanted):
-            candidates = sorted((float(scores[i][j]), i, j) for i in pool for j in kept[i].nonzero().flatten().tolist())
-            for _, i, j in candidates:
-                if n <= 0:
-                    break
-                if kept[i].sum() > 1:  # never the last head or neuron of a layer
-                    kept[i][j] = False
-                    n -= 1
-        return True
-
-    def _apply_masks(self, pl_module: LightningModule) -> None:
-        for layer, heads, ffn in zip(structure.layers(pl_module.model), self.kept["heads"], self.kept["ffn"]):
-            rows = {"heads": heads.repeat_interleave(layer.head_size), "ffn": ffn}
-            for module, dim, kind in layer.linears().values():
-                keep = rows[kind].to(module.weight.device)
-                _set_mask(module, "weight", keep[:, None] if dim == 0 else keep[None, :])
-                if dim == 0:
-                    _set_mask(module, "bias", keep)
-
     def _rebuild(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Replace the masked layers by smaller ones and move the optimizers' parameters and state along."""
-        model = pl_module.model
-        for module in model.modules():
-            for name in ("weight", "bias"):
-                if hasattr(module, f"{name}_mask"):
-                    prune.remove(module, name)
-        moved = {}
-        for layer, heads, ffn in zip(structure.layers(model), self.kept["heads"], self.kept["ffn"]):
-            moved.update(layer.keep(heads=heads.nonzero().flatten() if not heads.all() else None,
-                                    ffn=ffn.nonzero().flatten() if not ffn.all() else None))
-        structure.record(model)
-        for optimizer in trainer.optimizers:
-            _move_optimizer_state(optimizer, moved)
+        _rebuild_layers(pl_module.model, self.kept, trainer.optimizers)
         self.rebuilt = True
-        rank_zero_info("StructuredPruning: rebuilt the layers smaller, heads/FFN neurons per layer: %s",
-                       [(s["heads"], s["ffn"]) for s in structure.shape(model)])
-
-    def _removed_shares(self) -> dict[str, float]:
-        return {f"prune/{kind}": sum(int((~k).sum()) for k in kept) / max(1, sum(len(k) for k in kept))
-                for kind, kept in self.kept.items()}
-
-    def _announce(self, pl_module: LightningModule) -> None:
-        pl_module.log_dict(self._removed_shares())
-        rank_zero_info("StructuredPruning: removed %s; heads/FFN neurons kept per layer: %s",
-                       {k: round(v, 3) for k, v in self._removed_shares().items()},
-                       [(int(h.sum()), int(f.sum())) for h, f in zip(self.kept["heads"], self.kept["ffn"])])
 
     # ---- checkpoints ----
     @override
@@ -236,6 +171,7 @@ class StructuredPruning(Callback):
         self.rebuilt = state_dict["rebuilt"]
 
 
+# ---- scoring: per kind ("heads", "ffn"), one score vector per layer ----
 def _magnitude_scores(model) -> dict[str, list[torch.Tensor]]:
     """Per layer, the sum of absolute weights of each head (H,) and FFN neuron (N,)."""
     scores = {"heads": [], "ffn": []}
@@ -263,6 +199,105 @@ def _taylor_scores(model) -> dict[str, list[torch.Tensor]]:
                 per_column = per_column.view(layer.heads, layer.head_size).sum(1)
             scores[kind].append(per_column.abs().cpu())
     return scores
+
+
+def _add_scores(total: dict[str, list[torch.Tensor]], new: dict[str, list[torch.Tensor]]) -> dict:
+    """``total`` plus one batch's scores ``new``, layer by layer (Taylor scores add up over batches).
+
+    >>> _add_scores({}, {"ffn": [torch.tensor([1., 2.])]})
+    {'ffn': [tensor([1., 2.])]}
+    >>> _add_scores({"ffn": [torch.tensor([1., 2.])]}, {"ffn": [torch.tensor([3., 0.])]})
+    {'ffn': [tensor([4., 2.])]}
+    """
+    return {**total, **{kind: [t + v for t, v in zip(total[kind], values)] if kind in total else values
+                        for kind, values in new.items()}}
+
+
+def _mean_across_ranks(strategy, scores: dict[str, list[torch.Tensor]], device: torch.device) -> dict:
+    """``scores`` averaged over the processes of ``strategy`` (a collective: every rank calls it, kind by kind
+    in the same order), so that every DDP rank removes the same units."""
+    means = {}
+    for kind, per_layer in scores.items():
+        mean = strategy.reduce(torch.cat(per_layer).to(device), reduce_op="mean").cpu()
+        means[kind] = list(mean.split([len(s) for s in per_layer]))
+    return means
+
+
+# ---- choosing what to remove: per layer, a bool vector over the units it had when pruning began ----
+def _remove_lowest(kept: list[torch.Tensor], scores: list[torch.Tensor], share: float,
+                   scope: Literal["global", "per_layer"]) -> bool:
+    """Mark the lowest-scoring kept units removed (``False`` in ``kept``, in place) until ``share`` of them
+    is: ranked across layers (``global``, each layer's scores divided by their L2 norm over its kept units,
+    as Michel et al. 2019) or within each layer (``per_layer``). The last unit of a layer is never removed.
+
+    Returns:
+        True if any unit was removed.
+
+    >>> kept = [torch.ones(2, dtype=torch.bool), torch.ones(4, dtype=torch.bool)]
+    >>> _remove_lowest(kept, [torch.tensor([1., 3.]), torch.tensor([4., 1., 2., 3.])], 0.5, "per_layer"), kept
+    (True, [tensor([False,  True]), tensor([ True, False, False,  True])])
+    >>> _remove_lowest(kept, [torch.tensor([1., 3.]), torch.tensor([4., 1., 2., 3.])], 0.5, "per_layer")
+    False
+    """
+    if scope == "per_layer":
+        wanted = [round(share * len(k)) - int((~k).sum()) for k in kept]
+    else:
+        scores = [s / s[k].norm().clamp(min=1e-12) for s, k in zip(scores, kept)]
+        wanted = [round(share * sum(len(k) for k in kept)) - sum(int((~k).sum()) for k in kept)]
+    if max(wanted) <= 0:
+        return False
+    pools = [range(len(kept))] if scope == "global" else [[i] for i in range(len(kept))]
+    for pool, n in zip(pools, wanted):
+        candidates = sorted((float(scores[i][j]), i, j) for i in pool for j in kept[i].nonzero().flatten().tolist())
+        for _, i, j in candidates:
+            if n <= 0:
+                break
+            if kept[i].sum() > 1:  # never the last head or neuron of a layer
+                kept[i][j] = False
+                n -= 1
+    return True
+
+
+def _removed_shares(kept: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """The share of each kind removed so far, as logged: ``{"prune/heads": ..., "prune/ffn": ...}``.
+
+    >>> _removed_shares({"heads": [torch.tensor([True, False]), torch.tensor([True, True])]})
+    {'prune/heads': 0.25}
+    """
+    return {f"prune/{kind}": sum(int((~k).sum()) for k in layers) / max(1, sum(len(k) for k in layers))
+            for kind, layers in kept.items()}
+
+
+def _log_removed(pl_module, kept: dict[str, list[torch.Tensor]]) -> None:
+    pl_module.log_dict(_removed_shares(kept))
+    rank_zero_info("StructuredPruning: removed %s; heads/FFN neurons kept per layer: %s",
+                   {k: round(v, 3) for k, v in _removed_shares(kept).items()},
+                   [(int(h.sum()), int(f.sum())) for h, f in zip(kept["heads"], kept["ffn"])])
+
+
+# ---- masks, then rebuilding the layers and the optimizer state ----
+def _apply_masks(model, kept: dict[str, list[torch.Tensor]]) -> None:
+    """Hold the removed units of ``model`` at exactly zero with ``torch.nn.utils.prune`` masks."""
+    for layer, heads, ffn in zip(structure.layers(model), kept["heads"], kept["ffn"]):
+        rows = {"heads": heads.repeat_interleave(layer.head_size), "ffn": ffn}
+        for module, dim, kind in layer.linears().values():
+            keep = rows[kind].to(module.weight.device)
+            _set_mask(module, "weight", keep[:, None] if dim == 0 else keep[None, :])
+            if dim == 0:
+                _set_mask(module, "bias", keep)
+
+
+def _rebuild_layers(model, kept: dict[str, list[torch.Tensor]], optimizers: list[torch.optim.Optimizer]) -> None:
+    """Replace ``model``'s masked layers by smaller ones and move the optimizers' parameters and state along."""
+    for module in model.modules():
+        for name in ("weight", "bias"):
+            if hasattr(module, f"{name}_mask"):
+                prune.remove(module, name)
+    moved = structure.keep_units(model, kept["heads"], kept["ffn"])
+    for optimizer in optimizers:
+        _move_optimizer_state(optimizer, moved)
+    rank_zero_info("StructuredPruning: rebuilt the layers smaller, heads/FFN neurons per layer: %s",
+                   [(s["heads"], s["ffn"]) for s in structure.shape(model)])
 
 
 def _set_mask(module, name: str, keep: torch.Tensor) -> None:

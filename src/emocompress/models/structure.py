@@ -142,6 +142,23 @@ def record(model: nn.Module) -> None:
         setattr(config, SHAPE_KEY, current)
 
 
+def keep_units(model: nn.Module, heads: list[torch.Tensor], ffn: list[torch.Tensor]) -> dict[int, tuple]:
+    """Rebuild each layer of ``model`` with only the units its bool vectors mark True (``heads[i]``: (H,),
+    ``ffn[i]``: (N,) for layer ``i``), leaving layers that keep every unit of a kind untouched, and record the
+    new shape.
+
+    Returns:
+        what ``Layer.keep`` returns, for every layer: ``id`` of each replaced parameter -> (new parameter,
+        kept indices along ``dim`` or None, ``dim``).
+    """
+    moved = {}
+    for layer, keep_heads, keep_ffn in zip(layers(model), heads, ffn):
+        moved.update(layer.keep(heads=None if keep_heads.all() else keep_heads.nonzero().flatten(),
+                                ffn=None if keep_ffn.all() else keep_ffn.nonzero().flatten()))
+    record(model)
+    return moved
+
+
 def is_pruned(config) -> bool:
     """Whether ``config`` records a per-layer shape (a structurally pruned model)."""
     return bool(getattr(config, SHAPE_KEY, None))
