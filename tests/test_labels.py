@@ -255,3 +255,20 @@ def test_onnx_folder_with_another_label_count_than_its_graph_is_refused(onnx_exp
         (folder / name).write_text(json.dumps(content))
     with pytest.raises(ValueError, match=rf"{folder / 'artifact.json'}: {count} labels .* model\.onnx .* 3 classes"):
         reader(folder)
+
+
+def test_match_checkpoint_classes_reorders_head_and_class_weights_and_refuses_a_reordered_resume(tiny_model_dir):
+    from emocompress.models.checkpoints import match_checkpoint_classes
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3, ignore_mismatched_sizes=True)
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    state["class_weights"] = torch.tensor([1.0, 2.0, 3.0])
+    checkpoint = {"hyper_parameters": {"id2label": dict(enumerate(LABELS))}, "state_dict": state}
+    head = state["model.classifier.weight"].clone()
+    with pytest.raises(ValueError, match="best.ckpt: the run was trained with the labels in the order"):
+        match_checkpoint_classes(model, checkpoint, ORDER, "best.ckpt", resuming=True)
+    match_checkpoint_classes(model, checkpoint, ORDER, "best.ckpt")
+    columns = [LABELS.index(label) for label in ORDER]
+    assert torch.equal(state["model.classifier.weight"], head[columns])
+    assert state["class_weights"].tolist() == [3.0, 1.0, 2.0]
+    match_checkpoint_classes(model, {"state_dict": {}}, ORDER, "old.ckpt", resuming=True)  # no labels: as it is

@@ -93,9 +93,7 @@ class EmotionDataModule(LightningDataModule):
         """Label names by class id: ``data.labels``, else the train split's, checked (``check_label_set``)."""
         names = self.hparams.labels or check_label_set(self.raw_split("train"), self.source.locate("train")[1],
                                                        self.hparams.min_label_count)
-        if len(names) < 2:
-            raise ValueError(f"{self.hparams.data}: the train split has only the label(s) {names}; "
-                             "a classifier needs at least two classes")
+        _check_label_count(names, self.hparams.data)
         return dict(enumerate(names))
 
     @property
@@ -116,9 +114,7 @@ class EmotionDataModule(LightningDataModule):
     def seed(self) -> int:
         """``data.seed``, else the seed ``seed_everything`` set for the run (Lightning exports it as
         ``PL_GLOBAL_SEED``, in every DDP process), else 0."""
-        if self.hparams.seed is not None:
-            return self.hparams.seed
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def texts(self, split: str) -> list[str]:
         """The raw texts of ``split`` in row order: ``texts(split)[i]`` is the text of a batch's ``idx == i``
@@ -138,11 +134,7 @@ class EmotionDataModule(LightningDataModule):
         if split != "train" or not self.augmented:
             return raw
         if self._augmented_rows is None:
-            mask = self.tokenizer.mask_token or self.tokenizer.unk_token or "[MASK]"
-            copies, rows = augmented_texts(list(raw["text"]), self.augmentation, mask)
-            extra = raw.select(rows).remove_columns("text").add_column("text", copies).cast(raw.features)
-            self._augmented_rows = datasets.concatenate_datasets([
-                raw.add_column("gold", [1] * len(raw)), extra.add_column("gold", [0] * len(extra))])
+            self._augmented_rows = with_augmented_copies(raw, self.augmentation, self.tokenizer)
         return self._augmented_rows
 
     def raw_split(self, split: str) -> datasets.Dataset:
@@ -166,52 +158,21 @@ class EmotionDataModule(LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
         for split in needed:
             if split not in self.splits:
-                self.splits[split] = self._tokenize(self._rows(split), split)
+                self.splits[split] = tokenized_split(self._rows(split), split, self.tokenizer, self.hparams.max_length,
+                                                     self.label2id, self.source.locate(split)[1])
         if stage == "fit" and not self.counts_after:
-            self._count_classes()
+            self.counts_before, self.counts_after = _count_classes(
+                self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1], self.hparams,
+                self.augmentation, self.trainer.logger if self.trainer is not None else None)
         if stage == "predict" and "predict" not in self.splits:
             file = self.hparams.predict_file
             raw = self.raw_split("test") if file is None else self.source.read_texts(file)
-            self.splits["predict"] = raw.map(
-                _tokenize_texts, batched=True, remove_columns=[c for c in raw.column_names if c not in ("text", "line")],
-                fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.hparams.max_length})
-
-    def _tokenize(self, raw: datasets.Dataset, split: str) -> datasets.Dataset:
-        """Map labels to ids (rejecting unknown ones) and tokenize, once: datasets caches the result."""
-        return raw.map(_encode, batched=True, with_indices=True, remove_columns=raw.column_names,
-                       desc=f"tokenize {split}",
-                       fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.hparams.max_length,
-                                  "label2id": self.label2id, "where": self.source.locate(split)[1]})
-
-    def _count_classes(self):
-        self.counts_before = class_counts(self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1])
-        self.counts_after = oversampled_counts(self.counts_before, self.hparams.oversample_to)
-        names = list(self.id2label.values())
-        copies = f", with {self.augmentation.copies} augmented copies per text" if self.augmented else ""
-        rank_zero_info("train class counts (oversample_to=%s, class_weighting=%s%s):\n%s", self.hparams.oversample_to,
-                       self.hparams.class_weighting, copies,
-                       class_table(names, self.counts_before, self.counts_after, self.class_weights.tolist()))
-        if self.trainer is not None and self.trainer.logger is not None:
-            self.trainer.logger.log_hyperparams({f"class_count/{when}/{name}": n for when, counts in
-                                                 (("before", self.counts_before), ("after", self.counts_after))
-                                                 for name, n in zip(names, counts)})
+            self.splits["predict"] = predict_split(raw, self.tokenizer, self.hparams.max_length)
 
     # ---- loaders ----
     def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = self.splits[split]
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        batch_size = self.hparams.batch_size if train else self.hparams.eval_batch_size
-        labels = dataset["labels"] if "labels" in dataset.column_names else [0] * len(dataset)
-        sampler = EpochSampler(
-            labels, counts_after=self.counts_after if train else None,
-            lengths=dataset["length"] if train and self.hparams.group_by_length else None,
-            batch_size=batch_size, shuffle=train, even_shards=train, num_replicas=world, rank=rank,
-            seed=self.seed)
-        collate = _PredictCollator(self.tokenizer) if split == "predict" else DataCollatorWithPadding(self.tokenizer)
-        return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler,
-                          collate_fn=collate, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
+        return _split_loader(self.splits[split], self.tokenizer, self.hparams, train, self.counts_after, self.trainer,
+                             self.seed, predict=split == "predict")
 
     def train_dataloader(self):
         return self._loader("train", train=True)
@@ -247,6 +208,78 @@ def _check_max_length(max_length: int, model_name: str, tokenizer, trust_remote_
     if limit is not None and max_length > limit:
         raise ValueError(f"data.max_length is {max_length}, but {model_name} takes at most {limit} tokens per text "
                          f"(its position limit); set data.max_length to {limit} or less")
+
+
+def _check_label_count(names: list[str], data: str) -> None:
+    """Refuse a label set of fewer than two classes, which no classifier can learn."""
+    if len(names) < 2:
+        raise ValueError(f"{data}: the train split has only the label(s) {names}; "
+                         "a classifier needs at least two classes")
+
+
+def _count_classes(labels: list[int], id2label: dict[int, str], where: str, hp, augmentation: Augmentation | None,
+                   logger) -> tuple[list[int], list[int]]:
+    """The train class counts before and after oversampling (``data.oversample_to``), shown as a table with
+    their ``data.class_weighting`` weights once per job and logged as ``logger`` hyper-parameters."""
+    before = class_counts(labels, id2label, where)
+    after = oversampled_counts(before, hp.oversample_to)
+    names = list(id2label.values())
+    copies = f", with {augmentation.copies} augmented copies per text" if augmentation is not None else ""
+    rank_zero_info("train class counts (oversample_to=%s, class_weighting=%s%s):\n%s", hp.oversample_to,
+                   hp.class_weighting, copies,
+                   class_table(names, before, after, class_weights(after, hp.class_weighting).tolist()))
+    if logger is not None:
+        logger.log_hyperparams({f"class_count/{when}/{name}": n for when, counts in
+                                (("before", before), ("after", after)) for name, n in zip(names, counts)})
+    return before, after
+
+
+def _split_loader(dataset: datasets.Dataset, tokenizer, hp, train: bool, counts_after: list[int], trainer,
+                  seed: int, predict: bool) -> DataLoader:
+    """A loader of a tokenized split, padded per batch, sharded over the ``trainer``'s ranks by ``EpochSampler``:
+    for training, oversampled to ``counts_after``, shuffled, evenly sharded and (``data.group_by_length``) grouped
+    by length; else in order. Predict batches keep ``text`` and ``line``."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    batch_size = hp.batch_size if train else hp.eval_batch_size
+    labels = dataset["labels"] if "labels" in dataset.column_names else [0] * len(dataset)
+    sampler = EpochSampler(
+        labels, counts_after=counts_after if train else None,
+        lengths=dataset["length"] if train and hp.group_by_length else None,
+        batch_size=batch_size, shuffle=train, even_shards=train, num_replicas=world, rank=rank,
+        seed=seed)
+    collate = _PredictCollator(tokenizer) if predict else DataCollatorWithPadding(tokenizer)
+    return DataLoader(dataset.remove_columns("length"), batch_size=batch_size, sampler=sampler,
+                      collate_fn=collate, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+
+
+def tokenized_split(raw: datasets.Dataset, split: str, tokenizer, max_length: int, label2id: dict[str, int],
+                    where: str) -> datasets.Dataset:
+    """``raw``'s labels mapped to ids (an unknown one is refused with ``where`` and its line) and its texts
+    tokenized to ``max_length`` tokens, with each row's ``idx`` (and ``gold``, if there); once: datasets caches
+    the result."""
+    return raw.map(_encode, batched=True, with_indices=True, remove_columns=raw.column_names,
+                   desc=f"tokenize {split}",
+                   fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "label2id": label2id,
+                              "where": where})
+
+
+def with_augmented_copies(raw: datasets.Dataset, augmentation: Augmentation, tokenizer) -> datasets.Dataset:
+    """``raw`` (a train split) followed by ``augmentation``'s perturbed copies of its texts, which keep their
+    row's other columns (label, line), and a ``gold`` column: 1 for a text of the data, 0 for a copy, which has
+    no gold label. Masked words become ``tokenizer``'s mask token (else its unknown token)."""
+    mask = tokenizer.mask_token or tokenizer.unk_token or "[MASK]"
+    copies, rows = augmented_texts(list(raw["text"]), augmentation, mask)
+    extra = raw.select(rows).remove_columns("text").add_column("text", copies).cast(raw.features)
+    return datasets.concatenate_datasets([raw.add_column("gold", [1] * len(raw)),
+                                          extra.add_column("gold", [0] * len(extra))])
+
+
+def predict_split(raw: datasets.Dataset, tokenizer, max_length: int) -> datasets.Dataset:
+    """Texts to predict (columns ``text`` and ``line``), tokenized to ``max_length`` tokens; ``text`` and
+    ``line`` stay, for the prediction records, and any other column (a label) is dropped."""
+    return raw.map(_tokenize_texts, batched=True,
+                   remove_columns=[c for c in raw.column_names if c not in ("text", "line")],
+                   fn_kwargs={"tokenizer": tokenizer, "max_length": max_length})
 
 
 # ---- dataset.map functions (module level, so datasets can hash them for its cache) ----

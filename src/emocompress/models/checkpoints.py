@@ -10,6 +10,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 from emocompress.io import atomic_file
+from emocompress.models import pretrained
 from emocompress.models.structure import fit_to_state_dict
 
 # Class paths that version 0.1.0 wrote into run configs (config.yaml) and checkpoints (hyper_parameters' _class_path)
@@ -123,6 +124,51 @@ def reorder_head(model: nn.Module, columns: list[int], state: dict | None = None
 def stored_labels(id2label: dict | None) -> list[str] | None:
     """The label names of a stored ``id2label`` (ids as ints or strings) in class id order; None if absent."""
     return [id2label[i] for i in sorted(id2label, key=int)] if id2label else None
+
+
+def saved_head_columns(name_or_path: str, data_labels: list[str], trust_remote_code: bool = False) -> list[int]:
+    """``label_columns`` of the labels in a saved model's ``config.json`` (an ``hf_model`` export, whose trained
+    head is reused) against the data's; none to map when they are transformers' placeholder names
+    (``LABEL_0``...), which name no class.
+
+    Raises:
+        ValueError: the saved labels are not the data's (``label_columns``).
+    """
+    path = pretrained.resolve(name_or_path)
+    config = pretrained.load_config(path, trust_remote_code=trust_remote_code)
+    trained_on = stored_labels(config.id2label)
+    if trained_on == [f"LABEL_{i}" for i in range(len(trained_on))]:
+        return list(range(len(data_labels)))
+    where = Path(path, "config.json") if Path(path).is_dir() else path
+    return label_columns(trained_on, data_labels, str(where))
+
+
+def match_checkpoint_classes(model: nn.Module, checkpoint: dict, data_labels: list[str], where: str,
+                             resuming: bool = False) -> None:
+    """Reorder a loaded Lightning checkpoint of ``model`` (its ``model.*`` head and its per-class
+    ``class_weights``), in place before its weights load, so that its classes, the labels it was trained on,
+    come in the order of ``data_labels``, matched by name (``label_columns``). Nothing to do for a checkpoint
+    without stored labels.
+
+    Args:
+        where: the checkpoint's path, for messages.
+        resuming: the checkpoint resumes a fit; its optimizer's moments are kept by class id, and stay in the
+            order they were trained in, so the labels must come in that order.
+
+    Raises:
+        ValueError: the checkpoint was trained on other labels, or, when ``resuming``, in another order.
+    """
+    trained_on = stored_labels(checkpoint.get("hyper_parameters", {}).get("id2label"))
+    if not trained_on:
+        return
+    columns = label_columns(trained_on, data_labels, where)
+    if resuming and columns != sorted(columns):
+        raise ValueError(f"{where}: the run was trained with the labels in the order {trained_on}; resume "
+                         f"it with that order, --data.labels {trained_on}")
+    state = checkpoint["state_dict"]
+    reorder_head(model, columns, state, prefix="model.")
+    if "class_weights" in state:
+        state["class_weights"] = state["class_weights"][columns]
 
 
 def load_network(model: nn.Module, path: str, id2label: dict[int, str] | None = None) -> None:

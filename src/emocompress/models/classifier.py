@@ -1,7 +1,6 @@
 """A transformer emotion classifier as a LightningModule: weighted loss, imbalance-aware metrics."""
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +15,12 @@ from emocompress.evaluation.metrics import classification_metrics, metrics_repor
 from emocompress.evaluation.plots import confusion_figure
 from emocompress.models import (
     first_token,
+    freezing,
     pretrained,
     structure,
     students,  # noqa: F401  (registers SmallEncoderClassifier with the Auto classes)
 )
-from emocompress.models.checkpoints import label_columns, load_network, reorder_head, stored_labels
+from emocompress.models.checkpoints import load_network, match_checkpoint_classes, reorder_head, saved_head_columns
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,7 @@ class EmotionClassifier(LightningModule):
                  init_checkpoint: str | None = None, trust_remote_code: bool = False,
                  freeze_embeddings: bool = False, freeze_layers: int = 0, trim_last_layer: bool = True):
         super().__init__()
-        if not id2label or len(id2label) < 2:
-            raise ValueError(f"model.id2label needs at least two labels, got {id2label}")
-        if lr <= 0:
-            raise ValueError(f"model.lr must be positive, got {lr}")
-        if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        if freeze_layers < 0:
-            raise ValueError(f"model.freeze_layers must be 0 or more, got {freeze_layers}")
+        _check_settings(id2label, lr, warmup_ratio, freeze_layers)
         self.save_hyperparameters()
         self.id2label = {int(i): name for i, name in id2label.items()}
         self.model = self._build_model()
@@ -90,16 +83,12 @@ class EmotionClassifier(LightningModule):
         # would stay off during fine-tuning.
         self.model.train()
         if freeze_embeddings or freeze_layers:
-            self._freeze(freeze_layers)
+            freezing.freeze(self.model, freeze_layers, self.hparams.model_name)
         if trim_last_layer and not first_token.supported(self.model):
             log.info("model.trim_last_layer: %s is not a BERT-, RoBERTa- or DistilBERT-style classifier with eager or "
                      "SDPA attention; its last layer runs in full", type(self.model).__name__)
         self.register_buffer("class_weights", torch.ones(len(self.id2label)))
-        num_classes = len(self.id2label)
-        metrics = classification_metrics(num_classes)
-        self.metrics = torch.nn.ModuleDict({stage: metrics.clone(prefix=f"{stage}/") for stage in ("val", "test")})
-        self.confusion = torch.nn.ModuleDict({stage: MulticlassConfusionMatrix(num_classes)
-                                              for stage in ("val", "test")})
+        self.metrics, self.confusion = _stage_metrics(len(self.id2label))
 
     def _build_model(self) -> PreTrainedModel:
         """The network to train: ``model_name``'s pretrained encoder with a head for ``id2label``. Sets
@@ -110,56 +99,17 @@ class EmotionClassifier(LightningModule):
             trust_remote_code=self.hparams.trust_remote_code, output_loading_info=True)
         self.head_is_new = bool(info["missing_keys"] or info["mismatched_keys"])
         if not self.head_is_new:  # a trained head (an hf_model export): its classes are the labels it was saved with
-            reorder_head(model, self._export_columns())
+            reorder_head(model, saved_head_columns(self.hparams.model_name, list(self.id2label.values()),
+                                                   self.hparams.trust_remote_code))
         return model
-
-    def _export_columns(self) -> list[int]:
-        """``label_columns`` of the labels in ``model_name``'s ``config.json`` against the data's; none to map
-        when they are transformers' placeholder names (``LABEL_0``...), which name no class."""
-        path = pretrained.resolve(self.hparams.model_name)
-        config = pretrained.load_config(path, trust_remote_code=self.hparams.trust_remote_code)
-        trained_on, data = stored_labels(config.id2label), list(self.id2label.values())
-        if trained_on == [f"LABEL_{i}" for i in range(len(trained_on))]:
-            return list(range(len(data)))
-        where = Path(path, "config.json") if Path(path).is_dir() else path
-        return label_columns(trained_on, data, str(where))
-
-    def _freeze(self, layers: int) -> None:
-        """Turn off gradients of the input embeddings and the first ``layers`` encoder layers. Frozen
-        parameters stay in the model and its checkpoints, but not in the optimizer, and autograd does not
-        go below the first trained layer."""
-        base = self.model.base_model
-        embeddings = getattr(base, "embeddings", None)  # BERT & co. keep token, position and type tables there
-        frozen = [embeddings if isinstance(embeddings, torch.nn.Module) else self.model.get_input_embeddings()]
-        if layers:
-            try:
-                stack = base.get_submodule(structure.family(self.model).layers)
-            except ValueError as err:
-                raise ValueError(f"model.freeze_layers: {err}") from err
-            if layers > len(stack):
-                raise ValueError(f"model.freeze_layers is {layers}, but {self.hparams.model_name} has "
-                                 f"{len(stack)} layers")
-            frozen += list(stack[:layers])
-        for module in frozen:
-            module.requires_grad_(False)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        log.info("frozen: the embeddings and %d of the encoder layers; %.1fM parameters train", layers, trainable / 1e6)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before Lightning loads the weights (--ckpt_path, load_from_checkpoint): the checkpoint's classes are
         # the labels it was trained on, matched to the data's by name; and a structurally pruned run's
         # checkpoint has smaller layers than the model its config builds.
-        trained_on = stored_labels(checkpoint.get("hyper_parameters", {}).get("id2label"))
-        if trained_on:
-            where = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
-            columns = label_columns(trained_on, list(self.id2label.values()), where)
-            if columns != sorted(columns) and self._trainer is not None and self._trainer.state.fn == "fit":
-                # the optimizer's moments are kept by class id, and stay in the order they were trained in
-                raise ValueError(f"{where}: the run was trained with the labels in the order {trained_on}; resume "
-                                 f"it with that order, --data.labels {trained_on}")
-            reorder_head(self.model, columns, checkpoint["state_dict"], prefix="model.")
-            if "class_weights" in checkpoint["state_dict"]:
-                checkpoint["state_dict"]["class_weights"] = checkpoint["state_dict"]["class_weights"][columns]
+        where = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
+        resuming = self._trainer is not None and self._trainer.state.fn == "fit"
+        match_checkpoint_classes(self.model, checkpoint, list(self.id2label.values()), where, resuming)
         structure.fit_to_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
 
     @property
@@ -171,9 +121,7 @@ class EmotionClassifier(LightningModule):
     def setup(self, stage: str):
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and getattr(datamodule, "augmented", False) and not self.teaches_augmented_texts:
-            raise ValueError("data.augment adds texts without gold labels, which only a distillation teacher can "
-                             "label: use model.class_path emocompress.compression.distillation.Distiller with model.alpha < 1, "
-                             "or remove data.augment")
+            raise ValueError(_AUGMENT_NEEDS_A_TEACHER)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "class_weights"):
             self.class_weights.copy_(datamodule.class_weights)
 
@@ -203,28 +151,12 @@ class EmotionClassifier(LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_epoch_end(self, stage: str) -> dict:
-        # compute() syncs across ranks, so every rank must call it; the values are then global.
-        values = {name.removeprefix(f"{stage}/"): v for name, v in self.metrics[stage].compute().items()}
-        confusion = self.confusion[stage].compute()
-        self.metrics[stage].reset()
-        self.confusion[stage].reset()
-        report = metrics_report(values, confusion, self.id2label)
-        scalars = {f"{stage}/{k}": v for k, v in report.items() if isinstance(v, float)}
-        for label, per_class in report["per_class"].items():
-            if per_class["support"]:  # an absent class has no F1 or accuracy to log
-                scalars[f"{stage}/f1/{label}"] = per_class["f1"]
-                scalars[f"{stage}/accuracy/{label}"] = per_class["accuracy"]
+        report, confusion = _epoch_report(self.metrics[stage], self.confusion[stage], stage, self.id2label)
         # Already global after compute(); sync_dist only averages identical values.
-        self.log_dict(scalars, sync_dist=True)
+        self.log_dict(report_scalars(report, stage), sync_dist=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._log_confusion_image(confusion, stage)
+            _log_confusion_figure(self.loggers, confusion, list(self.id2label.values()), stage, self.global_step)
         return report
-
-    def _log_confusion_image(self, confusion: torch.Tensor, stage: str):
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                fig = confusion_figure(confusion.cpu(), list(self.id2label.values()), f"{stage} confusion")
-                logger.experiment.add_figure(f"{stage}/confusion", fig, self.global_step)
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val")
@@ -237,10 +169,7 @@ class EmotionClassifier(LightningModule):
     def predict_step(self, batch, batch_idx) -> list[dict]:
         """One record per text: its ``line`` in the input, ``text``, predicted ``label`` and ``probs``."""
         probs = self(batch).softmax(dim=-1).cpu()  # (B, C)
-        names = list(self.id2label.values())
-        return [{"line": line, "text": text, "label": names[int(p.argmax())],
-                 "probs": {name: round(float(q), 6) for name, q in zip(names, p)}}
-                for line, text, p in zip(batch["line"], batch["text"], probs)]
+        return prediction_records(probs, list(self.id2label.values()), batch["line"], batch["text"])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if gradient_clip_val and self.trainer.precision == "bf16-mixed" and gradient_clip_algorithm in (None, "norm"):
@@ -251,17 +180,94 @@ class EmotionClassifier(LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        # The usual BERT recipe: no weight decay on biases and LayerNorm weights.
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 else decay).append(param)
-        # The fused kernel updates all parameters in a few kernel launches instead of a loop over tensors.
-        # Lightning refuses to clip the gradients of a fused optimizer under fp16 loss scaling (the scaler would
-        # unscale inside step), so not there.
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr,
-                                      fused=self.trainer.precision in ("32-true", "bf16-mixed"))
-        total = self.trainer.estimated_stepping_batches
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return _adamw_with_warmup(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_ratio,
+                                  self.trainer.estimated_stepping_batches, self.trainer.precision)
+
+
+_AUGMENT_NEEDS_A_TEACHER = (
+    "data.augment adds texts without gold labels, which only a distillation teacher can label: use model.class_path "
+    "emocompress.compression.distillation.Distiller with model.alpha < 1, or remove data.augment")
+
+
+def _check_settings(id2label: dict | None, lr: float, warmup_ratio: float, freeze_layers: int) -> None:
+    """Refuse bad ``model.*`` values when the classifier is built, before any model is loaded."""
+    if not id2label or len(id2label) < 2:
+        raise ValueError(f"model.id2label needs at least two labels, got {id2label}")
+    if lr <= 0:
+        raise ValueError(f"model.lr must be positive, got {lr}")
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    if freeze_layers < 0:
+        raise ValueError(f"model.freeze_layers must be 0 or more, got {freeze_layers}")
+
+
+def _stage_metrics(num_classes: int) -> tuple[torch.nn.ModuleDict, torch.nn.ModuleDict]:
+    """For ``val`` and ``test``: the ``classification_metrics`` (keys ``stage/name``) and, apart since it is not
+    a scalar, a confusion matrix."""
+    metrics = classification_metrics(num_classes)
+    return (torch.nn.ModuleDict({stage: metrics.clone(prefix=f"{stage}/") for stage in ("val", "test")}),
+            torch.nn.ModuleDict({stage: MulticlassConfusionMatrix(num_classes) for stage in ("val", "test")}))
+
+
+def _epoch_report(metrics, confusion, stage: str, id2label: dict[int, str]) -> tuple[dict, torch.Tensor]:
+    """The ``metrics_report`` of a ``stage``'s epoch and its (C, C) confusion counts; both metrics are reset for
+    the next epoch. compute() syncs across ranks, so every rank must call it; the values are then global."""
+    values = {name.removeprefix(f"{stage}/"): v for name, v in metrics.compute().items()}
+    counts = confusion.compute()
+    metrics.reset()
+    confusion.reset()
+    return metrics_report(values, counts, id2label), counts
+
+
+def report_scalars(report: dict, stage: str) -> dict[str, float]:
+    """The scalars of a ``metrics_report`` to log, keyed ``stage/name``: its overall metrics, and the F1 and
+    accuracy of each class present (``stage/f1/<label>``, ``stage/accuracy/<label>``); an absent class has none.
+
+    >>> report = {"macro_f1": 0.5, "per_class": {"joy": {"support": 2, "f1": 1.0, "accuracy": 1.0},
+    ...                                          "fear": {"support": 0, "f1": 0.0, "accuracy": 0.0}}}
+    >>> report_scalars(report, "val")
+    {'val/macro_f1': 0.5, 'val/f1/joy': 1.0, 'val/accuracy/joy': 1.0}
+    """
+    scalars = {f"{stage}/{k}": v for k, v in report.items() if isinstance(v, float)}
+    for label, per_class in report["per_class"].items():
+        if per_class["support"]:
+            scalars[f"{stage}/f1/{label}"] = per_class["f1"]
+            scalars[f"{stage}/accuracy/{label}"] = per_class["accuracy"]
+    return scalars
+
+
+def _log_confusion_figure(loggers: list, confusion: torch.Tensor, names: list[str], stage: str, step: int) -> None:
+    """Draw the (C, C) ``confusion`` counts as ``stage/confusion`` in every TensorBoard logger."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            fig = confusion_figure(confusion.cpu(), names, f"{stage} confusion")
+            logger.experiment.add_figure(f"{stage}/confusion", fig, step)
+
+
+def prediction_records(probs: torch.Tensor, names: list[str], lines: list, texts: list[str]) -> list[dict]:
+    """One record per text: its ``line`` in the input, ``text``, predicted ``label`` and ``probs`` by label
+    name (6 decimals, enough to rank and small in a JSON line).
+
+    Args:
+        probs: (B, C) float class probabilities.
+        names: label names by class id.
+
+    >>> prediction_records(torch.tensor([[0.25, 0.75]]), ["anger", "joy"], [3], ["so happy"])
+    [{'line': 3, 'text': 'so happy', 'label': 'joy', 'probs': {'anger': 0.25, 'joy': 0.75}}]
+    """
+    return [{"line": line, "text": text, "label": names[int(p.argmax())],
+             "probs": {name: round(float(q), 6) for name, q in zip(names, p)}}
+            for line, text, p in zip(lines, texts, probs)]
+
+
+def _adamw_with_warmup(model: torch.nn.Module, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int,
+                       precision: str) -> dict:
+    """Lightning's optimizer configuration: AdamW on ``freezing.parameter_groups`` with a linear warm-up over
+    ``warmup_ratio`` of ``total_steps``, then linear decay to 0, stepped per optimizer step."""
+    # The fused kernel updates all parameters in a few kernel launches instead of a loop over tensors.
+    # Lightning refuses to clip the gradients of a fused optimizer under fp16 loss scaling (the scaler would
+    # unscale inside step), so not there.
+    optimizer = torch.optim.AdamW(freezing.parameter_groups(model, weight_decay), lr=lr,
+                                  fused=precision in ("32-true", "bf16-mixed"))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
