@@ -1,7 +1,7 @@
 """The per-layer shape of a transformer encoder: its attention heads and FFN neurons, removing them, and
 rebuilding a model of a recorded shape.
 
-Structured pruning (``callbacks/structured_pruning.py``) leaves layers of different widths, which a
+Structured pruning (``compression/structured_pruning.py``) leaves layers of different widths, which a
 transformers config cannot express (one ``num_attention_heads``, one ``intermediate_size``). The shape
 is recorded in ``config.layer_shapes`` (``[{"heads": 6, "ffn": 800}, ...]``, one entry per layer) whenever
 a layer changes, and ``build`` / ``fit_to_state_dict`` make a model of that shape before weights load.
