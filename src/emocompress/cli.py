@@ -33,7 +33,7 @@ from emocompress.benchmark.run import benchmark
 from emocompress.compression.distillation import Distiller  # noqa: F401  (so `class_path: Distiller` resolves)
 from emocompress.data.datamodule import EmotionDataModule
 from emocompress.data.vocabulary import train_vocabulary
-from emocompress.hardware import cpu_has_native_bf16
+from emocompress.hardware import bf16_is_emulated
 from emocompress.models.checkpoints import AtomicCheckpointIO, current_class_paths, read_checkpoint
 from emocompress.models.classifier import EmotionClassifier
 
@@ -51,14 +51,10 @@ _SIGTERM_EXIT = 128 + signal.SIGTERM
 
 def _cpu_precision(trainer_config) -> None:
     """bf16 precision on a CPU without native bf16 becomes 32-true, with a warning: what the configs mean by
-    "bf16 where it is fast" (teacher.yaml), instead of a fit many times slower than it needs to be (emulated
-    bf16: ``hardware.cpu_has_native_bf16``; see reports/training_speed/README.md). ``16-mixed`` (and
-    its old spelling ``16``) counts too: Lightning runs it on a CPU as bf16-mixed, fp16 autocast having no CPU
-    kernels (``_AcceleratorConnector._check_and_init_precision``)."""
-    precision = str(trainer_config.get("precision") or "")
-    on_cpu = trainer_config.get("accelerator") == "cpu" or not torch.cuda.is_available()
-    bf16_on_cpu = precision.startswith("bf16") or precision in ("16", "16-mixed")
-    if bf16_on_cpu and on_cpu and not cpu_has_native_bf16():
+    "bf16 where it is fast" (teacher.yaml), instead of a fit many times slower than it needs to be
+    (``hardware.bf16_is_emulated``)."""
+    precision = trainer_config.get("precision")
+    if bf16_is_emulated(precision, trainer_config.get("accelerator")):
         trainer_config.precision = "32-true"
         rank_zero_warn(f"trainer.precision {precision}: this CPU has no native bf16 (no AVX512-BF16 or AMX), where "
                        "bf16 autocast is emulated and trains many times slower than fp32; using 32-true instead (pass "
