@@ -1,4 +1,5 @@
-"""This machine's CPU: its instruction-set flags and whether it computes bf16 natively. Stdlib and torch only."""
+"""This machine's CPU: its instruction-set flags, whether it computes bf16 natively, and so whether a Trainer's bf16
+precision would be emulated. Stdlib and torch only."""
 
 import platform
 from pathlib import Path
@@ -12,6 +13,18 @@ def cpu_has_native_bf16() -> bool:
     reports/training_speed/README.md). Unknown (an older torch without the probes) counts as native."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None) or all(probe is None for probe in probes)
+
+
+def bf16_is_emulated(precision, accelerator) -> bool:
+    """Whether a Trainer with this ``precision`` and ``accelerator`` would compute in bf16 on a CPU that has no native
+    bf16 (``cpu_has_native_bf16``), many times slower than fp32 (reports/training_speed/README.md). ``16-mixed`` (and
+    its old spelling ``16``) counts too: Lightning runs it on a CPU as bf16-mixed, fp16 autocast having no CPU
+    kernels (``_AcceleratorConnector._check_and_init_precision``). The run is on the CPU when ``accelerator`` is
+    ``cpu`` or no CUDA device is present."""
+    precision = str(precision or "")
+    on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
+    bf16_on_cpu = precision.startswith("bf16") or precision in ("16", "16-mixed")
+    return bf16_on_cpu and on_cpu and not cpu_has_native_bf16()
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")

@@ -1,12 +1,19 @@
-"""Run folders: which run a command belongs to, what a fit recorded there (its config and data fingerprints), and
-what an interrupted run lacks. Used by ``emocompress.cli`` only; every refusal is a one-line ``ValueError``.
+"""Run folders: which run a command belongs to, what a fit recorded there (its config and data fingerprints), what
+an interrupted run lacks, the fits refused (zero epochs, overwriting a run, changed data, nothing left to resume),
+and the end-of-run summary. Plain functions the hooks of ``emocompress.cli.EmoCLI`` call, and used by it only;
+every refusal is a one-line ``ValueError``.
 """
 
 import json
+import logging
+import os
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from emocompress.callbacks.export import HFExport, OnnxExport
 from emocompress.callbacks.metrics import TestMetricsWriter
@@ -15,12 +22,15 @@ from emocompress.data.sources import SPLIT_NAMES, split_fingerprint
 from emocompress.io import atomic_write_text
 from emocompress.models.checkpoints import current_class_paths, read_checkpoint
 
+log = logging.getLogger(__name__)
 # Settings that may differ between a run and its resumption.
 RESUME_FLAGS = ("ckpt_path", "config", "data_changed_ok")
 
 
 # The run folder's record of the data a fit trained on (split_fingerprint of each split).
 FINGERPRINTS = "data_fingerprint.json"
+# Scalars of test_metrics.json in the end-of-run summary.
+SUMMARY_METRICS = ("macro_f1", "balanced_accuracy", "cohen_kappa", "accuracy")
 
 
 def comparable(config: str, keys=None, complete=None) -> dict:
@@ -147,3 +157,173 @@ def missing_outputs(folder: Path, callbacks: list, test_after_fit: bool) -> list
         expected += [c.dirname for c in callbacks if isinstance(c, Int8Quantization)]
         expected += [c.filename for c in callbacks if isinstance(c, TestMetricsWriter)]
     return [name for name in expected if not (folder / name).exists()]
+
+
+def refuse_zero_epochs(config) -> None:
+    """A fit limited to 0 epochs or steps trains nothing, yet would export and test the model it started
+    with (a head initialised at random) as if it were trained: refused, not warned, because nothing useful
+    comes of it (``test`` without --ckpt_path scores a fresh model, with its warning)."""
+    for key in ("max_epochs", "max_steps"):
+        if config.trainer.get(key) == 0:
+            raise ValueError(f"trainer.{key} 0: fit would train nothing and export the untrained model as its "
+                             f"result; give at least 1 (or use `test` to score the model as it is)")
+
+
+def refuse_to_overwrite_a_run(config) -> None:
+    """A new ``fit`` into a run folder named with ``--trainer.logger.init_args.version`` that already holds a
+    run would overwrite its config, checkpoints, exports and test metrics (``save_config_kwargs`` allows
+    overwriting, which resuming needs). Unnamed runs get a fresh version_N from the logger."""
+    folder = named_run_folder(config)
+    # only rank 0: DDP re-runs this command in each child process, after rank 0 has parsed it
+    if folder is not None and (folder / "config.yaml").is_file() and rank_zero_only.rank == 0:
+        raise ValueError(f"{folder} already holds a run, which this fit would overwrite; continue it with "
+                         "--ckpt_path last, name another run with --trainer.logger.init_args.version, or "
+                         "remove the folder to train it again")
+
+
+def run_of_command(config, subcommand: str, parser_of, fix: str) -> Path:
+    """``find_run`` for this ``subcommand``'s config: for fit all of it, for validate/test/predict the settings
+    they share with fit. ``parser_of(subcommand)`` is the CLI's parser of a subcommand (``LightningCLI._parser``)."""
+    dumped = parser_of(subcommand).dump(config, skip_none=False)
+    keys = None if subcommand == "fit" else set(yaml.safe_load(dumped))
+    fit = parser_of("fit")
+
+    def complete(saved: dict) -> dict:  # a saved fit config, with the settings added since at their defaults
+        exit_on_error, fit.exit_on_error = fit.exit_on_error, False  # raise, not print usage and exit
+        try:  # (a folder of an earlier test or predict run holds a config fit refuses: compared as saved)
+            return yaml.safe_load(fit.dump(fit.parse_object(saved), skip_none=False))
+        finally:
+            fit.exit_on_error = exit_on_error
+
+    return find_run(config, comparable(dumped, keys), keys, fix, complete)
+
+
+class Resumed(NamedTuple):
+    """The run a ``fit --ckpt_path last`` continues: its folder, the epoch of its ``last.ckpt`` (from 0), and
+    whether that was its last epoch (trained, but maybe killed while exporting or testing)."""
+    folder: Path
+    epoch: int
+    max_epochs: int | None
+    finished: bool
+
+
+def resume_into_its_own_run(config, parser_of) -> Resumed | None:
+    """``fit --ckpt_path last`` continues the run it belongs to, in that run's folder, or refuses.
+
+    The logger would open a new version_N, where Lightning finds no last.ckpt. The run is the newest one
+    under the logger's name whose saved config equals this one (resume flags aside), or the version named
+    with ``--trainer.logger.init_args.version``; the logger's version is set to it. Resuming anything else would
+    train another run on new settings and overwrite its config, metrics and exports. None for a logger without
+    version folders (Lightning's own lookup of "last"); ``parser_of`` as for ``run_of_command``.
+    """
+    args = getattr(config.trainer.logger, "init_args", None)
+    if args is None or "save_dir" not in args:
+        return None
+    choose = ("pass --ckpt_path <file.ckpt> to start a new run from a checkpoint, or "
+              "--trainer.logger.init_args.version <N> to continue version_<N>")
+    folder = run_of_command(config, "fit", parser_of, f"so none is this run to resume; {choose}")
+    last = folder / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ValueError(f"--ckpt_path last: {folder} has no checkpoints/last.ckpt (it stopped before its first "
+                         f"epoch ended); start it again without --ckpt_path, or {choose}")
+    state = read_checkpoint(str(last))
+    epoch, step = state.get("epoch", 0), state.get("global_step", 0)
+    max_epochs = config.trainer.get("max_epochs")
+    # A finished run: the CLI's before_fit, when the callbacks exist, decides whether anything is missing
+    # (finish_or_refuse; Lightning then skips the done epochs and runs on_fit_end and the test).
+    finished = isinstance(max_epochs, int) and max_epochs > 0 and epoch + 1 >= max_epochs
+    number = folder.name.removeprefix("version_")
+    args.version = int(number) if number.isdigit() else folder.name
+    if not finished:
+        log.info("resuming %s from %s (epoch %d, global step %d)", folder, last, epoch, step)
+    return Resumed(folder, epoch, max_epochs, finished)
+
+
+def checkpoint_of_its_run(config, subcommand: str, parser_of) -> None:
+    """``validate/test/predict --ckpt_path last|best``: ``config.ckpt_path`` becomes the run's ``last.ckpt``, or the
+    best checkpoint its first monitored ``ModelCheckpoint`` recorded in it. Lightning would find neither (a new
+    run folder) and go on with the fresh model, scoring a random head. ``parser_of`` as for ``run_of_command``."""
+    keyword = config.ckpt_path
+    args = getattr(config.trainer.logger, "init_args", None)
+    if args is None or "save_dir" not in args:
+        raise ValueError(f"--ckpt_path {keyword}: without a logger there is no run folder to take it from; pass "
+                         "the .ckpt file (checkpoints/ in the run's folder)")
+    fix = ("so none is the run to take it from; pass the .ckpt file, or --trainer.logger.init_args.version <N> "
+           "for version_<N>")
+    folder = run_of_command(config, subcommand, parser_of, fix)
+    path = checkpoint_of_run(folder, keyword)
+    config.ckpt_path = str(path)
+    log.info("%s: --ckpt_path %s is %s (run %s)", subcommand, keyword, os.path.relpath(path), folder)
+
+
+def refuse_changed_data(folder: Path, source, data_changed_ok: bool) -> None:
+    """Resuming on data edited since the run began would continue on other texts, with a schedule sized for the
+    old epoch: refused, naming the split, unless ``--data_changed_ok true``."""
+    message = changed_data(folder, source)
+    if message is None:
+        return
+    if not data_changed_ok:
+        raise ValueError(f"{message}. Restore the data, start a new run without --ckpt_path, or pass "
+                         "--data_changed_ok true to resume anyway")
+    rank_zero_warn(f"{message}; resuming anyway (--data_changed_ok true)")
+
+
+def finish_or_refuse(resumed: Resumed, callbacks: list, test_after_fit: bool) -> None:
+    """A resumed run whose epochs are all done: write the outputs it lacks (the fit-end exports, and the test's
+    metrics and INT8 folder when it tests after fit), or refuse when it has them all."""
+    missing = missing_outputs(resumed.folder, callbacks, test_after_fit)
+    if not missing:
+        raise ValueError(f"--ckpt_path last: {resumed.folder} already finished its {resumed.max_epochs} epochs "
+                         f"(last.ckpt is from epoch {resumed.epoch}) and wrote its exports; nothing to resume. To "
+                         "train it further, raise --trainer.max_epochs and name the run with "
+                         "--trainer.logger.init_args.version")
+    log.info("finishing %s: its %d epochs are done; writing what is missing: %s", resumed.folder,
+             resumed.max_epochs, ", ".join(missing))
+
+
+def say_how_to_resume(trainer, subcommand: str) -> None:
+    """After SIGTERM stopped ``subcommand``: how to continue it (fit: from which ``last.ckpt``)."""
+    if not trainer.is_global_zero:
+        return
+    if subcommand != "fit":
+        log.error("%s interrupted by SIGTERM; its outputs were not written: run the same command again", subcommand)
+        return
+    dirs = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+    last = next((d / "last.ckpt" for d in sorted(dirs) if (d / "last.ckpt").is_file()), None)
+    if last is None:
+        log.error("fit interrupted by SIGTERM before its first epoch ended (no last.ckpt to resume from); "
+                  "start it again")
+    else:
+        log.error("fit interrupted by SIGTERM; resume it from %s with the same command and --ckpt_path last "
+                  "(it also writes the exports and test metrics a run killed after training lacks)",
+                  os.path.relpath(last))
+
+
+def log_summary(trainer, model, subcommand: str) -> None:
+    """What the run did and where everything it wrote is: the last lines of its output."""
+    if not trainer.is_global_zero:
+        return
+    logger = trainer.logger
+    folder = Path(logger.log_dir if logger is not None and logger.log_dir else trainer.default_root_dir)
+    lines = [f"{subcommand} done; run folder {folder}"]
+    best = trainer.checkpoint_callback
+    if subcommand == "fit" and getattr(best, "best_model_path", ""):
+        epoch = re.search(r"epoch=(\d+)", Path(best.best_model_path).name)
+        # epochs count from 1 in what we print (the per-epoch lines), from 0 in Lightning's file names
+        lines.append(f"  best {best.monitor} {float(best.best_model_score):.4f}"
+                     f"{f' at epoch {int(epoch[1]) + 1}' if epoch else ''}: {best.best_model_path}")
+    recorded = folder / FINGERPRINTS
+    if subcommand == "fit" and recorded.is_file():
+        for split, print_ in json.loads(recorded.read_text(encoding="utf-8")).items():
+            lines.append(f"  data {split}: {print_['file']} ({print_['bytes']} bytes, sha256 "
+                         f"{print_['sha256'][:16]})" if "file" in print_ else
+                         f"  data {split}: {print_['source']} (datasets fingerprint "
+                         f"{print_['datasets_fingerprint']})")
+    report = getattr(model, "test_report", None)
+    if report and subcommand in ("fit", "test"):
+        lines.append("  test: " + ", ".join(f"{key} {report[key]:.4f}" for key in SUMMARY_METRICS))
+    if folder.is_dir():
+        entries = sorted(folder.iterdir())
+        entries += [path for entry in entries if entry.name == "checkpoints" for path in sorted(entry.iterdir())]
+        lines += [f"  {path}{'/' if path.is_dir() else ''}" for path in sorted(entries)]
+    log.info("\n".join(lines))
