@@ -580,12 +580,13 @@ def test_runs_and_checkpoints_of_version_0_1_still_resume_and_load(emotion_dir, 
     saved["data"]["model_name"] = saved["model"]["init_args"].pop("model_name")
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     best = next((run / "checkpoints").glob("best-*.ckpt"))
-    checkpoint = torch.load(best, weights_only=True)
-    assert checkpoint["hyper_parameters"]["_class_path"] == "emocompress.models.classifier.EmotionClassifier"
-    checkpoint["hyper_parameters"]["_class_path"] = "emocompress.classifier.EmotionClassifier"
-    data_hparams = checkpoint["datamodule_hyper_parameters"]
-    data_hparams["model_name"] = data_hparams.pop("tokenizer")
-    torch.save(checkpoint, best)
+    for path in (best, run / "checkpoints" / "last.ckpt"):  # tested, and resumed
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["hyper_parameters"]["_class_path"] == "emocompress.models.classifier.EmotionClassifier"
+        checkpoint["hyper_parameters"]["_class_path"] = "emocompress.classifier.EmotionClassifier"
+        data_hparams = checkpoint["datamodule_hyper_parameters"]
+        data_hparams["model_name"] = data_hparams.pop("tokenizer")
+        torch.save(checkpoint, path)
     shutil.rmtree(run / "hf_model")
     capsys.readouterr()
 
