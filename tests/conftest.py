@@ -88,7 +88,7 @@ def make_datamodule(emotion_dir, tiny_model_dir):
     from emocompress.data.datamodule import EmotionDataModule
 
     def make(model_dir=None, data_dir=None, **overrides):
-        return EmotionDataModule(str(data_dir or emotion_dir), model_name=str(model_dir or tiny_model_dir),
+        return EmotionDataModule(str(data_dir or emotion_dir), tokenizer=str(model_dir or tiny_model_dir),
                                  **overrides)
 
     return make

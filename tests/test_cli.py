@@ -35,7 +35,7 @@ def run_cli(*args, cwd: Path, warnings: str = "ignore") -> subprocess.CompletedP
 
 def tiny_args(emotion_dir, tiny_model_dir, *extra):
     return ["-c", CONFIGS / "trainer/default.yaml", "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir,
-            "--data.model_name", tiny_model_dir, *extra]
+            "--model.model_name", tiny_model_dir, *extra]
 
 
 def _ok(result):
@@ -156,10 +156,11 @@ def _last_scalar(run: Path, tag: str) -> float:
 RECIPES = read_recipes(str(CONFIGS / "recipes.yaml"))
 
 
-def _print_config(subcommand: str, configs: list[str], capsys) -> dict:
+def _print_config(subcommand: str, configs: list[str], capsys, args=()) -> dict:
     """The merged config of ``configs`` (paths as the recipe table writes them, relative to the repository)."""
     with pytest.raises(SystemExit) as exit_info:
-        main([subcommand, *(arg for file in configs for arg in ("-c", str(REPO / file))), "--print_config"])
+        main([subcommand, *(arg for file in configs for arg in ("-c", str(REPO / file))), *map(str, args),
+              "--print_config"])
     assert exit_info.value.code == 0
     return yaml.safe_load(capsys.readouterr().out)
 
@@ -168,8 +169,11 @@ def _print_config(subcommand: str, configs: list[str], capsys) -> dict:
 def test_every_recipe_stack_parses(recipe, capsys):
     # the stack of configs/recipes.yaml, as `make recipe NAME=<recipe>` gives it (its fixed args after it)
     stack = RECIPES[recipe]
-    config = _print_config(stack["command"], stack["configs"], capsys)
+    config = _print_config(stack["command"], stack["configs"], capsys, stack["args"])
     assert config["trainer"]["callbacks"][0]["init_args"]["monitor"] == "val/macro_f1"
+    if "--model.model_name" in stack["args"]:  # the network a test-only recipe quantizes
+        network = stack["args"][stack["args"].index("--model.model_name") + 1]
+        assert config["model"]["init_args"]["model_name"] == network
 
 
 def test_every_config_file_is_in_a_recipe_or_an_overlay():
@@ -241,7 +245,7 @@ def test_prune_and_quantize_in_one_run_under_ddp(emotion_dir, tiny_model_dir, tm
     # The real configs, shrunk by tiny.yaml: pruning with recovery during fit, INT8 for the test after
     # it, on 2 DDP processes (where Lightning's own ModelPruning breaks).
     args = ["-c", CONFIGS / "trainer/default.yaml", "-c", CONFIGS / "recipes/prune.yaml", "-c", CONFIGS / "overlays/quantize.yaml",
-            "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir, "--data.model_name", tiny_model_dir,
+            "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir, "--model.model_name", tiny_model_dir,
             "--trainer.max_epochs", 2, "--trainer.devices", 2, "--trainer.strategy", "ddp"]
     _ok(run_cli("fit", *args, cwd=tmp_path))
     _assert_pruned_and_tested_in_int8(tmp_path / "logs" / "tiny" / "version_0")
@@ -274,7 +278,7 @@ def distill_args(emotion_dir, teacher_dir, cache, *configs, extra=()):
     """The real distill.yaml (plus ``configs``), shrunk by tiny.yaml, with the tiny teacher."""
     overlays = [arg for name in ("recipes/distill.yaml", *configs) for arg in ("-c", CONFIGS / name)]
     return ["-c", CONFIGS / "trainer/default.yaml", *overlays, "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir,
-            "--data.model_name", teacher_dir, "--model.teacher", teacher_dir, "--model.student_layers", "[1]",
+            "--model.model_name", teacher_dir, "--model.teacher", teacher_dir, "--model.student_layers", "[1]",
             "--model.logits_cache", cache, *extra]
 
 
@@ -345,7 +349,7 @@ def test_bilstm_over_its_own_vocabulary_with_augmented_copies(emotion_dir, tiny_
     _ok(run_cli("vocab", "--data", emotion_dir, "--out_dir", vocab, "--vocab_size", 100, cwd=tmp_path))
     args = distill_args(emotion_dir, tiny_teacher_dir, tmp_path / "cache", "recipes/distill_bilstm.yaml",
                         "recipes/distill_bilstm_vocab.yaml", "overlays/quantize.yaml",
-                        extra=("--data.model_name", vocab, "--model.embedding_dim", 8, "--model.hidden_size", 8,
+                        extra=("--model.model_name", vocab, "--model.embedding_dim", 8, "--model.hidden_size", 8,
                                "--data.augment.copies", 2))
     fit = _ok(run_cli("fit", *args, cwd=tmp_path))
     assert "with 2 augmented copies per text" in fit.stderr
@@ -560,7 +564,8 @@ def test_resume_finishes_a_run_killed_during_its_exports(emotion_dir, tiny_model
 def test_runs_and_checkpoints_of_version_0_1_still_resume_and_load(emotion_dir, tiny_model_dir, tmp_path, capsys,
                                                                      monkeypatch):
     # 0.1.0 recorded the class paths of its flat modules (emocompress.classifier.EmotionClassifier) in config.yaml
-    # and in checkpoints (hyper_parameters' _class_path), and its configs had no data.trust_remote_code
+    # and in checkpoints (hyper_parameters' _class_path), its configs had no data.trust_remote_code, and the network
+    # was data.model_name (model.model_name was linked from it), in config.yaml and the datamodule's hyper-parameters
     from emocompress.benchmark.variants import load_for_benchmark
 
     args = ["fit", *tiny_args(emotion_dir, tiny_model_dir)]
@@ -571,12 +576,17 @@ def test_runs_and_checkpoints_of_version_0_1_still_resume_and_load(emotion_dir, 
     assert saved["model"]["class_path"] == "emocompress.models.classifier.EmotionClassifier"
     saved["model"]["class_path"] = "emocompress.classifier.EmotionClassifier"
     del saved["data"]["trust_remote_code"]
+    assert "tokenizer" not in saved["data"]  # a link target: not saved
+    saved["data"]["model_name"] = saved["model"]["init_args"].pop("model_name")
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     best = next((run / "checkpoints").glob("best-*.ckpt"))
-    checkpoint = torch.load(best, weights_only=True)
-    assert checkpoint["hyper_parameters"]["_class_path"] == "emocompress.models.classifier.EmotionClassifier"
-    checkpoint["hyper_parameters"]["_class_path"] = "emocompress.classifier.EmotionClassifier"
-    torch.save(checkpoint, best)
+    for path in (best, run / "checkpoints" / "last.ckpt"):  # tested, and resumed
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["hyper_parameters"]["_class_path"] == "emocompress.models.classifier.EmotionClassifier"
+        checkpoint["hyper_parameters"]["_class_path"] = "emocompress.classifier.EmotionClassifier"
+        data_hparams = checkpoint["datamodule_hyper_parameters"]
+        data_hparams["model_name"] = data_hparams.pop("tokenizer")
+        torch.save(checkpoint, path)
     shutil.rmtree(run / "hf_model")
     capsys.readouterr()
 
@@ -665,9 +675,9 @@ def test_resume_refuses_changed_data_unless_told(emotion_dir, tiny_model_dir, tm
 
 def test_model_and_checkpoint_mistakes_are_one_line(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):
     # transformers/huggingface_hub tracebacks before: a mistyped folder is tried as a hub repo id
-    err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, "--data.model_name", "./nope")], capsys,
+    err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, "--model.model_name", "./nope")], capsys,
                    monkeypatch, tmp_path)
-    assert "data.model_name './nope' (or a model the config names) cannot be loaded" in err
+    assert "model.model_name './nope' (or a model the config names) cannot be loaded" in err
     # a checkpoint of another hidden size: torch's state_dict error with a Lightning traceback before
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"model.bert.embeddings.word_embeddings.weight": torch.zeros(30, 8)},
@@ -756,6 +766,37 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(emotion_dir, tiny_
     assert cli.trainer.precision == expected
 
 
+@pytest.mark.parametrize("given", ["flag", "config"])
+@pytest.mark.parametrize("model_class", ["EmotionClassifier", "Distiller"])
+def test_model_name_is_the_network_and_links_the_data_tokenizer(emotion_dir, tiny_teacher_dir, tmp_path, capsys,
+                                                                monkeypatch, given, model_class):
+    # data.model_name decided which network was pruned or distilled; the model's own argument does now, for every
+    # model class, and the datamodule tokenizes with the tokenizer of that network.
+    from emocompress.cli import EmoCLI, EmotionClassifier, EmotionDataModule
+    from emocompress.compression.distillation import Distiller
+
+    monkeypatch.chdir(tmp_path)
+    args = ["-c", CONFIGS / "trainer/default.yaml", "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir]
+    if model_class == "Distiller":
+        args += ["--model.class_path", "emocompress.compression.distillation.Distiller",
+                 "--model.teacher", tiny_teacher_dir]
+    if given == "flag":
+        args += ["--model.model_name", tiny_teacher_dir]
+    else:
+        network = {"model": {"init_args": {"model_name": tiny_teacher_dir}}}
+        (tmp_path / "network.yaml").write_text(yaml.safe_dump(network))
+        args += ["-c", tmp_path / "network.yaml"]
+    cli = EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=[*map(str, args)], run=False)
+    assert type(cli.model) is {"EmotionClassifier": EmotionClassifier, "Distiller": Distiller}[model_class]
+    assert cli.model.hparams.model_name == cli.datamodule.hparams.tokenizer == tiny_teacher_dir
+    assert cli.datamodule.tokenizer.name_or_path == tiny_teacher_dir
+
+    with pytest.raises(SystemExit):  # a link target: one setting, so tokenizer and network cannot disagree
+        EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, run=False,
+               args=[*map(str, args), "--data.tokenizer", tiny_teacher_dir])
+    assert 'Linked "data.tokenizer" must be given via "model.init_args.model_name"' in capsys.readouterr().err
+
+
 def test_a_checkpoint_save_that_fails_midway_leaves_the_earlier_file(emotion_dir, tiny_model_dir, tmp_path,
                                                                     monkeypatch):
     # Lightning writes to a temp file in the system temp dir and moves it: across filesystems that is a copy,
@@ -811,7 +852,7 @@ def _structured_args(emotion_dir, model_dir, *configs, extra=()):
     """structured_prune.yaml (+ ``configs``) shrunk by tiny.yaml: units scored on 1 batch, removed at step 1."""
     overlays = [arg for name in ("trainer/default.yaml", "overlays/quantize.yaml", *configs, "recipes/structured_prune.yaml", "overlays/tiny.yaml")
                 for arg in ("-c", CONFIGS / name)]
-    return [*overlays, "--data.data", emotion_dir, "--data.model_name", model_dir,
+    return [*overlays, "--data.data", emotion_dir, "--model.model_name", model_dir,
             "--trainer.callbacks.init_args.start_step", 1, "--trainer.callbacks.init_args.score_batches", 1,
             "--data.class_weighting", "none", "--trainer.max_epochs", 2, "--trainer.precision", "32-true", *extra]
 
@@ -836,7 +877,7 @@ def test_structured_prune_ddp_two_cpu_processes_match_one(emotion_dir, tiny_mode
     assert json.loads((runs / "version_1" / "int8" / "artifact.json").read_text())["backend"] == "onnxruntime"
     with pytest.raises(ValueError, match="emocompress.models.pretrained.load_model"):
         AutoModelForSequenceClassification.from_pretrained(runs / "version_0" / "hf_model")
-    # the pruned export is a model like any other for the next command: test it as data.model_name
+    # the pruned export is a model like any other for the next command: test it as model.model_name
     _ok(run_cli("test", *tiny_args(emotion_dir, runs / "version_0" / "hf_model"), cwd=tmp_path))
     assert json.loads((runs / "version_2" / "test_metrics.json").read_text())["confusion_matrix"] == \
         reports[0]["confusion_matrix"]
@@ -847,7 +888,7 @@ def test_structured_prune_recovers_under_distillation(emotion_dir, tiny_teacher_
     from emocompress.models import pretrained, structure
 
     args = _structured_args(emotion_dir, tiny_teacher_dir, "recipes/distill.yaml", extra=(
-        "-c", CONFIGS / "recipes/structured_prune_distill.yaml", "--data.model_name", tiny_teacher_dir,
+        "-c", CONFIGS / "recipes/structured_prune_distill.yaml", "--model.model_name", tiny_teacher_dir,
         "--model.teacher", tiny_teacher_dir, "--model.logits_cache", tmp_path / "cache"))
     _ok(run_cli("fit", *args, cwd=tmp_path))
     student = pretrained.load_model(str(tmp_path / "logs" / "structured_prune_distill" / "version_0" / "hf_model"))

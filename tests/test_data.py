@@ -14,7 +14,7 @@ from emocompress.data.sources import DataSource
 def _datamodule(folder, tiny_model_dir, **kwargs) -> EmotionDataModule:
     # Hand-written files here have one or two rows a label: the rare-label rule has tests of its own.
     kwargs.setdefault("min_label_count", 1)
-    return EmotionDataModule(str(folder), model_name=tiny_model_dir, **kwargs)
+    return EmotionDataModule(str(folder), tokenizer=tiny_model_dir, **kwargs)
 
 
 # ---- imbalance handling ----
@@ -311,7 +311,7 @@ def test_min_label_count_default_and_setting(tmp_path, tiny_model_dir):
     folder = _write(tmp_path / "d", train=JOY_ANGER + "calm day;calm\ncalm night;calm\n", val=JOY_ANGER,
                     test=JOY_ANGER)
     with pytest.raises(ValueError, match=r"train\.txt:7: label 'calm' occurs only 2 time\(s\).*min_label_count is 3"):
-        EmotionDataModule(str(folder), model_name=tiny_model_dir).setup("fit")  # the default is 3
+        EmotionDataModule(str(folder), tokenizer=tiny_model_dir).setup("fit")  # the default is 3
     dm = _datamodule(folder, tiny_model_dir, min_label_count=2)
     assert dm.id2label == {0: "anger", 1: "calm", 2: "joy"}
 

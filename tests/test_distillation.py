@@ -150,7 +150,7 @@ def test_pretrained_student_with_its_own_tokenizer(make_datamodule, tiny_teacher
 
 @pytest.mark.parametrize("student", ["layers", "bilstm", "pretrained"])
 def test_each_tokenizer_is_read_once(tiny_teacher_dir, monkeypatch, student):
-    # data.model_name is the teacher here: its tokenizer serves the teacher and the student
+    # model.model_name is the teacher here: its tokenizer serves the teacher and the student
     from transformers import AutoTokenizer
 
     read, original = [], AutoTokenizer.from_pretrained
@@ -192,7 +192,7 @@ def test_layers_student_needs_the_teachers_tokenizer(tiny_teacher_dir, tmp_path)
 
     vocab = AutoTokenizer.from_pretrained(tiny_teacher_dir).get_vocab()
     BertTokenizerFast(vocab={**vocab, "extra": len(vocab)}).save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="set data.model_name to the teacher"):
+    with pytest.raises(ValueError, match="set model.model_name to the teacher"):
         Distiller(teacher=tiny_teacher_dir, model_name=str(tmp_path / "other"), id2label=ID2LABEL)
 
 

@@ -141,7 +141,7 @@ def test_init_checkpoint_maps_reordered_labels_by_name_and_refuses_others(run, t
         EmotionClassifier(tiny_model_dir, dict(enumerate(RENAMED)), init_checkpoint=str(ckpt))
 
 
-# ---- an hf_model export as data.model_name ----
+# ---- an hf_model export as model.model_name ----
 def test_export_as_model_name_maps_reordered_labels_by_name_and_refuses_others(tiny_teacher_dir):
     batch = _batch(tiny_teacher_dir)
     modules = {tuple(labels): EmotionClassifier(tiny_teacher_dir, dict(enumerate(labels))).eval()

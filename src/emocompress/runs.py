@@ -38,10 +38,15 @@ def comparable(config: str, keys=None, complete=None) -> dict:
     only those top-level keys, and without ``data.predict_file`` (what predict reads is not part of the run).
 
     Configs saved by earlier versions compare as today's: moved class paths are read as the current ones
-    (``current_class_paths``), and ``complete`` (the CLI's parser: parse and dump again) fills in settings added
-    since with their defaults; a config it cannot parse is compared as it is.
+    (``current_class_paths``), 0.1.0's ``data.model_name`` (the network then, and the tokenizer linked from it) as
+    ``model.init_args.model_name``, and ``complete`` (the CLI's parser: parse and dump again) fills in settings
+    added since with their defaults; a config it cannot parse is compared as it is.
     """
     config = current_class_paths(yaml.safe_load(config) or {})
+    data = config.get("data")
+    if isinstance(data, dict) and "model_name" in data:
+        model = config["model"] = config.get("model") or {}
+        model["init_args"] = {**(model.get("init_args") or {}), "model_name": data.pop("model_name")}
     if complete is not None:
         try:
             config = complete(config)

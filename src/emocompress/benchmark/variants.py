@@ -169,7 +169,7 @@ def measure(name: str, paths: list[str], data: str, split: str, latency_samples:
         columns = label_columns(trained_on, labels, str(_labels_file(path)))
         columns = None if columns == sorted(columns) else torch.tensor(columns)
         id2label = dict(enumerate(labels))
-        datamodule = EmotionDataModule(data, model_name=tokenizer_path, max_samples=max_samples, labels=labels,
+        datamodule = EmotionDataModule(data, tokenizer=tokenizer_path, max_samples=max_samples, labels=labels,
                                        trust_remote_code=trust_remote_code)
         datamodule.setup("test" if split == "test" else "validate")
         dataset = datamodule.splits[split].remove_columns("length")

@@ -220,9 +220,9 @@ class Distiller(EmotionClassifier):
     out of the module tree, so it is not in checkpoints, the optimizer, DDP or the compression callbacks.
 
     Teacher and student may use different tokenizers: the datamodule tokenizes for the student
-    (``data.model_name``) and the teacher tokenizes the raw texts itself. With ``logits_cache`` the
-    teacher's logits over the train split are computed once and stored in that folder, keyed by the
-    teacher's weights and tokenizer and by each text, so later epochs, resumed runs and other runs
+    (``data.tokenizer``, linked from ``model_name``) and the teacher tokenizes the raw texts itself. With
+    ``logits_cache`` the teacher's logits over the train split are computed once and stored in that folder,
+    keyed by the teacher's weights and tokenizer and by each text, so later epochs, resumed runs and other runs
     with the same teacher reuse them; without it the teacher runs on every training batch.
 
     With ``data.augment`` the train split also holds perturbed copies of its texts (an augmented transfer
@@ -233,7 +233,7 @@ class Distiller(EmotionClassifier):
         teacher: the fine-tuned teacher: an ``hf_model`` export folder, a hub name, or a classifier ``.ckpt``.
             Its labels must be the data's, in any order (matched by name).
         student: ``layers``: a copy of the teacher with only ``student_layers`` kept (DistilBERT-style
-            initialisation; ``data.model_name`` must then be the teacher's tokenizer); ``pretrained``:
+            initialisation; ``model_name`` must then be the teacher or share its tokenizer); ``pretrained``:
             ``model_name`` (any HF model) with a fresh head; ``bilstm`` / ``meanpool`` / ``cnn``: a
             ``SmallEncoderClassifier`` over ``model_name``'s tokenizer, learned from scratch.
         student_layers: teacher layers (0-based) a ``layers`` student keeps; default every other one,
@@ -294,8 +294,8 @@ class Distiller(EmotionClassifier):
         hp = self.hparams
         tokenizer = None if hp.student == "pretrained" else self._teacher.tokenizer_for(hp.model_name)
         if hp.student == "layers" and tokenizer_spec(tokenizer) != tokenizer_spec(self._teacher.tokenizer):
-            raise ValueError(f"data.model_name: a 'layers' student reads the teacher's token ids, but "
-                             f"{hp.model_name}'s tokenizer differs from {hp.teacher}'s; set data.model_name "
+            raise ValueError(f"model.model_name: a 'layers' student reads the teacher's token ids, but "
+                             f"{hp.model_name}'s tokenizer differs from {hp.teacher}'s; set model.model_name "
                              "to the teacher")
         if hp.student != "pretrained":  # a pretrained student's builder sets it from its loading report
             # A layers student starts with the teacher's trained head; a small encoder is random throughout.

