@@ -32,6 +32,7 @@ from emocompress.deploy.format import (
     ArtifactMeta,
     metadata_file,
 )
+from emocompress.deploy.runtime import INPUT_NAMES
 from emocompress.io import atomic_dir, check_replaceable
 from emocompress.models import (
     pretrained,
@@ -43,7 +44,6 @@ from emocompress.models.loading import OrtClassifier, attention_kwargs, quiet_de
 log = logging.getLogger(__name__)
 
 Backend = Literal["onnxruntime", "torch"]
-_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddings: bool = False,
@@ -118,7 +118,7 @@ def _fp32_copy(model: nn.Module, attn_implementation: str) -> nn.Module:
 def _input_names(model: nn.Module) -> list[str]:
     # DistilBERT takes no token_type_ids; RoBERTa takes them but its tokenizer makes none (OrtClassifier
     # and the server then feed zeros, the model's own default).
-    return [n for n in _INPUTS if n in inspect.signature(model.forward).parameters]
+    return [n for n in INPUT_NAMES if n in inspect.signature(model.forward).parameters]
 
 
 def datamodule_max_length(datamodule) -> int:

@@ -11,6 +11,7 @@ from torchmetrics.classification import (
 )
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
+from emocompress.deploy.runtime import INPUT_NAMES
 from emocompress.evaluation.metrics import classification_metrics, metrics_report
 from emocompress.evaluation.plots import confusion_figure
 from emocompress.models import (
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def model_inputs(batch: dict) -> dict:
     """The entries of a batch that a sequence classifier takes (not ``labels``, ``idx``, ``text``...)."""
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return {k: v for k, v in batch.items() if k in INPUT_NAMES}
 
 
 class EmotionClassifier(LightningModule):
