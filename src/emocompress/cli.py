@@ -120,6 +120,10 @@ class EmoCLI(LightningCLI):
             return
         hparams = current_class_paths(dict(read_checkpoint(path).get("hyper_parameters", {})))
         hparams.pop("_instantiator", None)
+        # The network is this run's model.model_name (its configs name it, and data.tokenizer is linked from it); the
+        # checkpoint brings the weights. Taking the checkpoint's would load another folder (an export with a head of
+        # its own) behind the run's back, and tokenize with a tokenizer the command did not name.
+        hparams.pop("model_name", None)
         if not hparams:
             return
         if "_class_path" in hparams:
