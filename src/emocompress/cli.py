@@ -47,8 +47,6 @@ _CKPT_KEYWORDS = ("best", "last", "hpc")
 _SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
-
-
 def _cpu_precision(trainer_config) -> None:
     """bf16 precision on a CPU without native bf16 becomes 32-true, with a warning: what the configs mean by
     "bf16 where it is fast" (teacher.yaml), instead of a fit many times slower than it needs to be

@@ -182,11 +182,9 @@ def load_network(model: nn.Module, path: str, id2label: dict[int, str] | None = 
         ValueError: the checkpoint cannot be read, was trained on other labels, or its weights do not fit ``model``.
     """
     checkpoint = read_checkpoint(path)
-    state = checkpoint["state_dict"]
-    network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    trained_on = stored_labels(checkpoint.get("hyper_parameters", {}).get("id2label"))
-    if id2label and trained_on:
-        reorder_head(model, label_columns(trained_on, stored_labels(id2label), path), state=network)
+    if id2label:
+        match_checkpoint_classes(model, checkpoint, stored_labels(id2label), path)
+    network = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     fit_to_state_dict(model, network)  # a structurally pruned run's checkpoint has smaller layers
     try:
         model.load_state_dict(network)
