@@ -8,6 +8,7 @@ from emocompress.evaluation.significance import (
     SCALARS,
     bootstrap_indices,
     mcnemar_exact,
+    paired_class_differences,
     paired_difference,
     percentile_interval,
     resampled_metrics,
@@ -58,7 +59,9 @@ def compare(variants: list[Variant], timing: dict[str, dict], baseline: str, boo
     means = {row["model"]: row["macro_f1"] for row in rows}
     pair_rows = [{"model": name, "reference": ref, "macro_f1_diff": means[name] - means[ref],
                   **_difference(by_name[name], by_name[ref], samples)} for name, ref in pairs]
-    return rows, _per_class_rows(reports, baseline), reports, pair_rows
+    class_diffs = {name: paired_class_differences(s["f1_per_class"], samples[baseline]["f1_per_class"])
+                   for name, s in samples.items()}
+    return rows, _per_class_rows(reports, baseline, class_diffs), reports, pair_rows
 
 
 def _difference(v: Variant, ref: Variant, samples: dict[str, dict]) -> dict:
@@ -97,15 +100,18 @@ def _variant_report(v: Variant, row: dict, f1_samples: np.ndarray) -> dict:
     return report
 
 
-def _per_class_rows(reports: dict[str, dict], baseline: str) -> list[dict]:
+def _per_class_rows(reports: dict[str, dict], baseline: str, class_diffs: dict[str, list[dict]]) -> list[dict]:
+    """One row per (model, class); ``f1_change_low``/``_high``/``_p``: the paired-bootstrap interval and p-value of
+    the F1 change (``class_diffs``: ``significance.paired_class_differences`` of each model against the baseline)."""
     rows = []
     for name, report in reports.items():
-        for label, values in report["per_class"].items():
+        for (label, values), diff in zip(report["per_class"].items(), class_diffs[name], strict=True):
             base = reports[baseline]["per_class"][label]
             present = values["support"] > 0  # an absent class has no F1 or accuracy, hence no change
             rows.append({"model": name, "class": label, "support": values["support"], "f1": values["f1"],
                          "f1_std": values["f1_std"], "f1_low": values["f1_low"], "f1_high": values["f1_high"],
                          "accuracy": values["accuracy"], "accuracy_std": values["accuracy_std"],
                          "f1_change": values["f1"] - base["f1"] if present else None,
-                         "accuracy_change": values["accuracy"] - base["accuracy"] if present else None})
+                         "accuracy_change": values["accuracy"] - base["accuracy"] if present else None,
+                         **{f"f1_change_{key}": diff[key] if present else None for key in ("low", "high", "p")}})
     return rows

@@ -7,11 +7,14 @@ import json
 import os
 import platform
 import re
+import shlex
+import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from emocompress.benchmark.html import write_html_report
 from emocompress.deploy.format import DEFAULT_MAX_LENGTH
 from emocompress.evaluation.plots import close_figure, confusion_figure, per_class_plot, tradeoff_plot
 from emocompress.evaluation.significance import SCALARS
@@ -22,7 +25,7 @@ from emocompress.io import check_not_cwd
 # report of ours and is never replaced: pointed at reports/ or logs/, a replace would erase committed results.
 _REPORT_ENTRIES = ("model_comparison.csv", "model_comparison.md", "per_class.csv", "per_class.md", "confusion_*.png",
                    "tradeoff.png", "per_class_f1.png", "environment.json", "reports.json", "predictions.json",
-                   "pairs.csv", "pairs.md", "tensorboard",
+                   "pairs.csv", "pairs.md", "tensorboard", "report.html",
                    "README.md")  # the study's write-up (reports/<study>/README.md): kept across a re-run
 
 
@@ -72,6 +75,14 @@ def environment_info(num_threads: int, settings: dict) -> dict:
             "python": platform.python_version(), **settings,
             "sequence_length": f"each text tokenized to at most {DEFAULT_MAX_LENGTH} tokens; batch 1 unpadded, "
                                "batches padded to their longest text"}
+
+
+def invoking_command() -> str:
+    """This process's command line, its program shortened to ``emocompress`` when it is the CLI (the console
+    script, ``python -m emocompress.cli`` or ``python -m emocompress``), for the report's ``environment.json``."""
+    program = Path(sys.argv[0]).name
+    program = "emocompress" if program in ("emocompress", "cli.py", "__main__.py") else sys.argv[0]
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def _slug(name: str) -> str:
@@ -157,8 +168,60 @@ def _pairs_markdown(pair_rows: list[dict]) -> str:
                                                "resamples; McNemar on the first runs. `*`: the 95% interval excludes 0.\n")
 
 
+def _page_rows(rows: list[dict], baseline: str) -> list[dict]:
+    """The comparison table of ``report.html``: the CSV's rows renamed for a reader, intervals as ``_low``/``_high``
+    companions (``html.py``), differences in points (x 100) as in the figures."""
+    page = []
+    for r in rows:
+        g, base = r.get, r["model"] == baseline
+        points = {k: None if base or g(k) is None else 100 * g(k) for k in ("macro_f1_diff", "macro_f1_diff_low",
+                                                                             "macro_f1_diff_high")}
+        page.append({"model": r["model"], "runs": g("runs"), "size MB": g("size_mb"), "gzip MB": g("gzip_mb"),
+                     "latency ms": g("latency_ms_median"), "latency ms_low": g("latency_ms_min"),
+                     "latency ms_high": g("latency_ms_max"), "p90 ms": g("latency_ms_p90"),
+                     "texts/s": g("throughput_per_s"), "texts/s_low": g("throughput_min_per_s"),
+                     "texts/s_high": g("throughput_max_per_s"),
+                     **{f"macro F1{suffix}": g(f"macro_f1{suffix}") for suffix in ("", "_std", "_low", "_high")},
+                     "Δ macro F1 (points)": points["macro_f1_diff"],
+                     "Δ macro F1 (points)_low": points["macro_f1_diff_low"],
+                     "Δ macro F1 (points)_high": points["macro_f1_diff_high"],
+                     "p (bootstrap)": None if base else g("macro_f1_diff_p"),
+                     "McNemar p": None if base else g("mcnemar_p"),
+                     "balanced accuracy": g("balanced_accuracy"), "kappa": g("cohen_kappa"), "accuracy": g("accuracy"),
+                     "speedup": g("speedup"), "compression": g("compression"), "params": g("params"),
+                     "non-zero params": g("nonzero_params")})
+    return page
+
+
+def _page_class_rows(per_class: list[dict]) -> list[dict]:
+    """The per-class table of ``report.html`` (changes in points)."""
+    def points(value):
+        return None if value is None else 100 * value
+
+    return [{"model": r["model"], "class": r["class"], "support": r["support"],
+             **{f"F1{suffix}": r.get(f"f1{suffix}") for suffix in ("", "_std", "_low", "_high")},
+             **{f"Δ F1 (points){suffix}": points(r.get(f"f1_change{suffix}")) for suffix in ("", "_low", "_high")},
+             "p (bootstrap)": r.get("f1_change_p"), "accuracy": r["accuracy"],
+             "Δ accuracy (points)": points(r["accuracy_change"])} for r in per_class]
+
+
+def write_figures_and_page(out: Path, rows: list[dict], per_class: list[dict], reports: dict[str, dict],
+                           environment: dict, baseline: str, title: str) -> Path:
+    """``tradeoff.png``, ``per_class_f1.png`` and ``report.html`` of a report in ``out``: what ``write_report``
+    draws after measuring, and ``regenerate`` redraws from a saved report. Returns the page's path."""
+    tradeoff_plot(rows, out / "tradeoff.png", baseline)
+    per_class_plot(per_class, out / "per_class_f1.png", baseline)
+    figures = [(f"Macro-F1 difference to {baseline} against latency and size (tradeoff.png)", out / "tradeoff.png"),
+               (f"Per-class F1 change against {baseline} (per_class_f1.png)", out / "per_class_f1.png")]
+    confusions = {name: {"labels": r["labels"], "matrix": r["confusion_matrix"]} for name, r in reports.items()}
+    return write_html_report(out, title, _page_rows(rows, baseline), figures,
+                             {k: v for k, v in environment.items() if k != "command"}, environment.get("command", ""),
+                             _page_class_rows(per_class), confusions)
+
+
 def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: dict[str, dict], predictions: dict,
-                 split: str, baseline: str, environment: dict, tensorboard: bool, pair_rows: list[dict] = ()) -> None:
+                 split: str, baseline: str, environment: dict, tensorboard: bool, pair_rows: list[dict] = (),
+                 page_title: str = "Benchmark report") -> None:
     """Write the report's files (see ``benchmark``'s ``out_dir``) into the folder ``out``."""
     tables = [("model_comparison", rows, _COLUMNS), ("per_class", per_class, list(per_class[0]))]
     if pair_rows:
@@ -182,8 +245,7 @@ def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: di
         report["confusion_figure"] = f"confusion_{stems[name]}.png"  # in reports.json: which figure is whose
         fig.savefig(out / report["confusion_figure"], dpi=120)
         close_figure(fig)
-    tradeoff_plot(rows, out / "tradeoff.png")
-    per_class_plot(per_class, out / "per_class_f1.png")
+    write_figures_and_page(out, rows, per_class, reports, environment, baseline, page_title)
     (out / "environment.json").write_text(json.dumps(environment, indent=2))
     (out / "reports.json").write_text(json.dumps(reports, indent=2))
     (out / "predictions.json").write_text(json.dumps(predictions))

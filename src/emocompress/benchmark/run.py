@@ -29,7 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 from emocompress.benchmark.compare import compare
-from emocompress.benchmark.report import check_out_dir, environment_info, markdown_table, write_report
+from emocompress.benchmark.report import (
+    check_out_dir,
+    environment_info,
+    invoking_command,
+    markdown_table,
+    write_report,
+)
 from emocompress.benchmark.timing import time_variants
 from emocompress.benchmark.variants import data_labels, measure, model_path_problem
 from emocompress.io import atomic_dir
@@ -92,11 +98,13 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
                    "predictions": {v.name: [p.tolist() for p in v.preds] for v in variants},
                    "paths": {v.name: v.paths for v in variants}}
     settings = {"rounds": rounds, "latency_samples": latency_samples, "warmup": warmup, "batch_size": batch_size,
-                "bootstrap": bootstrap, "bootstrap_seed": seed, "split": split, "baseline": baseline}
+                "bootstrap": bootstrap, "bootstrap_seed": seed, "split": split, "baseline": baseline,
+                "command": invoking_command()}
     check_out_dir(out_dir)  # again: something may have been written there while we measured
     with atomic_dir(out_dir) as out:  # moved into place when complete: never a half-written report
         write_report(out, rows, per_class, reports, predictions, split, baseline,
-                     environment_info(num_threads, settings), tensorboard, pair_rows)
+                     environment_info(num_threads, settings), tensorboard, pair_rows,
+                     page_title=f"Benchmark report: {Path(out_dir).name}")
         # the write-up is the study's, not the report's: a re-run keeps it (its numbers then need a look)
         if (Path(out_dir) / "README.md").is_file():
             shutil.copy2(Path(out_dir) / "README.md", out / "README.md")

@@ -128,3 +128,35 @@ def mcnemar_exact(correct: np.ndarray, base_correct: np.ndarray) -> dict[str, fl
     c = int(np.sum(~correct & base_correct))
     p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
     return {"only_model_correct": b, "only_base_correct": c, "p": p}
+
+
+def paired_class_differences(samples: np.ndarray, base_samples: np.ndarray, level: float = 0.95) -> list[dict]:
+    """``paired_difference`` of each class's metric: one dict (``low``, ``high``, ``p``) per class, all None for a
+    class with no value on any resample (absent from the split).
+
+    Args:
+        samples: (R, C) the model's per-class metric on each resample (e.g. ``resampled_metrics``' ``f1_per_class``).
+        base_samples: (R, C) the baseline's, on the same resamples.
+
+    >>> same = np.array([[0.5, 0.9], [0.6, 0.8]])
+    >>> [d["p"] for d in paired_class_differences(same + [0.1, 0.0], same)]
+    [0.0, 1.0]
+    """
+    d = samples - base_samples
+    return [dict.fromkeys(("low", "high", "p")) if np.isnan(d[:, c]).all()
+            else paired_difference(samples[~np.isnan(d[:, c]), c], base_samples[~np.isnan(d[:, c]), c], level)
+            for c in range(d.shape[1])]
+
+
+def class_differences_from_predictions(target: np.ndarray, preds: dict[str, list[np.ndarray]], baseline: str,
+                                       num_classes: int, resamples: int, seed: int) -> dict[str, list[dict]]:
+    """Per-class F1 differences of every model to ``baseline`` with paired-bootstrap intervals, from saved
+    per-text predictions (a report's ``predictions.json``): the same resamples (``bootstrap_indices`` with
+    ``resamples`` and ``seed``) for every model, each model's F1 the mean over its runs.
+
+    Returns:
+        model name -> ``paired_class_differences`` against the baseline (one dict per class).
+    """
+    idx = bootstrap_indices(len(target), resamples, seed)
+    f1 = {name: resampled_metrics(target, runs, num_classes, idx)["f1_per_class"] for name, runs in preds.items()}
+    return {name: paired_class_differences(f1[name], f1[baseline]) for name in preds}
