@@ -129,7 +129,7 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodul
     assert float(table[0]["speedup"]) == 1.0
     assert rows[0]["size_mb"] == pytest.approx((fp32 / "model.safetensors").stat().st_size / 1e6)
     for name in ("confusion_fp32.png", "confusion_int8.png", "confusion_fp32_x2.png", "tradeoff.png",
-                 "per_class_f1.png", "model_comparison.md", "per_class.md", "predictions.json"):
+                 "per_class_f1.png", "model_comparison.md", "per_class.md", "predictions.json", "report.html"):
         assert (out / name).stat().st_size > 0
     # intervals hold their estimate; timing spread holds its median; empty std for one run
     for row in rows:

@@ -174,3 +174,12 @@ def test_report_page_in_a_headless_browser(report_dir):
         assert first_column() == ["base", "same", "worse"]
         browser.close()
     assert errors == []
+
+
+def test_the_recorded_command_names_the_cli(monkeypatch):
+    from emocompress.benchmark.report import invoking_command
+
+    monkeypatch.setattr("sys.argv", ["/x/.venv/bin/emocompress", "benchmark", "--models", '{"a b": "p"}'])
+    assert invoking_command() == """emocompress benchmark --models '{"a b": "p"}'"""
+    monkeypatch.setattr("sys.argv", ["/repo/src/emocompress/cli.py", "benchmark", "-c", "x.yaml"])
+    assert invoking_command() == "emocompress benchmark -c x.yaml"

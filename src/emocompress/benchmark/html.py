@@ -83,7 +83,7 @@ def _cell(row: dict, column: str) -> str:
     low, high, std = row.get(f"{column}_low"), row.get(f"{column}_high"), row.get(f"{column}_std")
     text = _number(value)
     if value is not None and std is not None:
-        text += f" ± {_number(std)}"
+        text += f" ± {std:.2g}"
     css = ""
     if value is not None and low is not None and high is not None:
         signed = is_difference(column)
