@@ -80,7 +80,8 @@ def test_class_heatmap_is_centred_on_zero_and_marks_significant_cells():
                 "f1_change_high": high}
 
     per_class = [row("base", "a", 0.0, 0.0, 0.0), row("base", "b", 0.0, 0.0, 0.0), row("base", "c", None, support=0),
-                 row("m1", "a", -0.03, -0.05, -0.01), row("m1", "b", 0.01, -0.01, 0.03), row("m1", "c", None, support=0),
+                 row("m1", "a", -0.03, -0.05, -0.01), row("m1", "b", 0.01, -0.01, 0.03),
+                 row("m1", "c", None, support=0),
                  row("m2", "a", 0.004, 0.001, 0.008), row("m2", "b", 0.0, -0.02, 0.02), row("m2", "c", None, support=0)]
     fig = class_difference_figure(per_class, "base")
     ax = fig.axes[0]

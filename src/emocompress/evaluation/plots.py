@@ -1,6 +1,7 @@
-"""Figures of evaluation results: confusion matrices, the benchmark's trade-off and per-class plots (matplotlib, drawn
-off-screen)."""
+"""Figures of evaluation results: confusion matrices, and the benchmark's figures of differences to the baseline (the
+trade-off against latency and size, the per-class heatmap); matplotlib, drawn off-screen."""
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -104,34 +105,30 @@ def place_labels(ax, xy: list[tuple[float, float]], labels: list[str], renderer)
     and stays inside the axes: the first free spot on rings of growing radius around the point, with a leader
     line once it is away from it. Returns the text artists (gid ``point-label``)."""
     markers = [ax.transData.transform(p) for p in xy]
-    marker_boxes = [matplotlib_bbox(x - 4, y - 4, x + 4, y + 4) for x, y in markers]
+    marker_boxes = [_bbox(x - 4, y - 4, x + 4, y + 4) for x, y in markers]
     inside, placed, texts = ax.get_window_extent(renderer), [], []
-    angles = np.deg2rad([45, 135, -45, -135, 0, 180, 90, -90])
+    spots = list(itertools.product((7, 12, 18, 26, 36, 48, 62, 80), np.deg2rad([45, 135, -45, -135, 0, 180, 90, -90])))
     for i, (point, label) in enumerate(zip(xy, labels, strict=True)):
         others = marker_boxes[:i] + marker_boxes[i + 1:]
         text = None
-        for radius in (7, 12, 18, 26, 36, 48, 62, 80):
-            for angle in angles:
-                dx, dy = radius * np.cos(angle), radius * np.sin(angle)
-                if text is not None:
-                    text.remove()
-                text = ax.annotate(label, point, xytext=(dx, dy), textcoords="offset points", fontsize=7.5,
-                                   fontweight="bold", ha="left" if dx > 1 else "right" if dx < -1 else "center",
-                                   va="bottom" if dy > 1 else "top" if dy < -1 else "center", gid="point-label",
-                                   arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if radius > 12 else None)
-                box = text.get_window_extent(renderer).expanded(1.1, 1.15)
-                inside_axes = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
-                if inside_axes and not _overlaps(box, placed) and not _overlaps(box, others):
-                    break
-            else:
-                continue
-            break
-        placed.append(text.get_window_extent(renderer).expanded(1.1, 1.15))
+        for radius, angle in spots:  # where no spot is free, the last one tried stays
+            dx, dy = radius * np.cos(angle), radius * np.sin(angle)
+            if text is not None:
+                text.remove()
+            text = ax.annotate(label, point, xytext=(dx, dy), textcoords="offset points", fontsize=7.5,
+                               fontweight="bold", ha="left" if dx > 1 else "right" if dx < -1 else "center",
+                               va="bottom" if dy > 1 else "top" if dy < -1 else "center", gid="point-label",
+                               arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if radius > 12 else None)
+            box = text.get_window_extent(renderer).expanded(1.1, 1.15)  # a little air around each number
+            inside_axes = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
+            if inside_axes and not _overlaps(box, placed) and not _overlaps(box, others):
+                break
+        placed.append(box)
         texts.append(text)
     return texts
 
 
-def matplotlib_bbox(x0, y0, x1, y1):
+def _bbox(x0, y0, x1, y1):
     from matplotlib.transforms import Bbox
 
     return Bbox([[x0, y0], [x1, y1]])
