@@ -253,7 +253,8 @@ def _run(args: list[str] | None) -> None:
         # -c is --config, as for the Trainer subcommands.
         CLI(_FUNCTIONS[argv[0]], args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False)
         return
-    # TF32 matmuls on Ampere+ GPUs: ~2x faster, accuracy unaffected for fine-tuning. No effect on CPU.
+    # TF32 matmuls on Ampere+ GPUs (Lightning warns when it is left unset); no effect on the CPU. Unmeasured here:
+    # no GPU has run this project yet (docs/usage.md, "Several GPUs or processes").
     torch.set_float32_matmul_precision("high")
     # Per-file "Generating train split" bars (named "train" for val and test files too) and weight-loading
     # bars say nothing a user needs; our own lines say what was read and written.
