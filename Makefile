@@ -58,12 +58,13 @@ report: install
 	@test -f "configs/benchmark/$(NAME).yaml" || { echo "make report NAME=<name>: no configs/benchmark/$(NAME).yaml"; exit 2; }
 	$(BIN)/emocompress benchmark -c configs/benchmark/defaults.yaml -c configs/benchmark/$(NAME).yaml
 
+# -n auto: one pytest-xdist worker per core; most of the slow tests wait on CLI subprocesses starting torch
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 	$(MAKE) docs
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 # the manual: docs/ with reports/ published beside it (docs/hooks/reports.py); --strict fails on a broken link
 docs: install

@@ -4,6 +4,7 @@ for the data module and the CPU Trainer that the fitting tests share.
 The tiny model goes through the real ``from_pretrained`` path offline in well under a second.
 """
 
+import os
 import random
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (`make test` runs `pytest -n auto`) each worker takes its share of the cores: torch's default,
+# every core in every process, would oversubscribe them, and idle OpenMP threads spin.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 # Words that mark each class, plus filler shared by all, so a tiny model can learn a little.
 CLASS_WORDS = {
