@@ -45,7 +45,7 @@ class Settings:
 
     max_batch_size: int = 32  # texts per model call
     max_wait_ms: float = 5.0  # how long the oldest waiting request may wait for others to join its batch
-    max_queue: int = 1024  # texts waiting for the model before new requests get 503
+    max_queue: int = 256  # texts waiting for the model before new requests get 503 (docs/serving.md: sizing)
     max_texts: int = 64  # texts per request (413 beyond)
     max_body_bytes: int = 1_000_000  # bytes per request body (413 beyond)
     max_chars: int = 10_000  # characters per text (422 beyond); the model reads only max_length tokens anyway
