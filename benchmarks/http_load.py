@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -72,9 +73,9 @@ def run_peer(folder: str, port: int) -> None:
     def predict(body: Body):  # a sync handler: FastAPI runs it in its thread pool
         return {"predictions": predictor.predict([body.text])}
 
-    @app.get("/ready")
-    def ready():
-        return {"status": "ready"}
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
@@ -89,7 +90,7 @@ def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     for _ in range(600):  # bounded: 60 s
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return server
         except httpx.TransportError:
             pass
@@ -249,8 +250,12 @@ def main():
                         help="text;label file whose texts are sent (the first --texts of them)")
     parser.add_argument("--texts", type=int, default=500)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per closed-loop level")
-    parser.add_argument("--burst", type=float, default=20.0, help="seconds of the open-loop burst")
+    parser.add_argument("--burst", type=float, default=20.0, help="seconds of the open-loop burst (0: none)")
+    parser.add_argument("--no_fuzz", action="store_true", help="skip the fuzz run")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--also", nargs="*", default=[], metavar="NAME=COMMAND",
+                        help="more servers to load the same way, e.g. 'litserve=python my_server.py {folder} {port}' "
+                             "(answering POST /v1/predict {\"text\": ...} and GET /health on 127.0.0.1:{port})")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (also printed)")
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -266,22 +271,28 @@ def main():
 
     servers = {"ours": [sys.executable, "-m", "emocompress", "serve", str(args.folder), "--max_queue", "64"],
                "peer": [sys.executable, str(HERE), "--peer", "--folder", str(args.folder)]}
+    servers |= {name: command for name, command in (also.split("=", 1) for also in args.also)}
     for name, command in servers.items():
         port = free_port()
-        server = start([*command, "--port", str(port)], port, logs / f"{name}.log")
+        if isinstance(command, str):
+            command = shlex.split(command.format(folder=args.folder, port=port))
+        else:
+            command = [*command, "--port", str(port)]
+        server = start(command, port, logs / f"{name}.log")
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(closed_loop(url, 4, 2.0, texts))  # warm-up
             results[name] = {clients: asyncio.run(closed_loop(url, clients, args.duration, texts))
                              for clients in args.clients}
             print(name, json.dumps(results[name], indent=1), flush=True)
-            if name == "ours":
+            if name == "ours" and args.burst > 0:
                 rate = 4 * results[name][max(c for c in args.clients if c <= 32)]["throughput"]
                 results["burst"] = asyncio.run(open_loop(url, rate, args.burst, texts, server.pid))
                 time.sleep(2)
                 results["burst"]["rss_mb_after"] = rss_mb(server.pid)
                 results["burst"]["p50_1_client_after"] = asyncio.run(closed_loop(url, 1, 5, texts)).get("p50")
                 print("burst", json.dumps(results["burst"], indent=1), flush=True)
+            if name == "ours" and not args.no_fuzz:
                 offline_model = OnnxPredictor(args.folder, num_threads=1)
                 offline = {text: offline_model.predict([text])[0] for text in texts}
                 results["fuzz"] = asyncio.run(fuzz(url, port, texts, offline))
@@ -290,8 +301,10 @@ def main():
         finally:
             server.terminate()
             results[f"{name}_exit_code"] = server.wait(timeout=60)
-    ratio = {c: results["ours"][c]["throughput"] / max(results["peer"][c]["throughput"], 1e-9) for c in args.clients}
-    results["throughput_ratio_ours_over_peer"] = ratio
+    for name in servers:
+        if name != "ours":
+            results[f"throughput_ratio_ours_over_{name}"] = {
+                c: results["ours"][c]["throughput"] / max(results[name][c]["throughput"], 1e-9) for c in args.clients}
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -18,6 +18,7 @@ import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.compression.export import export_onnx
+from emocompress.deploy.batching import Batcher
 from emocompress.deploy.http import Settings, create_app, main, make_server
 from emocompress.deploy.serve import OnnxPredictor
 from tests.conftest import make_texts
@@ -277,6 +278,33 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(folder, tmp_path):
     access = [line for line in err.splitlines() if '"POST /v1/predict" 200' in line or '"GET /ready"' in line]
     assert len([line for line in access if "POST" in line]) == 1, err
     assert "Traceback" not in err, err
+
+
+def test_batcher_merges_up_to_max_batch_size_and_runs_workers_at_once():
+    calls, both = [], threading.Barrier(2, timeout=5)
+
+    def predict(texts):
+        calls.append(list(texts))
+        if len(calls) <= 2:
+            both.wait()  # passes only if the first two model calls run at the same time
+        return [{"label": text.upper()} for text in texts]
+
+    async def scenario():
+        batcher = Batcher(predict, max_batch_size=4, max_wait_ms=50, workers=2)
+        batcher.start()
+        try:
+            requests = [["a", "b"], ["c"], ["d", "e"], ["f", "g", "h", "i", "j"], ["k"]]
+            answers = await asyncio.gather(*(batcher.submit(texts) for texts in requests))
+            assert answers == [[{"label": t.upper()} for t in texts] for texts in requests]
+            # a request is never split: [d, e] does not fit beside [a, b] + [c]; the 5 texts run alone
+            assert calls[:3] == [["a", "b", "c"], ["d", "e"], ["f", "g", "h", "i", "j"]] and calls[3] == ["k"]
+            with pytest.raises(asyncio.TimeoutError):  # a caller that gives up leaves nothing queued behind
+                await asyncio.wait_for(batcher.submit(["x"] * 3), 0.001)
+            assert batcher.queued == 0
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
 
 
 def test_page_shows_the_label_and_a_bar_per_emotion(url, predictor):

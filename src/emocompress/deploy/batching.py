@@ -4,8 +4,9 @@ A request's texts wait in a bounded queue; one collector task takes requests fro
 ``max_batch_size`` texts are gathered or the oldest waiting request has waited ``max_wait_ms``, runs the
 model on the merged texts in a worker thread (ONNX Runtime and tokenizers release the GIL, so the event
 loop keeps accepting requests meanwhile) and hands each request its own slice of the answers, in order.
-One batch runs at a time: ONNX Runtime's intra-op threads already spread a call over every core, and a
-second concurrent call would only make the two fight for them.
+Up to ``workers`` batches run at once: one with ONNX Runtime's intra-op threads spread over every core,
+or one per core, each call on one thread (small models lose much of a call to synchronising its threads).
+While every worker is busy, requests keep queueing, so the next batch is fuller.
 
 A request is never split: one with more texts than ``max_batch_size`` runs alone (the predictor cuts it
 into batches of its own ``batch_size``). Length bucketing belongs to the predictor, not here.
@@ -42,12 +43,14 @@ class Batcher:
         max_wait_ms: how long the oldest waiting request may wait for others to join its batch.
         max_queue: texts that may wait at once; ``submit`` raises ``QueueFull`` beyond it.
         on_batch: called with each batch's size after its model call (metrics).
+        workers: model calls that may run at once, each in its own thread.
     """
 
     def __init__(self, predict: Callable[[list[str]], list[dict]], max_batch_size: int = 32,
-                 max_wait_ms: float = 5.0, max_queue: int = 1024, on_batch: Callable[[int], None] | None = None):
+                 max_wait_ms: float = 5.0, max_queue: int = 1024, on_batch: Callable[[int], None] | None = None,
+                 workers: int = 1):
         for name, value, least in (("max_batch_size", max_batch_size, 1), ("max_wait_ms", max_wait_ms, 0),
-                                   ("max_queue", max_queue, 1)):
+                                   ("max_queue", max_queue, 1), ("workers", workers, 1)):
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}")
         self.predict = predict
@@ -58,9 +61,12 @@ class Batcher:
         self.queued = 0  # texts waiting, not yet in a model call
         self._pending: collections.deque[_Request] = collections.deque()
         self._arrival = asyncio.Event()
+        self.workers = workers
         self._task: asyncio.Task | None = None
-        # One worker: the model call; a named pool rather than to_thread's shared default one.
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="emocompress-model")
+        self._free: asyncio.Semaphore | None = None  # workers not running a batch (made on the serving loop)
+        self._running: set[asyncio.Task] = set()
+        # The model calls' own pool rather than to_thread's shared default one.
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="emocompress-model")
 
     @property
     def running(self) -> bool:
@@ -68,13 +74,15 @@ class Batcher:
 
     def start(self) -> None:
         """Start the collector on the running event loop."""
+        self._free = asyncio.Semaphore(self.workers)
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="emocompress-batcher")
 
     async def stop(self) -> None:
         """Stop the collector; requests still waiting get ``asyncio.CancelledError``."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*[self._task, *self._running], return_exceptions=True)
         while self._pending:
             self._pending.popleft().future.cancel()
         self.queued = 0
@@ -109,6 +117,10 @@ class Batcher:
             while not self._pending:
                 self._arrival.clear()
                 await self._arrival.wait()
+            await self._free.acquire()  # meanwhile, more requests may queue up
+            if not self._pending:  # their callers gave up while every worker was busy
+                self._free.release()
+                continue
             # Wait for company until the batch is full or the oldest request has waited max_wait.
             deadline = self._pending[0].arrived + self.max_wait
             while self.queued < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
@@ -118,8 +130,16 @@ class Batcher:
                 except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
             batch = self._take()
-            if batch:
-                await self._run(batch)
+            if not batch:  # every waiting request was cancelled meanwhile
+                self._free.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._free.release()
 
     def _take(self) -> list[_Request]:
         """Requests from the head of the queue whose texts fit in one batch (the first always does)."""
@@ -137,6 +157,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._pool, self.predict, texts)
+        except asyncio.CancelledError:  # stop(): its callers get cancelled too
+            for request in batch:
+                request.future.cancel()
+            raise
         except Exception as error:  # the model failed: every request of the batch fails, the server goes on
             log.exception("model call on %d texts failed", len(texts))
             for request in batch:

@@ -22,10 +22,11 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -39,25 +40,36 @@ log = logging.getLogger("emocompress.serve")
 access_log = logging.getLogger("emocompress.access")
 
 
+def _setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Settings:
     """What a server accepts and how it batches (each is a ``--flag`` of ``emocompress serve``)."""
 
-    max_batch_size: int = 32  # texts per model call
-    max_wait_ms: float = 5.0  # how long the oldest waiting request may wait for others to join its batch
-    max_queue: int = 256  # texts waiting for the model before new requests get 503 (docs/serving.md: sizing)
-    max_texts: int = 64  # texts per request (413 beyond)
-    max_body_bytes: int = 1_000_000  # bytes per request body (413 beyond)
-    max_chars: int = 10_000  # characters per text (422 beyond); the model reads only max_length tokens anyway
-    timeout_s: float = 10.0  # per request: body received (408), then answered (504)
-    drain_s: float = 30.0  # on SIGTERM: the longest wait for requests in flight
-    max_connections: int = 1024  # open connections and requests at once (uvicorn answers 503 beyond)
+    max_batch_size: int = _setting(8, "texts per model call (a batch is padded to its longest text)")
+    max_wait_ms: float = _setting(5.0, "how long the oldest waiting request may wait for others to join its batch")
+    max_queue: int = _setting(256, "texts waiting for the model before new requests get 503")
+    max_texts: int = _setting(64, "texts per request (413 beyond)")
+    max_body_bytes: int = _setting(1_000_000, "bytes per request body (413 beyond)")
+    max_chars: int = _setting(10_000, "characters per text (422 beyond)")
+    timeout_s: float = _setting(10.0, "per request: the body must arrive within it (408), then the answer (504)")
+    drain_s: float = _setting(30.0, "on SIGTERM: the longest wait for the requests in flight")
+    max_connections: int = _setting(1024, "connections and requests at once (503 beyond)")
+    workers: int = _setting(0, "model calls at once; 0: one per core, each on one ONNX Runtime thread")
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if value < 0 or value == 0 and f.name != "max_wait_ms":  # waiting 0 ms: batch only what is queued
+            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers"):  # 0 ms: batch what is queued
                 raise ValueError(f"--{f.name} must be positive, got {value}")
+        self.workers = self.workers or _cores()
+
+
+def _cores() -> int:
+    """The cores this process may run on (fewer than the machine's in a container or under taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ApiError(Exception):
@@ -184,7 +196,7 @@ def create_app(predictor, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
     batcher = Batcher(predictor.predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                      on_batch=metrics.on_batch)
+                      on_batch=metrics.on_batch, workers=settings.workers)
     metrics.queue_depth.set_function(lambda: batcher.queued)
 
     @contextlib.asynccontextmanager
@@ -277,15 +289,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", help="ONNX artifact folder (OnnxExport, export_onnx or onnxruntime INT8)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--num_threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="ONNX Runtime threads per model call (default: the cores shared among --workers)")
     parser.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     for f in fields(Settings):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"default {f.default}")
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default {f.default})")
     args = parser.parse_args(argv)
     try:
         settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+        threads = args.num_threads or max(1, _cores() // settings.workers)
         # Every text of a model call in one run of the graph: the batcher already sized the batch.
-        predictor = OnnxPredictor(args.folder, args.num_threads, batch_size=settings.max_batch_size)
+        predictor = OnnxPredictor(args.folder, threads, batch_size=settings.max_batch_size)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     _exit_on(signal.SIGTERM, 0)
