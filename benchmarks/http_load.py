@@ -115,6 +115,19 @@ def summary(latencies: list[float], statuses: Counter, seconds: float) -> dict:
             **({f"p{q}": percentile(ms, q) for q in (50, 90, 99)} if ms else {})}
 
 
+async def timed_post(client: httpx.AsyncClient, text: str, latencies: list[float], statuses: Counter) -> None:
+    """One single-text request: its status (or error) counted, its latency kept if it was answered 200."""
+    start = time.perf_counter()
+    try:
+        response = await client.post("/v1/predict", json={"text": text})
+    except httpx.HTTPError as error:
+        statuses[type(error).__name__] += 1
+        return
+    statuses[response.status_code] += 1
+    if response.status_code == 200:
+        latencies.append(time.perf_counter() - start)
+
+
 async def closed_loop(url: str, clients: int, seconds: float, texts: list[str]) -> dict:
     latencies, statuses = [], Counter()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -124,15 +137,7 @@ async def closed_loop(url: str, clients: int, seconds: float, texts: list[str]) 
         async def one_client(seed: int):
             rng = random.Random(seed)
             while time.monotonic() < end:
-                start = time.perf_counter()
-                try:
-                    response = await client.post("/v1/predict", json={"text": rng.choice(texts)})
-                except httpx.HTTPError as error:
-                    statuses[type(error).__name__] += 1
-                    continue
-                statuses[response.status_code] += 1
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - start)
+                await timed_post(client, rng.choice(texts), latencies, statuses)
 
         began = time.monotonic()
         await asyncio.gather(*(one_client(i) for i in range(clients)))
@@ -144,17 +149,6 @@ async def open_loop(url: str, rate: float, seconds: float, texts: list[str], pid
     latencies, statuses, rss = [], Counter(), [rss_mb(pid)]
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        async def one(text: str):
-            start = time.perf_counter()
-            try:
-                response = await client.post("/v1/predict", json={"text": text})
-            except httpx.HTTPError as error:
-                statuses[type(error).__name__] += 1
-                return
-            statuses[response.status_code] += 1
-            if response.status_code == 200:
-                latencies.append(time.perf_counter() - start)
-
         async def sample():
             while True:
                 rss.append(rss_mb(pid))
@@ -163,7 +157,7 @@ async def open_loop(url: str, rate: float, seconds: float, texts: list[str], pid
         sampler = asyncio.create_task(sample())
         rng, tasks, began = random.Random(0), [], time.monotonic()
         while (now := time.monotonic()) < began + seconds:
-            tasks.append(asyncio.create_task(one(rng.choice(texts))))
+            tasks.append(asyncio.create_task(timed_post(client, rng.choice(texts), latencies, statuses)))
             await asyncio.sleep(max(0.0, began + len(tasks) / rate - now))
         sent = len(tasks) / (time.monotonic() - began)
         await asyncio.gather(*tasks)
