@@ -21,6 +21,7 @@ from emocompress.compression.export import export_onnx
 from emocompress.deploy.batching import Batcher
 from emocompress.deploy.http import Settings, create_app, main, make_server
 from emocompress.deploy.serve import OnnxPredictor
+from emocompress.deploy.serve import main as serve_main
 from tests.conftest import make_texts
 
 # The server as a deployment runs it: `emocompress serve ...` with torch, transformers and lightning imports failing.
@@ -236,13 +237,25 @@ def test_model_failure_is_500_without_internals(predictor):
 
 
 def test_bad_folder_and_settings_exit_2_in_one_line(tmp_path, capsys):
-    for argv, message in (([str(tmp_path / "missing")], rf"{tmp_path / 'missing'}: not a folder"),
-                          ([str(tmp_path), "--max_queue", "0"], r"--max_queue must be positive, got 0")):
+    for run, argv, message in (
+            (main, [str(tmp_path / "missing")], rf"{tmp_path / 'missing'}: not a folder"),
+            (main, [str(tmp_path), "--max_queue", "0"], r"--max_queue must be positive, got 0"),
+            # python -m emocompress.deploy.serve with --port is this server
+            (serve_main, [str(tmp_path / "missing"), "--port", "0"], r"emocompress serve: error: .*not a folder")):
         with pytest.raises(SystemExit) as exit_info:
-            main(argv)
+            run(argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+@pytest.mark.slow
+def test_command_refuses_a_bad_folder_without_torch(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _BLOCKED_CLI, "serve", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith(f"emocompress serve: error: {tmp_path / 'missing'}: not a folder; ")
 
 
 @pytest.mark.slow
