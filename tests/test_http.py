@@ -200,7 +200,7 @@ async def _post_all(url, bodies, **client_options):
 
 
 def test_full_queue_answers_503_with_retry_after(predictor):
-    with _running(_Slow(predictor, 0.3), max_batch_size=1, max_wait_ms=0, max_queue=2) as base:
+    with _running(_Slow(predictor, 0.3), max_batch_size=1, max_wait_ms=0, max_queue=2, max_texts=2) as base:
         responses = asyncio.run(_post_all(base, [{"text": f"text {i}"} for i in range(8)]))
         statuses = sorted(r.status_code for r in responses)
         busy = [r for r in responses if r.status_code == 503]
@@ -240,6 +240,7 @@ def test_bad_folder_and_settings_exit_2_in_one_line(tmp_path, capsys):
     for run, argv, message in (
             (main, [str(tmp_path / "missing")], rf"{tmp_path / 'missing'}: not a folder"),
             (main, [str(tmp_path), "--max_queue", "0"], r"--max_queue must be positive, got 0"),
+            (main, [str(tmp_path), "--max_queue", "8"], r"--max_queue 8 is below --max_texts 64; raise it"),
             # python -m emocompress.deploy.serve with --port is this server
             (serve_main, [str(tmp_path / "missing"), "--port", "0"], r"emocompress serve: error: .*not a folder")):
         with pytest.raises(SystemExit) as exit_info:

@@ -79,10 +79,10 @@ class Batcher:
 
     async def stop(self) -> None:
         """Stop the collector; requests still waiting get ``asyncio.CancelledError``."""
-        for task in [self._task, *self._running]:
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*[self._task, *self._running], return_exceptions=True)
+        tasks = [task for task in (self._task, *self._running) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         while self._pending:
             self._pending.popleft().future.cancel()
         self.queued = 0

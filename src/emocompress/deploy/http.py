@@ -64,6 +64,9 @@ class Settings:
             value = getattr(self, f.name)
             if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers"):  # 0 ms: batch what is queued
                 raise ValueError(f"--{f.name} must be positive, got {value}")
+        if self.max_queue < self.max_texts:  # a request of max_texts texts could never be queued
+            raise ValueError(f"--max_queue {self.max_queue} is below --max_texts {self.max_texts}; raise it or "
+                             "lower --max_texts")
         self.workers = self.workers or _cores()
 
 
