@@ -4,7 +4,7 @@ before torch, transformers and lightning are imported (well under a second rathe
 import sys
 
 USAGE = """\
-usage: emocompress {fit,validate,test,predict,benchmark,vocab} [-c CONFIG ...] [options]
+usage: emocompress {fit,validate,test,predict,benchmark,vocab,serve} [-c CONFIG ...] [options]
 
 Fine-tune transformer emotion classifiers on imbalanced text and compress them (distillation,
 pruning, INT8), with PyTorch Lightning; then measure what each compression bought.
@@ -16,6 +16,7 @@ subcommands (each takes -c/--config, repeatable: a later file wins key by key, a
   predict     predictions for --data.predict_file (default: the test split) into predictions.jsonl
   benchmark   compare exported models: size, latency, metrics with 95% intervals, paired tests
   vocab       train a student vocabulary (WordPiece) on a data set's train texts, for model.model_name
+  serve       serve an ONNX artifact folder over HTTP, torch-free (FOLDER --host H --port P; --help)
 
 examples:
   emocompress fit -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml
@@ -23,6 +24,7 @@ examples:
   emocompress test -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/<best>.ckpt
   emocompress benchmark -c configs/benchmark/defaults.yaml -c configs/benchmark/compression.yaml
   emocompress fit --help                  every option of fit (trainer, data, model)
+  emocompress serve logs/teacher_onnx/version_0/onnx --port 8000    then open http://127.0.0.1:8000
 """
 
 
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         sys.exit(0 if args else 2)
+    if args[0] == "serve":  # the HTTP server is torch-free: it must not pay for (or need) the imports below
+        from emocompress.deploy.http import main as serve
+
+        return serve(args[1:])
     from emocompress.cli import main as run  # torch, transformers, lightning: seconds to import
 
     run(argv)

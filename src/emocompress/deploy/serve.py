@@ -183,7 +183,13 @@ def _check_streams(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m emocompress.deploy.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
-    one JSON object per output line (see the module docstring)."""
+    one JSON object per output line (see the module docstring). With ``--port`` it is the HTTP server instead
+    (``emocompress serve``, ``emocompress.deploy.http``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--port" or arg.startswith("--port=") for arg in argv):  # over HTTP: emocompress.deploy.http
+        from emocompress.deploy.http import main as serve_http
+
+        return serve_http(argv)
     parser = argparse.ArgumentParser(prog="python -m emocompress.deploy.serve", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="ONNX artifact folder (OnnxExport, export_onnx or onnxruntime INT8)")
     parser.add_argument("--input", help="text file, one text per line; stdin if omitted")

@@ -1,0 +1,176 @@
+"""Dynamic batching for the HTTP server: concurrent requests merged into one model call. Torch-free.
+
+A request's texts wait in a bounded queue; one collector task takes requests from its head until
+``max_batch_size`` texts are gathered or the oldest waiting request has waited ``max_wait_ms``, runs the
+model on the merged texts in a worker thread (ONNX Runtime and tokenizers release the GIL, so the event
+loop keeps accepting requests meanwhile) and hands each request its own slice of the answers, in order.
+Up to ``workers`` batches run at once: one with ONNX Runtime's intra-op threads spread over every core,
+or one per core, each call on one thread (small models lose much of a call to synchronising its threads).
+While every worker is busy, requests keep queueing, so the next batch is fuller.
+
+A request is never split: one with more texts than ``max_batch_size`` runs alone (the predictor cuts it
+into batches of its own ``batch_size``). Length bucketing belongs to the predictor, not here.
+"""
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("emocompress.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` texts already: the caller should answer 503 and ask to retry."""
+
+
+@dataclass
+class _Request:
+    texts: list[str]
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Merge the texts of concurrent ``submit`` calls into model calls of at most ``max_batch_size`` texts.
+
+    Args:
+        predict: the model, ``texts -> one dict per text, in order`` (``OnnxPredictor.predict``).
+        max_batch_size: texts per model call (requests are merged until the next would not fit).
+        max_wait_ms: how long the oldest waiting request may wait for others to join its batch.
+        max_queue: texts that may wait at once; ``submit`` raises ``QueueFull`` beyond it.
+        on_batch: called with each batch's size after its model call (metrics).
+        workers: model calls that may run at once, each in its own thread.
+    """
+
+    def __init__(self, predict: Callable[[list[str]], list[dict]], max_batch_size: int = 32,
+                 max_wait_ms: float = 5.0, max_queue: int = 1024, on_batch: Callable[[int], None] | None = None,
+                 workers: int = 1):
+        for name, value, least in (("max_batch_size", max_batch_size, 1), ("max_wait_ms", max_wait_ms, 0),
+                                   ("max_queue", max_queue, 1), ("workers", workers, 1)):
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
+        self.predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.on_batch = on_batch or (lambda size: None)
+        self.queued = 0  # texts waiting, not yet in a model call
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._arrival = asyncio.Event()
+        self.workers = workers
+        self._task: asyncio.Task | None = None
+        self._free: asyncio.Semaphore | None = None  # workers not running a batch (made on the serving loop)
+        self._running: set[asyncio.Task] = set()
+        # The model calls' own pool rather than to_thread's shared default one.
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="emocompress-model")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Start the collector on the running event loop."""
+        self._free = asyncio.Semaphore(self.workers)
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name="emocompress-batcher")
+
+    async def stop(self) -> None:
+        """Stop the collector; requests still waiting get ``asyncio.CancelledError``."""
+        tasks = [task for task in (self._task, *self._running) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._pending:
+            self._pending.popleft().future.cancel()
+        self.queued = 0
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, texts: list[str]) -> list[dict]:
+        """The model's answers for ``texts``, in order, once their batch has run.
+
+        Raises:
+            QueueFull: ``max_queue`` texts are waiting already.
+            RuntimeError: the batcher is not running.
+            Exception: whatever the model call raised, for every request of its batch.
+        """
+        if not self.running:
+            raise RuntimeError("the batcher is not running")
+        if self.queued + len(texts) > self.max_queue:
+            raise QueueFull(f"{self.queued} texts are waiting, the queue holds {self.max_queue}")
+        request = _Request(list(texts), asyncio.get_running_loop().create_future())
+        self._pending.append(request)
+        self.queued += len(request.texts)
+        self._arrival.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:  # the caller gave up (a timeout): drop the texts if still waiting
+            if request in self._pending:
+                self._pending.remove(request)
+                self.queued -= len(request.texts)
+            raise
+
+    async def _collect(self) -> None:
+        while True:
+            while not self._pending:
+                self._arrival.clear()
+                await self._arrival.wait()
+            await self._free.acquire()  # meanwhile, more requests may queue up
+            if not self._pending:  # their callers gave up while every worker was busy
+                self._free.release()
+                continue
+            # Wait for company until the batch is full or the oldest request has waited max_wait.
+            deadline = self._pending[0].arrived + self.max_wait
+            while self.queued < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                self._arrival.clear()
+                try:
+                    await asyncio.wait_for(self._arrival.wait(), left)
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                    break
+            batch = self._take()
+            if not batch:  # every waiting request was cancelled meanwhile
+                self._free.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._free.release()
+
+    def _take(self) -> list[_Request]:
+        """Requests from the head of the queue whose texts fit in one batch (the first always does)."""
+        batch, size = [], 0
+        while self._pending and (not batch or size + len(self._pending[0].texts) <= self.max_batch_size):
+            request = self._pending.popleft()
+            self.queued -= len(request.texts)
+            if not request.future.done():  # not cancelled by its caller meanwhile
+                batch.append(request)
+                size += len(request.texts)
+        return batch
+
+    async def _run(self, batch: list[_Request]) -> None:
+        texts = [text for request in batch for text in request.texts]
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._pool, self.predict, texts)
+        except asyncio.CancelledError:  # stop(): its callers get cancelled too
+            for request in batch:
+                request.future.cancel()
+            raise
+        except Exception as error:  # the model failed: every request of the batch fails, the server goes on
+            log.exception("model call on %d texts failed", len(texts))
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        self.on_batch(len(texts))
+        start = 0
+        for request in batch:
+            end = start + len(request.texts)
+            if not request.future.done():
+                request.future.set_result(results[start:end])
+            start = end

@@ -1,0 +1,318 @@
+"""An HTTP model server for an ONNX artifact folder: dynamic batching, limits, Prometheus metrics, a page to try
+it. Torch-free: FastAPI (Starlette), uvicorn, prometheus_client, and the runtime the folder needs.
+
+    emocompress serve logs/teacher_onnx/version_0/onnx --host 127.0.0.1 --port 8000
+    curl -s localhost:8000/v1/predict -d '{"texts": ["i feel so happy", "this is infuriating"]}'
+
+Endpoints: ``POST /v1/predict`` (``{"texts": [...]}`` or ``{"text": "..."}`` -> ``{"predictions": [{"label",
+"probs"}, ...]}`` in input order), ``GET /v1/model`` (labels, limits), ``GET /health`` (the process answers),
+``GET /ready`` (the model is loaded and the batcher runs), ``GET /metrics`` (Prometheus text) and ``GET /`` (a page
+to type a text and see a bar per emotion). Concurrent requests are merged into model calls by
+``emocompress.deploy.batching.Batcher``. Every refusal is a JSON object ``{"error": ..., "field"|"limit": ...}``:
+400 for a body that is not the JSON above (naming the field), 413 for a body over ``max_body_bytes`` or more than
+``max_texts`` texts, 422 for a text over ``max_chars`` characters, 408 for a body not received within
+``timeout_s``, 503 with ``Retry-After`` when ``max_queue`` texts already wait, 504 when the answer takes longer
+than ``timeout_s``, 500 (logged, never a traceback) if the model call fails. SIGTERM stops accepting
+connections, lets the requests in flight finish (at most ``drain_s``), then exits 0. See docs/serving.md.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from emocompress.deploy.batching import Batcher, QueueFull
+from emocompress.deploy.page import PAGE
+
+log = logging.getLogger("emocompress.serve")
+access_log = logging.getLogger("emocompress.access")
+
+
+def _setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Settings:
+    """What a server accepts and how it batches (each is a ``--flag`` of ``emocompress serve``)."""
+
+    max_batch_size: int = _setting(8, "texts per model call (a batch is padded to its longest text)")
+    max_wait_ms: float = _setting(5.0, "how long the oldest waiting request may wait for others to join its batch")
+    max_queue: int = _setting(256, "texts waiting for the model before new requests get 503")
+    max_texts: int = _setting(64, "texts per request (413 beyond)")
+    max_body_bytes: int = _setting(1_000_000, "bytes per request body (413 beyond)")
+    max_chars: int = _setting(10_000, "characters per text (422 beyond)")
+    timeout_s: float = _setting(10.0, "per request: the body must arrive within it (408), then the answer (504)")
+    drain_s: float = _setting(30.0, "on SIGTERM: the longest wait for the requests in flight")
+    max_connections: int = _setting(1024, "connections and requests at once (503 beyond)")
+    workers: int = _setting(0, "model calls at once; 0: one per core, each on one ONNX Runtime thread")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers"):  # 0 ms: batch what is queued
+                raise ValueError(f"--{f.name} must be positive, got {value}")
+        if self.max_queue < self.max_texts:  # a request of max_texts texts could never be queued
+            raise ValueError(f"--max_queue {self.max_queue} is below --max_texts {self.max_texts}; raise it or "
+                             "lower --max_texts")
+        self.workers = self.workers or _cores()
+
+
+def _cores() -> int:
+    """The cores this process may run on (fewer than the machine's in a container or under taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ApiError(Exception):
+    """A refused request: its status and the JSON body that says why."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None, **detail):
+        super().__init__(message)
+        self.status, self.headers, self.body = status, headers, {"error": message, **detail}
+
+
+def parse_texts(body: bytes, settings: Settings) -> list[str]:
+    """The texts of a ``/v1/predict`` body, or ``ApiError`` naming what is wrong with it.
+
+    >>> parse_texts(b'{"text": "hi"}', Settings())
+    ['hi']
+    >>> parse_texts(b'{"texts": ["a", 3]}', Settings())
+    Traceback (most recent call last):
+    ...
+    emocompress.deploy.http.ApiError: texts[1] must be a string, got int
+    """
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deep
+        raise ApiError(400, f"the body is not JSON ({type(error).__name__}: {str(error)[:200]}); "
+                            'send {"texts": ["...", ...]} or {"text": "..."}', field="body") from None
+    if not isinstance(payload, dict) or len(payload) != 1 or not {"text", "texts"} & set(payload):
+        keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise ApiError(400, f'the body must be an object with one key, "texts" (a list of strings) or "text" '
+                            f"(a string), got {str(keys)[:200]}", field="body")
+    if "text" in payload:
+        texts, names = [payload["text"]], ["text"]
+    else:
+        texts = payload["texts"]
+        if not isinstance(texts, list) or not texts:
+            got = f"{len(texts)} texts" if isinstance(texts, list) else type(texts).__name__
+            raise ApiError(400, f"texts must be a non-empty list of strings, got {got}", field="texts")
+        names = [f"texts[{i}]" for i in range(len(texts))]
+    if len(texts) > settings.max_texts:
+        raise ApiError(413, f"{len(texts)} texts in one request, more than max_texts={settings.max_texts}; "
+                            "split them into several requests", limit="max_texts", max=settings.max_texts)
+    for name, text in zip(names, texts):
+        if not isinstance(text, str):
+            raise ApiError(400, f"{name} must be a string, got {type(text).__name__}", field=name)
+        if len(text) > settings.max_chars:
+            raise ApiError(422, f"{name} has {len(text)} characters, more than max_chars={settings.max_chars}; "
+                                "shorten it (the model reads only its first max_length tokens)",
+                           field=name, limit="max_chars", max=settings.max_chars)
+    return texts
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    too_big = ApiError(413, f"the body exceeds max_body_bytes={limit}; send fewer or shorter texts",
+                       limit="max_body_bytes", max=limit)
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (several apps may live in one process)."""
+
+    PATHS = ("/", "/v1/predict", "/v1/model", "/health", "/ready", "/metrics")
+
+    def __init__(self, max_batch_size: int):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("emocompress_http_requests", "HTTP requests answered, by path and status",
+                                ["path", "status"], registry=self.registry)
+        self.latency = Histogram("emocompress_http_request_seconds", "time from request to response, by path",
+                                 ["path"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        sizes = sorted({2 ** i for i in range(max_batch_size.bit_length())} | {max_batch_size})
+        self.batch_size = Histogram("emocompress_batch_size", "texts per model call", registry=self.registry,
+                                    buckets=sizes)
+        self.queue_depth = Gauge("emocompress_queue_depth", "texts waiting for the model", registry=self.registry)
+        self.texts = Counter("emocompress_texts", "texts predicted", registry=self.registry)
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        path = path if path in self.PATHS else "other"  # unknown paths must not grow the label set
+        self.requests.labels(path, str(status)).inc()
+        self.latency.labels(path).observe(seconds)
+
+    def on_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+        self.texts.inc(size)
+
+
+class AccessLog:
+    """ASGI middleware: one log line and the metrics of every HTTP request, whatever its outcome."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500  # 500 unless a response starts (an unhandled error)
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - start
+            self.metrics.observe(scope["path"], status, seconds)
+            client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
+            access_log.info('%s "%s %s" %d %.1f ms', client, scope["method"], scope["path"][:200], status,
+                            seconds * 1000)
+
+
+def create_app(predictor, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app serving ``predictor`` (an ``OnnxPredictor``: ``predict(texts)``, ``labels``,
+    ``max_length``); its batcher starts and stops with the app's lifespan."""
+    settings = settings or Settings()
+    metrics = Metrics(settings.max_batch_size)
+    batcher = Batcher(predictor.predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
+                      on_batch=metrics.on_batch, workers=settings.workers)
+    metrics.queue_depth.set_function(lambda: batcher.queued)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        log.info("ready: %d labels, max_length %d, %s", len(predictor.labels), predictor.max_length, settings)
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="emocompress", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher, app.state.metrics = batcher, metrics
+    app.add_middleware(AccessLog, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def refused(request: Request, error: ApiError):
+        return JSONResponse(error.body, error.status, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception):  # logged with its traceback; the client gets none
+        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        return JSONResponse({"error": "internal error; the server's log has the details"}, 500)
+
+    @app.post("/v1/predict")
+    async def predict(request: Request):
+        deadline = time.monotonic() + settings.timeout_s
+        try:
+            body = await asyncio.wait_for(_read_body(request, settings.max_body_bytes), settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the body was not received within timeout_s={settings.timeout_s}",
+                           limit="timeout_s") from None
+        texts = parse_texts(body, settings)
+        try:
+            results = await asyncio.wait_for(batcher.submit(texts), max(deadline - time.monotonic(), 0.001))
+        except QueueFull:
+            raise ApiError(503, f"busy: {settings.max_queue} texts may wait (max_queue) and the queue is full; "
+                                "retry after a second", headers={"Retry-After": "1"}, limit="max_queue") from None
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"no answer within timeout_s={settings.timeout_s}; the server is overloaded",
+                           limit="timeout_s") from None
+        return JSONResponse({"predictions": results})
+
+    @app.get("/v1/model")
+    async def model():
+        return {"labels": predictor.labels, "max_length": predictor.max_length, "limits": asdict(settings)}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not batcher.running:
+            return JSONResponse({"status": "not ready"}, 503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE
+
+    return app
+
+
+def make_server(app: FastAPI, host: str, port: int, settings: Settings, log_level: str = "info") -> uvicorn.Server:
+    """A uvicorn server for ``app``: our access log instead of uvicorn's, the drain deadline, the connection cap."""
+    logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    logging_config["handlers"]["emocompress"] = {"class": "logging.StreamHandler", "formatter": "default",
+                                                 "stream": "ext://sys.stderr"}
+    logging_config["loggers"]["emocompress"] = {"handlers": ["emocompress"], "level": "INFO", "propagate": False}
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            log_config=logging_config, timeout_graceful_shutdown=settings.drain_s,
+                            limit_concurrency=settings.max_connections, server_header=False)
+    return uvicorn.Server(config)
+
+
+def _exit_on(signum: int, code: int) -> None:
+    """After a graceful shutdown uvicorn raises the signal again; handled here, it exits ``code`` instead
+    of dying of it (a SIGTERM'd server that drained cleanly exits 0, as process managers expect)."""
+    signal.signal(signum, lambda *_: sys.exit(code))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``emocompress serve FOLDER [--host H] [--port P] [--max_batch_size N ...]``: serve the folder over HTTP."""
+    from emocompress.deploy.serve import OnnxPredictor  # its module is the stdin/stdout server
+
+    parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="ONNX artifact folder (OnnxExport, export_onnx or onnxruntime INT8)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="ONNX Runtime threads per model call (default: the cores shared among --workers)")
+    parser.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    for f in fields(Settings):
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default {f.default})")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+        threads = args.num_threads or max(1, _cores() // settings.workers)
+        # Every text of a model call in one run of the graph: the batcher already sized the batch.
+        predictor = OnnxPredictor(args.folder, threads, batch_size=settings.max_batch_size)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    _exit_on(signal.SIGTERM, 0)
+    _exit_on(signal.SIGINT, 128 + signal.SIGINT)
+    server = make_server(create_app(predictor, settings), args.host, args.port, settings, args.log_level)
+    server.run()
+    if not server.started:  # the port was taken or the host unknown: uvicorn logged why
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

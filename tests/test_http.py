@@ -1,0 +1,351 @@
+"""The HTTP server (emocompress serve): a real uvicorn server on a free loopback port, a real HTTP client, a tiny
+ONNX export; batching, limits and bad input, metrics, SIGTERM drain, the page in a headless browser."""
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from emocompress.compression.export import export_onnx
+from emocompress.deploy.batching import Batcher
+from emocompress.deploy.http import Settings, create_app, main, make_server
+from emocompress.deploy.serve import OnnxPredictor
+from emocompress.deploy.serve import main as serve_main
+from tests.conftest import make_texts
+
+# The server as a deployment runs it: `emocompress serve ...` with torch, transformers and lightning imports failing.
+_BLOCKED_CLI = """
+import sys
+for name in ("torch", "transformers", "lightning"):
+    sys.modules[name] = None
+from emocompress.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_teacher_dir, tmp_path_factory):
+    """An fp32 ONNX export of the tiny teacher (a random head: predictions differ from text to text a little)."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    return export_onnx(model, tmp_path_factory.mktemp("http") / "onnx", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def predictor(folder):
+    return OnnxPredictor(folder, num_threads=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _running(predictor, **settings):
+    """The base URL of a uvicorn server for ``predictor`` running in a thread on a free loopback port."""
+    settings = Settings(**settings)
+    server = make_server(create_app(predictor, settings), "127.0.0.1", _free_port(), settings, log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):  # bounded: 10 s
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "the server did not start within 10 s"
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+# small limits, so each is cheap to cross; max_wait_ms long enough that concurrent requests share batches
+_LIMITS = {"max_texts": 8, "max_chars": 200, "max_body_bytes": 4000, "max_batch_size": 16, "max_wait_ms": 20}
+
+
+@pytest.fixture(scope="module")
+def url(predictor):
+    with _running(predictor, **_LIMITS) as base:
+        yield base
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    return make_texts(["anger", "joy", "love"][seed % 3], n, seed)
+
+
+def _metric(text: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples named exactly ``name`` (all label values)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.split("{")[0].split(" ")[0] == name)
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order(url, predictor):
+    requests = [_texts(1 + i % 5, seed=i) for i in range(40)]  # 1 to 5 texts each, 120 in all
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/predict", json={"texts": texts}) for texts in requests))
+
+    before = httpx.get(f"{url}/metrics").text
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * len(requests)
+    for texts, response in zip(requests, responses):
+        served, offline = response.json()["predictions"], predictor.predict(texts)
+        assert [p["label"] for p in served] == [p["label"] for p in offline]
+        for got, expected in zip(served, offline):  # padded to another batch's longest text: float noise only
+            assert list(got["probs"]) == predictor.labels
+            assert got["probs"] == pytest.approx(expected["probs"], abs=1e-5)
+    after = httpx.get(f"{url}/metrics").text
+    texts = _metric(after, "emocompress_texts_total") - _metric(before, "emocompress_texts_total")
+    calls = _metric(after, "emocompress_batch_size_count") - _metric(before, "emocompress_batch_size_count")
+    assert texts == sum(map(len, requests))
+    assert calls < len(requests)  # requests shared model calls
+    assert _metric(after, "emocompress_batch_size_sum") - _metric(before, "emocompress_batch_size_sum") == texts
+
+
+def test_endpoints_answer(url, predictor):
+    one = httpx.post(f"{url}/v1/predict", json={"text": "i feel so happy"})
+    assert one.status_code == 200
+    assert one.json()["predictions"] == predictor.predict(["i feel so happy"])  # a batch of one, as offline
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/ready").json() == {"status": "ready"}
+    model = httpx.get(f"{url}/v1/model").json()
+    assert model["labels"] == predictor.labels and model["limits"]["max_texts"] == 8
+    page = httpx.get(f"{url}/")
+    assert page.headers["content-type"].startswith("text/html") and "v1/predict" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # self-contained
+    metrics = httpx.get(f"{url}/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for name in ("emocompress_http_requests_total", "emocompress_http_request_seconds_bucket",
+                 "emocompress_batch_size_bucket", "emocompress_queue_depth"):
+        assert name in metrics.text
+    assert re.search(r'emocompress_http_requests_total\{path="/v1/predict",status="200"\} [1-9]', metrics.text)
+    assert httpx.get(f"{url}/nowhere").status_code == 404
+
+
+_BAD = {  # case -> (body bytes, status, what the message says, "field" or "limit" it names)
+    "not_json": (b'{"texts": [', 400, r"the body is not JSON", {"field": "body"}),
+    "not_utf8": (b'{"text": "\xff\xfe"}', 400, r"the body is not JSON", {"field": "body"}),
+    "nested_deep": (b"[" * 100_000 + b"]" * 100_000, 413, r"max_body_bytes=4000", {"limit": "max_body_bytes"}),
+    "nested": (b"[" * 1500 + b"]" * 1500, 400, r"the body is not JSON|must be an object", {"field": "body"}),
+    "a_list": (b'["hi"]', 400, r"must be an object with one key", {"field": "body"}),
+    "unknown_key": (b'{"txts": ["hi"]}', 400, r"one key, \"texts\" .* got \['txts'\]", {"field": "body"}),
+    "both_keys": (b'{"text": "a", "texts": ["b"]}', 400, r"one key", {"field": "body"}),
+    "texts_not_list": (b'{"texts": "hi"}', 400, r"texts must be a non-empty list of strings, got str",
+                       {"field": "texts"}),
+    "texts_empty": (b'{"texts": []}', 400, r"got 0 texts", {"field": "texts"}),
+    "text_not_str": (b'{"text": 3}', 400, r"text must be a string, got int", {"field": "text"}),
+    "item_not_str": (b'{"texts": ["a", null]}', 400, r"texts\[1\] must be a string, got NoneType",
+                     {"field": "texts[1]"}),
+    "too_many_texts": (json.dumps({"texts": ["a"] * 9}).encode(), 413, r"9 texts .* max_texts=8",
+                       {"limit": "max_texts"}),
+    "text_too_long": (json.dumps({"texts": ["a", "b" * 201]}).encode(), 422, r"texts\[1\] has 201 .* max_chars=200",
+                      {"limit": "max_chars", "field": "texts[1]"}),
+    "body_too_big": (json.dumps({"texts": ["a" * 150] * 30}).encode(), 413, r"max_body_bytes=4000",
+                     {"limit": "max_body_bytes"}),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD))
+def test_bad_requests_are_refused_naming_the_field_or_limit(url, case):
+    body, status, message, names = _BAD[case]
+    response = httpx.post(f"{url}/v1/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    answer = response.json()
+    assert re.search(message, answer["error"]), answer
+    assert names.items() <= answer.items()
+    assert "Traceback" not in response.text
+    assert httpx.post(f"{url}/v1/predict", json={"text": "still serving"}).status_code == 200
+
+
+def test_streamed_body_over_the_limit_is_refused(url):
+    def chunks():  # no Content-Length: the server counts as it reads
+        for _ in range(10):
+            yield b" " * 1000
+
+    response = httpx.post(f"{url}/v1/predict", content=chunks())
+    assert response.status_code == 413 and response.json()["limit"] == "max_body_bytes"
+
+
+class _Slow:
+    """The predictor, ``seconds`` slower per model call (or failing), to fill the queue."""
+
+    def __init__(self, predictor, seconds: float = 0.0, fail: bool = False):
+        self.predictor, self.seconds, self.fail = predictor, seconds, fail
+        self.labels, self.max_length = predictor.labels, predictor.max_length
+
+    def predict(self, texts):
+        time.sleep(self.seconds)
+        if self.fail:
+            raise RuntimeError("secret internals")
+        return self.predictor.predict(texts)
+
+
+async def _post_all(url, bodies, **client_options):
+    async with httpx.AsyncClient(base_url=url, timeout=30, **client_options) as client:
+        return await asyncio.gather(*(client.post("/v1/predict", json=body) for body in bodies))
+
+
+def test_full_queue_answers_503_with_retry_after(predictor):
+    with _running(_Slow(predictor, 0.3), max_batch_size=1, max_wait_ms=0, max_queue=2, max_texts=2) as base:
+        responses = asyncio.run(_post_all(base, [{"text": f"text {i}"} for i in range(8)]))
+        statuses = sorted(r.status_code for r in responses)
+        busy = [r for r in responses if r.status_code == 503]
+        # at least the two that fit in the queue are answered; the rest arrive while it is full
+        assert statuses.count(200) >= 2 and len(busy) >= 3 and set(statuses) == {200, 503}
+        assert all(r.headers["retry-after"] == "1" and r.json()["limit"] == "max_queue" for r in busy)
+        time.sleep(0.4)
+        assert httpx.post(f"{base}/v1/predict", json={"text": "after"}).status_code == 200
+        assert _metric(httpx.get(f"{base}/metrics").text, "emocompress_queue_depth") == 0
+
+
+def test_slow_answer_504_and_slow_body_408(predictor):
+    with _running(_Slow(predictor, 1.0), timeout_s=0.3) as base:
+        late = httpx.post(f"{base}/v1/predict", json={"text": "late"})
+        assert late.status_code == 504 and late.json()["limit"] == "timeout_s"
+
+        def slowly():
+            yield b'{"text": '
+            time.sleep(0.6)
+            yield b'"slow"}'
+
+        response = httpx.post(f"{base}/v1/predict", content=slowly())
+        assert response.status_code == 408 and "timeout_s=0.3" in response.json()["error"]
+        assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_model_failure_is_500_without_internals(predictor):
+    with _running(_Slow(predictor, fail=True)) as base:
+        response = httpx.post(f"{base}/v1/predict", json={"texts": ["a", "b"]})
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal error; the server's log has the details"}
+        assert "secret" not in response.text and "Traceback" not in response.text
+        assert httpx.get(f"{base}/ready").status_code == 200
+
+
+def test_bad_folder_and_settings_exit_2_in_one_line(tmp_path, capsys):
+    for run, argv, message in (
+            (main, [str(tmp_path / "missing")], rf"{tmp_path / 'missing'}: not a folder"),
+            (main, [str(tmp_path), "--max_queue", "0"], r"--max_queue must be positive, got 0"),
+            (main, [str(tmp_path), "--max_queue", "8"], r"--max_queue 8 is below --max_texts 64; raise it"),
+            # python -m emocompress.deploy.serve with --port is this server
+            (serve_main, [str(tmp_path / "missing"), "--port", "0"], r"emocompress serve: error: .*not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+@pytest.mark.slow
+def test_command_refuses_a_bad_folder_without_torch(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _BLOCKED_CLI, "serve", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith(f"emocompress serve: error: {tmp_path / 'missing'}: not a folder; ")
+
+
+@pytest.mark.slow
+def test_sigterm_drains_requests_in_flight_then_exits_0(folder, tmp_path):
+    port = _free_port()
+    # max_wait_ms 2000: a lone request waits 2 s in the batcher, so it is in flight when SIGTERM comes
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-c", _BLOCKED_CLI, "serve", str(folder), "--port", str(port),
+                               "--max_wait_ms", "2000", "--drain_s", "20"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        for _ in range(300):  # bounded: 30 s
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        result = {}
+        client = threading.Thread(target=lambda: result.update(r=httpx.post(
+            f"http://127.0.0.1:{port}/v1/predict", json={"texts": ["i feel happy", "furious"]}, timeout=30)))
+        started = time.monotonic()
+        client.start()
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        client.join(timeout=30)
+        assert server.wait(timeout=30) == 0
+        assert result["r"].status_code == 200 and len(result["r"].json()["predictions"]) == 2
+        assert time.monotonic() - started >= 1.9  # answered after its wait, not cut short
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        server.kill()
+        out, err = server.communicate()
+    access = [line for line in err.splitlines() if '"POST /v1/predict" 200' in line or '"GET /ready"' in line]
+    assert len([line for line in access if "POST" in line]) == 1, err
+    assert "Traceback" not in err, err
+
+
+def test_batcher_merges_up_to_max_batch_size_and_runs_workers_at_once():
+    calls, both = [], threading.Barrier(2, timeout=5)
+
+    def predict(texts):
+        calls.append(list(texts))
+        if len(calls) <= 2:
+            both.wait()  # passes only if the first two model calls run at the same time
+        return [{"label": text.upper()} for text in texts]
+
+    async def scenario():
+        batcher = Batcher(predict, max_batch_size=4, max_wait_ms=50, workers=2)
+        batcher.start()
+        try:
+            requests = [["a", "b"], ["c"], ["d", "e"], ["f", "g", "h", "i", "j"], ["k"]]
+            answers = await asyncio.gather(*(batcher.submit(texts) for texts in requests))
+            assert answers == [[{"label": t.upper()} for t in texts] for texts in requests]
+            # a request is never split: [d, e] does not fit beside [a, b] + [c]; the 5 texts run alone
+            assert calls[:3] == [["a", "b", "c"], ["d", "e"], ["f", "g", "h", "i", "j"]] and calls[3] == ["k"]
+            with pytest.raises(asyncio.TimeoutError):  # a caller that gives up leaves nothing queued behind
+                await asyncio.wait_for(batcher.submit(["x"] * 3), 0.001)
+            assert batcher.queued == 0
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_page_shows_the_label_and_a_bar_per_emotion(url, predictor):
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("no /usr/bin/chromium (Debian's chromium package)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            page.fill("#text", "i feel so happy today")
+            page.click("#predict")
+            page.wait_for_selector("#bars .row", timeout=10_000)
+            expected = predictor.predict(["i feel so happy today"])[0]
+            assert page.inner_text("#label") == expected["label"]
+            rows = page.query_selector_all("#bars .row")
+            assert [row.get_attribute("data-label") for row in rows] == predictor.labels
+            widths = [float(row.query_selector(".bar").evaluate("e => e.style.width").rstrip("%")) for row in rows]
+            assert widths == pytest.approx([100 * p for p in expected["probs"].values()], abs=0.06)
+            assert page.query_selector(".row.top").get_attribute("data-label") == expected["label"]
+            page.fill("#text", "x" * 201)  # over max_chars: the page shows the server's message
+            page.click("#predict")
+            page.wait_for_function("document.getElementById('error').textContent.includes('max_chars')")
+            assert not errors or all("422" in e for e in errors), errors
+        finally:
+            browser.close()
