@@ -159,16 +159,30 @@ class EmotionDataModule(LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
         for split in needed:
             if split not in self.splits:
-                self.splits[split] = tokenized_split(self._rows(split), split, self.tokenizer, self.hparams.max_length,
-                                                     self.label2id, self.source.locate(split)[1])
+                self._tokenize(split)
         if stage == "fit" and not self.counts_after:
             self.counts_before, self.counts_after = _count_classes(
                 self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1], self.hparams,
                 self.augmentation, self.trainer.logger if self.trainer is not None else None)
         if stage == "predict" and "predict" not in self.splits:
+            self._tokenize("predict")
+
+    def _tokenize(self, split: str) -> None:
+        if split == "predict":
             file = self.hparams.predict_file
             raw = self.raw_split("test") if file is None else self.source.read_texts(file)
             self.splits["predict"] = predict_split(raw, self.tokenizer, self.hparams.max_length)
+        else:
+            self.splits[split] = tokenized_split(self._rows(split), split, self.tokenizer, self.hparams.max_length,
+                                                 self.label2id, self.source.locate(split)[1])
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """Tokenize with ``tokenizer`` from now on (a pruned vocabulary's, with other ids): the splits tokenized so
+        far are tokenized again with it (``VocabularyPruning``)."""
+        self.tokenizer = tokenizer
+        done, self.splits = list(self.splits), {}
+        for split in done:
+            self._tokenize(split)
 
     # ---- loaders ----
     def _loader(self, split: str, train: bool) -> DataLoader:
