@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import time
 
 import numpy as np
@@ -127,6 +128,11 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodul
     assert {"size_mb", "gzip_mb", "latency_ms_median", "latency_ms_p90", "throughput_per_s", "macro_f1",
             "balanced_accuracy", "cohen_kappa", "accuracy", "params", "nonzero_params", "speedup"} <= set(table[0])
     assert float(table[0]["speedup"]) == 1.0
+    # energy of the timed calls, labelled with its kind (codecarbon estimates it on machines without RAPL)
+    method = "measured" if os.access("/sys/class/powercap/intel-rapl/subsystem", os.R_OK) else "estimated"
+    assert all(float(r["energy_kwh_per_1k"]) > 0 and float(r["energy_kwh_per_1k_batch1"]) > 0 for r in table)
+    assert {r["energy_method"] for r in table} == {method}
+    assert f") {method} |" in (out / "model_comparison.md").read_text()
     assert rows[0]["size_mb"] == pytest.approx((fp32 / "model.safetensors").stat().st_size / 1e6)
     for name in ("confusion_fp32.png", "confusion_int8.png", "confusion_fp32_x2.png", "tradeoff.png",
                  "per_class_f1.png", "model_comparison.md", "per_class.md", "predictions.json"):
