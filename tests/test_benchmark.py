@@ -204,6 +204,25 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodul
     assert (out / "README.md").read_text() == "# my study\n"
 
 
+def test_throughput_batches_texts_by_length_and_keeps_the_split_order(emotion_dir, exported, make_datamodule):
+    from emocompress.benchmark.variants import measure
+    from emocompress.data.sampling import padding_per_text, sort_by_length
+
+    fp32, _ = exported
+    variant = measure("fp32", [str(fp32)], str(emotion_dir), "test", latency_samples=2, batch_size=3, max_samples=None)
+    dm = make_datamodule(fp32)
+    dm.setup("test")
+    lengths = dm.splits["test"]["length"]
+    padding = variant.static["padded_tokens_per_text"]
+    assert padding == padding_per_text(lengths, sort_by_length(lengths), 3) < padding_per_text(lengths, range(9), 3)
+    widths = [b["input_ids"].shape[1] for b in variant.batches]
+    assert widths == sorted(widths, reverse=True)
+    model = load_for_benchmark(fp32)[0]
+    with torch.no_grad():  # each text alone, in the split's order
+        alone = [model(**dm.tokenizer(t, return_tensors="pt")).logits.argmax(-1).item() for t in dm.texts("test")]
+    assert variant.preds[0].tolist() == alone and variant.target.tolist() == dm.splits["test"]["labels"]
+
+
 def test_benchmark_subcommand(emotion_dir, exported, tmp_path):
     fp32, _ = exported
     main(["benchmark", "--models", f'{{"fp32": "{fp32}"}}', "--data", str(emotion_dir),

@@ -486,7 +486,7 @@ def test_predict_file_with_hostile_texts(emotion_dir, tiny_model_dir, tmp_path):
     assert records["text"][0] == "happy"
     assert max(map(len, records["input_ids"])) == 128  # the long text is truncated
     batch = next(iter(dm.predict_dataloader()))
-    assert batch["input_ids"].shape == (3, 128) and batch["line"] == [1, 4, 5]
+    assert batch["input_ids"].shape == (3, 128) and batch["line"] == [5, 4, 1]  # longest first
 
     texts.write_bytes(b"fine\nbad \xff byte\n")
     dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(texts))

@@ -12,8 +12,9 @@ list of them: runs of one recipe with different seeds. How things are measured (
     ``warmup`` untimed calls, tokenization excluded; in ``rounds`` interleaved rounds (every model once per
     round, one process, same threads). Median over rounds of each round's median, the least and greatest
     round median, and the 90th percentile of all timed calls.
-  * throughput: batches of ``batch_size`` consecutive texts (padded to their longest), texts per second of
-    model time; median over the same interleaved rounds, and its least and greatest.
+  * throughput: batches of ``batch_size`` texts of similar length (the split sorted by token length, as
+    ``predict`` batches; each batch padded to its longest text, ``padded_tokens_per_text`` reported), texts per
+    second of model time; median over the same interleaved rounds, and its least and greatest.
   * metrics: the whole split, with the same torchmetrics code as training, each model's classes matched by name to
     the data's labels (the sorted train labels; a model trained on another label set is refused); mean over runs,
     std over runs, and 95% paired-bootstrap intervals; macro-F1 difference to the baseline with its interval and

@@ -33,9 +33,9 @@ def kept_ids(tokenizer, texts: list[str], extra_texts: list[str] | None = None, 
     times in ``texts``, and every token of ``extra_texts`` (however rare).
 
     >>> from transformers import BertTokenizerFast
-    >>> tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c"])})
-    >>> kept_ids(tok, ["a a b"], min_count=2)
-    [0, 1, 2, 3, 4]
+    >>> words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]
+    >>> kept_ids(BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}), ["a a b"], min_count=2)
+    [0, 1, 2, 3, 4, 5]
     """
     counts = Counter(i for row in _token_ids(tokenizer, texts) for i in row)
     keep = {i for i, n in counts.items() if n >= min_count}
