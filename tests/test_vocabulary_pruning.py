@@ -120,3 +120,27 @@ def test_callback_prunes_before_fit_and_writes_its_stats(make_datamodule, tiny_m
     assert model.model.config.vocab_size == stats["kept_tokens"]
     exported = load_model(str(tmp_path / "hf_model"))
     assert exported.config.vocab_size == len(load_tokenizer(str(tmp_path / "hf_model"))) == stats["kept_tokens"]
+
+
+@pytest.mark.slow
+def test_cli_fit_with_pruned_vocabulary_exports_serves_and_tests_from_its_checkpoint(emotion_dir, tiny_model_dir,
+                                                                                    tmp_path):
+    from emocompress.deploy.serve import OnnxPredictor
+    from emocompress.models.pretrained import load_model, load_tokenizer
+    from tests.test_cli import CONFIGS, run_cli, tiny_args
+
+    overlays = ["-c", CONFIGS / "overlays/vocab_prune.yaml", "-c", CONFIGS / "overlays/quantize.yaml",
+                "-c", CONFIGS / "overlays/energy.yaml"]
+    args = [*tiny_args(emotion_dir, tiny_model_dir), *overlays]
+    fit = run_cli("fit", *args, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    stats = json.loads((run / "vocab_pruning.json").read_text())
+    assert load_model(str(run / "hf_model")).config.vocab_size == len(load_tokenizer(str(run / "hf_model"))) \
+        == stats["kept_tokens"]
+    assert json.loads((run / "test_metrics.json").read_text())["energy"]["fit"]["energy_kwh"] > 0
+    assert "energy:" in fit.stderr and "kWh" in fit.stderr  # the end-of-run summary
+    assert len(OnnxPredictor(run / "int8").predict(["i feel happy", "furious"])) == 2
+    # a fresh process builds the unpruned network; the callback prunes it to the checkpoint's shape before it loads
+    test = run_cli("test", *args, "--ckpt_path", "best", cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
