@@ -28,7 +28,8 @@ class EnergyTracking(Callback):
     ``energy_kwh`` (CPU, RAM and any GPU), ``cpu_energy_kwh``, ``ram_energy_kwh``, ``emissions_kg``, ``duration_s``,
     and ``energy_method``: ``measured`` (the CPU's energy counters, RAPL) or ``estimated`` (TDP times this
     process's load, as on VMs without ``/sys/class/powercap``). ``test_metrics.json`` and the end-of-run summary
-    repeat it. Under DDP, rank 0 measures its own process.
+    repeat it. Under DDP, rank 0 measures its own process; a fit resumed from a checkpoint records the energy of
+    the resumed part only.
 
     Args:
         country_iso_code: the country whose carbon intensity turns kWh into ``emissions_kg`` (ISO 3166 alpha-3);

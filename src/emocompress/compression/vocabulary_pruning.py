@@ -98,7 +98,7 @@ def _wordpiece_spec(tokenizer) -> dict:
     spec = json.loads(backend.to_str()) if backend is not None else {}
     kind = spec.get("model", {}).get("type")
     if kind != "WordPiece":
-        raise ValueError(f"prune_vocabulary: {getattr(tokenizer, 'name_or_path', tokenizer)!r} has a "
+        raise ValueError(f"prune_vocabulary: {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has a "
                          f"{kind or 'slow (Python)'} tokenizer; vocabulary pruning rewrites a fast WordPiece "
                          "vocabulary (BERT, DistilBERT, MiniLM): remove VocabularyPruning for this model")
     return spec
@@ -117,11 +117,11 @@ def _renumbered_tokenizer(tokenizer, spec: dict, vocab: dict[str, int]):
     with tempfile.TemporaryDirectory(prefix="emocompress-vocab-") as tmp:
         tokenizer.save_pretrained(tmp)
         Path(tmp, "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-        for stale in ("vocab.txt",):  # a slow tokenizer's copy of the old vocabulary, if this version writes one
-            if Path(tmp, stale).is_file():
-                Path(tmp, stale).write_text("".join(f"{token}\n" for token in vocab), encoding="utf-8")
+        vocab_txt = Path(tmp, "vocab.txt")  # the slow tokenizer's copy of the vocabulary, where one is written
+        if vocab_txt.is_file():
+            vocab_txt.write_text("".join(f"{token}\n" for token in vocab), encoding="utf-8")
         pruned = AutoTokenizer.from_pretrained(tmp)
-    pruned.name_or_path = tokenizer.name_or_path
+    pruned.name_or_path = tokenizer.name_or_path  # where it came from: the pruned one lives in memory until exported
     return pruned
 
 
