@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import time
 
 import numpy as np
@@ -127,6 +128,11 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodul
     assert {"size_mb", "gzip_mb", "latency_ms_median", "latency_ms_p90", "throughput_per_s", "macro_f1",
             "balanced_accuracy", "cohen_kappa", "accuracy", "params", "nonzero_params", "speedup"} <= set(table[0])
     assert float(table[0]["speedup"]) == 1.0
+    # energy of the timed calls, labelled with its kind (codecarbon estimates it on machines without RAPL)
+    method = "measured" if os.access("/sys/class/powercap/intel-rapl/subsystem", os.R_OK) else "estimated"
+    assert all(float(r["energy_kwh_per_1k"]) > 0 and float(r["energy_kwh_per_1k_batch1"]) > 0 for r in table)
+    assert {r["energy_method"] for r in table} == {method}
+    assert f") {method} |" in (out / "model_comparison.md").read_text()
     assert rows[0]["size_mb"] == pytest.approx((fp32 / "model.safetensors").stat().st_size / 1e6)
     for name in ("confusion_fp32.png", "confusion_int8.png", "confusion_fp32_x2.png", "tradeoff.png",
                  "per_class_f1.png", "model_comparison.md", "per_class.md", "predictions.json", "report.html"):
@@ -196,6 +202,25 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodul
     benchmark({"fp32": str(fp32)}, data=str(emotion_dir), out_dir=str(out), latency_samples=2, warmup=1, rounds=1)
     assert not (out / "confusion_int8.png").exists() and (out / "confusion_fp32.png").is_file()
     assert (out / "README.md").read_text() == "# my study\n"
+
+
+def test_throughput_batches_texts_by_length_and_keeps_the_split_order(emotion_dir, exported, make_datamodule):
+    from emocompress.benchmark.variants import measure
+    from emocompress.data.sampling import padding_per_text, sort_by_length
+
+    fp32, _ = exported
+    variant = measure("fp32", [str(fp32)], str(emotion_dir), "test", latency_samples=2, batch_size=3, max_samples=None)
+    dm = make_datamodule(fp32)
+    dm.setup("test")
+    lengths = dm.splits["test"]["length"]
+    padding = variant.static["padded_tokens_per_text"]
+    assert padding == padding_per_text(lengths, sort_by_length(lengths), 3) < padding_per_text(lengths, range(9), 3)
+    widths = [b["input_ids"].shape[1] for b in variant.batches]
+    assert widths == sorted(widths, reverse=True)
+    model = load_for_benchmark(fp32)[0]
+    with torch.no_grad():  # each text alone, in the split's order
+        alone = [model(**dm.tokenizer(t, return_tensors="pt")).logits.argmax(-1).item() for t in dm.texts("test")]
+    assert variant.preds[0].tolist() == alone and variant.target.tolist() == dm.splits["test"]["labels"]
 
 
 def test_benchmark_subcommand(emotion_dir, exported, tmp_path):

@@ -168,11 +168,35 @@ def test_predict_returns_probabilities_per_text(make_datamodule, tiny_model_dir,
     dm = make_datamodule()
     model = EmotionClassifier(tiny_model_dir, dm.id2label)
     records = [r for batch in trainer().predict(model, datamodule=dm) for r in batch]
-    assert [r["line"] for r in records] == list(range(1, 10))
+    assert sorted(r["line"] for r in records) == list(range(1, 10))  # in batches by length (the writer sorts back)
     for record in records:
         assert set(record["probs"]) == {"anger", "joy", "love"}
         assert sum(record["probs"].values()) == pytest.approx(1.0, abs=1e-4)
         assert record["label"] == max(record["probs"], key=record["probs"].get)
+
+
+def test_predict_batches_texts_by_length_and_writes_them_in_input_order(make_datamodule, tiny_model_dir, trainer,
+                                                                          tmp_path):
+    import json
+
+    from emocompress.callbacks.predictions import JsonlPredictionWriter
+    from emocompress.data.sampling import padding_per_text, sort_by_length
+
+    dm = make_datamodule(eval_batch_size=4)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label).eval()
+    batches = trainer(callbacks=[JsonlPredictionWriter(str(tmp_path / "p.jsonl"))]).predict(model, datamodule=dm)
+    lengths = dm.splits["predict"]["length"]
+    in_order = [lengths[r["line"] - 1] for batch in batches for r in batch]
+    assert in_order == sorted(lengths, reverse=True)  # longest first: each batch pads little
+    assert padding_per_text(lengths, sort_by_length(lengths), 4) < padding_per_text(lengths, range(len(lengths)), 4)
+    records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in records] == list(range(1, 10))
+    texts = dm.texts("test")
+    with torch.no_grad():  # each text alone, unpadded: what the sorted, padded batches must equal
+        alone = [model.model(**dm.tokenizer(t, return_tensors="pt")).logits.softmax(-1)[0].tolist() for t in texts]
+    for record, text, probs in zip(records, texts, alone):
+        assert record["text"] == text
+        assert list(record["probs"].values()) == pytest.approx(probs, abs=1e-5)
 
 
 def test_confusion_figure_shows_counts_and_row_percentages():

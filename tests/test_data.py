@@ -87,6 +87,13 @@ def test_eval_shards_see_every_example_exactly_once():
     assert [len(EpochSampler([0] * n, num_replicas=2, rank=r)) for r in range(2)] == [16, 15]
 
 
+def test_predict_shards_are_sorted_by_length_and_see_every_example_once():
+    lengths = [3, 9, 1, 9, 4, 7, 2]
+    shards = [list(EpochSampler([0] * 7, lengths=lengths, batch_size=2, num_replicas=2, rank=r)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(7))
+    assert shards == [[1, 5, 0, 2], [3, 4, 6]]  # longest first (ties in input order), every other one per rank
+
+
 def test_length_grouping_cuts_padding():
     lengths = torch.randint(5, 120, (4000,), generator=torch.Generator().manual_seed(0))
     labels = [0] * 4000
@@ -486,7 +493,7 @@ def test_predict_file_with_hostile_texts(emotion_dir, tiny_model_dir, tmp_path):
     assert records["text"][0] == "happy"
     assert max(map(len, records["input_ids"])) == 128  # the long text is truncated
     batch = next(iter(dm.predict_dataloader()))
-    assert batch["input_ids"].shape == (3, 128) and batch["line"] == [1, 4, 5]
+    assert batch["input_ids"].shape == (3, 128) and batch["line"] == [5, 4, 1]  # longest first
 
     texts.write_bytes(b"fine\nbad \xff byte\n")
     dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(texts))

@@ -15,6 +15,7 @@ import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from emocompress.callbacks.energy import read_energy
 from emocompress.callbacks.export import HFExport, OnnxExport
 from emocompress.callbacks.metrics import TestMetricsWriter
 from emocompress.compression.quantization import Int8Quantization
@@ -327,6 +328,10 @@ def log_summary(trainer, model, subcommand: str) -> None:
     report = getattr(model, "test_report", None)
     if report and subcommand in ("fit", "test"):
         lines.append("  test: " + ", ".join(f"{key} {report[key]:.4f}" for key in SUMMARY_METRICS))
+    energy = read_energy(folder) if subcommand == "fit" else None
+    if energy and "fit" in energy:
+        lines.append(f"  energy: {energy['fit']['energy_kwh']:.6f} kWh ({energy['fit']['energy_method']}, "
+                     f"codecarbon {energy['fit']['cpu_tracker']})")
     if folder.is_dir():
         entries = sorted(folder.iterdir())
         entries += [path for entry in entries if entry.name == "checkpoints" for path in sorted(entry.iterdir())]

@@ -31,7 +31,8 @@ _REPORT_ENTRIES = ("model_comparison.csv", "model_comparison.md", "per_class.csv
 
 _COLUMNS = ["model", "runs", "params", "nonzero_params", "sparsity", "size_mb", "gzip_mb",
             "latency_ms_median", "latency_ms_min", "latency_ms_max", "latency_ms_p90",
-            "throughput_per_s", "throughput_min_per_s", "throughput_max_per_s",
+            "throughput_per_s", "throughput_min_per_s", "throughput_max_per_s", "padded_tokens_per_text",
+            "energy_kwh_per_1k", "energy_kwh_per_1k_batch1", "energy_method",
             *(f"{key}{suffix}" for key in SCALARS for suffix in ("", "_std", "_low", "_high")),
             "macro_f1_diff", "macro_f1_diff_low", "macro_f1_diff_high", "macro_f1_diff_p",
             "mcnemar_only_model_correct", "mcnemar_only_base_correct", "mcnemar_p",
@@ -74,7 +75,7 @@ def environment_info(num_threads: int, settings: dict) -> dict:
             "onnxruntime": ort_version, "transformers": transformers.__version__,
             "python": platform.python_version(), **settings,
             "sequence_length": f"each text tokenized to at most {DEFAULT_MAX_LENGTH} tokens; batch 1 unpadded, "
-                               "batches padded to their longest text"}
+                               "batches of texts of similar length (sorted by token count), padded to their longest"}
 
 
 def invoking_command() -> str:
@@ -130,6 +131,18 @@ def _difference_cell(row: dict) -> str:
     return f"{row['macro_f1_diff']:+.4f} [{low:+.4f}, {high:+.4f}]" + (" *" if low > 0 or high < 0 else "")
 
 
+def _padding_and_energy_cells(row: dict) -> dict:
+    """The padding of the throughput batches and the energy (labelled with its kind) of ``model_comparison.md``;
+    none where the row has none (a benchmark without energy, rows made elsewhere)."""
+    cells = {}
+    if row.get("padded_tokens_per_text") is not None:
+        cells["padding tokens/text"] = f"{row['padded_tokens_per_text']:.1f}"
+    if row.get("energy_kwh_per_1k") is not None:
+        cells["kWh / 1,000 texts, batched (batch 1)"] = (f"{row['energy_kwh_per_1k']:.2e} "
+                                                         f"({row['energy_kwh_per_1k_batch1']:.2e}) {row['energy_method']}")
+    return cells
+
+
 def _comparison_markdown(rows: list[dict], baseline: str) -> str:
     """``model_comparison.md``: estimates with their intervals in one cell each; ``*`` marks a macro-F1 difference
     whose 95% interval excludes 0."""
@@ -144,6 +157,7 @@ def _comparison_markdown(rows: list[dict], baseline: str) -> str:
             "p90 ms": f"{row['latency_ms_p90']:.2f}",
             "texts/s [min, max]": f"{row['throughput_per_s']:.1f} [{row['throughput_min_per_s']:.1f}, "
                                   f"{row['throughput_max_per_s']:.1f}]",
+            **_padding_and_energy_cells(row),
             **{key: _estimate(row, key) for key in SCALARS},
             f"macro F1 - {baseline} [95% CI]": "" if row["model"] == baseline else _difference_cell(row),
             "p (bootstrap)": "" if row["model"] == baseline else f"{row['macro_f1_diff_p']:.3f}",

@@ -12,8 +12,9 @@ list of them: runs of one recipe with different seeds. How things are measured (
     ``warmup`` untimed calls, tokenization excluded; in ``rounds`` interleaved rounds (every model once per
     round, one process, same threads). Median over rounds of each round's median, the least and greatest
     round median, and the 90th percentile of all timed calls.
-  * throughput: batches of ``batch_size`` consecutive texts (padded to their longest), texts per second of
-    model time; median over the same interleaved rounds, and its least and greatest.
+  * throughput: batches of ``batch_size`` texts of similar length (the split sorted by token length, as
+    ``predict`` batches; each batch padded to its longest text, ``padded_tokens_per_text`` reported), texts per
+    second of model time; median over the same interleaved rounds, and its least and greatest.
   * metrics: the whole split, with the same torchmetrics code as training, each model's classes matched by name to
     the data's labels (the sorted train labels; a model trained on another label set is refused); mean over runs,
     std over runs, and 95% paired-bootstrap intervals; macro-F1 difference to the baseline with its interval and
@@ -47,7 +48,8 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
               split: Literal["test", "val"] = "test", baseline: str | None = None, out_dir: str = "reports/benchmark",
               num_threads: int | None = None, latency_samples: int = 300, warmup: int = 30, batch_size: int = 32,
               max_samples: int | None = None, tensorboard: bool = False, rounds: int = 5, bootstrap: int = 1000,
-              seed: int = 0, pairs: list[tuple[str, str]] | None = None, trust_remote_code: bool = False) -> list[dict]:
+              seed: int = 0, pairs: list[tuple[str, str]] | None = None, trust_remote_code: bool = False,
+              energy: bool = True) -> list[dict]:
     """Compare model variants on one data split and write a report folder.
 
     Args:
@@ -77,6 +79,9 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
             paired interval, p-value and McNemar test.
         trust_remote_code: let model folders run their own Python code (``auto_map``); only for code you trust.
             Only this setting counts: a checkpoint's own ``trust_remote_code`` is ignored.
+        energy: also measure the energy of each model's timed calls with codecarbon's offline tracker: kWh per 1,000
+            texts in the throughput batches and at batch 1, labelled ``measured`` (the CPU's energy counters, RAPL)
+            or ``estimated`` (TDP times this process's CPU load, as on VMs without them).
 
     Returns:
         The rows of ``model_comparison.csv``.
@@ -93,13 +98,14 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
     labels = data_labels(data)  # one label order for every row, whatever order each model stores
     variants = [measure(name, paths, data, split, latency_samples, batch_size, max_samples, labels, trust_remote_code)
                 for name, paths in tqdm(runs.items(), desc="benchmark: predict", unit="model")]
-    timing = time_variants(variants, rounds, warmup)
+    timing = time_variants(variants, rounds, warmup, energy)
     rows, per_class, reports, pair_rows = compare(variants, timing, baseline, bootstrap, seed, pairs)
     predictions = {"labels": reports[baseline]["labels"], "target": variants[0].target.tolist(),
                    "predictions": {v.name: [p.tolist() for p in v.preds] for v in variants},
                    "paths": {v.name: v.paths for v in variants}}
     settings = {"rounds": rounds, "latency_samples": latency_samples, "warmup": warmup, "batch_size": batch_size,
                 "bootstrap": bootstrap, "bootstrap_seed": seed, "split": split, "baseline": baseline,
+                "energy": "codecarbon offline tracker, process mode, around each model's timed calls" if energy else None,
                 "command": invoking_command()}
     check_out_dir(out_dir)  # again: something may have been written there while we measured
     with atomic_dir(out_dir) as out:  # moved into place when complete: never a half-written report

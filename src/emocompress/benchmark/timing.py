@@ -2,6 +2,7 @@
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -30,7 +31,8 @@ def percentile(values: list[float], q: float) -> float:
     return round(torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100).item(), 10)
 
 
-def interleaved_times(fns: dict[str, Callable], inputs: list, rounds: int, warmup: int) -> dict[str, list[list[float]]]:
+def interleaved_times(fns: dict[str, Callable], inputs: list, rounds: int, warmup: int,
+                      around: Callable[[str], AbstractContextManager] | None = None) -> dict[str, list[list[float]]]:
     """Time several models on the same inputs in interleaved rounds, in this process and thread setting.
 
     First every ``fn`` makes ``warmup`` untimed calls (on ``inputs[:warmup]``). Then, ``rounds`` times, every
@@ -44,6 +46,8 @@ def interleaved_times(fns: dict[str, Callable], inputs: list, rounds: int, warmu
         inputs: what each callable gets, in order.
         rounds: rounds of timing, at least 1.
         warmup: untimed calls per callable before the first round.
+        around: name -> a context manager entered around each of that callable's stretches of timed calls (an
+            energy meter, ``emocompress.evaluation.energy.TaskEnergy.measure``); its own cost is outside the times.
 
     Returns:
         name -> one list per round of per-call wall times in ms, ``(rounds, len(inputs))``.
@@ -55,24 +59,34 @@ def interleaved_times(fns: dict[str, Callable], inputs: list, rounds: int, warmu
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(time_calls(fns[name], inputs, warmup=0))
+            with around(name) if around is not None else nullcontext():
+                times[name].append(time_calls(fns[name], inputs, warmup=0))
     return times
 
 
-def time_variants(variants: list[Variant], rounds: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Latency (batch 1) and throughput (batches) of each variant's first run, in interleaved rounds.
+def time_variants(variants: list[Variant], rounds: int, warmup: int,
+                  energy: bool = True) -> dict[str, dict[str, float]]:
+    """Latency (batch 1) and throughput (batches) of each variant's first run, in interleaved rounds, and with
+    ``energy`` the energy of those timed calls (codecarbon, ``emocompress.evaluation.energy``).
 
     Returns:
         name -> ``latency_ms_median`` (median over rounds of each round's median), ``latency_ms_min``/``_max``
         (the least and greatest round median), ``latency_ms_p90`` (over all timed calls), ``throughput_per_s``
-        (median over rounds of texts / total model time of a pass over the split) and its ``_min``/``_max``.
+        (median over rounds of texts / total model time of a pass over the split) and its ``_min``/``_max``; with
+        ``energy``: ``energy_kwh_per_1k`` (kWh per 1,000 texts predicted in the throughput batches),
+        ``energy_kwh_per_1k_batch1`` (one text at a time) and ``energy_method`` (``measured`` or ``estimated``).
     """
+    from emocompress.evaluation.energy import TaskEnergy
+
+    meter = TaskEnergy() if energy else None
     singles = {v.name: (lambda i, v=v: v.forward(v.singles[i])) for v in variants}
     n_singles = min(len(v.singles) for v in variants)
-    latency = interleaved_times(singles, list(range(n_singles)), rounds, warmup)
+    latency = interleaved_times(singles, list(range(n_singles)), rounds, warmup,
+                                around=(lambda name: meter.measure(f"batch1/{name}")) if energy else None)
     batched = {v.name: (lambda i, v=v: v.forward(v.batches[i])) for v in variants}
     # every variant's batches hold the same texts; warm-up here is one batch, the singles already warmed up
-    throughput = interleaved_times(batched, list(range(len(variants[0].batches))), rounds, warmup=1)
+    throughput = interleaved_times(batched, list(range(len(variants[0].batches))), rounds, warmup=1,
+                                   around=meter.measure if energy else None)
     timing = {}
     for v in variants:
         medians = [percentile(r, 50) for r in latency[v.name]]
@@ -82,4 +96,8 @@ def time_variants(variants: list[Variant], rounds: int, warmup: int) -> dict[str
                           "latency_ms_p90": percentile([t for r in latency[v.name] for t in r], 90),
                           "throughput_per_s": percentile(per_s, 50), "throughput_min_per_s": min(per_s),
                           "throughput_max_per_s": max(per_s)}
+        if energy:
+            timing[v.name] |= {"energy_kwh_per_1k": 1e3 * meter.kwh[v.name] / (rounds * len(v.target)),
+                               "energy_kwh_per_1k_batch1": 1e3 * meter.kwh[f"batch1/{v.name}"] / (rounds * n_singles),
+                               "energy_method": meter.method}
     return timing

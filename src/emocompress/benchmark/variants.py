@@ -13,6 +13,7 @@ from transformers import DataCollatorWithPadding
 
 from emocompress.compression.distillation import Distiller
 from emocompress.data.datamodule import EmotionDataModule
+from emocompress.data.sampling import padding_per_text, sort_by_length
 from emocompress.data.sources import DataSource, check_label_set
 from emocompress.deploy.format import ONNX_FILE, TORCH_WEIGHTS_FILE, metadata_file
 from emocompress.models.checkpoints import current_class_paths, label_columns, read_checkpoint, stored_labels
@@ -118,7 +119,7 @@ class Variant:
     static: dict  # the first run's params, nonzero_params, sparsity, size_mb, gzip_mb
     id2label: dict[int, str]
     singles: list[dict]  # the first ``latency_samples`` texts, each a batch of one
-    batches: list[dict]  # the whole split in batches of ``batch_size``
+    batches: list[dict]  # the whole split in batches of ``batch_size``, of texts of similar length (``sort_by_length``)
     target: np.ndarray  # (N,) true class ids
     columns: torch.Tensor | None = None  # (C,) the model's class id of each of the data's labels; None: the same
     preds: list[np.ndarray] = field(default_factory=list)  # (N,) predicted class ids, one per run
@@ -172,17 +173,21 @@ def measure(name: str, paths: list[str], data: str, split: str, latency_samples:
         datamodule = EmotionDataModule(data, tokenizer=tokenizer_path, max_samples=max_samples, labels=labels,
                                        trust_remote_code=trust_remote_code)
         datamodule.setup("test" if split == "test" else "validate")
+        lengths = datamodule.splits[split]["length"]
         dataset = datamodule.splits[split].remove_columns("length")
         collate = DataCollatorWithPadding(datamodule.tokenizer)
-        batches = [collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-                   for i in range(0, len(dataset), batch_size)]
+        # texts of similar length batched together (as predict does), predictions put back in the split's order
+        order = sort_by_length(lengths)
+        batches = [collate([dataset[j] for j in chunk.tolist()]) for chunk in order.split(batch_size)]
         target, preds, report = _predict(model, batches, id2label, columns)
+        target[order.numpy()], preds[order.numpy()] = target.copy(), preds.copy()
         if variant is None:
             singles = [collate([dataset[i]]) for i in range(min(latency_samples, len(dataset)))]
             total, nonzero = count_parameters(model)
             size_mb, gzip_mb = file_sizes_mb(weights)
             static = {"params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total,
-                      "size_mb": size_mb, "gzip_mb": gzip_mb}
+                      "size_mb": size_mb, "gzip_mb": gzip_mb,
+                      "padded_tokens_per_text": padding_per_text(lengths, order, batch_size)}
             variant = Variant(name, list(paths), model, static, id2label, singles, batches, target, columns)
         elif id2label != variant.id2label or not np.array_equal(target, variant.target):
             raise ValueError(f"benchmark model {name!r}: run {path} has labels {id2label} or test texts unlike its "

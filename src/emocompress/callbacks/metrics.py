@@ -7,6 +7,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from emocompress.callbacks.energy import read_energy
 from emocompress.io import atomic_write_text, run_dir
 
 log = logging.getLogger(__name__)
@@ -15,7 +16,8 @@ log = logging.getLogger(__name__)
 class TestMetricsWriter(Callback):
     """When ``test`` ends, rank 0 writes the module's last test report (``pl_module.test_report``: accuracy,
     macro F1, balanced accuracy, Cohen's kappa, per-class values, confusion matrix; computed on every
-    rank by ``EmotionClassifier``) to ``<log_dir>/<filename>``, in one step: a reader never sees half a file.
+    rank by ``EmotionClassifier``), with the fit's energy if ``EnergyTracking`` recorded it (``energy``), to
+    ``<log_dir>/<filename>``, in one step: a reader never sees half a file.
 
     ``on_test_end``, not ``on_test_epoch_end``: Lightning runs callbacks' epoch-end hooks before the
     module's, which is where the report is computed.
@@ -40,5 +42,6 @@ class TestMetricsWriter(Callback):
         if report is None:
             log.warning("TestMetricsWriter: %s keeps no test_report; %s not written", type(pl_module).__name__, path)
             return
-        atomic_write_text(path, json.dumps(report, indent=2))
+        energy = read_energy(path.parent)  # the fit's, when EnergyTracking measured it
+        atomic_write_text(path, json.dumps(report if energy is None else {**report, "energy": energy}, indent=2))
         log.info("test metrics written to %s", path)

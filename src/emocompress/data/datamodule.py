@@ -18,7 +18,15 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from emocompress.data.augment import Augmentation, augmented_texts
-from emocompress.data.sampling import EpochSampler, class_counts, class_table, class_weights, oversampled_counts
+from emocompress.data.sampling import (
+    EpochSampler,
+    class_counts,
+    class_table,
+    class_weights,
+    oversampled_counts,
+    padding_per_text,
+    sort_by_length,
+)
 from emocompress.data.sources import DataSource, check_label_set
 from emocompress.deploy.format import DEFAULT_MAX_LENGTH
 from emocompress.models import pretrained
@@ -159,16 +167,34 @@ class EmotionDataModule(LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
         for split in needed:
             if split not in self.splits:
-                self.splits[split] = tokenized_split(self._rows(split), split, self.tokenizer, self.hparams.max_length,
-                                                     self.label2id, self.source.locate(split)[1])
+                self._tokenize(split)
         if stage == "fit" and not self.counts_after:
             self.counts_before, self.counts_after = _count_classes(
                 self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1], self.hparams,
                 self.augmentation, self.trainer.logger if self.trainer is not None else None)
         if stage == "predict" and "predict" not in self.splits:
+            self._tokenize("predict")
+
+    def _tokenize(self, split: str) -> None:
+        if split == "predict":
             file = self.hparams.predict_file
             raw = self.raw_split("test") if file is None else self.source.read_texts(file)
             self.splits["predict"] = predict_split(raw, self.tokenizer, self.hparams.max_length)
+            lengths, size = self.splits["predict"]["length"], self.hparams.eval_batch_size
+            rank_zero_info("predict: %d texts in batches of similar length, %.1f padding tokens per text (%.1f in "
+                           "input order)", len(lengths), padding_per_text(lengths, sort_by_length(lengths), size),
+                           padding_per_text(lengths, range(len(lengths)), size))
+        else:
+            self.splits[split] = tokenized_split(self._rows(split), split, self.tokenizer, self.hparams.max_length,
+                                                 self.label2id, self.source.locate(split)[1])
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """Tokenize with ``tokenizer`` from now on (a pruned vocabulary's, with other ids): the splits tokenized so
+        far are tokenized again with it (``VocabularyPruning``)."""
+        self.tokenizer = tokenizer
+        done, self.splits = list(self.splits), {}
+        for split in done:
+            self._tokenize(split)
 
     # ---- loaders ----
     def _loader(self, split: str, train: bool) -> DataLoader:
@@ -239,13 +265,14 @@ def _split_loader(dataset: datasets.Dataset, tokenizer, hp, train: bool, counts_
                   seed: int, predict: bool) -> DataLoader:
     """A loader of a tokenized split, padded per batch, sharded over the ``trainer``'s ranks by ``EpochSampler``:
     for training, oversampled to ``counts_after``, shuffled, evenly sharded and (``data.group_by_length``) grouped
-    by length; else in order. Predict batches keep ``text`` and ``line``."""
+    by length; else in order. Predict batches keep ``text`` and ``line``, and hold texts of similar length (the split
+    sorted by length; their records carry ``line``, by which ``JsonlPredictionWriter`` restores the input order)."""
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     batch_size = hp.batch_size if train else hp.eval_batch_size
     labels = dataset["labels"] if "labels" in dataset.column_names else [0] * len(dataset)
     sampler = EpochSampler(
         labels, counts_after=counts_after if train else None,
-        lengths=dataset["length"] if train and hp.group_by_length else None,
+        lengths=dataset["length"] if (train and hp.group_by_length) or predict else None,
         batch_size=batch_size, shuffle=train, even_shards=train, num_replicas=world, rank=rank,
         seed=seed)
     collate = _PredictCollator(tokenizer) if predict else DataCollatorWithPadding(tokenizer)

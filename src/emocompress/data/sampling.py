@@ -76,6 +76,29 @@ def group_by_length(indices: torch.Tensor, lengths: torch.Tensor, batch_size: in
     return torch.cat([full[i] for i in order] + short)
 
 
+def sort_by_length(lengths: Sequence[int]) -> torch.Tensor:
+    """Indices of the texts, longest first (ties in input order): consecutive batches of this order hold texts of
+    similar length, so padding each batch to its longest text pads little. For prediction, whose records carry their
+    input position and are put back in input order.
+
+    >>> sort_by_length([2, 5, 1, 5]).tolist()
+    [1, 3, 0, 2]
+    """
+    return torch.argsort(torch.as_tensor(lengths), descending=True, stable=True)
+
+
+def padding_per_text(lengths: Sequence[int], order: Sequence[int], batch_size: int) -> float:
+    """Padding tokens per text when the texts are batched ``batch_size`` at a time in ``order``, each batch padded
+    to its longest text.
+
+    >>> padding_per_text([1, 5, 1, 5], [0, 1, 2, 3], 2), padding_per_text([1, 5, 1, 5], [1, 3, 0, 2], 2)
+    (2.0, 0.0)
+    """
+    ordered = torch.as_tensor(lengths)[torch.as_tensor(order)]
+    padded = sum(int(b.max()) * len(b) - int(b.sum()) for b in ordered.split(batch_size))
+    return padded / max(len(ordered), 1)
+
+
 class EpochSampler(DistributedSampler):
     """This rank's share of one epoch: oversampled, shuffled and grouped by length, all seeded.
 
@@ -89,7 +112,8 @@ class EpochSampler(DistributedSampler):
     Args:
         labels: (N,) class id of each example.
         counts_after: class sizes to oversample to (see ``oversampled_counts``); ``None`` keeps the data as is.
-        lengths: (N,) token count of each example, to group batches by length; ``None`` to skip grouping.
+        lengths: (N,) token count of each example, to group batches by length (with ``shuffle``: within chunks of
+            batches, ``group_by_length``; without: the whole epoch sorted, ``sort_by_length``); ``None`` to skip.
         batch_size: per-rank batch size, used for length grouping.
         shuffle: shuffle the epoch (training) or keep the data order (evaluation).
         even_shards: pad so that every rank gets the same number of examples.
@@ -113,8 +137,10 @@ class EpochSampler(DistributedSampler):
             indices = oversample_indices(self.labels, self.counts_after, generator)
         if self.shuffle:
             indices = indices[torch.randperm(len(indices), generator=generator)]
-        if self.lengths is not None:
+        if self.lengths is not None and self.shuffle:
             indices = group_by_length(indices, self.lengths, self.batch_size * self.num_replicas, generator)
+        elif self.lengths is not None:
+            indices = indices[sort_by_length(self.lengths[indices])]
         if self.even_shards:
             indices = torch.cat([indices, indices[: -len(indices) % self.num_replicas]])
         return indices
