@@ -101,7 +101,8 @@ def test_latency_harness_on_a_stub_with_known_sleep():
 
     times = time_calls(stub, list(range(20)), warmup=5)
     assert len(calls) == 25 and len(times) == 20  # warm-up calls are made but not timed
-    assert 5.0 <= sorted(times)[10] < 9.0
+    # the fastest of 20 calls: a sleep is never shorter than asked, and one of 20 is rarely delayed on a busy machine
+    assert 5.0 <= min(times) < 9.0  # milliseconds
 
 
 @pytest.fixture
