@@ -16,8 +16,8 @@ TABLE = str(REPO / "configs" / "recipes.yaml")
 
 def test_recipe_args_are_the_command_and_the_stack_in_order():
     assert recipe_args("distill_control", TABLE) == [
-        "fit", "-c", "configs/trainer/default.yaml", "-c", "configs/recipes/distill.yaml",
-        "-c", "configs/recipes/distill_control.yaml"]
+        "fit", "-c", "configs/trainer/default.yaml", "-c", "configs/overlays/energy.yaml",
+        "-c", "configs/recipes/distill.yaml", "-c", "configs/recipes/distill_control.yaml"]
     assert recipe_args("int8", TABLE)[:2] == ["test", "-c"] and recipe_args("int8", TABLE)[-2:] == [
         "--trainer.logger.init_args.name", "int8"]
 
