@@ -4,7 +4,7 @@ before torch, transformers and lightning are imported (well under a second rathe
 import sys
 
 USAGE = """\
-usage: emocompress {fit,validate,test,predict,benchmark,vocab} [-c CONFIG ...] [options]
+usage: emocompress {fit,validate,test,predict,benchmark,vocab,compress} [-c CONFIG ...] [options]
 
 Fine-tune transformer emotion classifiers on imbalanced text and compress them (distillation,
 pruning, INT8), with PyTorch Lightning; then measure what each compression bought.
@@ -16,12 +16,14 @@ subcommands (each takes -c/--config, repeatable: a later file wins key by key, a
   predict     predictions for --data.predict_file (default: the test split) into predictions.jsonl
   benchmark   compare exported models: size, latency, metrics with 95% intervals, paired tests
   vocab       train a student vocabulary (WordPiece) on a data set's train texts, for model.model_name
+  compress    search distillation x pruning x INT8 for the fastest model within an accuracy budget (Optuna)
 
 examples:
   emocompress fit -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml
   emocompress fit -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml --print_config
   emocompress test -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/<best>.ckpt
   emocompress benchmark -c configs/benchmark/defaults.yaml -c configs/benchmark/compression.yaml
+  emocompress compress -c configs/compress.yaml --teacher logs/teacher/version_0/hf_model --data ../shared/data/emotion
   emocompress fit --help                  every option of fit (trainer, data, model)
 """
 
