@@ -80,7 +80,7 @@ def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
 def trial_rows(trials: list[optuna.trial.FrozenTrial], reference: dict, front: list) -> list[dict]:
     rows, numbers = [], {t.number for t in front}
     for t in trials:
-        val, gaps = t.user_attrs.get("val") or {}, t.user_attrs.get("gaps") or {}
+        val = t.user_attrs.get("val") or {}
         drops = [reference["class_f1"][c] - f for c, f in (val.get("class_f1") or {}).items()
                  if f is not None and reference["class_f1"].get(c) is not None]
         rows.append({"trial": t.number, "state": _verdict_word(t), "settings": _settings_text(t.user_attrs.get(

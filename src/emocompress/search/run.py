@@ -27,10 +27,9 @@ from optuna.trial import TrialState
 from emocompress.benchmark.variants import data_labels
 from emocompress.io import atomic_write_text
 from emocompress.models.checkpoints import read_checkpoint
-from emocompress.search import report
+from emocompress.search import report, trials
 from emocompress.search.space import Budget, Dimension, check_settings, read_budget, read_space, unavailable_lines
-from emocompress.search.trials import (Shared, artifact_name, budget_gaps, fit_args, measure_model, run_fit,
-                                       run_folder, stopped_early)
+from emocompress.search.trials import Shared, run_fit
 
 log = logging.getLogger(__name__)
 DEFAULT_BASE = ("configs/trainer/default.yaml", "configs/recipes/distill.yaml")
@@ -128,7 +127,7 @@ def teacher_reference(shared: Shared, budget: Budget, trust_remote_code: bool = 
     if path.is_file():
         return json.loads(path.read_text())
     log.info("compress: measuring the teacher on val (%s)", shared.teacher)
-    reference = measure_model(shared.teacher, shared.data, data_labels(shared.data), budget.batch_size,
+    reference = trials.measure_model(shared.teacher, shared.data, data_labels(shared.data), budget.batch_size,
                               budget.latency_samples, budget.warmup, trust_remote_code=trust_remote_code)
     atomic_write_text(path, json.dumps(reference, indent=2))
     return reference
@@ -257,25 +256,25 @@ def _run_trial(trial: optuna.Trial, settings: dict, dimensions: list[Dimension],
                reference: dict, runner, trust_remote_code: bool) -> tuple[float, float]:
     """Fit the trial's recipe in its run folder, then measure its model on val and record the budget's gaps."""
     min_f1 = reference["macro_f1"] - budget.max_macro_f1_drop - budget.early_stop_margin
-    args = fit_args(dimensions, settings, shared, trial.number, min_f1, budget.early_stop_epoch)
-    folder = run_folder(shared, trial.number)
+    args = trials.fit_args(dimensions, settings, shared, trial.number, min_f1, budget.early_stop_epoch)
+    folder = trials.run_folder(shared, trial.number)
     trial.set_user_attr("run", str(folder))
     status = runner(args, folder)
-    stopped = stopped_early(folder)
+    stopped = trials.stopped_early(folder)
     if stopped is not None:
         trial.set_user_attr("stopped", stopped)
         _set_constraints(trial, None)
         raise optuna.TrialPruned()
-    artifact = folder / artifact_name(dimensions, settings)
+    artifact = folder / trials.artifact_name(dimensions, settings)
     if status != 0 or not artifact.exists():
         trial.set_user_attr("failed", status)
         raise TrialFailed(f"trial {trial.number}: the fit exited with {status} (see {folder / 'fit.log'})"
                           if status else f"trial {trial.number}: the fit made no {artifact}")
-    result = measure_model(str(artifact), shared.data, data_labels(shared.data), budget.batch_size,
+    result = trials.measure_model(str(artifact), shared.data, data_labels(shared.data), budget.batch_size,
                            budget.latency_samples, budget.warmup, trust_remote_code=trust_remote_code)
     trial.set_user_attr("artifact", str(artifact))
     trial.set_user_attr("val", result)
-    gaps = budget_gaps(result, reference, budget)
+    gaps = trials.budget_gaps(result, reference, budget)
     trial.set_user_attr("gaps", gaps)
     _set_constraints(trial, gaps)
     return result["macro_f1"], result[report.OBJECTIVE_KEYS[budget.objective]]
