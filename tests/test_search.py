@@ -17,6 +17,7 @@ from emocompress.cli import main
 from emocompress.search.run import search
 from emocompress.search.space import check_settings, read_budget, read_space
 from emocompress.search.stopping import STOPPED_FILE, HopelessTrialStop
+from emocompress.search.trials import Shared, fit_args
 
 from .conftest import REPO
 from .test_cli import run_cli
@@ -99,6 +100,7 @@ def _study(tmp_path) -> optuna.Study:
     return optuna.load_study(study_name="compress", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}")
 
 
+@pytest.mark.slow  # about 10 s on 2 busy cores: a study, fits copied, models measured
 def test_search_finds_the_known_best_and_judges_it_on_test(models, emotion_dir, tmp_path):
     runner = FakeRunner(models)
     summary = _search(tmp_path, models, emotion_dir, _space(tmp_path, ["big", "bad", "same"]), runner,
@@ -129,6 +131,7 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # about 10 s on 2 busy cores: a study, fits copied, models measured
 def test_resume_after_a_kill_does_not_redo_finished_trials(models, emotion_dir, tmp_path):
     space = _space(tmp_path, ["big", "bad", "same"])
     killed = FakeRunner(models, interrupt_at=2)
@@ -146,6 +149,7 @@ def test_resume_after_a_kill_does_not_redo_finished_trials(models, emotion_dir, 
     assert [t.state for t in fitted].count(optuna.trial.TrialState.FAIL) == 1  # the interrupted trial
 
 
+@pytest.mark.slow  # about 10 s on 2 busy cores: a study, fits copied, models measured
 def test_two_workers_on_one_storage_run_disjoint_trials(models, emotion_dir, tmp_path):
     # two searches at once on one SQLite file (threads here; processes or machines alike share only the storage)
     runner = FakeRunner(models)
@@ -229,7 +233,9 @@ def test_refuses_an_empty_or_contradictory_budget(budget, key):
 def test_settings_that_contradict_a_condition_are_refused():
     space = read_space([{"name": "student", "options": {"cnn": {}, "layers": {}}},
                         {"name": "prune", "when": {"student": ["layers"]}, "options": {"none": {}, "0.5": {}}}])
-    assert check_settings(space, {"student": "cnn"}, "first[0]") == {"student": "cnn", "prune": "none"}
+    assert check_settings(space, {"student": "cnn"}, "first[0]") == {"student": "cnn"}
+    assert check_settings(space, {"student": "layers", "prune": "0.5"}, "first[0]") == {"student": "layers",
+                                                                                      "prune": "0.5"}
     with pytest.raises(ValueError, match=r"first\[0\]\.prune: '0.5' contradicts"):
         check_settings(space, {"student": "cnn", "prune": "0.5"}, "first[0]")
     with pytest.raises(ValueError, match=r"first\[1\]\.prune: missing"):
@@ -276,3 +282,26 @@ def test_compress_command_runs_real_trial_fits(tiny_teacher_dir, emotion_dir, tm
     run = Path(summary["chosen"]["artifact"]).parent
     assert (run / "config.yaml").is_file() and (run / "fit.log").is_file() and (run / "checkpoints").is_dir()
     assert result.stderr.count("compress: trial ") == 2 and "ETA" in result.stderr
+
+
+def test_a_trial_of_the_default_space_is_the_recipes_stack(tmp_path, capsys):
+    # the 3-layer student pruned by half under distillation, tested as INT8: each option's arguments reach the
+    # callback its own configs added, and search.yaml points the run, teacher and logits cache into the search
+    config = yaml.safe_load((REPO / "configs" / "compress.yaml").read_text())
+    space = read_space(config["space"], REPO)
+    settings = check_settings(space, {"student": "layers3", "prune": "0.5", "vocab_prune": "none",
+                                      "int8": "onnxruntime"}, "case")
+    shared = Shared("/teacher", "/teacher", "/data", tmp_path, tuple(str(REPO / f) for f in config["base"]))
+    args = fit_args(space, settings, shared, 7, min_macro_f1=0.8, after_epoch=1)
+    assert (tmp_path / "trials" / "trial_0007" / "command.txt").read_text().count(" -c ") == 5
+    with pytest.raises(SystemExit):
+        main([*args, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args") for c in printed["trainer"]["callbacks"]}
+    assert (callbacks["StructuredPruning"]["head_amount"], callbacks["StructuredPruning"]["ffn_amount"]) == (0.5, 0.5)
+    assert callbacks["Int8Quantization"]["backend"] == "onnxruntime" and callbacks["HopelessTrialStop"]["min_value"] == 0.8
+    model = printed["model"]["init_args"]
+    assert (model["student"], model["student_layers"], model["teacher"]) == ("layers", [1, 3, 5], "/teacher")
+    assert model["logits_cache"] == str(tmp_path / "teacher_logits")
+    logger = printed["trainer"]["logger"]["init_args"]
+    assert Path(logger["save_dir"], logger["name"], logger["version"]) == tmp_path / "trials" / "trial_0007"

@@ -87,7 +87,7 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
     reference = teacher_reference(shared, budget_, trust_remote_code)
     study = _open_study(storage, study_name, seed, budget_, reference)
     for settings in firsts:  # cheap trials first; skip_if_exists: not again on a resumed search
-        study.enqueue_trial(_suggested(dimensions, settings), user_attrs={"first": True}, skip_if_exists=True)
+        study.enqueue_trial(settings, user_attrs={"first": True}, skip_if_exists=True)
     work = (storage, study_name, space, budget, shared, reference, trust_remote_code)
     context = multiprocessing.get_context("spawn")
     others = [context.Process(target=_worker, args=(*work, seed + i)) for i in range(1, workers)]
@@ -96,8 +96,8 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
     optimize(study, dimensions, budget_, shared, reference, runner, trust_remote_code)
     for process in others:
         process.join()
-    return report.finish(optuna.load_study(study_name=study_name, storage=storage), dimensions, budget_, shared,
-                         reference, test_verdict, verdict or {}, trust_remote_code)
+    return report.finish(study, dimensions, budget_, shared, reference, test_verdict, verdict or {},
+                         trust_remote_code)
 
 
 def _settings(teacher, data, space, budget, base, args, first, out_dir, seed):
@@ -171,28 +171,25 @@ def _worker(storage, study_name, space, budget, shared, reference, trust_remote_
 
 
 def all_settings(dimensions: list[Dimension]) -> list[dict[str, str]]:
-    """Every distinct setting of the space (dimensions that do not apply at their default)."""
+    """Every distinct setting of the space (only the dimensions that apply in it)."""
     found = []
     for combo in product(*(d.options for d in dimensions)):
         settings = {}
         for dim, option in zip(dimensions, combo):
-            settings[dim.name] = option if dim.applies(settings) else dim.default
+            if dim.applies(settings):
+                settings[dim.name] = option
         if settings not in found:
             found.append(settings)
     return found
 
 
-def _suggested(dimensions: list[Dimension], settings: dict) -> dict:
-    """The params Optuna samples for ``settings``: only the dimensions that apply."""
-    return {d.name: settings[d.name] for d in dimensions if d.applies(settings)}
-
-
 def suggest(trial: optuna.Trial, dimensions: list[Dimension]) -> dict[str, str]:
-    """A setting for every dimension: sampled where its ``when`` holds, its default otherwise."""
+    """A setting: an option sampled for each dimension whose ``when`` holds (define-by-run: the others are not
+    Optuna parameters of this trial)."""
     settings: dict[str, str] = {}
     for dim in dimensions:
-        settings[dim.name] = (trial.suggest_categorical(dim.name, list(dim.options)) if dim.applies(settings)
-                              else dim.default)
+        if dim.applies(settings):
+            settings[dim.name] = trial.suggest_categorical(dim.name, list(dim.options))
     return settings
 
 

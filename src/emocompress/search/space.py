@@ -11,7 +11,7 @@ another branch is adding) is listed as not available and left out, instead of fa
           layers3: {args: [--model.init_args.student_layers, "[1, 3, 5]"]}
           cnn: {configs: [configs/recipes/distill_bilstm.yaml, configs/recipes/distill_cnn_vocab.yaml]}
       - name: prune
-        when: {student: [layers3]}       # only sampled for these students; otherwise its first option
+        when: {student: [layers3]}       # only for these students; for the others it adds nothing
         options:
           none: {}
           "0.5": {configs: [configs/recipes/structured_prune.yaml], args: [...]}
@@ -53,13 +53,8 @@ class Dimension:
     unavailable: dict[str, list[str]] = field(default_factory=dict)  # option -> its missing files
 
     def applies(self, settings: dict[str, str]) -> bool:
-        """Whether this dimension is sampled given the ``settings`` chosen before it."""
+        """Whether this dimension is chosen (and adds its option to the fit) given the ``settings`` before it."""
         return all(settings.get(dim) in allowed for dim, allowed in self.when.items())
-
-    @property
-    def default(self) -> str:
-        """The option taken when the dimension does not apply: its first (by convention the no-op)."""
-        return next(iter(self.options))
 
 
 @dataclass(frozen=True)
@@ -199,9 +194,9 @@ def read_space(space: list[dict] | None, root: str | Path = ".") -> list[Dimensi
 
 
 def check_settings(dimensions: list[Dimension], settings: dict, where: str) -> dict[str, str]:
-    """``settings`` (dimension -> option, as in ``first:``) completed with defaults for the dimensions that do not
-    apply, or a ``ValueError`` naming ``where`` for an unknown dimension or option, or a contradiction with a
-    ``when``."""
+    """``settings`` (dimension -> option, as in ``first:``) checked: the dimensions that apply, each with an available
+    option; a ``ValueError`` naming ``where`` for an unknown dimension or option, a missing one, or one given where
+    its ``when`` does not hold."""
     by_name = {d.name: d for d in dimensions}
     unknown = set(settings) - set(by_name)
     if unknown:
@@ -209,15 +204,15 @@ def check_settings(dimensions: list[Dimension], settings: dict, where: str) -> d
     full: dict[str, str] = {}
     for dim in dimensions:
         value = str(settings[dim.name]) if dim.name in settings else None
-        if value is not None and value not in dim.options:
-            raise ValueError(f"{where}.{dim.name}: {value!r} is not an available option ({', '.join(dim.options)})")
         if not dim.applies(full):
-            if value not in (None, dim.default):
+            if value is not None:
                 raise ValueError(f"{where}.{dim.name}: {value!r} contradicts space {dim.name}.when "
-                                 f"{dict(dim.when)}; leave it out or give {dim.default!r}")
-            value = dim.default
-        elif value is None:
+                                 f"{dict(dim.when)}; leave it out")
+            continue
+        if value is None:
             raise ValueError(f"{where}.{dim.name}: missing; give one of {', '.join(dim.options)}")
+        if value not in dim.options:
+            raise ValueError(f"{where}.{dim.name}: {value!r} is not an available option ({', '.join(dim.options)})")
         full[dim.name] = value
     return full
 

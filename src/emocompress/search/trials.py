@@ -53,10 +53,11 @@ def run_folder(shared: Shared, number: int) -> Path:
 
 def fit_args(dimensions: list[Dimension], settings: dict[str, str], shared: Shared, number: int,
              min_macro_f1: float, after_epoch: int) -> list[str]:
-    """Write the trial's ``search.yaml`` into its run folder and return its ``emocompress`` arguments (from ``fit``)."""
+    """Write the trial's ``search.yaml`` into its run folder and return its ``emocompress`` arguments (from ``fit``).
+    ``settings`` has the dimensions that apply; the others add nothing."""
     folder = run_folder(shared, number)
     folder.mkdir(parents=True, exist_ok=True)
-    options = [d.options[settings[d.name]] for d in dimensions]
+    options = [d.options[settings[d.name]] for d in dimensions if d.name in settings]
     model_name = next((o.model_name for o in reversed(options) if o.model_name), shared.model_name)
     overlay = {
         "seed_everything": shared.seed,
@@ -82,8 +83,8 @@ def fit_args(dimensions: list[Dimension], settings: dict[str, str], shared: Shar
 
 def artifact_name(dimensions: list[Dimension], settings: dict[str, str]) -> str:
     """The run subfolder measured for these settings: the last chosen option's ``artifact``, else ``hf_model``."""
-    return next((d.options[settings[d.name]].artifact for d in reversed(dimensions)
-                 if d.options[settings[d.name]].artifact), "hf_model")
+    chosen = [d.options[settings[d.name]] for d in dimensions if d.name in settings]
+    return next((option.artifact for option in reversed(chosen) if option.artifact), "hf_model")
 
 
 def run_fit(args: list[str], folder: Path) -> int:
