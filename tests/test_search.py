@@ -263,7 +263,8 @@ def test_cli_refuses_a_bad_budget_in_one_line(models, emotion_dir, tmp_path, cap
 
 @pytest.mark.slow
 def test_compress_command_runs_real_trial_fits(tiny_teacher_dir, emotion_dir, tmp_path):
-    # two real distillation fits of tiny students (a 1-layer cut, fp32 and INT8), selected on val, judged on test
+    # two real distillation fits of tiny students (a 1-layer cut, fp32 and INT8) by two worker processes on one
+    # SQLite storage, selected on val, judged on test
     config = tmp_path / "compress_tiny.yaml"
     config.write_text(yaml.safe_dump({
         "base": [str(REPO / "configs/trainer/default.yaml"), str(REPO / "configs/recipes/distill.yaml"),
@@ -274,14 +275,16 @@ def test_compress_command_runs_real_trial_fits(tiny_teacher_dir, emotion_dir, tm
             "configs": [str(REPO / "configs/overlays/quantize.yaml")], "artifact": "int8"}}}],
         "verdict": QUICK_VERDICT}))
     result = run_cli("compress", "-c", config, "--teacher", tiny_teacher_dir, "--data", emotion_dir,
-                     "--out_dir", tmp_path / "search", cwd=tmp_path)
+                     "--out_dir", tmp_path / "search", "--workers", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     assert summary["trials"]["complete"] == 2
     assert summary["chosen"]["settings"] == {"int8": "onnxruntime"}  # the smaller file, same budget
     run = Path(summary["chosen"]["artifact"]).parent
     assert (run / "config.yaml").is_file() and (run / "fit.log").is_file() and (run / "checkpoints").is_dir()
-    assert result.stderr.count("compress: trial ") == 2 and "ETA" in result.stderr
+    assert result.stderr.count("compress: trial ") == 2 and "ETA" in result.stderr  # one line per trial, either worker
+    runs = sorted((tmp_path / "search" / "trials").glob("trial_*/config.yaml"))
+    assert len(runs) == 2  # no setting fitted twice
 
 
 def test_a_trial_of_the_default_space_is_the_recipes_stack(tmp_path, capsys):

@@ -14,6 +14,8 @@ search run again resumes, finished trials are not redone, and several workers sh
 import json
 import logging
 import multiprocessing
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -80,7 +82,8 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
            runner: Callable[[list[str], Path], int] = run_fit) -> dict:
     """``compress``, with the function that runs a trial's fit (``runner(args, run_folder)``: its exit status) as an
     argument: tests give a cheaper one. Workers beyond the first always run ``run_fit``."""
-    dimensions, budget_, shared, firsts = _settings(teacher, data, space, budget, base, args, first, out_dir, seed)
+    dimensions, budget_, shared, firsts = _settings(teacher, data, space, budget, base, args, first, out_dir, seed,
+                                                        workers)
     for line in unavailable_lines(dimensions):
         log.info("compress: %s", line)
     storage = storage or f"sqlite:///{shared.out_dir / 'study.db'}"
@@ -100,13 +103,15 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
                          trust_remote_code)
 
 
-def _settings(teacher, data, space, budget, base, args, first, out_dir, seed):
+def _settings(teacher, data, space, budget, base, args, first, out_dir, seed, workers):
     """The checked settings: a one-line ``ValueError`` naming the key before anything runs."""
     dimensions, budget_ = read_space(space), read_budget(budget)
     if not Path(teacher).exists():
         raise ValueError(f"--teacher {teacher}: does not exist; give the teacher's hf_model folder or .ckpt")
     if not Path(data).is_dir():
         raise ValueError(f"--data {data}: not a folder; give the data folder with train, val and test files")
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: give at least 1 (the processes searching at once)")
     base = DEFAULT_BASE if base is None else base
     for file in base:
         if not Path(file).is_file():
@@ -256,6 +261,7 @@ def _run_trial(trial: optuna.Trial, settings: dict, dimensions: list[Dimension],
     args = trials.fit_args(dimensions, settings, shared, trial.number, min_f1, budget.early_stop_epoch)
     folder = trials.run_folder(shared, trial.number)
     trial.set_user_attr("run", str(folder))
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     status = runner(args, folder)
     stopped = trials.stopped_early(folder)
     if stopped is not None:
