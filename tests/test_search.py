@@ -185,6 +185,10 @@ def test_hopeless_and_failed_trials_are_recorded_not_chosen(models, emotion_dir,
     assert summary["trials"]["pruned"] == 1 and summary["trials"]["fail"] == 1
     states = {r["settings"]: r["state"] for r in _csv(tmp_path / "search" / "trials.csv") if not r["same_as"]}
     assert states["student=hopeless"].startswith("pruned") and states["student=fail"] == "fail"
+    # the study resumes only under its own budget (the trial count and time may change)
+    with pytest.raises(ValueError, match="was made for another budget"):
+        _search(tmp_path, models, emotion_dir, _space(tmp_path, ["same"]), runner,
+                budget={**BUDGET, "max_macro_f1_drop": 0.02})
 
 
 def test_hopeless_trial_stop_stops_below_the_threshold(tmp_path):
