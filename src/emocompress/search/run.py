@@ -130,10 +130,16 @@ def teacher_reference(shared: Shared, budget: Budget, trust_remote_code: bool = 
     """The teacher measured on val as the trials are (``teacher_val.json`` in the search folder, measured once)."""
     path = shared.out_dir / TEACHER_FILE
     if path.is_file():
-        return json.loads(path.read_text())
+        reference = json.loads(path.read_text())
+        if (reference["path"], reference["data"], reference["batch_size"]) != (shared.teacher, shared.data,
+                                                                               budget.batch_size):
+            raise ValueError(f"--out_dir {shared.out_dir}: holds a search of teacher {reference['path']} on "
+                             f"{reference['data']} at batch {reference['batch_size']}; give another --out_dir")
+        return reference
     log.info("compress: measuring the teacher on val (%s)", shared.teacher)
     reference = trials.measure_model(shared.teacher, shared.data, data_labels(shared.data), budget.batch_size,
-                              budget.latency_samples, budget.warmup, trust_remote_code=trust_remote_code)
+                                     budget.latency_samples, budget.warmup, trust_remote_code=trust_remote_code)
+    reference.update(data=shared.data, batch_size=budget.batch_size)
     atomic_write_text(path, json.dumps(reference, indent=2))
     return reference
 
