@@ -229,6 +229,8 @@ def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, s
         # measured one's result is copied; anything else ends as pruned. Repeats count toward no budget.
         trial.set_user_attr("same_as", same.number)
         _set_constraints(trial, same.user_attrs.get("gaps") if same.state == TrialState.COMPLETE else None)
+        if same.state == TrialState.RUNNING:
+            time.sleep(1)  # another worker fits it: draw again in a moment, not in a busy loop
         if same.state != TrialState.COMPLETE:
             raise optuna.TrialPruned()
         for key in ("gaps", "val", "run", "artifact"):
