@@ -4,7 +4,7 @@ before torch, transformers and lightning are imported (well under a second rathe
 import sys
 
 USAGE = """\
-usage: emocompress {fit,validate,test,predict,benchmark,vocab,serve} [-c CONFIG ...] [options]
+usage: emocompress {fit,validate,test,predict,benchmark,vocab,serve,compress} [-c CONFIG ...] [options]
 
 Fine-tune transformer emotion classifiers on imbalanced text and compress them (distillation,
 pruning, INT8), with PyTorch Lightning; then measure what each compression bought.
@@ -17,12 +17,14 @@ subcommands (each takes -c/--config, repeatable: a later file wins key by key, a
   benchmark   compare exported models: size, latency, metrics with 95% intervals, paired tests
   vocab       train a student vocabulary (WordPiece) on a data set's train texts, for model.model_name
   serve       serve an ONNX artifact folder over HTTP, torch-free (FOLDER --host H --port P; --help)
+  compress    search distillation x pruning x INT8 for the fastest model within an accuracy budget (Optuna)
 
 examples:
   emocompress fit -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml
   emocompress fit -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml --print_config
   emocompress test -c configs/trainer/default.yaml -c configs/recipes/teacher.yaml --ckpt_path logs/teacher/version_0/checkpoints/<best>.ckpt
   emocompress benchmark -c configs/benchmark/defaults.yaml -c configs/benchmark/compression.yaml
+  emocompress compress -c configs/compress.yaml --teacher logs/teacher/version_0/hf_model --data ../shared/data/emotion
   emocompress fit --help                  every option of fit (trainer, data, model)
   emocompress serve logs/teacher_onnx/version_0/onnx --port 8000    then open http://127.0.0.1:8000
 """

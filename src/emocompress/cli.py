@@ -6,6 +6,7 @@
     emocompress fit -c configs/trainer/default.yaml -c configs/recipes/distill.yaml
     emocompress benchmark -c configs/benchmark/defaults.yaml -c configs/benchmark/compression.yaml
     emocompress vocab --data ../shared/data/emotion --vocab_size 4000 --out_dir logs/vocab/emotion_4k
+    emocompress compress -c configs/compress.yaml --teacher logs/teacher/version_0/hf_model --data ../shared/data/emotion
 
 ``model`` is any ``EmotionClassifier`` subclass (``class_path: emocompress.compression.distillation.Distiller``);
 without a ``class_path`` it is the ``EmotionClassifier``.
@@ -36,11 +37,12 @@ from emocompress.data.vocabulary import train_vocabulary
 from emocompress.hardware import bf16_is_emulated
 from emocompress.models.checkpoints import AtomicCheckpointIO, current_class_paths, read_checkpoint
 from emocompress.models.classifier import EmotionClassifier
+from emocompress.search.run import compress
 
 # Not __name__: under `python -m emocompress.cli` (as the tests run it) that is __main__, outside our package logger.
 log = logging.getLogger("emocompress.cli")
 # Subcommands that are plain functions rather than Trainer methods.
-_FUNCTIONS = {"benchmark": benchmark, "vocab": train_vocabulary}
+_FUNCTIONS = {"benchmark": benchmark, "vocab": train_vocabulary, "compress": compress}
 # --ckpt_path values that Lightning resolves itself rather than reading a file.
 _CKPT_KEYWORDS = ("best", "last", "hpc")
 # Exit code of a run stopped by SIGTERM: the shell's 128 + signal number, as if the signal had killed it.

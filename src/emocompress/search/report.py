@@ -1,0 +1,237 @@
+"""What a search writes: one progress line per finished trial, then in the search folder ``trials.csv``/``.md``,
+``pareto.png``, the test verdict of ``emocompress benchmark`` (``test_benchmark/``), and ``summary.md``/``.json``
+(the chosen model, its artifact and the command that reproduces it)."""
+
+import csv
+import datetime
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from emocompress.benchmark.report import markdown_table
+from emocompress.benchmark.run import benchmark
+from emocompress.evaluation.plots import close_figure
+from emocompress.search.trials import COMMAND_FILE, Shared
+
+log = logging.getLogger(__name__)
+# budget.objective -> the measured value it minimizes, and its unit
+# matplotlib is not thread-safe: searches in threads of one process (tests) draw one at a time
+_PLOT_LOCK = threading.Lock()
+OBJECTIVE_KEYS = {"latency": "latency_ms", "size": "size_mb"}
+_UNITS = {"latency_ms": "ms", "size_mb": "MB"}
+COLUMNS = ["trial", "state", "settings", "val_macro_f1", "macro_f1_drop", "worst_class_f1_drop", "rare_recall",
+           "latency_ms", "size_mb", "within_budget", "pareto", "run", "same_as"]
+
+
+def _settings_text(settings: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def _verdict_word(trial: optuna.trial.FrozenTrial) -> str:
+    if "same_as" in trial.user_attrs:
+        return f"repeat of trial {trial.user_attrs['same_as']}"
+    if trial.state == TrialState.PRUNED:
+        return "pruned (hopeless at epoch {epoch})".format(**trial.user_attrs.get("stopped", {"epoch": "?"}))
+    if trial.state != TrialState.COMPLETE:
+        return trial.state.name.lower()
+    return "kept" if within_budget(trial) else "over budget"
+
+
+def within_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    gaps = trial.user_attrs.get("gaps")
+    return trial.state == TrialState.COMPLETE and bool(gaps) and all(g <= 1e-12 for g in gaps.values())
+
+
+def progress_line(trial: optuna.trial.FrozenTrial, budget, reference: dict, done: list, total: int, start: float,
+                  timeout: float | None) -> str:
+    """``trial 3 [student=layers3 int8=onnxruntime]: val macro F1 0.8712 (-1.10 pt), 4.20 ms: kept; 4/20 done,
+    ETA 0:41:00``: the ETA from the mean time of this process's trials and what the budget leaves."""
+    val = trial.user_attrs.get("val")
+    key = OBJECTIVE_KEYS[budget.objective]
+    measured = (f"val macro F1 {val['macro_f1']:.4f} ({100 * (val['macro_f1'] - reference['macro_f1']):+.2f} pt), "
+                f"{val[key]:.3g} {_UNITS[key]}" if val else "not measured")
+    elapsed = time.monotonic() - start
+    limit = budget.n_trials or total
+    left = max(min(limit, total) - len(done), 0)
+    per_trial = elapsed / max(len([t for t in done if t.datetime_start and t.datetime_start.timestamp() >=
+                                   time.time() - elapsed]), 1)
+    eta = left * per_trial if left else 0.0
+    if timeout is not None:
+        eta = min(eta, max(timeout - elapsed, 0.0))
+    return (f"trial {trial.number} [{_settings_text(trial.user_attrs.get('settings', {}))}]: {measured}: "
+            f"{_verdict_word(trial)}; {len(done)}/{min(limit, total)} done, "
+            f"ETA {datetime.timedelta(seconds=round(eta))}")
+
+
+def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The feasible complete trials no other feasible one beats on both val macro F1 and the objective (one per
+    distinct setting: a repeat of a measured setting is the same model)."""
+    feasible = [t for t in trials if within_budget(t) and "same_as" not in t.user_attrs]
+    return sorted((t for t in feasible if not any(
+        o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and tuple(o.values) != tuple(t.values)
+        for o in feasible)), key=lambda t: t.values[1])
+
+
+def trial_rows(trials: list[optuna.trial.FrozenTrial], reference: dict, front: list) -> list[dict]:
+    rows, numbers = [], {t.number for t in front}
+    for t in trials:
+        val = t.user_attrs.get("val") or {}
+        drops = [reference["class_f1"][c] - f for c, f in (val.get("class_f1") or {}).items()
+                 if f is not None and reference["class_f1"].get(c) is not None]
+        rows.append({"trial": t.number, "state": _verdict_word(t), "settings": _settings_text(t.user_attrs.get(
+            "settings", {})), "val_macro_f1": val.get("macro_f1"),
+            "macro_f1_drop": reference["macro_f1"] - val["macro_f1"] if val else None,
+            "worst_class_f1_drop": max(drops) if drops else None,
+            "rare_recall": _rare_recall(val, reference),
+            "latency_ms": val.get("latency_ms"), "size_mb": val.get("size_mb"), "within_budget": within_budget(t),
+            "pareto": t.number in numbers, "run": t.user_attrs.get("run"), "same_as": t.user_attrs.get("same_as")})
+    return rows
+
+
+def _rare_recall(val: dict, reference: dict) -> float | None:
+    if not val:
+        return None
+    rare = min((c for c, n in reference["support"].items() if n), key=lambda c: reference["support"][c])
+    return val["class_recall"].get(rare)
+
+
+def pareto_plot(rows: list[dict], reference: dict, budget, chosen: int | None, path: Path) -> None:
+    """Val macro F1 against the objective: the front, the other (dominated or over-budget) trials, the teacher,
+    the budget's macro-F1 line, the chosen trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = OBJECTIVE_KEYS[budget.objective]
+    measured = [r for r in rows if r[key] is not None and r["same_as"] is None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = [("over budget", [r for r in measured if not r["within_budget"]], "x", "tab:gray"),
+              ("within budget, dominated", [r for r in measured if r["within_budget"] and not r["pareto"]], "o",
+               "tab:blue"),
+              ("Pareto front", [r for r in measured if r["pareto"]], "o", "tab:red")]
+    for label, group, marker, color in groups:
+        if group:
+            ax.scatter([r[key] for r in group], [r["val_macro_f1"] for r in group], marker=marker, color=color,
+                       label=label, zorder=3)
+    front = sorted((r for r in measured if r["pareto"]), key=lambda r: r[key])
+    if front:
+        ax.step([r[key] for r in front], [r["val_macro_f1"] for r in front], where="post", color="tab:red", lw=1)
+    for r in measured:
+        ax.annotate(str(r["trial"]), (r[key], r["val_macro_f1"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.scatter([reference[key]], [reference["macro_f1"]], marker="s", color="black", label="teacher", zorder=3)
+    ax.axhline(reference["macro_f1"] - budget.max_macro_f1_drop, color="tab:green", ls="--", lw=1,
+               label=f"budget (-{100 * budget.max_macro_f1_drop:.3g} pt)")
+    chosen_row = next((r for r in measured if r["trial"] == chosen), None)
+    if chosen_row:
+        ax.scatter([chosen_row[key]], [chosen_row["val_macro_f1"]], marker="*", s=220, color="gold",
+                   edgecolor="black", label="chosen", zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{key.replace('_', ' ')} (batch {budget.batch_size})" if key == "latency_ms" else key)
+    ax.set_ylabel("val macro F1")
+    ax.set_title("compress: trials on val")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    close_figure(fig)
+
+
+def _write_tables(out: Path, rows: list[dict]) -> None:
+    with (out / "trials.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "trials.md").write_text(markdown_table(rows, COLUMNS[:-2]))
+
+
+def test_verdict(out: Path, shared: Shared, front: list, chosen, budget, settings: dict,
+                 trust_remote_code: bool) -> list[dict]:
+    """The chosen model and the Pareto front measured once on test by ``benchmark`` against the teacher, each with
+    whether test agrees with the val decision (within budget): ``agrees`` (the macro-F1 difference's 95% interval
+    and every point estimate within the budget), ``inconclusive`` (the points within, the interval reaching past
+    the macro-F1 limit) or ``disagrees`` (a point estimate past a limit)."""
+    names = {t.number: f"trial {t.number}" + (" (chosen)" if t.number == chosen.number else "") for t in front}
+    models = {"teacher": shared.teacher, **{names[t.number]: t.user_attrs["artifact"] for t in front}}
+    rows = benchmark(models, data=shared.data, split="test", baseline="teacher", out_dir=str(out / "test_benchmark"),
+                     **settings, trust_remote_code=trust_remote_code)
+    reports = json.loads((out / "test_benchmark" / "reports.json").read_text())
+    teacher = reports["teacher"]["per_class"]
+    verdicts = []
+    for row in rows[1:]:
+        classes = reports[row["model"]]["per_class"]
+        worst = max(teacher[c]["f1"] - classes[c]["f1"] for c in classes if classes[c]["f1"] is not None)
+        points = [-row["macro_f1_diff"] <= budget.max_macro_f1_drop]
+        if budget.max_class_f1_drop is not None:
+            points.append(worst <= budget.max_class_f1_drop)
+        if budget.min_rare_recall is not None:
+            rare = min((c for c in classes if classes[c]["support"]), key=lambda c: classes[c]["support"])
+            points.append(classes[rare]["accuracy"] >= budget.min_rare_recall)
+        word = ("disagrees" if not all(points) else
+                "agrees" if -row["macro_f1_diff_low"] <= budget.max_macro_f1_drop else "inconclusive")
+        verdicts.append({"model": row["model"], "test_macro_f1": row["macro_f1"],
+                         "macro_f1_diff": row["macro_f1_diff"], "diff_low": row["macro_f1_diff_low"],
+                         "diff_high": row["macro_f1_diff_high"], "mcnemar_p": row.get("mcnemar_p"),
+                         "worst_class_f1_drop": worst, "latency_ms": row["latency_ms_median"],
+                         "speedup": row["speedup"], "verdict": word})
+    return verdicts
+
+
+def finish(study: optuna.Study, dimensions, budget, shared: Shared, reference: dict, run_test: bool,
+           verdict_settings: dict, trust_remote_code: bool) -> dict:
+    """Choose on val, judge on test, write the report; the summary (also ``summary.json``)."""
+    out = shared.out_dir
+    trials = study.get_trials(deepcopy=False)
+    front = pareto_front(trials)
+    key = OBJECTIVE_KEYS[budget.objective]
+    chosen = min(front, key=lambda t: (t.values[1], -t.values[0])) if front else None
+    rows = trial_rows(trials, reference, front)
+    _write_tables(out, rows)
+    with _PLOT_LOCK:
+        pareto_plot(rows, reference, budget, chosen.number if chosen else None, out / "pareto.png")
+    summary = {"teacher": shared.teacher, "data": shared.data, "objective": key, "budget": budget.__dict__,
+               "teacher_val": {k: reference[k] for k in ("macro_f1", "latency_ms", "size_mb")},
+               "trials": {state.name.lower(): sum(t.state == state and "same_as" not in t.user_attrs for t in trials)
+                          for state in TrialState},
+               "repeats": sum("same_as" in t.user_attrs for t in trials),
+               "pareto": [t.number for t in front], "chosen": None, "test": []}
+    if chosen is None:
+        log.warning("compress: no trial is within the budget on val; see %s", out / "trials.md")
+    else:
+        val = chosen.user_attrs["val"]
+        summary["chosen"] = {"trial": chosen.number, "settings": chosen.user_attrs["settings"],
+                             "artifact": chosen.user_attrs["artifact"], "val_macro_f1": val["macro_f1"], key: val[key],
+                             "val_speedup": reference["latency_ms"] / val["latency_ms"],
+                             "command": (Path(chosen.user_attrs["run"]) / COMMAND_FILE).read_text().strip()}
+        if run_test:
+            summary["test"] = test_verdict(out, shared, front, chosen, budget, verdict_settings, trust_remote_code)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(_summary_markdown(summary, rows, budget))
+    log.info("compress: report written to %s\n%s", out, (out / "summary.md").read_text())
+    return summary
+
+
+def _summary_markdown(summary: dict, rows: list[dict], budget) -> str:
+    lines = ["# compress: the search's result", "",
+             f"Teacher {summary['teacher']} on val: macro F1 {summary['teacher_val']['macro_f1']:.4f}, "
+             f"{summary['teacher_val']['latency_ms']:.3g} ms at batch {budget.batch_size}, "
+             f"{summary['teacher_val']['size_mb']:.3g} MB. Budget: {summary['budget']}.", "",
+             f"Trials: {summary['trials']}. Pareto front (within budget on val): {summary['pareto']}.", ""]
+    chosen = summary["chosen"]
+    if chosen is None:
+        lines += ["No trial is within the budget on val: nothing is chosen (trials.md lists what each lost).", ""]
+    else:
+        lines += [f"Chosen on val: trial {chosen['trial']} ({_settings_text(chosen['settings'])}): val macro F1 "
+                  f"{chosen['val_macro_f1']:.4f}, {chosen[summary['objective']]:.3g} "
+                  f"{_UNITS[summary['objective']]}, {chosen['val_speedup']:.3g}x the teacher's val latency.", "",
+                  f"Artifact: `{chosen['artifact']}`", "", "Reproduce it:", "", "```bash", chosen["command"], "```", ""]
+    if summary["test"]:
+        lines += ["## Test verdict (emocompress benchmark, once, after the choice; test_benchmark/)", "",
+                  markdown_table(summary["test"], list(summary["test"][0])), ""]
+    lines += ["## Trials (val)", "", markdown_table(rows, COLUMNS[:-2])]
+    return "\n".join(lines)

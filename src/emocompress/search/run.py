@@ -1,0 +1,291 @@
+"""``emocompress compress``: the fastest (or smallest) model that keeps the teacher's accuracy within a budget, found
+by an Optuna search over the existing recipes, selected on val, judged once on test.
+
+    emocompress compress -c configs/compress.yaml --teacher logs/teacher/version_0/hf_model \\
+        --data ../shared/data/emotion --out_dir logs/compress
+
+The study has two objectives (val macro F1, up; latency or size at the target batch size, down); the budget's limits
+are Optuna constraints (``Trial.set_constraint``, read by the TPE sampler), so the sampler learns where the feasible region
+is, and the choice is the fastest feasible trial. It is stored in ``<out_dir>/study.db`` (SQLite) unless
+``--storage`` names another RDB URL (``postgresql://user:pass@host/db`` for workers on several machines): a killed
+search run again resumes, finished trials are not redone, and several workers share one study.
+"""
+
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from itertools import product
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from emocompress.benchmark.variants import data_labels
+from emocompress.io import atomic_write_text
+from emocompress.models.checkpoints import read_checkpoint
+from emocompress.search import report, trials
+from emocompress.search.space import Budget, Dimension, check_settings, read_budget, read_space, unavailable_lines
+from emocompress.search.trials import Shared, run_fit
+
+log = logging.getLogger(__name__)
+DEFAULT_BASE = ("configs/trainer/default.yaml", "configs/recipes/distill.yaml")
+TEACHER_FILE = "teacher_val.json"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class TrialFailed(Exception):
+    """A trial's fit exited with an error (its ``fit.log`` says why): recorded as failed, the search goes on."""
+
+
+def compress(teacher: str, data: str, space: list[dict], budget: dict, base: list[str] | None = None,
+             args: list[str] | None = None, first: list[dict] | None = None, out_dir: str = "logs/compress",
+             storage: str | None = None, study_name: str = "compress", workers: int = 1, seed: int = 42,
+             test_verdict: bool = True, verdict: dict | None = None, trust_remote_code: bool = False) -> dict:
+    """Search the ``space`` for the fastest model within the ``budget`` of the ``teacher``'s val accuracy.
+
+    Args:
+        teacher: the fine-tuned teacher: an ``hf_model`` export folder or a classifier ``.ckpt``.
+        data: the data folder (train/val/test), as ``data.data`` of a fit.
+        space: the dimensions and their options (``search.space``; configs/compress.yaml).
+        budget: the accuracy limits, objective and length of the search (``search.space.Budget``).
+        base: the configs every trial's fit starts from (paths relative to where the command runs); default
+            configs/trainer/default.yaml and configs/recipes/distill.yaml.
+        args: arguments added to every trial's fit, last (e.g. ``[--trainer.max_epochs, "2"]``).
+        first: settings (dimension -> option) run before the sampler chooses: the cheap ones, so the
+            feasible region is known early.
+        out_dir: the search folder: the study, one run folder per trial under ``trials/``, the report.
+        storage: an Optuna RDB URL; default ``sqlite:///<out_dir>/study.db``.
+        study_name: the study's name in the storage.
+        workers: processes searching at once (each trial's fit is a process of its own); on one machine every
+            trial's latency is then measured while others train.
+        seed: the sampler's seed (worker ``i`` uses ``seed + i``) and every trial's ``seed_everything``.
+        test_verdict: measure the chosen model and the Pareto front once on test with ``emocompress benchmark``.
+        verdict: settings of that benchmark (``latency_samples``, ``rounds``, ``bootstrap``, ``num_threads``, ...).
+        trust_remote_code: let model folders run their own code (the teacher and the measured models).
+
+    Returns:
+        The summary written to ``<out_dir>/summary.json``.
+    """
+    return search(teacher, data, space, budget, base, args, first, out_dir, storage, study_name, workers, seed,
+                  test_verdict, verdict, trust_remote_code)
+
+
+def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, args=None, first=None,
+           out_dir: str = "logs/compress", storage: str | None = None, study_name: str = "compress", workers: int = 1,
+           seed: int = 42, test_verdict: bool = True, verdict: dict | None = None, trust_remote_code: bool = False,
+           runner: Callable[[list[str], Path], int] = run_fit) -> dict:
+    """``compress``, with the function that runs a trial's fit (``runner(args, run_folder)``: its exit status) as an
+    argument: tests give a cheaper one. Workers beyond the first always run ``run_fit``."""
+    dimensions, budget_, shared, firsts = _settings(teacher, data, space, budget, base, args, first, out_dir, seed,
+                                                        workers)
+    for line in unavailable_lines(dimensions):
+        log.info("compress: %s", line)
+    storage = storage or f"sqlite:///{shared.out_dir / 'study.db'}"
+    reference = teacher_reference(shared, budget_, trust_remote_code)
+    study = _open_study(storage, study_name, seed, budget_, reference)
+    for settings in firsts:  # cheap trials first; skip_if_exists: not again on a resumed search
+        study.enqueue_trial(settings, user_attrs={"first": True}, skip_if_exists=True)
+    work = (storage, study_name, space, budget, shared, reference, trust_remote_code)
+    context = multiprocessing.get_context("spawn")
+    others = [context.Process(target=_worker, args=(*work, seed + i)) for i in range(1, workers)]
+    for process in others:
+        process.start()
+    optimize(study, dimensions, budget_, shared, reference, runner, trust_remote_code)
+    for process in others:
+        process.join()
+    return report.finish(study, dimensions, budget_, shared, reference, test_verdict, verdict or {},
+                         trust_remote_code)
+
+
+def _settings(teacher, data, space, budget, base, args, first, out_dir, seed, workers):
+    """The checked settings: a one-line ``ValueError`` naming the key before anything runs."""
+    dimensions, budget_ = read_space(space), read_budget(budget)
+    if not Path(teacher).exists():
+        raise ValueError(f"--teacher {teacher}: does not exist; give the teacher's hf_model folder or .ckpt")
+    if not Path(data).is_dir():
+        raise ValueError(f"--data {data}: not a folder; give the data folder with train, val and test files")
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: give at least 1 (the processes searching at once)")
+    base = DEFAULT_BASE if base is None else base
+    for file in base:
+        if not Path(file).is_file():
+            raise ValueError(f"base: {file} does not exist; give the configs every trial starts from")
+    firsts = [check_settings(dimensions, s or {}, f"first[{i}]") for i, s in enumerate(first or [])]
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # the student reads the teacher's tokens: a checkpoint teacher's network is the model_name it recorded
+    model_name = read_checkpoint(teacher)["hyper_parameters"]["model_name"] if teacher.endswith(".ckpt") else teacher
+    shared = Shared(str(Path(teacher).resolve()), model_name, str(Path(data).resolve()), out,
+                    tuple(str(Path(f).resolve()) for f in base), tuple(map(str, args or [])), seed)
+    return dimensions, budget_, shared, firsts
+
+
+def teacher_reference(shared: Shared, budget: Budget, trust_remote_code: bool = False) -> dict:
+    """The teacher measured on val as the trials are (``teacher_val.json`` in the search folder, measured once)."""
+    path = shared.out_dir / TEACHER_FILE
+    if path.is_file():
+        reference = json.loads(path.read_text())
+        if (reference["path"], reference["data"], reference["batch_size"]) != (shared.teacher, shared.data,
+                                                                               budget.batch_size):
+            raise ValueError(f"--out_dir {shared.out_dir}: holds a search of teacher {reference['path']} on "
+                             f"{reference['data']} at batch {reference['batch_size']}; give another --out_dir")
+        return reference
+    log.info("compress: measuring the teacher on val (%s)", shared.teacher)
+    reference = trials.measure_model(shared.teacher, shared.data, data_labels(shared.data), budget.batch_size,
+                                     budget.latency_samples, budget.warmup, trust_remote_code=trust_remote_code)
+    reference.update(data=shared.data, batch_size=budget.batch_size)
+    atomic_write_text(path, json.dumps(reference, indent=2))
+    return reference
+
+
+def _sampler(seed: int) -> optuna.samplers.BaseSampler:
+    # constraints come from each trial (Trial.set_constraint: the budget's gaps), which TPE reads
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+
+
+def _set_constraints(trial: optuna.Trial, gaps: dict[str, float] | None) -> None:
+    """The budget's gaps as the trial's Optuna constraints (<= 0: within the limit); a trial that was not
+    measured (stopped early, a repeat of one) is infeasible."""
+    for key, gap in (gaps or {"measured": 1.0}).items():
+        trial.set_constraint(key, gap)
+
+
+def _open_study(storage: str, study_name: str, seed: int, budget: Budget, reference: dict) -> optuna.Study:
+    """Create the study, or load it to resume; refuse to resume one made for another budget or teacher."""
+    # heartbeats: a trial whose worker was killed is marked failed after the grace period (when a worker starts
+    # its next trial), and its setting is then run again; until then it counts as running elsewhere
+    rdb = RDBStorage(storage, heartbeat_interval=60, grace_period=180)
+    study = optuna.create_study(storage=rdb, study_name=study_name, sampler=_sampler(seed), load_if_exists=True,
+                                directions=["maximize", "minimize"])
+    made_for = {"budget": asdict(budget), "teacher_macro_f1": reference["macro_f1"]}
+    stored = study.user_attrs.get("made_for")
+    if stored is None:
+        study.set_user_attr("made_for", made_for)
+    elif {**stored["budget"], "n_trials": None, "timeout_min": None} != {**made_for["budget"], "n_trials": None,
+                                                                          "timeout_min": None}:
+        raise ValueError(f"--storage {storage}: study {study_name!r} was made for another budget "
+                         f"({stored['budget']}); resume it with that budget, or give another --study_name or --out_dir")
+    return study
+
+
+def _worker(storage, study_name, space, budget, shared, reference, trust_remote_code, seed) -> None:
+    """A worker process: the same study, loaded from the storage, searched with its own sampler seed."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=_sampler(seed))
+    optimize(study, read_space(space), read_budget(budget), shared, reference, trust_remote_code=trust_remote_code)
+
+
+def all_settings(dimensions: list[Dimension]) -> list[dict[str, str]]:
+    """Every distinct setting of the space (only the dimensions that apply in it)."""
+    found = []
+    for combo in product(*(d.options for d in dimensions)):
+        settings = {}
+        for dim, option in zip(dimensions, combo):
+            if dim.applies(settings):
+                settings[dim.name] = option
+        if settings not in found:
+            found.append(settings)
+    return found
+
+
+def suggest(trial: optuna.Trial, dimensions: list[Dimension]) -> dict[str, str]:
+    """A setting: an option sampled for each dimension whose ``when`` holds (define-by-run: the others are not
+    Optuna parameters of this trial)."""
+    settings: dict[str, str] = {}
+    for dim in dimensions:
+        if dim.applies(settings):
+            settings[dim.name] = trial.suggest_categorical(dim.name, list(dim.options))
+    return settings
+
+
+def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, shared: Shared, reference: dict,
+             runner: Callable[[list[str], Path], int] = run_fit, trust_remote_code: bool = False) -> None:
+    """Run trials of ``study`` until the budget's trial count or time is spent, or every setting is done.
+    ``runner(args, run_folder)`` runs a trial's fit (``run_fit``; tests give a cheaper one)."""
+    start = time.monotonic()
+    timeout = budget.timeout_min * 60 if budget.timeout_min else None
+    total = len(all_settings(dimensions))
+
+    def spent() -> bool:
+        done, running = tried(study), study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        distinct = {_key(t) for t in done + running}
+        return bool(budget.n_trials and len(done) >= budget.n_trials) or len(distinct) >= total
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        settings = suggest(trial, dimensions)
+        trial.set_user_attr("settings", settings)
+        others = tried(study) + [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                                 if t.number != trial.number and "same_as" not in t.user_attrs]
+        same = next((t for t in others if t.user_attrs.get("settings") == settings), None)
+        if same is None:
+            return _run_trial(trial, settings, dimensions, budget, shared, reference, runner, trust_remote_code)
+        # The sampler chose a setting already tried (or being tried by another worker): not another fit. A
+        # measured one's result is copied; anything else ends as pruned. Repeats count toward no budget.
+        trial.set_user_attr("same_as", same.number)
+        _set_constraints(trial, same.user_attrs.get("gaps") if same.state == TrialState.COMPLETE else None)
+        if same.state == TrialState.RUNNING:
+            time.sleep(1)  # another worker fits it: draw again in a moment, not in a busy loop
+        if same.state != TrialState.COMPLETE:
+            raise optuna.TrialPruned()
+        for key in ("gaps", "val", "run", "artifact"):
+            if key in same.user_attrs:
+                trial.set_user_attr(key, same.user_attrs[key])
+        return tuple(same.values)
+
+    def stop_when_spent(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if "same_as" not in trial.user_attrs:
+            log.info("compress: %s", report.progress_line(trial, budget, reference, tried(study), total, start,
+                                                          timeout))
+        if spent():
+            study.stop()
+
+    if spent():
+        log.info("compress: the study already has %d tried trials: nothing left to run", len(tried(study)))
+        return
+    study.optimize(objective, timeout=timeout, callbacks=[stop_when_spent], catch=(TrialFailed,))
+
+
+def _key(trial: optuna.trial.FrozenTrial) -> tuple:
+    return tuple(sorted(trial.user_attrs.get("settings", {}).items()))
+
+
+def tried(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials whose setting was tried: fitted and measured or stopped early, or whose fit failed (not run
+    again); not repeats of another trial, nor trials a killed search left unfinished (those are run again)."""
+    return [t for t in study.get_trials(deepcopy=False) if "same_as" not in t.user_attrs and (
+        t.state in FINISHED or (t.state == TrialState.FAIL and "failed" in t.user_attrs))]
+
+
+def _run_trial(trial: optuna.Trial, settings: dict, dimensions: list[Dimension], budget: Budget, shared: Shared,
+               reference: dict, runner, trust_remote_code: bool) -> tuple[float, float]:
+    """Fit the trial's recipe in its run folder, then measure its model on val and record the budget's gaps."""
+    min_f1 = reference["macro_f1"] - budget.max_macro_f1_drop - budget.early_stop_margin
+    args = trials.fit_args(dimensions, settings, shared, trial.number, min_f1, budget.early_stop_epoch)
+    folder = trials.run_folder(shared, trial.number)
+    trial.set_user_attr("run", str(folder))
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    status = runner(args, folder)
+    stopped = trials.stopped_early(folder)
+    if stopped is not None:
+        trial.set_user_attr("stopped", stopped)
+        _set_constraints(trial, None)
+        raise optuna.TrialPruned()
+    artifact = folder / trials.artifact_name(dimensions, settings)
+    if status != 0 or not artifact.exists():
+        trial.set_user_attr("failed", status)
+        raise TrialFailed(f"trial {trial.number}: the fit exited with {status} (see {folder / 'fit.log'})"
+                          if status else f"trial {trial.number}: the fit made no {artifact}")
+    result = trials.measure_model(str(artifact), shared.data, data_labels(shared.data), budget.batch_size,
+                           budget.latency_samples, budget.warmup, trust_remote_code=trust_remote_code)
+    trial.set_user_attr("artifact", str(artifact))
+    trial.set_user_attr("val", result)
+    gaps = trials.budget_gaps(result, reference, budget)
+    trial.set_user_attr("gaps", gaps)
+    _set_constraints(trial, gaps)
+    return result["macro_f1"], result[report.OBJECTIVE_KEYS[budget.objective]]

@@ -1,0 +1,138 @@
+"""One trial of the search: an ordinary ``emocompress fit`` of the existing recipes, in a run folder of its own, then
+its model measured on val.
+
+The trial's fit is the stack ``-c <base> ... -c <each option's configs> <its args> ... -c <run>/search.yaml <args>``:
+the options in dimension order (so an option's ``--trainer.callbacks.init_args.*`` reaches the callback its own
+config added), then ``search.yaml``, written into the run folder, with what every trial shares (teacher, data, the
+shared teacher-logits cache, the run folder, the early-stopping callback), then the search's ``args``. The exact
+command is saved as ``command.txt``: any trial can be re-run (or resumed with ``--ckpt_path last``) alone.
+"""
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from emocompress.benchmark.timing import percentile, time_calls
+from emocompress.benchmark.variants import measure
+from emocompress.search.space import Dimension
+from emocompress.search.stopping import STOPPED_FILE
+
+log = logging.getLogger(__name__)
+SEARCH_OVERLAY = "search.yaml"
+COMMAND_FILE = "command.txt"
+FIT_LOG = "fit.log"
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every trial of one search shares: the teacher (and the student's default ``model_name``), the data,
+    the search folder, its base configs and trailing arguments, the seed."""
+    teacher: str
+    model_name: str
+    data: str
+    out_dir: Path
+    base: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    seed: int = 42
+
+    @property
+    def logits_cache(self) -> Path:
+        return self.out_dir / "teacher_logits"
+
+
+def run_folder(shared: Shared, number: int) -> Path:
+    return shared.out_dir / "trials" / f"trial_{number:04d}"
+
+
+def fit_args(dimensions: list[Dimension], settings: dict[str, str], shared: Shared, number: int,
+             min_macro_f1: float, after_epoch: int) -> list[str]:
+    """Write the trial's ``search.yaml`` into its run folder and return its ``emocompress`` arguments (from ``fit``).
+    ``settings`` has the dimensions that apply; the others add nothing."""
+    folder = run_folder(shared, number)
+    folder.mkdir(parents=True, exist_ok=True)
+    options = [d.options[settings[d.name]] for d in dimensions if d.name in settings]
+    model_name = next((o.model_name for o in reversed(options) if o.model_name), shared.model_name)
+    overlay = {
+        "seed_everything": shared.seed,
+        "trainer": {
+            "logger": {"init_args": {"save_dir": str(shared.out_dir), "name": "trials",
+                                     "version": folder.name}},
+            "callbacks+": [{"class_path": "emocompress.search.stopping.HopelessTrialStop",
+                            "init_args": {"min_value": round(min_macro_f1, 6), "after_epoch": after_epoch}}],
+        },
+        "data": {"data": shared.data},
+        "model": {"init_args": {"teacher": shared.teacher, "model_name": model_name,
+                                "logits_cache": str(shared.logits_cache)}},
+    }
+    (folder / SEARCH_OVERLAY).write_text(
+        f"# trial {number} of the search in {shared.out_dir}: {settings}\n" + yaml.safe_dump(overlay, sort_keys=False))
+    args = ["fit", *(a for file in shared.base for a in ("-c", file))]
+    for option in options:
+        args += [*(a for file in option.configs for a in ("-c", file)), *option.args]
+    args += ["-c", str(folder / SEARCH_OVERLAY), *shared.args]
+    (folder / COMMAND_FILE).write_text(f"cd {shlex.quote(os.getcwd())} && emocompress {shlex.join(args)}\n")
+    return args
+
+
+def artifact_name(dimensions: list[Dimension], settings: dict[str, str]) -> str:
+    """The run subfolder measured for these settings: the last chosen option's ``artifact``, else ``hf_model``."""
+    chosen = [d.options[settings[d.name]] for d in dimensions if d.name in settings]
+    return next((option.artifact for option in reversed(chosen) if option.artifact), "hf_model")
+
+
+def run_fit(args: list[str], folder: Path) -> int:
+    """Run ``python -m emocompress.cli <args>`` with its output in ``<folder>/fit.log``; its exit status."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with (folder / FIT_LOG).open("a") as out:
+        return subprocess.run([sys.executable, "-m", "emocompress.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                              env=env).returncode
+
+
+def stopped_early(folder: Path) -> dict | None:
+    """What ``HopelessTrialStop`` recorded in the run folder, or None if it did not stop the fit."""
+    path = folder / STOPPED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def measure_model(path: str, data: str, labels: list[str] | None, batch_size: int, latency_samples: int,
+                  warmup: int, split: str = "val", trust_remote_code: bool = False) -> dict:
+    """Macro F1, per-class F1 and recall on ``split``, size, and the median latency in ms of one call at
+    ``batch_size`` (over ``latency_samples`` calls), with the benchmark's own loading, metrics and timer."""
+    # predictions in batches of 32 (or the target's), latency on single texts or on batches of the target size
+    variant = measure("model", [path], data, split, latency_samples, max(batch_size, 32) if batch_size == 1
+                      else batch_size, None, labels, trust_remote_code)
+    report = variant.reports[0]
+    inputs = variant.singles if batch_size == 1 else variant.batches[:latency_samples]
+    times = time_calls(variant.forward, inputs, warmup)
+    per_class = report["per_class"]
+    return {"macro_f1": report["macro_f1"], "class_f1": {k: v["f1"] for k, v in per_class.items()},
+            "class_recall": {k: v["accuracy"] for k, v in per_class.items()},
+            "support": {k: v["support"] for k, v in per_class.items()},
+            "latency_ms": percentile(times, 50), "size_mb": variant.static["size_mb"],
+            "params": variant.static["params"], "path": str(path)}
+
+
+def budget_gaps(result: dict, teacher: dict, budget) -> dict[str, float]:
+    """How far a measured model is past each limit of the budget on val (> 0: over it; <= 0: within it), keyed
+    by the limit; a limit the budget does not set is left out."""
+    gaps = {"max_macro_f1_drop": teacher["macro_f1"] - result["macro_f1"] - budget.max_macro_f1_drop}
+    if budget.max_class_f1_drop is not None:
+        drops = [teacher["class_f1"][c] - f1 for c, f1 in result["class_f1"].items()
+                 if f1 is not None and teacher["class_f1"].get(c) is not None]
+        gaps["max_class_f1_drop"] = max(drops) - budget.max_class_f1_drop
+    if budget.min_rare_recall is not None:
+        rare = rarest_class(teacher)
+        gaps["min_rare_recall"] = budget.min_rare_recall - result["class_recall"][rare]
+    return gaps
+
+
+def rarest_class(measured: dict) -> str:
+    """The class with the fewest val texts (of those present)."""
+    return min((c for c, n in measured["support"].items() if n), key=lambda c: measured["support"][c])
