@@ -122,6 +122,8 @@ def test_search_finds_the_known_best_and_judges_it_on_test(models, emotion_dir, 
                                                                        "agrees")]
     assert (out / "test_benchmark" / "model_comparison.csv").is_file()
     assert "Chosen on val: trial" in (out / "summary.md").read_text()
+    page = (out / "report.html").read_text()  # the benchmark's page: trials, the front inlined, the test verdict
+    assert "Test verdict" in page and "data:image/png;base64," in page and "Chosen on val: trial" in page
 
 
 def _csv(path: Path) -> list[dict]:

@@ -144,7 +144,7 @@ def write_html_report(out_dir: str | Path, title: str, rows: list[dict], figures
                       environment: dict | None = None, command: str = "", per_class: list[dict] = (),
                       confusions: dict[str, dict] | None = None, columns: list[str] | None = None,
                       per_class_columns: list[str] | None = None, notes: str = "",
-                      filename: str = "report.html") -> Path:
+                      tables: Iterable[tuple[str, list[dict]]] = (), filename: str = "report.html") -> Path:
     """Write ``out_dir/report.html``, one self-contained page (no network).
 
     Args:
@@ -158,6 +158,7 @@ def write_html_report(out_dir: str | Path, title: str, rows: list[dict], figures
         confusions: model name -> ``{"labels": [...], "matrix": [[...]]}`` (rows: true class).
         columns, per_class_columns: the columns to show (default: every key but interval companions).
         notes: a paragraph under the comparison table (plain text).
+        tables: more (heading, rows) tables, after the figures (the search's test verdict).
 
     Returns:
         The page's path.
@@ -170,6 +171,8 @@ def write_html_report(out_dir: str | Path, title: str, rows: list[dict], figures
     for caption, path in figures:
         parts.append(f'<figure><img src="{_image(Path(path))}" alt="{html.escape(caption)}">'
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    for heading, table_rows in tables:
+        parts += [f"<h2>{html.escape(heading)}</h2>", html_table(list(table_rows))]
     if per_class:
         parts += ["<h2>Per class</h2>", f"<details><summary>the per-class table ({len(per_class)} rows)</summary>",
                   html_table(list(per_class), per_class_columns), "</details>"]

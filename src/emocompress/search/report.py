@@ -13,7 +13,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from emocompress.benchmark.report import markdown_table
+from emocompress.benchmark.html import write_html_report
+from emocompress.benchmark.report import invoking_command, markdown_table
 from emocompress.benchmark.run import benchmark
 from emocompress.evaluation.plots import close_figure
 from emocompress.search.trials import COMMAND_FILE, Shared
@@ -212,6 +213,18 @@ def finish(study: optuna.Study, dimensions, budget, shared: Shared, reference: d
             summary["test"] = test_verdict(out, shared, front, chosen, budget, verdict_settings, trust_remote_code)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(_summary_markdown(summary, rows, budget))
+    # the benchmark's page, with the trials as its table and the front as its figure
+    write_html_report(out, "compress: the search's trials (val)", rows, columns=COLUMNS[:-2],
+                      figures=[("val macro F1 against cost: the Pareto front and the dominated trials",
+                                out / "pareto.png")] if (out / "pareto.png").is_file() else [],
+                      environment={"teacher": shared.teacher, "data": shared.data, "objective": key,
+                                   "budget": budget.__dict__, "chosen": summary["chosen"]},
+                      command=invoking_command(), notes=(f"Chosen on val: trial {summary['chosen']['trial']}, "
+                                                          f"{summary['chosen']['artifact']}; it is reproduced by: "
+                                                          f"{summary['chosen']['command']}" if summary["chosen"]
+                                                          else "No trial is within the budget on val."),
+                      tables=[("Test verdict (emocompress benchmark, once, after the choice)", summary["test"])]
+                      if summary["test"] else [])
     log.info("compress: report written to %s\n%s", out, (out / "summary.md").read_text())
     return summary
 
