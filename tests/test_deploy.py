@@ -386,6 +386,7 @@ def test_serve_refuses_to_write_over_its_input(onnx_folder, tmp_path, capsys, sp
 
 
 def test_serve_crash_midway_keeps_the_earlier_output(onnx_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "SORT_WINDOW", 1)  # a file read one batch at a time, as stdin is
     text_file, out_file = tmp_path / "texts.txt", tmp_path / "out.jsonl"
     text_file.write_text("i feel so happy\nfurious\nloving\nglad\nmad\n")
     main([str(onnx_folder), "--input", str(text_file), "--output", str(out_file), "--batch_size", "2"])

@@ -22,9 +22,10 @@ of ``label`` and ``probs``. ``--output`` is written under a temporary name and m
 when every line is done, so a crash leaves an earlier output whole; ``--output`` naming the
 ``--input`` file is refused before anything is written.
 
-Answers are flushed after every batch of ``--batch_size`` lines, so with ``--batch_size 1`` the server is a
-co-process: one line in, one line out, as each line arrives. A reader that goes away early (``| head -1``)
-ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
+Texts are sorted by token count into batches (answers stay in input order): those of each 32 batches of an
+``--input`` file together, so batches carry little padding. From stdin, answers are flushed after every batch of
+``--batch_size`` lines, so with ``--batch_size 1`` the server is a co-process: one line in, one line out, as each
+line arrives. A reader that goes away early (``| head -1``) ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
 else that stops it before it starts (a missing ``--input``, a folder as ``--output``, a closed stdin or
 stdout, a ``tokenizer.json`` or ``model.onnx`` that cannot be read, a tokenizer with ids past the model's
 vocabulary) is one line naming the file and the fix, with exit code 2.
@@ -177,6 +178,10 @@ class ArtifactPredictor:
 OnnxPredictor = ArtifactPredictor
 
 
+# Batches of --input lines that ``predict`` sorts by length together.
+SORT_WINDOW = 32
+
+
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     items = iter(items)
     while chunk := list(islice(items, size)):
@@ -256,7 +261,10 @@ def _serve(predictor: ArtifactPredictor, args: argparse.Namespace) -> None:
             sys.stdout.reconfigure(encoding="utf-8", newline="\n")
             writer = sys.stdout
         line_no = 0
-        for chunk in _chunks(iter_lines(reader), predictor.batch_size):
+        # A file is read SORT_WINDOW batches at a time, so length-sorted batches have texts to choose from; stdin
+        # one batch at a time, so a co-process gets each batch's answers as soon as it is complete.
+        window = predictor.batch_size * (SORT_WINDOW if args.input else 1)
+        for chunk in _chunks(iter_lines(reader), window):
             for text, result in zip(chunk, predictor.predict(chunk)):
                 line_no += 1
                 writer.write(json.dumps({"line": line_no, "text": text, **result}, ensure_ascii=False) + "\n")
