@@ -22,7 +22,7 @@ from emocompress.models.loading import OrtClassifier, load_artifact
 from tests.conftest import REPO, write_split
 from tests.test_deploy import _BLOCKED_SERVE, ATOL, _logits, _test_texts, _train
 
-pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino package")
+ov = pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino package")
 pytest.importorskip("nncf", reason="OpenVINO INT8 needs the nncf package")
 
 
@@ -124,24 +124,25 @@ def test_int8_agrees_with_torch_and_keeps_macro_f1_within_the_budget(bert, texts
 
 
 @pytest.mark.slow
-def test_accuracy_control_reverts_layers_to_meet_a_tiny_budget(bert, texts):
-    # Validation labels are the float model's own predictions (macro F1 1.0): any flipped label is a drop, so a
-    # zero budget keeps reverting the most harmful layers to float until none flips.
+def test_accuracy_control_reverts_layers_to_meet_a_small_budget(bert, texts):
+    # Validation labels are the float model's own predictions (macro F1 1.0), and 4 calibration texts give coarse
+    # ranges: plain INT8 flips many labels, so meeting a 0.1 budget takes reverting layers to float.
     model, tokenizer = bert
     names = ["input_ids", "attention_mask", "token_type_ids"]
     inputs = [{n: a.numpy() for n, a in tokenizer(t, return_tensors="pt").items() if n in names} for t in texts]
-    fp32 = convert(model.float().eval())
-    plain = quantize_ir(fp32, inputs[:4], None, 3)  # few calibration texts: coarse ranges
     reference = [int(model(**{n: torch.from_numpy(a) for n, a in x.items()}).logits.argmax()) for x in inputs]
-    controlled = quantize_ir(convert(model), inputs[:4], (inputs, reference), 3, max_drop=0.0)
+    plain = quantize_ir(convert(model), inputs[:4], None, 3)
+    controlled = quantize_ir(convert(model), inputs[:4], (inputs, reference), 3, max_drop=0.1)
 
     def fake_quantize(ov_model):
         return sum(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops())
 
-    import openvino as ov
-    compiled = ov.Core().compile_model(controlled, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    assert [int(compiled(x)[0].argmax()) for x in inputs] == reference
-    assert 0 < fake_quantize(controlled) <= fake_quantize(plain)
+    def f1(ov_model):
+        compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return macro_f1(reference, [int(compiled(x)[0].argmax()) for x in inputs], 3)
+
+    assert f1(plain) < 0.9 <= f1(controlled)
+    assert 0 < fake_quantize(controlled) < fake_quantize(plain)
 
 
 @pytest.mark.slow
