@@ -1,13 +1,13 @@
 """Where a model comes from: every folder, file or name a model is loaded from, for every caller."""
 
 import contextlib
+import dataclasses
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from emocompress.deploy.format import (
     ONNX_FILE,
@@ -46,6 +46,14 @@ def torch_int8(model: nn.Module, include_embeddings: bool) -> nn.Module:
         return quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
+@dataclasses.dataclass(slots=True)
+class LogitsOutput:
+    """What a runtime-backed classifier returns: ``.logits`` (B, C), as a ``SequenceClassifierOutput`` has them.
+    A plain dataclass: building a ``transformers`` ``ModelOutput`` costs a sizeable share of a batch-1 INT8 call."""
+
+    logits: torch.Tensor
+
+
 class OrtClassifier(nn.Module):
     """An ONNX Runtime session (``model.onnx``) or an OpenVINO compiled model (``model.xml``) behind the
     ``AutoModelForSequenceClassification`` call signature: ``model(input_ids=..., attention_mask=...).logits`` is a
@@ -65,11 +73,11 @@ class OrtClassifier(nn.Module):
         self.session = getattr(self.runtime, "session", None)  # ONNX Runtime's, None for OpenVINO
         self.config = config
 
-    def forward(self, **inputs) -> SequenceClassifierOutput:
+    def forward(self, **inputs) -> LogitsOutput:
         # CPU tensors share their memory with numpy both ways: no copy in, none out.
         feeds = {name: value.numpy(force=True) for name, value in inputs.items()
                  if name in INPUT_NAMES}
-        return SequenceClassifierOutput(logits=torch.from_numpy(self.runtime.logits(feeds)))
+        return LogitsOutput(torch.from_numpy(self.runtime.logits(feeds)))
 
 
 def attention_kwargs(config, implementation: str) -> dict:
