@@ -184,3 +184,13 @@ def test_onnx_folders_serve_through_the_same_predictor(bert, ov_fp32, texts, tmp
     assert (onnx.backend, openvino.backend) == ("onnxruntime", "openvino")
     for a, b in zip(onnx.predict(texts), openvino.predict(texts)):
         assert a["label"] == b["label"] and a["probs"] == pytest.approx(b["probs"], abs=1e-5)
+
+
+def test_benchmark_loads_and_sizes_openvino_folders(ov_fp32, bert):
+    from emocompress.benchmark.variants import count_parameters, load_for_benchmark
+
+    model, _, weights = load_for_benchmark(ov_fp32)
+    assert isinstance(model, OrtClassifier) and weights == ov_fp32 / "model.bin"
+    total, nonzero = count_parameters(model)
+    # the IR's constants: every weight of the torch model, plus a few shape constants
+    assert total >= sum(p.numel() for p in bert[0].parameters()) and 0 < nonzero <= total
