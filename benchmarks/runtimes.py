@@ -37,7 +37,7 @@ from emocompress.data.sources import DataSource
 from emocompress.deploy.format import ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE
 from emocompress.evaluation.significance import bootstrap_indices, paired_difference, resampled_metrics
 from emocompress.models import pretrained
-from emocompress.models.loading import load_artifact
+from emocompress.models.loading import load_artifact, load_classifier
 
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -120,8 +120,8 @@ def _torch_call(model):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a fine-tuned hf_model folder (or the packaged MiniLM, for "
-                                                        "speed only: its head is untrained)")
+    parser.add_argument("--model", required=True, help="a fine-tuned hf_model folder or EmotionClassifier .ckpt (or "
+                                                        "the packaged MiniLM, for speed only: its head is untrained)")
     parser.add_argument("--data", required=True, help="a data set, as data.data of the configs")
     parser.add_argument("--test_texts", type=int, default=200)
     parser.add_argument("--val_texts", type=int, default=500, help="val texts of the accuracy control")
@@ -138,10 +138,13 @@ def main():
     source = DataSource(args.data)
     labels = sorted(set(source.read("train")["label"]))
     model_path = pretrained.resolve(args.model)
-    tokenizer = pretrained.load_tokenizer(model_path)
-    if set(pretrained.load_config(model_path).id2label.values()) == set(labels):
-        model = pretrained.load_model(model_path).eval()
+    if args.model.endswith(".ckpt"):  # an EmotionClassifier checkpoint (e.g. a teacher's best epoch so far)
+        model, tokenizer = load_classifier(args.model)
+        model.eval()
+    elif set(pretrained.load_config(model_path).id2label.values()) == set(labels):
+        model, tokenizer = pretrained.load_model(model_path).eval(), pretrained.load_tokenizer(model_path)
     else:  # the packaged MiniLM: a random head, so only the timings and sizes mean anything
+        tokenizer = pretrained.load_tokenizer(model_path)
         print(f"{args.model} was not fine-tuned on {labels}: its head is untrained, macro F1 means nothing")
         model = pretrained.load_model(model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
                                       label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
@@ -155,7 +158,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        variants = {"torch fp32": (_torch_call(model), "pt", [Path(model_path) / "model.safetensors"])}
+        model.save_pretrained(tmp / "torch")  # the fp32 weights file as shipped
+        variants = {"torch fp32": (_torch_call(model), "pt", [tmp / "torch" / "model.safetensors"])}
         variants |= ours(model, tokenizer, train, val, tmp, args)
         (tmp / "peer_ov").mkdir()
         call, files = peer_openvino(model, calibration, tmp / "peer_ov", args.threads)
