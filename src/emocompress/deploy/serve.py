@@ -1,5 +1,4 @@
-"""Predict emotions from an ONNX or OpenVINO artifact folder with only onnxruntime (or openvino), tokenizers and
-numpy installed.
+"""Predict emotions from an ONNX or OpenVINO artifact folder with only onnxruntime or openvino, tokenizers, numpy.
 
     pip install onnxruntime tokenizers numpy
     python -m emocompress.deploy.serve logs/teacher_onnx/version_0/onnx --input texts.txt --output predictions.jsonl
