@@ -8,7 +8,7 @@ fast as a trained one of the same shape (its labels are meaningless, which the l
 
 1. Closed loop, each server alone on the machine (ours, then the peer): 1, 8, 32 and 128 clients, each sending
    single-text requests back to back for ``--duration`` seconds: throughput, p50/p90/p99 latency, errors.
-   The peer is the same ``OnnxPredictor`` behind a plain FastAPI handler, one model call per request, no
+   The peer is the same ``ArtifactPredictor`` behind a plain FastAPI handler, one model call per request, no
    batching (``--peer``, started by this script).
 2. Burst (ours): an open loop at 4x the throughput ours sustained with 32 clients, for ``--burst`` seconds;
    statuses, the server's RSS before, at most during and after, and the 1-client p50 before and after.
@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from emocompress.benchmark.timing import percentile
-from emocompress.deploy.serve import OnnxPredictor
+from emocompress.deploy.serve import ArtifactPredictor
 
 LABELS = ["anger", "fear", "joy", "love", "sadness", "surprise"]
 HERE = Path(__file__).resolve()
@@ -66,7 +66,7 @@ def run_peer(folder: str, port: int) -> None:
     class Body(BaseModel):
         text: str
 
-    predictor = OnnxPredictor(folder)
+    predictor = ArtifactPredictor(folder)
     app = FastAPI()
 
     @app.post("/v1/predict")
@@ -287,7 +287,7 @@ def main():
                 results["burst"]["p50_1_client_after"] = asyncio.run(closed_loop(url, 1, 5, texts)).get("p50")
                 print("burst", json.dumps(results["burst"], indent=1), flush=True)
             if name == "ours" and not args.no_fuzz:
-                offline_model = OnnxPredictor(args.folder, num_threads=1)
+                offline_model = ArtifactPredictor(args.folder, num_threads=1)
                 offline = {text: offline_model.predict([text])[0] for text in texts}
                 results["fuzz"] = asyncio.run(fuzz(url, port, texts, offline))
                 print("fuzz", json.dumps(results["fuzz"], indent=1), flush=True)

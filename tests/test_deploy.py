@@ -19,7 +19,7 @@ from emocompress.benchmark.variants import load_for_benchmark
 from emocompress.callbacks.export import OnnxExport
 from emocompress.compression.export import export_onnx, quantize
 from emocompress.deploy import serve
-from emocompress.deploy.serve import OnnxPredictor, main
+from emocompress.deploy.serve import ArtifactPredictor, main
 from emocompress.models.classifier import EmotionClassifier
 from emocompress.models.loading import OrtClassifier, load_artifact
 from emocompress.models.students import SmallEncoderClassifier, SmallEncoderConfig, keep_layers
@@ -127,12 +127,12 @@ def test_fp32_onnx_matches_pytorch_logits(trained, emotion_dir, tmp_path, varian
     torch.testing.assert_close(_logits(ort_model, tokenizer, texts), reference, rtol=0, atol=ATOL)
 
     # the server tokenizes with tokenizers alone: same probabilities as PyTorch on HF-tokenized input
-    predictor = OnnxPredictor(folder)
+    predictor = ArtifactPredictor(folder)
     served = torch.tensor([list(p["probs"].values()) for p in predictor.predict(texts)], dtype=torch.float32)
     torch.testing.assert_close(served, reference.softmax(-1), rtol=0, atol=ATOL)
     meta = json.loads((folder / "artifact.json").read_text())
     assert meta["precision"] == "fp32" and meta["backend"] == "onnxruntime"
-    graph_inputs = [i.name for i in predictor.session.get_inputs()]
+    graph_inputs = [i.name for i in predictor.runtime.session.get_inputs()]
     assert meta["input_names"] == graph_inputs
     assert ("token_type_ids" in graph_inputs) == (variant not in _RECURRENT)
     # 1,024 asked: lowered to the tiny BERT's 512 positions; a BiLSTM or CNN has no position limit
@@ -162,13 +162,13 @@ def test_int8_onnx_agrees_with_fp32_argmax(trained, emotion_dir, tmp_path, varia
     int8_labels = int8_logits.argmax(-1).tolist()
     assert [a for a, c in zip(int8_labels, clear) if c] == [r for r, c in zip(reference, clear) if c], report
     # the server reads INT8 folders too, with the same metadata
-    served = OnnxPredictor(tmp_path / "int8").predict(texts)
+    served = ArtifactPredictor(tmp_path / "int8").predict(texts)
     assert [p["label"] for p in served] == [model.config.id2label[i] for i in int8_labels]
     meta_file = tmp_path / "int8" / "artifact.json"
     assert json.loads(meta_file.read_text())["precision"] == "int8"
     # folders written before the metadata grew: labels and padding come from config.json
     meta_file.write_text(json.dumps({"backend": "onnxruntime", "include_embeddings": True}))
-    assert OnnxPredictor(tmp_path / "int8").predict(texts) == served
+    assert ArtifactPredictor(tmp_path / "int8").predict(texts) == served
 
 
 @pytest.mark.parametrize(("include_embeddings", "int8_ops"), [(False, {"ConvInteger"}),
@@ -222,7 +222,7 @@ def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
     spec = json.loads((folder / "tokenizer.json").read_text())
     spec["post_processor"] = None
     (folder / "tokenizer.json").write_text(json.dumps(spec))
-    empty, happy = OnnxPredictor(folder).predict(["", "happy"])
+    empty, happy = ArtifactPredictor(folder).predict(["", "happy"])
     assert "no tokens" in empty["error"] and "label" not in empty
     assert happy["label"] in teacher[0].config.id2label.values()
 
@@ -246,7 +246,7 @@ def test_onnx_export_callback_writes_the_best_model(make_datamodule, emotion_dir
 
     assert "epoch=0" in best_ckpt.best_model_path
     texts = _test_texts(emotion_dir)
-    served = torch.tensor([list(p["probs"].values()) for p in OnnxPredictor(folder).predict(texts)])
+    served = torch.tensor([list(p["probs"].values()) for p in ArtifactPredictor(folder).predict(texts)])
     best = copy.deepcopy(module.model)
     state = torch.load(best_ckpt.best_model_path, weights_only=True)["state_dict"]
     best.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
@@ -261,18 +261,18 @@ def test_onnx_export_callback_writes_the_best_model(make_datamodule, emotion_dir
 
 def test_bad_folders_are_clear_errors(teacher, tmp_path, capsys):
     with pytest.raises(ValueError, match=rf"{tmp_path / 'missing'}: not a folder; re-export with .*OnnxExport"):
-        OnnxPredictor(tmp_path / "missing")
+        ArtifactPredictor(tmp_path / "missing")
     hf_model = tmp_path / "hf_model"
     teacher[0].save_pretrained(hf_model)
     with pytest.raises(ValueError, match=rf"{hf_model}: no artifact.json, so not an INT8 model folder or ONNX export; "
                                          r".*OnnxExport"):
-        OnnxPredictor(hf_model)
+        ArtifactPredictor(hf_model)
     quantize(teacher[0], "torch", out_dir=tmp_path / "int8_torch", tokenizer=teacher[1])
     with pytest.raises(ValueError, match=r"'torch' INT8 folder holds no ONNX graph; .*backend='onnxruntime'"):
-        OnnxPredictor(tmp_path / "int8_torch")
+        ArtifactPredictor(tmp_path / "int8_torch")
     export_onnx(teacher[0], tmp_path / "no_tokenizer")
     with pytest.raises(ValueError, match=r"no_tokenizer: no tokenizer.json, .*with the datamodule's tokenizer"):
-        OnnxPredictor(tmp_path / "no_tokenizer")
+        ArtifactPredictor(tmp_path / "no_tokenizer")
     with pytest.raises(SystemExit) as exit_info:
         main([str(hf_model)])
     assert exit_info.value.code == 2
@@ -313,7 +313,7 @@ _BAD_META = {  # artifact.json changes -> what the message says (after the file'
 }
 
 
-@pytest.mark.parametrize("reader", [OnnxPredictor, load_artifact], ids=["serve", "load_artifact"])
+@pytest.mark.parametrize("reader", [ArtifactPredictor, load_artifact], ids=["serve", "load_artifact"])
 @pytest.mark.parametrize("case", list(_BAD_META))
 def test_bad_metadata_is_refused_naming_the_file(onnx_folder, tmp_path, reader, case):
     changes, message = _BAD_META[case]
@@ -328,7 +328,7 @@ def test_metadata_of_older_folders_falls_back_to_config(onnx_folder, tmp_path):
                         max_length=None, id2label=None, pad_token=None, pad_id=None)
     (folder / "artifact.json").rename(folder / "int8.json")
     assert set(json.loads((folder / "int8.json").read_text())) == {"backend", "include_embeddings"}
-    predictor = OnnxPredictor(folder)
+    predictor = ArtifactPredictor(folder)
     assert predictor.labels == ["anger", "joy", "love"]  # config.json's id2label
     assert predictor.max_length == 128  # the default, within the tiny BERT's 512 positions
     assert isinstance(load_artifact(folder), OrtClassifier)
@@ -344,11 +344,11 @@ def test_folders_with_the_old_metadata_name_load_serve_and_are_replaced(trained,
                                                                          caplog, recwarn):
     texts = _test_texts(emotion_dir)
     folder = _old_named(shutil.copytree(onnx_folder, tmp_path / "onnx"))
-    expected = OnnxPredictor(onnx_folder).predict(texts)
+    expected = ArtifactPredictor(onnx_folder).predict(texts)
     caplog.clear()
     recwarn.clear()
     # served, loaded and benchmarked as before, and nothing is said about the old name
-    assert OnnxPredictor(folder).predict(texts) == expected
+    assert ArtifactPredictor(folder).predict(texts) == expected
     torch.testing.assert_close(_logits(load_artifact(folder), trained[2], texts),
                                _logits(load_artifact(onnx_folder), trained[2], texts), rtol=0, atol=0)
     model, _, weights = load_for_benchmark(folder)
@@ -363,11 +363,11 @@ def test_folders_with_the_old_metadata_name_load_serve_and_are_replaced(trained,
     # its metadata is checked the same, naming the old file
     (folder / "int8.json").write_text(json.dumps({"backend": "tensorrt"}))
     with pytest.raises(ValueError, match=re.escape(str(folder / "int8.json")) + ": unknown backend 'tensorrt'"):
-        OnnxPredictor(folder)
+        ArtifactPredictor(folder)
     # an export over it replaces it (it is an artifact folder) and writes only the new name
     export_onnx(trained[0], folder, trained[2])
     assert (folder / "artifact.json").is_file() and not (folder / "int8.json").exists()
-    assert OnnxPredictor(folder).predict(texts) == expected
+    assert ArtifactPredictor(folder).predict(texts) == expected
 
 
 @pytest.mark.parametrize("spelling", ["same", "dotted", "symlink"])
@@ -386,13 +386,14 @@ def test_serve_refuses_to_write_over_its_input(onnx_folder, tmp_path, capsys, sp
 
 
 def test_serve_crash_midway_keeps_the_earlier_output(onnx_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "SORT_WINDOW", 1)  # a file read one batch at a time, as stdin is
     text_file, out_file = tmp_path / "texts.txt", tmp_path / "out.jsonl"
     text_file.write_text("i feel so happy\nfurious\nloving\nglad\nmad\n")
     main([str(onnx_folder), "--input", str(text_file), "--output", str(out_file), "--batch_size", "2"])
     earlier = out_file.read_text()
     assert len(earlier.splitlines()) == 5
 
-    predict, calls = serve.OnnxPredictor.predict, []
+    predict, calls = serve.ArtifactPredictor.predict, []
 
     def fail_after_first_chunk(self, texts):
         calls.append(len(texts))
@@ -400,7 +401,7 @@ def test_serve_crash_midway_keeps_the_earlier_output(onnx_folder, tmp_path, monk
             raise RuntimeError("killed midway")
         return predict(self, texts)
 
-    monkeypatch.setattr(serve.OnnxPredictor, "predict", fail_after_first_chunk)
+    monkeypatch.setattr(serve.ArtifactPredictor, "predict", fail_after_first_chunk)
     with pytest.raises(RuntimeError, match="killed midway"):
         main([str(onnx_folder), "--input", str(text_file), "--output", str(out_file), "--batch_size", "2"])
     assert calls == [2, 2]  # the first chunk was written (to the temporary file) before the crash
@@ -446,7 +447,7 @@ def test_serve_splits_on_newlines_only_and_numbers_physical_lines(onnx_folder, t
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").split("\n")[:-1]]
     assert [r["text"] for r in records] == texts
     assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert [r["label"] for r in records] == [p["label"] for p in OnnxPredictor(onnx_folder).predict(texts)]
+    assert [r["label"] for r in records] == [p["label"] for p in ArtifactPredictor(onnx_folder).predict(texts)]
 
 
 def _more_tokens(spec: dict) -> None:
@@ -476,7 +477,7 @@ def test_serve_refuses_unusable_files_in_one_line(onnx_folder, tmp_path, capsys,
         change(spec)
         (folder / name).write_text(json.dumps(spec))
     with pytest.raises(ValueError, match=message):
-        OnnxPredictor(folder).predict(["extra4 happy"])
+        ArtifactPredictor(folder).predict(["extra4 happy"])
     with pytest.raises(SystemExit) as exit_info:
         main([str(folder), "--input", os.devnull])
     assert exit_info.value.code == 2

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from emocompress.compression.export import export_onnx
 from emocompress.deploy.batching import Batcher
 from emocompress.deploy.http import Settings, create_app, main, make_server
-from emocompress.deploy.serve import OnnxPredictor
+from emocompress.deploy.serve import ArtifactPredictor
 from emocompress.deploy.serve import main as serve_main
 from tests.conftest import make_texts
 
@@ -44,7 +44,7 @@ def folder(tiny_teacher_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(folder):
-    return OnnxPredictor(folder, num_threads=1)
+    return ArtifactPredictor(folder, num_threads=1)
 
 
 def _free_port() -> int:

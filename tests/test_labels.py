@@ -14,7 +14,7 @@ from emocompress.benchmark.run import benchmark
 from emocompress.benchmark.variants import measure
 from emocompress.compression.distillation import Teacher
 from emocompress.compression.export import export_onnx
-from emocompress.deploy.serve import OnnxPredictor
+from emocompress.deploy.serve import ArtifactPredictor
 from emocompress.models.classifier import EmotionClassifier
 from emocompress.models.loading import load_artifact
 
@@ -245,7 +245,7 @@ def onnx_export(tiny_teacher_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("count", [2, 4])
-@pytest.mark.parametrize("reader", [OnnxPredictor, load_artifact], ids=["serve", "load_artifact"])
+@pytest.mark.parametrize("reader", [ArtifactPredictor, load_artifact], ids=["serve", "load_artifact"])
 def test_onnx_folder_with_another_label_count_than_its_graph_is_refused(onnx_export, tmp_path, reader, count):
     folder = shutil.copytree(onnx_export, tmp_path / "onnx")
     id2label = {str(i): f"label{i}" for i in range(count)}

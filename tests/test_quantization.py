@@ -81,7 +81,7 @@ def test_load_rejects_other_folders(tmp_path):
 
 
 def test_bad_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match="backend must be 'onnxruntime' or 'torch'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['onnxruntime', 'torch', 'openvino'\], got 'tensorrt'"):
         Int8Quantization(backend="tensorrt")
 
 

@@ -11,7 +11,7 @@ from emocompress.cli import main
 from emocompress.compression.distillation import Distiller
 from emocompress.compression.export import export_onnx, quantize
 from emocompress.data.vocabulary import build_tokenizer, train_vocabulary
-from emocompress.deploy.serve import OnnxPredictor
+from emocompress.deploy.serve import ArtifactPredictor
 from emocompress.models.students import SmallEncoderClassifier
 
 
@@ -76,7 +76,7 @@ def test_small_encoder_student_reads_its_own_vocabulary_end_to_end(emotion_dir, 
         reference = student(**dm.tokenizer(texts, padding=True, return_tensors="pt")).logits
     folder = export_onnx(student, tmp_path / "onnx", dm.tokenizer)
     assert AutoTokenizer.from_pretrained(folder).get_vocab() == dm.tokenizer.get_vocab()
-    served = OnnxPredictor(folder).predict(texts)
+    served = ArtifactPredictor(folder).predict(texts)
     torch.testing.assert_close(torch.tensor([list(p["probs"].values()) for p in served]), reference.softmax(-1),
                                rtol=0, atol=1e-4)
     int8 = quantize(student, "onnxruntime", include_embeddings=True, out_dir=tmp_path / "int8", tokenizer=dm.tokenizer)

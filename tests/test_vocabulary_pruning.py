@@ -54,11 +54,11 @@ def test_saved_pruned_model_and_tokenizer_json_agree_after_reload(pruned, tmp_pa
 
 def test_pruned_model_exports_to_onnx_and_serves(pruned, tmp_path):
     from emocompress.compression.export import export_onnx
-    from emocompress.deploy.serve import OnnxPredictor
+    from emocompress.deploy.serve import ArtifactPredictor
 
     original, tokenizer, model, small, _ = pruned
     export_onnx(model, tmp_path / "onnx", small)
-    predictor = OnnxPredictor(tmp_path / "onnx")  # also runs the tokenizer's last id through the graph
+    predictor = ArtifactPredictor(tmp_path / "onnx")  # also runs the tokenizer's last id through the graph
     probs = torch.tensor([[p["probs"][label] for label in predictor.labels] for p in predictor.predict(IN_VOCAB)])
     expected = _logits(original, tokenizer, IN_VOCAB).softmax(-1)
     torch.testing.assert_close(probs, expected, atol=1e-4, rtol=1e-4)
@@ -125,7 +125,7 @@ def test_callback_prunes_before_fit_and_writes_its_stats(make_datamodule, tiny_m
 @pytest.mark.slow
 def test_cli_fit_with_pruned_vocabulary_exports_serves_and_tests_from_its_checkpoint(emotion_dir, tiny_model_dir,
                                                                                     tmp_path):
-    from emocompress.deploy.serve import OnnxPredictor
+    from emocompress.deploy.serve import ArtifactPredictor
     from emocompress.models.pretrained import load_model, load_tokenizer
     from tests.test_cli import CONFIGS, run_cli, tiny_args
 
@@ -140,7 +140,7 @@ def test_cli_fit_with_pruned_vocabulary_exports_serves_and_tests_from_its_checkp
         == stats["kept_tokens"]
     assert json.loads((run / "test_metrics.json").read_text())["energy"]["fit"]["energy_kwh"] > 0
     assert "energy:" in fit.stderr and "kWh" in fit.stderr  # the end-of-run summary
-    assert len(OnnxPredictor(run / "int8").predict(["i feel happy", "furious"])) == 2
+    assert len(ArtifactPredictor(run / "int8").predict(["i feel happy", "furious"])) == 2
     # a fresh process builds the unpruned network; the callback prunes it to the checkpoint's shape before it loads
     test = run_cli("test", *args, "--ckpt_path", "best", cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]

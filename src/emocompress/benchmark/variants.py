@@ -15,12 +15,12 @@ from emocompress.compression.distillation import Distiller
 from emocompress.data.datamodule import EmotionDataModule
 from emocompress.data.sampling import padding_per_text, sort_by_length
 from emocompress.data.sources import DataSource, check_label_set
-from emocompress.deploy.format import ONNX_FILE, TORCH_WEIGHTS_FILE, metadata_file
+from emocompress.deploy.format import ONNX_FILE, OPENVINO_WEIGHTS_FILE, TORCH_WEIGHTS_FILE, metadata_file
 from emocompress.models.checkpoints import current_class_paths, label_columns, read_checkpoint, stored_labels
 from emocompress.models.classifier import EmotionClassifier, classification_metrics, metrics_report, model_inputs
 from emocompress.models.loading import is_distiller_checkpoint, load_folder
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", ONNX_FILE, TORCH_WEIGHTS_FILE)
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", ONNX_FILE, OPENVINO_WEIGHTS_FILE, TORCH_WEIGHTS_FILE)
 
 
 def _weights_file(path: Path) -> Path | None:
@@ -84,8 +84,13 @@ def file_sizes_mb(path: Path) -> tuple[float, float]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(total, non-zero) weights of a model: float parameters, INT8 packed weights, or ONNX initializers
-    (all of a graph's constant tensors, which includes quantization scales: a few hundred values)."""
+    """(total, non-zero) weights of a model: float parameters, INT8 packed weights, or ONNX initializers or OpenVINO
+    constants (all of a graph's constant tensors, which includes quantization scales: a few hundred values)."""
+    if str(getattr(model, "path", "")).endswith(".xml"):
+        import openvino as ov
+
+        arrays = [op.get_data() for op in ov.Core().read_model(model.path).get_ops() if op.get_type_name() == "Constant"]
+        return sum(a.size for a in arrays), sum(int((a != 0).sum()) for a in arrays)
     session = getattr(model, "session", None)
     if session is not None:
         import onnx

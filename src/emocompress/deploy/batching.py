@@ -38,7 +38,7 @@ class Batcher:
     """Merge the texts of concurrent ``submit`` calls into model calls of at most ``max_batch_size`` texts.
 
     Args:
-        predict: the model, ``texts -> one dict per text, in order`` (``OnnxPredictor.predict``).
+        predict: the model, ``texts -> one dict per text, in order`` (``ArtifactPredictor.predict``).
         max_batch_size: texts per model call (requests are merged until the next would not fit).
         max_wait_ms: how long the oldest waiting request may wait for others to join its batch.
         max_queue: texts that may wait at once; ``submit`` raises ``QueueFull`` beyond it.

@@ -1,4 +1,4 @@
-"""The on-disk format of an ONNX or INT8 artifact folder: its file names, its metadata keys, and the
+"""The on-disk format of an ONNX, OpenVINO or INT8 artifact folder: its file names, its metadata keys, and the
 one function that reads and checks a folder's metadata (``read_metadata``), and the check of its labels against
 the graph's outputs (``check_output_width``).
 
@@ -18,6 +18,9 @@ META_FILE = "artifact.json"
 # read like META_FILE.
 OLD_META_FILE = "int8.json"
 ONNX_FILE = "model.onnx"
+# An OpenVINO IR: the graph (XML) and its weights (beside it, same stem).
+OPENVINO_FILE = "model.xml"
+OPENVINO_WEIGHTS_FILE = "model.bin"
 TORCH_WEIGHTS_FILE = "int8_state_dict.pt"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -26,10 +29,11 @@ TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_LENGTH = 128
 # No text classifier here has more positions; a larger value is a corrupted or hand-edited file.
 MAX_LENGTH_LIMIT = 100_000
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "openvino")
 PRECISIONS = ("fp32", "int8")
 
-FIX = "re-export with emocompress.callbacks.export.OnnxExport, Int8Quantization or emocompress.compression.export.export_onnx"
+FIX = ("re-export with emocompress.callbacks.export.OnnxExport, Int8Quantization, "
+       "emocompress.compression.export.export_onnx or emocompress.compression.openvino.export_openvino")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +41,13 @@ class ArtifactMeta:
     """The metadata of an artifact folder; its field names are the keys of ``artifact.json``.
 
     Args:
-        backend: ``onnxruntime`` (``model.onnx``) or ``torch`` (``int8_state_dict.pt``).
+        backend: ``onnxruntime`` (``model.onnx``), ``openvino`` (``model.xml`` and ``model.bin``) or ``torch``
+            (``int8_state_dict.pt``).
         precision: ``fp32`` (``export_onnx``) or ``int8`` (``quantize``).
         id2label: label name by class id, ids ``"0"`` to ``"C-1"`` as strings (JSON keys).
         include_embeddings: the embedding tables are INT8 too.
-        max_length: tokens per text the server keeps (``onnxruntime`` folders).
-        input_names: the graph's inputs (``onnxruntime`` folders).
+        max_length: tokens per text the server keeps (``onnxruntime`` and ``openvino`` folders).
+        input_names: the graph's inputs (``onnxruntime`` and ``openvino`` folders).
         pad_token: the tokenizer's padding token.
         pad_id: its id, below the tokenizer's vocabulary size.
     """

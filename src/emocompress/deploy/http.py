@@ -194,7 +194,7 @@ class AccessLog:
 
 
 def create_app(predictor, settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app serving ``predictor`` (an ``OnnxPredictor``: ``predict(texts)``, ``labels``,
+    """The FastAPI app serving ``predictor`` (an ``ArtifactPredictor``: ``predict(texts)``, ``labels``,
     ``max_length``); its batcher starts and stops with the app's lifespan."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
@@ -286,14 +286,14 @@ def _exit_on(signum: int, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``emocompress serve FOLDER [--host H] [--port P] [--max_batch_size N ...]``: serve the folder over HTTP."""
-    from emocompress.deploy.serve import OnnxPredictor  # its module is the stdin/stdout server
+    from emocompress.deploy.serve import ArtifactPredictor  # its module is the stdin/stdout server
 
     parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0])
-    parser.add_argument("folder", help="ONNX artifact folder (OnnxExport, export_onnx or onnxruntime INT8)")
+    parser.add_argument("folder", help="artifact folder: ONNX (OnnxExport, export_onnx, onnxruntime INT8) or OpenVINO (export_openvino, its INT8)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num_threads", type=int, default=None,
-                        help="ONNX Runtime threads per model call (default: the cores shared among --workers)")
+                        help="runtime (ONNX Runtime, OpenVINO) threads per model call (default: the cores shared among --workers)")
     parser.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     for f in fields(Settings):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
         threads = args.num_threads or max(1, _cores() // settings.workers)
         # Every text of a model call in one run of the graph: the batcher already sized the batch.
-        predictor = OnnxPredictor(args.folder, threads, batch_size=settings.max_batch_size)
+        predictor = ArtifactPredictor(args.folder, threads, batch_size=settings.max_batch_size)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     _exit_on(signal.SIGTERM, 0)

@@ -1,11 +1,12 @@
-"""Predict emotions from an ONNX artifact folder with only onnxruntime, tokenizers and numpy installed.
+"""Predict emotions from an ONNX or OpenVINO artifact folder with only onnxruntime or openvino, tokenizers, numpy.
 
     pip install onnxruntime tokenizers numpy
     python -m emocompress.deploy.serve logs/teacher_onnx/version_0/onnx --input texts.txt --output predictions.jsonl
 
-The folder is an fp32 export (``OnnxExport``, ``export_onnx``) or an ``onnxruntime`` INT8 folder
-(``Int8Quantization``): ``model.onnx``, ``tokenizer.json``, ``config.json`` and ``artifact.json``, whose
-metadata is checked by ``emocompress.deploy.format.read_metadata``. Nothing here imports torch,
+The folder is an fp32 export (``OnnxExport``, ``export_onnx``), an ``onnxruntime`` INT8 folder
+(``Int8Quantization``) or an ``openvino`` one (``export_openvino``, ``Int8Quantization(backend="openvino")``):
+``model.onnx`` (or ``model.xml`` and ``model.bin``), ``tokenizer.json``, ``config.json`` and ``artifact.json``,
+whose metadata is checked by ``emocompress.deploy.format.read_metadata``. Nothing here imports torch,
 transformers or lightning, so a server needs none of them.
 
 Input is one text per line (stdin by default): a text is what lies between two ``\n`` (one ``\r`` before
@@ -20,9 +21,10 @@ of ``label`` and ``probs``. ``--output`` is written under a temporary name and m
 when every line is done, so a crash leaves an earlier output whole; ``--output`` naming the
 ``--input`` file is refused before anything is written.
 
-Answers are flushed after every batch of ``--batch_size`` lines, so with ``--batch_size 1`` the server is a
-co-process: one line in, one line out, as each line arrives. A reader that goes away early (``| head -1``)
-ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
+Texts are sorted by token count into batches (answers stay in input order): those of each 32 batches of an
+``--input`` file together, so batches carry little padding. From stdin, answers are flushed after every batch of
+``--batch_size`` lines, so with ``--batch_size 1`` the server is a co-process: one line in, one line out, as each
+line arrives. A reader that goes away early (``| head -1``) ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
 else that stops it before it starts (a missing ``--input``, a folder as ``--output``, a closed stdin or
 stdout, a ``tokenizer.json`` or ``model.onnx`` that cannot be read, a tokenizer with ids past the model's
 vocabulary) is one line naming the file and the fix, with exit code 2.
@@ -40,8 +42,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from emocompress.deploy.format import FIX, ONNX_FILE, TOKENIZER_FILE, read_metadata
-from emocompress.deploy.runtime import open_session, run_logits
+from emocompress.deploy.format import FIX, ONNX_FILE, OPENVINO_FILE, TOKENIZER_FILE, read_metadata
+from emocompress.deploy.runtime import open_runtime
 from emocompress.io import atomic_file, iter_lines
 
 
@@ -55,50 +57,63 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-class OnnxPredictor:
-    """Emotion predictions from an ONNX artifact folder on the CPU.
+# The graph file of each servable backend.
+MODEL_FILES = {"onnxruntime": ONNX_FILE, "openvino": OPENVINO_FILE}
+
+
+class ArtifactPredictor:
+    """Emotion predictions from an ONNX Runtime or OpenVINO artifact folder on the CPU.
 
     Args:
-        folder: the artifact folder (``model.onnx``, ``tokenizer.json``, ``config.json``, ``artifact.json``;
-            ``int8.json`` in folders written before it was renamed).
-        num_threads: ONNX Runtime intra-op threads (default: all cores).
+        folder: the artifact folder (``model.onnx`` or ``model.xml``, ``tokenizer.json``, ``config.json``,
+            ``artifact.json``; ``int8.json`` in folders written before it was renamed).
+        num_threads: runtime threads (default: all cores).
         batch_size: texts per model call; batches are padded to their longest text.
+        sort_by_length: group texts of similar token counts into batches (answers stay in input order), so
+            batches carry less padding; False: batches of consecutive texts.
+        hint: OpenVINO's performance hint, ``latency`` or ``throughput`` (OpenVINO folders only).
 
     Raises:
-        ValueError: ``folder`` is not a servable ONNX artifact (the message says which file is missing)
+        ValueError: ``folder`` is not a servable artifact (the message says which file is missing)
             or its metadata is refused (see ``emocompress.deploy.format.read_metadata``; its labels must be as
             many as the graph's outputs, ``check_output_width``).
     """
 
-    def __init__(self, folder: str | Path, num_threads: int | None = None, batch_size: int = 32):
+    def __init__(self, folder: str | Path, num_threads: int | None = None, batch_size: int = 32,
+                 sort_by_length: bool = True, hint: str = "latency"):
         folder = Path(folder)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         meta = read_metadata(folder)
-        if meta.backend != "onnxruntime":
+        if meta.backend not in MODEL_FILES:
             raise ValueError(f"{folder}: a {meta.backend!r} INT8 folder holds no ONNX graph; quantize with "
-                             f"Int8Quantization(backend='onnxruntime') or {FIX}")
-        for name in (ONNX_FILE, TOKENIZER_FILE):
+                             f"Int8Quantization(backend='onnxruntime') (or 'openvino') or {FIX}")
+        self.model_file = folder / MODEL_FILES[meta.backend]
+        for name in (self.model_file.name, TOKENIZER_FILE):
             if not (folder / name).is_file():
-                raise ValueError(f"{folder}: no {name}, so not a servable ONNX artifact; {FIX} "
+                raise ValueError(f"{folder}: no {name}, so not a servable {meta.backend} artifact; {FIX} "
                                  "(with the datamodule's tokenizer, which writes tokenizer.json)")
         self.labels = meta.labels
         self.max_length = meta.max_length
         self.precision = meta.precision
+        self.backend = meta.backend
         self.batch_size = batch_size
+        self.sort_by_length = sort_by_length
+        # Of the last ``predict``: texts, their tokens, and the padding tokens their batches added.
+        self.padding_stats = {"texts": 0, "tokens": 0, "padded_tokens": 0, "padded_tokens_per_text": 0.0}
 
         try:
             self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
         except Exception as err:  # tokenizers raises a bare Exception for every unreadable file
             raise ValueError(f"{folder / TOKENIZER_FILE}: not a tokenizers file ({err}); {FIX} "
                              "(with the datamodule's tokenizer, which writes tokenizer.json)") from None
-        pad_id = 0 if meta.pad_id is None else meta.pad_id
-        pad_token = meta.pad_token or self.tokenizer.id_to_token(pad_id) or "[PAD]"
+        self.pad_id = 0 if meta.pad_id is None else meta.pad_id
         self.tokenizer.enable_truncation(self.max_length)
-        # Right padding to the batch's longest text: what the model saw in training (and SmallEncoderClassifier needs).
-        self.tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
+        # Batches are padded here (_feeds), after grouping texts by length: on the right, to the batch's longest
+        # text, what the model saw in training (and SmallEncoderClassifier needs).
+        self.tokenizer.no_padding()
 
-        self.session = open_session(folder / ONNX_FILE, self.labels, num_threads)
+        self.runtime = open_runtime(self.model_file, self.labels, num_threads, hint)
         self._check_vocabulary(folder)
 
     def _check_vocabulary(self, folder: Path) -> None:
@@ -108,9 +123,9 @@ class OnnxPredictor:
         size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         probe = {"input_ids": [[size - 1]], "attention_mask": [[1]]}
         try:
-            run_logits(self.session, {name: np.array(ids, dtype=np.int64) for name, ids in probe.items()})
-        except Exception as err:  # onnxruntime's errors share no public base class
-            raise ValueError(f"{folder / ONNX_FILE}: fails on token id {size - 1}, the last of {TOKENIZER_FILE}'s "
+            self.runtime.logits({name: np.array(ids, dtype=np.int64) for name, ids in probe.items()})
+        except Exception as err:  # the runtimes' errors share no public base class
+            raise ValueError(f"{self.model_file}: fails on token id {size - 1}, the last of {TOKENIZER_FILE}'s "
                              f"{size} tokens ({str(err).strip()}); the tokenizer is not the model's: {FIX} "
                              "with the tokenizer the model was trained with") from None
 
@@ -121,31 +136,45 @@ class OnnxPredictor:
             texts: the texts; empty ones are predicted from the special tokens alone.
 
         Returns:
-            One dict per text, in order: ``{"label": str, "probs": {label: float}}`` (probabilities in
+            One dict per text, in input order: ``{"label": str, "probs": {label: float}}`` (probabilities in
             label id order, summing to 1), or ``{"error": str}`` for a text that yields no tokens.
+            ``padding_stats`` then holds the padding tokens the batches added.
         """
-        texts = list(texts)
-        results = []
-        for start in range(0, len(texts), self.batch_size):
-            results += self._predict_batch(texts[start:start + self.batch_size])
+        encodings = self.tokenizer.encode_batch(list(texts))
+        results = [{"error": "the text yields no tokens (the tokenizer adds no special tokens)"} for _ in encodings]
+        # A text without tokens has nothing to attend to or pool over: its logits would be meaningless.
+        rows = [i for i, enc in enumerate(encodings) if enc.ids]
+        if self.sort_by_length:
+            rows.sort(key=lambda i: len(encodings[i].ids))  # stable: equal lengths keep their order
+        tokens = sum(len(encodings[i].ids) for i in rows)
+        padded = 0
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start:start + self.batch_size]
+            feeds = self._feeds([encodings[i] for i in batch])
+            padded += feeds["input_ids"].size
+            for i, row in zip(batch, _softmax(self.runtime.logits(feeds))):  # (B, C)
+                results[i] = {"label": self.labels[int(row.argmax())],
+                              "probs": {label: float(p) for label, p in zip(self.labels, row)}}
+        self.padding_stats = {"texts": len(results), "tokens": tokens, "padded_tokens": padded - tokens,
+                              "padded_tokens_per_text": (padded - tokens) / max(len(results), 1)}
         return results
 
-    def _predict_batch(self, texts: list[str]) -> list[dict]:
-        encodings = self.tokenizer.encode_batch(texts)
-        # A row of padding only has no tokens to attend to or pool over: its logits are meaningless.
-        rows = [i for i, enc in enumerate(encodings) if sum(enc.attention_mask) > 0]
-        results = [{"error": "the text yields no tokens (the tokenizer adds no special tokens)"} for _ in texts]
-        if not rows:
-            return results
-        columns = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
-        # (B, T) int64 each: padding made every row one length, so they stack
-        feeds = {name: np.array([getattr(encodings[i], column) for i in rows], dtype=np.int64)
-                 for name, column in columns.items()}
-        probs = _softmax(run_logits(self.session, feeds))  # (B, C)
-        for i, row in zip(rows, probs):
-            results[i] = {"label": self.labels[int(row.argmax())],
-                          "probs": {label: float(p) for label, p in zip(self.labels, row)}}
-        return results
+    def _feeds(self, encodings: list) -> dict[str, np.ndarray]:
+        """(B, T) int64 inputs of the encodings, padded on the right to the longest."""
+        width = max(len(enc.ids) for enc in encodings)
+        feeds = {"input_ids": np.full((len(encodings), width), self.pad_id, dtype=np.int64),
+                 "attention_mask": np.zeros((len(encodings), width), dtype=np.int64),
+                 "token_type_ids": np.zeros((len(encodings), width), dtype=np.int64)}
+        for row, enc in enumerate(encodings):
+            n = len(enc.ids)
+            feeds["input_ids"][row, :n] = enc.ids
+            feeds["attention_mask"][row, :n] = enc.attention_mask
+            feeds["token_type_ids"][row, :n] = enc.type_ids
+        return feeds
+
+
+# Batches of --input lines that ``predict`` sorts by length together.
+SORT_WINDOW = 32
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -191,18 +220,19 @@ def main(argv: list[str] | None = None) -> None:
 
         return serve_http(argv)
     parser = argparse.ArgumentParser(prog="python -m emocompress.deploy.serve", description=__doc__.split("\n")[0])
-    parser.add_argument("folder", help="ONNX artifact folder (OnnxExport, export_onnx or onnxruntime INT8)")
+    parser.add_argument("folder", help="ONNX or OpenVINO artifact folder (OnnxExport, export_onnx, export_openvino, "
+                                       "Int8Quantization)")
     parser.add_argument("--input", help="text file, one text per line; stdin if omitted")
     parser.add_argument("--output", help="JSON-lines file to write; stdout if omitted")
     parser.add_argument("--batch_size", type=int, default=32,
                         help="texts per model call; answers are flushed after each batch (1: answer every line "
                              "as it arrives)")
-    parser.add_argument("--num_threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--num_threads", type=int, default=None, help="runtime threads (default: all cores)")
     args = parser.parse_args(argv)
     if problem := _check_streams(args):
         parser.error(problem)
     try:
-        predictor = OnnxPredictor(args.folder, args.num_threads, args.batch_size)
+        predictor = ArtifactPredictor(args.folder, args.num_threads, args.batch_size)
     except ValueError as error:
         parser.error(str(error))
     try:
@@ -214,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + 13)  # 128 + SIGPIPE: the status a shell reports for `yes | head -1`'s `yes`
 
 
-def _serve(predictor: OnnxPredictor, args: argparse.Namespace) -> None:
+def _serve(predictor: ArtifactPredictor, args: argparse.Namespace) -> None:
     with contextlib.ExitStack() as stack:
         # utf-8-sig drops a leading byte-order mark; errors="replace" turns undecodable bytes into U+FFFD;
         # newline="\n": only \n ends a line (emocompress.io), not a bare \r as in universal newlines.
@@ -232,7 +262,10 @@ def _serve(predictor: OnnxPredictor, args: argparse.Namespace) -> None:
             sys.stdout.reconfigure(encoding="utf-8", newline="\n")
             writer = sys.stdout
         line_no = 0
-        for chunk in _chunks(iter_lines(reader), predictor.batch_size):
+        # A file is read SORT_WINDOW batches at a time, so length-sorted batches have texts to choose from; stdin
+        # one batch at a time, so a co-process gets each batch's answers as soon as it is complete.
+        window = predictor.batch_size * (SORT_WINDOW if args.input else 1)
+        for chunk in _chunks(iter_lines(reader), window):
             for text, result in zip(chunk, predictor.predict(chunk)):
                 line_no += 1
                 writer.write(json.dumps({"line": line_no, "text": text, **result}, ensure_ascii=False) + "\n")

@@ -1,21 +1,22 @@
 """Where a model comes from: every folder, file or name a model is loaded from, for every caller."""
 
 import contextlib
+import dataclasses
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from emocompress.deploy.format import (
     ONNX_FILE,
+    OPENVINO_FILE,
     TORCH_WEIGHTS_FILE,
     metadata_file,
     read_metadata,
 )
-from emocompress.deploy.runtime import INPUT_NAMES, open_session, run_logits
+from emocompress.deploy.runtime import INPUT_NAMES, open_runtime
 from emocompress.models import (
     pretrained,
     structure,
@@ -45,19 +46,38 @@ def torch_int8(model: nn.Module, include_embeddings: bool) -> nn.Module:
         return quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
-class OrtClassifier(nn.Module):
-    """An ONNX Runtime session behind the ``AutoModelForSequenceClassification`` call signature:
-    ``model(input_ids=..., attention_mask=...).logits`` is a (B, C) float tensor on the CPU."""
+@dataclasses.dataclass(slots=True)
+class LogitsOutput:
+    """What a runtime-backed classifier returns: ``.logits`` (B, C), as a ``SequenceClassifierOutput`` has them.
+    A plain dataclass: building a ``transformers`` ``ModelOutput`` costs a sizeable share of a batch-1 INT8 call."""
 
-    def __init__(self, path: str | Path, config, num_threads: int | None = None):
+    logits: torch.Tensor
+
+
+class OrtClassifier(nn.Module):
+    """An ONNX Runtime session (``model.onnx``) or an OpenVINO compiled model (``model.xml``) behind the
+    ``AutoModelForSequenceClassification`` call signature: ``model(input_ids=..., attention_mask=...).logits`` is a
+    (B, C) float tensor on the CPU.
+
+    Args:
+        path: the graph file of an artifact folder.
+        config: the model's ``transformers`` config (its labels are checked against the graph's outputs).
+        num_threads: runtime threads (default: all cores).
+        hint: OpenVINO's performance hint, ``latency`` or ``throughput``.
+    """
+
+    def __init__(self, path: str | Path, config, num_threads: int | None = None, hint: str = "latency"):
         super().__init__()
         self.path = str(path)
-        self.session = open_session(path, [config.id2label[i] for i in range(config.num_labels)], num_threads)
+        self.runtime = open_runtime(path, [config.id2label[i] for i in range(config.num_labels)], num_threads, hint)
+        self.session = getattr(self.runtime, "session", None)  # ONNX Runtime's, None for OpenVINO
         self.config = config
 
-    def forward(self, **inputs) -> SequenceClassifierOutput:
-        feeds = {name: value.cpu().numpy() for name, value in inputs.items() if name in INPUT_NAMES}
-        return SequenceClassifierOutput(logits=torch.from_numpy(run_logits(self.session, feeds)))
+    def forward(self, **inputs) -> LogitsOutput:
+        # CPU tensors share their memory with numpy both ways: no copy in, none out.
+        feeds = {name: value.numpy(force=True) for name, value in inputs.items()
+                 if name in INPUT_NAMES}
+        return LogitsOutput(torch.from_numpy(self.runtime.logits(feeds)))
 
 
 def attention_kwargs(config, implementation: str) -> dict:
@@ -67,14 +87,15 @@ def attention_kwargs(config, implementation: str) -> dict:
 
 def load_artifact(path: str | Path, num_threads: int | None = None) -> nn.Module:
     """Load an INT8 model saved by ``quantize``/``Int8Quantization``, or an fp32 ONNX folder written by
-    ``export_onnx``/``OnnxExport``, in a fresh process. ONNX folders load as an ``OrtClassifier``.
+    ``export_onnx``/``OnnxExport``, or an OpenVINO folder written by ``export_openvino``, in a fresh process. ONNX
+    and OpenVINO folders load as an ``OrtClassifier``.
 
     Nothing executes code from the folder: the torch backend's weights load with
     ``torch.load(weights_only=True)`` into a freshly quantized skeleton built from ``config.json``.
 
     Args:
         path: the artifact folder.
-        num_threads: ONNX Runtime intra-op threads (default: all cores).
+        num_threads: ONNX Runtime or OpenVINO threads (default: all cores).
 
     Returns:
         The model, CPU-only, called like a ``transformers`` classifier: ``model(**batch).logits``.
@@ -87,8 +108,9 @@ def load_artifact(path: str | Path, num_threads: int | None = None) -> nn.Module
     path = Path(path)
     meta = read_metadata(path)
     config = pretrained.load_config(str(path))
-    if meta.backend == "onnxruntime":
-        return OrtClassifier(path / ONNX_FILE, config, num_threads)
+    if meta.backend in ("onnxruntime", "openvino"):
+        return OrtClassifier(path / (ONNX_FILE if meta.backend == "onnxruntime" else OPENVINO_FILE), config,
+                             num_threads)
     skeleton = structure.build(config, **attention_kwargs(config, "sdpa")).eval()
     model = torch_int8(skeleton, meta.include_embeddings)
     try:
