@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import time
 
@@ -117,12 +118,13 @@ def exported(tiny_model_dir, tmp_path):
     return tmp_path / "fp32", tmp_path / "int8"
 
 
-def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodule, tmp_path):
+def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodule, tmp_path, caplog):
     fp32, int8 = exported
     out = tmp_path / "report"
-    rows = benchmark({"fp32": str(fp32), "int8": str(int8), "fp32 x2": [str(fp32), str(fp32)]},
-                     data=str(emotion_dir), out_dir=str(out), latency_samples=5, warmup=2, rounds=2,
-                     pairs=[["int8", "fp32 x2"], ["fp32 x2", "fp32"]])
+    with caplog.at_level(logging.INFO, logger="emocompress"):
+        rows = benchmark({"fp32": str(fp32), "int8": str(int8), "fp32 x2": [str(fp32), str(fp32)]},
+                         data=str(emotion_dir), out_dir=str(out), latency_samples=5, warmup=2, rounds=2,
+                         pairs=[["int8", "fp32 x2"], ["fp32 x2", "fp32"]])
     with (out / "model_comparison.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["model"] for r in table] == ["fp32", "int8", "fp32 x2"]
@@ -166,6 +168,18 @@ def test_report_folder_and_per_class_table(emotion_dir, exported, make_datamodul
                     zero_division=0) == pytest.approx(rows[1]["macro_f1"], abs=1e-6)
     environment = json.loads((out / "environment.json").read_text())
     assert {"cpu", "cpu_vendor", "cpu_flags", "onnxruntime", "torch", "rounds", "bootstrap"} <= set(environment)
+    # the fastest model per batch size: the row with the least latency / most texts/s among the eligible ones
+    picks = json.loads((out / "fastest.json").read_text())
+    assert set(picks) == {"baseline", "criterion", "by_batch_size", "overall", "excluded"}
+    assert [(p["batch_size"], p["measure"]) for p in picks["by_batch_size"]] == [(1, "latency_ms_median"),
+                                                                                (32, "throughput_per_s")]
+    eligible = [r for r in rows if r["model"] == "fp32" or r["macro_f1_diff_high"] >= 0]
+    assert picks["by_batch_size"][0]["model"] == min(eligible, key=lambda r: r["latency_ms_median"])["model"]
+    assert picks["by_batch_size"][1]["model"] == max(eligible, key=lambda r: r["throughput_per_s"])["model"]
+    assert picks["overall"] in picks["by_batch_size"]
+    assert "## Fastest" in (out / "model_comparison.md").read_text()
+    assert "<h2>Fastest</h2>" in (out / "report.html").read_text()
+    assert f"batch 32: {picks['by_batch_size'][1]['model']} " in caplog.text
 
     # per-class F1 and accuracy equal scikit-learn's on the same model's predictions
     model, _, _ = load_for_benchmark(fp32)
@@ -330,6 +344,67 @@ def test_report_names_absent_classes_and_keeps_every_models_figure(tmp_path):
     # the present classes keep their numbers: "a b" got joy 2 of 3 right
     joy = next(r for r in per_class if r["model"] == "a b" and r["class"] == "joy")
     assert joy["accuracy"] == pytest.approx(2 / 3)
+
+
+def _row(model, ms, per_s, diff, high):
+    return {"model": model, "latency_ms_median": ms, "throughput_per_s": per_s, "macro_f1": 0.8 + diff,
+            "macro_f1_diff": diff, "macro_f1_diff_low": diff - 0.02, "macro_f1_diff_high": high}
+
+
+def test_fastest_breaks_ties_by_macro_f1_then_row_order_and_falls_back_to_the_baseline():
+    from emocompress.benchmark.compare import fastest
+
+    rows = [_row("base", 10.0, 100.0, 0.0, 0.0), _row("a", 4.0, 200.0, -0.01, 0.01), _row("b", 4.0, 200.0, 0.0, 0.02),
+            _row("c", 4.0, 200.0, 0.0, 0.02), _row("worse", 1.0, 900.0, -0.1, -0.05)]
+    picks = fastest(rows, "base", 16)
+    # equal speed: the higher macro F1 (b over a), then the earlier row (b over c); "worse" is faster but excluded
+    assert [(p["batch_size"], p["model"], p["speedup"]) for p in picks["by_batch_size"]] == [(1, "b", 2.5),
+                                                                                              (16, "b", 2.0)]
+    assert picks["overall"]["batch_size"] == 1 and picks["overall"]["texts_per_s"] == 250.0
+    assert picks["excluded"] == ["worse"]
+    # nothing both faster and not significantly worse: the baseline itself; a row without an interval is not eligible
+    rows = [_row("base", 10.0, 100.0, 0.0, 0.0), _row("worse", 1.0, 900.0, -0.1, -1e-9), _row("old", 1.0, 900.0, 0, None)]
+    picks = fastest(rows, "base", 32)
+    assert [(p["model"], p["speedup"]) for p in picks["by_batch_size"]] == [("base", 1.0), ("base", 1.0)]
+    assert picks["excluded"] == ["worse", "old"]
+
+
+def test_a_significantly_worse_model_is_never_the_fastest_in_the_report(tmp_path):
+    from emocompress.benchmark.compare import compare
+    from emocompress.benchmark.report import write_report
+
+    id2label = dict(enumerate(["anger", "joy", "love"]))
+    target = [i % 3 for i in range(60)]
+    wrong = [(t + 1) % 3 if i % 2 else t for i, t in enumerate(target)]  # half wrong
+    variants = [_synthetic_variant("fp32", target, target, id2label),
+                _synthetic_variant("int8", target, target, id2label),
+                _synthetic_variant("broken", target, wrong, id2label)]
+    speeds = {"fp32": (10.0, 100.0), "int8": (3.0, 250.0), "broken": (1.0, 1000.0)}  # broken: fastest by far
+    timing = {name: {"latency_ms_median": ms, "latency_ms_min": ms, "latency_ms_max": ms, "latency_ms_p90": ms,
+                     "throughput_per_s": per_s, "throughput_min_per_s": per_s, "throughput_max_per_s": per_s}
+              for name, (ms, per_s) in speeds.items()}
+    rows, per_class, reports, _ = compare(variants, timing, "fp32", 1000, 0)
+    picks = write_report(tmp_path, rows, per_class, reports, {}, "test", "fp32", {"batch_size": 8}, False)
+    assert rows[2]["macro_f1_diff_high"] < 0
+    saved = json.loads((tmp_path / "fastest.json").read_text())
+    assert saved == picks and saved["excluded"] == ["broken"]
+    assert [(p["batch_size"], p["model"]) for p in saved["by_batch_size"]] == [(1, "int8"), (8, "int8")]
+    assert saved["by_batch_size"][0]["speedup"] == pytest.approx(10 / 3)
+    markdown = (tmp_path / "model_comparison.md").read_text()
+    assert "- batch 1: int8 3.00 ms (3.3x the baseline), macro F1 +0.0 [+0.0, +0.0] points" in markdown
+    assert "- batch 8: int8 250.0 texts/s (2.5x the baseline)" in markdown
+    assert "Left out as significantly worse: broken." in markdown
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Fastest</h2>" in page and "fastest overall: int8 at batch 1, 333.3 texts/s" in page
+
+
+def test_no_fastest_section_for_a_report_without_a_batch_size(tmp_path):
+    from emocompress.benchmark.report import fastest_picks
+
+    rows = [_row("base", 10.0, 100.0, 0.0, 0.0), _row("a", 4.0, 200.0, 0.0, 0.01)]
+    assert fastest_picks(rows, "base", {}) is None  # reports/benchmark_distill: no batch size recorded
+    assert fastest_picks(rows[:1] + [_row("a", 4.0, 200.0, 0.0, None)], "base", {"batch_size": 32}) is None
+    assert fastest_picks(rows, "base", {"batch_size": 32})["by_batch_size"][1]["model"] == "a"
 
 
 @pytest.mark.parametrize(("option", "value"), [

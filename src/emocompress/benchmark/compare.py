@@ -115,3 +115,49 @@ def _per_class_rows(reports: dict[str, dict], baseline: str, class_diffs: dict[s
                          "accuracy_change": values["accuracy"] - base["accuracy"] if present else None,
                          **{f"f1_change_{key}": diff[key] if present else None for key in ("low", "high", "p")}})
     return rows
+
+
+def fastest(rows: list[dict], baseline: str, batch_size: int) -> dict:
+    """The fastest row at each measured batch size among those whose macro F1 is not significantly worse than the
+    baseline's, and the fastest of those picks overall (the most texts per second of model time).
+
+    Eligible: the baseline itself, and every row whose 95% paired interval of the macro-F1 difference to the
+    baseline reaches 0 (``macro_f1_diff_high >= 0``); a row without an interval is not. The baseline is always
+    eligible, so each batch size has a pick. Batch 1 ranks by ``latency_ms_median`` (lower first), ``batch_size`` (the
+    throughput batches) by ``throughput_per_s`` (higher first); equal speeds go to the higher macro F1, then to
+    the earlier row. Returns ``{"baseline", "criterion", "by_batch_size": [pick, ...], "overall": pick,
+    "excluded": [significantly worse models]}``, each pick with its ``batch_size``, ``model``, ``measure`` (the
+    column ranked) and ``value``, ``texts_per_s``, ``speedup`` (x the baseline at that batch size), ``macro_f1`` and
+    ``macro_f1_diff`` with ``_low``/``_high``.
+
+    >>> def row(model, ms, per_s, diff, low, high):
+    ...     return {"model": model, "latency_ms_median": ms, "throughput_per_s": per_s, "macro_f1": 0.9 + diff,
+    ...             "macro_f1_diff": diff, "macro_f1_diff_low": low, "macro_f1_diff_high": high}
+    >>> rows = [row("fp32", 10.0, 100.0, 0.0, 0.0, 0.0), row("int8", 2.0, 300.0, -0.01, -0.02, 0.004),
+    ...         row("tiny", 1.0, 900.0, -0.2, -0.25, -0.15)]
+    >>> picks = fastest(rows, "fp32", 32)
+    >>> [(p["batch_size"], p["model"], p["texts_per_s"], p["speedup"]) for p in picks["by_batch_size"]]
+    [(1, 'int8', 500.0, 5.0), (32, 'int8', 300.0, 3.0)]
+    >>> picks["overall"]["batch_size"], picks["excluded"]
+    (1, ['tiny'])
+    """
+    base = next(r for r in rows if r["model"] == baseline)
+    eligible = [r for r in rows if r["model"] == baseline
+                or (r.get("macro_f1_diff_high") is not None and r["macro_f1_diff_high"] >= 0)]
+    names = {r["model"] for r in eligible}
+    picks = []
+    for size, key, faster in ((1, "latency_ms_median", -1), (batch_size, "throughput_per_s", 1)):
+        timed = [r for r in eligible if r.get(key) is not None]
+        if not timed or base.get(key) is None:
+            continue
+        best = max(timed, key=lambda r: (faster * r[key], r["macro_f1"]))  # max keeps the first of equal keys
+        picks.append({"batch_size": size, "model": best["model"], "measure": key, "value": best[key],
+                      "texts_per_s": 1000 / best[key] if faster < 0 else best[key],
+                      "speedup": base[key] / best[key] if faster < 0 else best[key] / base[key],
+                      **{k: best.get(k) for k in ("macro_f1", "macro_f1_diff", "macro_f1_diff_low",
+                                                  "macro_f1_diff_high")}})
+    return {"baseline": baseline,
+            "criterion": "the baseline, or a 95% paired-bootstrap interval of the macro-F1 difference to it that "
+                         "reaches 0 (macro_f1_diff_high >= 0): not significantly worse",
+            "by_batch_size": picks, "overall": max(picks, key=lambda p: p["texts_per_s"], default=None),
+            "excluded": [r["model"] for r in rows if r["model"] not in names]}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from emocompress.benchmark.compare import fastest
 from emocompress.benchmark.html import write_html_report
 from emocompress.deploy.format import DEFAULT_MAX_LENGTH
 from emocompress.evaluation.plots import close_figure, confusion_figure, per_class_plot, tradeoff_plot
@@ -25,7 +26,7 @@ from emocompress.io import check_not_cwd
 # report of ours and is never replaced: pointed at reports/ or logs/, a replace would erase committed results.
 _REPORT_ENTRIES = ("model_comparison.csv", "model_comparison.md", "per_class.csv", "per_class.md", "confusion_*.png",
                    "tradeoff.png", "per_class_f1.png", "environment.json", "reports.json", "predictions.json",
-                   "pairs.csv", "pairs.md", "tensorboard", "report.html",
+                   "pairs.csv", "pairs.md", "tensorboard", "report.html", "fastest.json",
                    "README.md")  # the study's write-up (reports/<study>/README.md): kept across a re-run
 
 
@@ -182,6 +183,59 @@ def _pairs_markdown(pair_rows: list[dict]) -> str:
                                                "resamples; McNemar on the first runs. `*`: the 95% interval excludes 0.\n")
 
 
+def fastest_picks(rows: list[dict], baseline: str, environment: dict) -> dict | None:
+    """``compare.fastest`` of a report's rows at its throughput batch size (``environment.json``'s); None for a
+    report without a recorded batch size or measured before the paired intervals (no honest pick there)."""
+    if not environment.get("batch_size") or any(r.get("macro_f1_diff_high") is None for r in rows):
+        return None
+    return fastest(rows, baseline, environment["batch_size"])
+
+
+def fastest_lines(picks: dict) -> list[str]:
+    """One line per batch size, then the fastest overall: what the run prints and ``model_comparison.md`` lists.
+
+    >>> pick = {"batch_size": 1, "model": "int8", "measure": "latency_ms_median", "value": 2.1, "texts_per_s": 476.2,
+    ...         "speedup": 3.4, "macro_f1_diff": -0.002, "macro_f1_diff_low": -0.006, "macro_f1_diff_high": 0.001}
+    >>> print(*fastest_lines({"baseline": "fp32", "by_batch_size": [pick], "overall": pick}), sep="\\n")
+    batch 1: int8 2.10 ms (3.4x the baseline), macro F1 -0.2 [-0.6, +0.1] points
+    fastest overall: int8 at batch 1, 476.2 texts/s
+    """
+    lines = []
+    for p in picks["by_batch_size"]:
+        speed = f"{p['value']:.2f} ms" if p["measure"] == "latency_ms_median" else f"{p['value']:.1f} texts/s"
+        if p["model"] == picks["baseline"]:
+            lines.append(f"batch {p['batch_size']}: {p['model']} {speed} (the baseline)")
+        else:
+            lines.append(f"batch {p['batch_size']}: {p['model']} {speed} ({p['speedup']:.1f}x the baseline), macro F1 "
+                         f"{100 * p['macro_f1_diff']:+.1f} [{100 * p['macro_f1_diff_low']:+.1f}, "
+                         f"{100 * p['macro_f1_diff_high']:+.1f}] points")
+    if overall := picks["overall"]:
+        lines.append(f"fastest overall: {overall['model']} at batch {overall['batch_size']}, "
+                     f"{overall['texts_per_s']:.1f} texts/s")
+    return lines
+
+
+def _fastest_note(picks: dict) -> str:
+    excluded = f" Left out as significantly worse: {', '.join(picks['excluded'])}." if picks["excluded"] else ""
+    return (f"Fastest: at each batch size, the fastest model whose macro F1 is not significantly worse than "
+            f"{picks['baseline']}'s (the baseline, or the 95% paired interval of the difference reaches 0); "
+            f"differences in points. Speed is model time (tokenization excluded).{excluded}")
+
+
+def _fastest_markdown(picks: dict) -> str:
+    """The "Fastest" section of ``model_comparison.md``."""
+    return (f"\n## Fastest\n\n{_fastest_note(picks)}\n\n" + "".join(f"- {line}\n" for line in fastest_lines(picks)))
+
+
+def _page_fastest_rows(picks: dict) -> list[dict]:
+    """The "Fastest" table of ``report.html`` (differences in points, as in the comparison table)."""
+    return [{"batch size": p["batch_size"], "model": p["model"],
+             "latency ms": p["value"] if p["measure"] == "latency_ms_median" else None, "texts/s": p["texts_per_s"],
+             "x baseline": p["speedup"],
+             **{f"Δ macro F1 (points){suffix}": 100 * p[f"macro_f1_diff{suffix}"] for suffix in ("", "_low", "_high")}}
+            for p in picks["by_batch_size"]]
+
+
 def _page_rows(rows: list[dict], baseline: str) -> list[dict]:
     """The comparison table of ``report.html``: the CSV's rows renamed for a reader, intervals as ``_low``/``_high``
     companions (``html.py``), differences in points (x 100) as in the figures."""
@@ -228,15 +282,19 @@ def write_figures_and_page(out: Path, rows: list[dict], per_class: list[dict], r
     figures = [(f"Macro-F1 difference to {baseline} against latency and size (tradeoff.png)", out / "tradeoff.png"),
                (f"Per-class F1 change against {baseline} (per_class_f1.png)", out / "per_class_f1.png")]
     confusions = {name: {"labels": r["labels"], "matrix": r["confusion_matrix"]} for name, r in reports.items()}
+    picks = fastest_picks(rows, baseline, environment)
     return write_html_report(out, title, _page_rows(rows, baseline), figures,
                              {k: v for k, v in environment.items() if k != "command"}, environment.get("command", ""),
-                             _page_class_rows(per_class), confusions)
+                             _page_class_rows(per_class), confusions,
+                             notes=f"{_fastest_note(picks)} {fastest_lines(picks)[-1]}." if picks else "",
+                             tables=[("Fastest", _page_fastest_rows(picks))] if picks else [])
 
 
 def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: dict[str, dict], predictions: dict,
                  split: str, baseline: str, environment: dict, tensorboard: bool, pair_rows: list[dict] = (),
-                 page_title: str = "Benchmark report") -> None:
-    """Write the report's files (see ``benchmark``'s ``out_dir``) into the folder ``out``."""
+                 page_title: str = "Benchmark report") -> dict | None:
+    """Write the report's files (see ``benchmark``'s ``out_dir``) into the folder ``out``; returns the fastest picks
+    (``fastest_picks``, also in ``fastest.json`` and ``model_comparison.md``), None where there are none."""
     tables = [("model_comparison", rows, _COLUMNS), ("per_class", per_class, list(per_class[0]))]
     if pair_rows:
         tables.append(("pairs", pair_rows, list(pair_rows[0])))
@@ -246,7 +304,11 @@ def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: di
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(table)
-    (out / "model_comparison.md").write_text(_comparison_markdown(rows, baseline))
+    picks = fastest_picks(rows, baseline, environment)
+    (out / "model_comparison.md").write_text(_comparison_markdown(rows, baseline)
+                                             + (_fastest_markdown(picks) if picks else ""))
+    if picks:
+        (out / "fastest.json").write_text(json.dumps(picks, indent=2))
     absent = next(iter(reports.values()))["absent_classes"]  # the split's: the same for every variant
     note = (f"\nAbsent from the {split} split (support 0, so no F1 or accuracy; empty cells): "
             f"{', '.join(absent)}. Macro F1 averages the classes in the split or predicted.\n" if absent else "")
@@ -270,3 +332,4 @@ def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: di
             for step, row in enumerate(rows):
                 for key in ("macro_f1", "latency_ms_median", "size_mb"):
                     writer.add_scalar(f"bench/{key}", row[key], step)
+    return picks

@@ -33,6 +33,7 @@ from emocompress.benchmark.compare import compare
 from emocompress.benchmark.report import (
     check_out_dir,
     environment_info,
+    fastest_lines,
     invoking_command,
     markdown_table,
     write_report,
@@ -109,15 +110,17 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
                 "command": invoking_command()}
     check_out_dir(out_dir)  # again: something may have been written there while we measured
     with atomic_dir(out_dir) as out:  # moved into place when complete: never a half-written report
-        write_report(out, rows, per_class, reports, predictions, split, baseline,
-                     environment_info(num_threads, settings), tensorboard, pair_rows,
-                     page_title=f"Benchmark report: {Path(out_dir).name}")
+        picks = write_report(out, rows, per_class, reports, predictions, split, baseline,
+                             environment_info(num_threads, settings), tensorboard, pair_rows,
+                             page_title=f"Benchmark report: {Path(out_dir).name}")
         # the write-up is the study's, not the report's: a re-run keeps it (its numbers then need a look)
         if (Path(out_dir) / "README.md").is_file():
             shutil.copy2(Path(out_dir) / "README.md", out / "README.md")
     log.info("benchmark report written to %s\n%s", out_dir,
              markdown_table(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "macro_f1_low", "macro_f1_high",
                               "speedup", "compression"]))
+    # the answer to "which backend for this model at my batch size": last, where a terminal shows it
+    log.info("fastest, macro F1 not significantly worse than %s:\n%s", baseline, "\n".join(fastest_lines(picks)))
     return rows
 
 
