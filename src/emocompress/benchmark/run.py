@@ -62,7 +62,9 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
         baseline: the row that ratios, differences and per-class changes compare against; default: the first model.
         out_dir: report folder: ``model_comparison.csv``/``.md``, ``per_class.csv``/``.md``,
             ``confusion_<model>.png`` per model (name made file-safe), ``tradeoff.png``, ``per_class_f1.png``,
-            ``report.html`` (all of it on one page), ``environment.json``, ``reports.json``, ``predictions.json``.
+            ``report.html`` (all of it on one page), ``fastest.json`` (the fastest model per batch size whose macro
+            F1 is not significantly worse than the baseline's, ``compare.fastest``; also logged last),
+            ``environment.json``, ``reports.json``, ``predictions.json``.
             An existing folder is replaced only if it holds nothing but such files (an earlier report); otherwise the
             run stops before measuring.
         num_threads: CPU threads for torch and ONNX Runtime; default: torch's default (all cores).
