@@ -188,7 +188,8 @@ def fastest_picks(rows: list[dict], baseline: str, environment: dict) -> dict | 
     report without a recorded batch size or measured before the paired intervals (no honest pick there)."""
     if not environment.get("batch_size") or any(r.get("macro_f1_diff_high") is None for r in rows):
         return None
-    return fastest(rows, baseline, environment["batch_size"])
+    picks = fastest(rows, baseline, environment["batch_size"])
+    return picks if picks["by_batch_size"] else None  # rows without timing (hand-made, or a partial old report)
 
 
 def fastest_lines(picks: dict) -> list[str]:

@@ -122,7 +122,8 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
              markdown_table(rows, ["model", "size_mb", "latency_ms_median", "macro_f1", "macro_f1_low", "macro_f1_high",
                               "speedup", "compression"]))
     # the answer to "which backend for this model at my batch size": last, where a terminal shows it
-    log.info("fastest, macro F1 not significantly worse than %s:\n%s", baseline, "\n".join(fastest_lines(picks)))
+    if picks:
+        log.info("fastest, macro F1 not significantly worse than %s:\n%s", baseline, "\n".join(fastest_lines(picks)))
     return rows
 
 
