@@ -37,10 +37,8 @@ log = logging.getLogger(__name__)
 class EmotionDataModule(LightningDataModule):
     """Train/val/test splits of a text-classification set, tokenized once, with imbalance handling.
 
-    Labels may be strings or ints; the label set is ``labels`` if given, else the sorted labels of the
-    train split, and every val/test label must be in it. Minority classes of the train split are
-    oversampled (train loader only), and class weights for the loss are computed from the class
-    sizes *after* oversampling.
+    The label set is ``labels``, else the train split's sorted labels (val/test labels must be in it). Minority
+    classes are oversampled in the train loader only; loss class weights come from the sizes *after* it.
 
     Args:
         data: folder of ``train``/``val``/``test`` files (``.txt``, ``.csv``, ``.json(l)``), ``save_to_disk``
@@ -53,18 +51,15 @@ class EmotionDataModule(LightningDataModule):
         max_length: tokens kept per text (truncation); batches are padded to their longest text.
         batch_size: training batch size per device.
         eval_batch_size: val/test/predict batch size per device.
-        oversample_to: raise each train class to at least this fraction of the largest class, in (0, 1];
-            ``null`` turns oversampling off.
-        class_weighting: loss weights from class sizes after oversampling: ``inverse`` (N / (C * n_c)),
-            ``sqrt_inverse`` or ``none``.
+        oversample_to: raise each train class to this fraction of the largest, in (0, 1]; ``null``: off.
+        class_weighting: loss weights from the oversampled class sizes: ``inverse`` (N / (C * n_c)), ``sqrt_inverse``.
         group_by_length: batch texts of similar length together in training, which cuts padding.
         max_samples: keep only the first N examples of each split (quick debugging runs).
         min_label_count: a train label seen fewer times stops the run (naming its file and line) unless
             ``labels`` lists it: rare labels are usually typos or a stray ``;``.
         augment: perturbed copies of every train text (``emocompress.data.augment``), a transfer set that only
             a ``Distiller``'s teacher can label; ``{copies: 4}`` adds 4 per text, ``null`` none.
-        predict_file: texts for ``predict``: a ``.txt`` file with one text per line, or ``.csv``/``.json``/
-            ``.jsonl`` with ``text_column``; default: the test split.
+        predict_file: texts for ``predict`` (``.txt``, a text a line, or ``.csv``/``.json(l)``); default: test.
         num_workers: DataLoader worker processes.
         seed: seed of the oversampling draws and the shuffling (the same on every rank); default: the run's
             ``seed_everything``.
@@ -117,14 +112,12 @@ class EmotionDataModule(LightningDataModule):
 
     @property
     def seed(self) -> int:
-        """``data.seed``, else the seed ``seed_everything`` set for the run (Lightning exports it as
-        ``PL_GLOBAL_SEED``, in every DDP process), else 0."""
+        """``data.seed``, else the run's ``seed_everything`` (``PL_GLOBAL_SEED``, in every DDP process), else 0."""
         return self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def texts(self, split: str) -> list[str]:
-        """The raw texts of ``split`` in row order: ``texts(split)[i]`` is the text of a batch's ``idx == i``
-        (a distillation teacher with its own tokenizer reads them). The train split's augmented copies, if
-        any, follow its own texts."""
+        """The raw texts of ``split`` in row order, augmented copies last: ``texts(split)[i]`` is the text of a
+        batch's ``idx == i`` (a distillation teacher with its own tokenizer reads them)."""
         return list(self._rows(split)["text"])
 
     @property
@@ -133,8 +126,7 @@ class EmotionDataModule(LightningDataModule):
         return self.augmentation is not None
 
     def _rows(self, split: str) -> datasets.Dataset:
-        """``raw_split(split)``; for train with ``data.augment``, followed by the augmented copies, and with a
-        ``gold`` column (1 for a text of the data, 0 for a copy)."""
+        """``raw_split(split)``, for train followed by ``data.augment``'s copies (``gold`` column: 0 for a copy)."""
         raw = self.raw_split(split)
         if split != "train" or not self.augmented:
             return raw
