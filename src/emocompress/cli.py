@@ -225,7 +225,7 @@ def main(args: list[str] | None = None):
     """``emocompress <subcommand> ...``: ``args`` as on the command line, default ``sys.argv[1:]``."""
     # Our own log lines (what was written where, what is resumed) go to stderr like Lightning's.
     package_log = logging.getLogger("emocompress")
-    if not package_log.handlers:
+    if not any(isinstance(handler, _StderrHandler) for handler in package_log.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         package_log.addHandler(handler)

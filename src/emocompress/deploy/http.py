@@ -271,7 +271,10 @@ def make_server(app: FastAPI, host: str, port: int, settings: Settings, log_leve
     logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     logging_config["handlers"]["emocompress"] = {"class": "logging.StreamHandler", "formatter": "default",
                                                  "stream": "ext://sys.stderr"}
-    logging_config["loggers"]["emocompress"] = {"handlers": ["emocompress"], "level": "INFO", "propagate": False}
+    # The server's two loggers only: configuring the package's "emocompress" logger would leave this handler (and
+    # the stderr of the moment) to every later `emocompress` command run in the same process.
+    for name in (log.name, access_log.name):
+        logging_config["loggers"][name] = {"handlers": ["emocompress"], "level": "INFO", "propagate": False}
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             log_config=logging_config, timeout_graceful_shutdown=settings.drain_s,
                             limit_concurrency=settings.max_connections, server_header=False)
