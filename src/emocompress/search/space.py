@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-# The run subfolders a trial's model can be measured from: the fp32 export, or an INT8 artifact folder.
-ARTIFACTS = ("hf_model", "int8")
+# The run subfolders a trial's model can be measured from: the fp32 export, or an INT8 artifact folder (ONNX
+# Runtime's, configs/overlays/quantize.yaml, or OpenVINO's, configs/overlays/openvino.yaml).
+ARTIFACTS = ("hf_model", "int8", "openvino_int8")
 _OPTION_KEYS = {"configs", "args", "model_name", "artifact", "requires"}
 _DIMENSION_KEYS = {"name", "options", "when"}
 
