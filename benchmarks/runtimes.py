@@ -12,8 +12,8 @@ Builds, from one fine-tuned ``hf_model`` folder, in one process:
   * the peers at their documented settings, written with their own APIs only: OpenVINO + NNCF post-training INT8
     with ``model_type=TRANSFORMER`` straight from the HF model (``convert_model``, ``nncf.quantize``,
     ``save_model``'s defaults, ``compile_model`` with only the thread count), and ONNX Runtime static QDQ INT8 of
-    the MatMuls only (``quant_pre_process``, ``quantize_static``, per-channel, 7-bit weights for CPUs without
-    VNNI), both calibrated on the same train texts.
+    the MatMuls only (``quant_pre_process``, ``quantize_static``, per-channel, 7-bit weights on CPUs without
+    VNNI, 8-bit with it), both calibrated on the same train texts.
 
 Then times them in interleaved rounds (``emocompress.benchmark.timing.interleaved_times``, same threads): batch 1 over
 the first ``--test_texts`` test texts, and batch 32 over the same texts, once in file order and once sorted by
@@ -36,6 +36,7 @@ from emocompress.compression.openvino import export_openvino, macro_f1
 from emocompress.data.sources import DataSource
 from emocompress.deploy.format import ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE
 from emocompress.evaluation.significance import bootstrap_indices, paired_difference, resampled_metrics
+from emocompress.hardware import cpu_info
 from emocompress.models import pretrained
 from emocompress.models.loading import load_artifact, load_classifier
 
@@ -85,8 +86,10 @@ def peer_ort_static(model, tokenizer, calibration: list[dict], out: Path, thread
     fp32 = export_onnx(model, out / "fp32", tokenizer, optimize=False) / ONNX_FILE
     # symbolic shape inference fails on transformers' masks; the ONNX one is enough for the MatMuls
     quant_pre_process(str(fp32), str(out / "pre.onnx"), skip_symbolic_shape=True)
+    # 7-bit weights only where the guide advises them: CPUs without VNNI (u8s8 products saturate there)
+    vnni = {"avx512_vnni", "avx_vnni"} & set(cpu_info()["cpu_flags"])
     quantize_static(str(out / "pre.onnx"), str(out / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                    op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=not vnni,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -207,7 +210,7 @@ def measure(variants: dict, tokenizer, texts: list[str], target: np.ndarray, num
 def write(rows: list[dict], args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "cpu": cpu_info(), "rows": rows}, indent=2))
     lines = ["| variant | batch 1 ms, median (min-max) | batch 32 texts/s | batch 32 sorted texts/s | macro F1 | "
              "diff to torch fp32 (95% CI) | MB |", "|---|---|---|---|---|---|---|"]
     for r in rows[:-1]:
