@@ -7,8 +7,8 @@ by an Optuna search over the existing recipes, selected on val, judged once on t
 The study has two objectives (val macro F1, up; latency or size at the target batch size, down); the budget's limits
 are Optuna constraints (``Trial.set_constraint``, read by the TPE sampler), so the sampler learns where the feasible region
 is, and the choice is the fastest feasible trial. It is stored in ``<out_dir>/study.db`` (SQLite) unless
-``--storage`` names another RDB URL (``postgresql://user:pass@host/db`` for workers on several machines): a killed
-search run again resumes, finished trials are not redone, and several workers share one study.
+``--storage`` names another RDB URL (``postgresql+psycopg://user:pass@host/db`` for workers on several
+machines): a killed search run again resumes, finished trials are not redone, and several workers share one study.
 """
 
 import json
@@ -63,7 +63,8 @@ def compress(teacher: str, data: str, space: list[dict], budget: dict, base: lis
         first: settings (dimension -> option) run before the sampler chooses: the cheap ones, so the
             feasible region is known early.
         out_dir: the search folder: the study, one run folder per trial under ``trials/``, the report.
-        storage: an Optuna RDB URL; default ``sqlite:///<out_dir>/study.db``.
+        storage: an Optuna RDB URL; default ``sqlite:///<out_dir>/study.db``. For workers on several machines, a
+            PostgreSQL database: ``postgresql+psycopg://user:password@host/dbname`` (docs/search.md).
         study_name: the study's name in the storage.
         workers: processes searching at once (each trial's fit is a process of its own); on one machine every
             trial's latency is then measured while others train.
