@@ -5,6 +5,7 @@ The tiny model goes through the real ``from_pretrained`` path offline in well un
 """
 
 import glob
+import itertools
 import os
 import pwd
 import random
@@ -198,6 +199,8 @@ def postgres_server():
             owner = pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root, and there is no postgres user to run the PostgreSQL server as")
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root, and there is no runuser to run the PostgreSQL server as postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     # short: the socket's path (<folder>/.s.PGSQL.5432) must fit in 107 bytes, so not under tmp_path_factory
     folder = Path(tempfile.mkdtemp(prefix="emocompress-pg-"))
@@ -213,25 +216,30 @@ def postgres_server():
     if started.returncode == 0:  # -F: no fsync, a throwaway server
         started = pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-t", "30",
                      "-o", f"-k {folder} -c listen_addresses= -F", "start")
+    stop = (str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
     if started.returncode != 0:
         log = (folder / "server.log").read_text() if (folder / "server.log").is_file() else ""
+        pg(*stop)  # a server that started after pg_ctl stopped waiting
         shutil.rmtree(folder, ignore_errors=True)
         pytest.skip(f"the PostgreSQL server did not start: {(started.stderr + log).strip()[-500:]}")
     admin = sqlalchemy.create_engine(f"postgresql+psycopg://postgres@/postgres?host={folder}",
                                      isolation_level="AUTOCOMMIT")
 
+    numbers = itertools.count()
+
     def new_database(name: str) -> str:
+        name = f"{name[:55]}_{next(numbers)}"  # unique, within PostgreSQL's 63 bytes
         with admin.connect() as connection:
             connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
         return f"postgresql+psycopg://postgres@/{name}?host={folder}"
 
     yield new_database
     admin.dispose()
-    pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+    pg(*stop)
     shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
 def postgres_url(postgres_server, request) -> str:
     """A SQLAlchemy URL of an empty database of its own on the throwaway server (``postgres_server``)."""
-    return postgres_server(f"test_{request.node.name}"[:63].lower().translate(str.maketrans("[]-.", "____")))
+    return postgres_server(request.node.name.lower().translate(str.maketrans("[]-.", "____")))
