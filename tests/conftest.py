@@ -1,16 +1,22 @@
-"""Shared fixtures: a tiny random BERT and tokenizer saved to disk, small hand-made data sets, and factories
-for the data module and the CPU Trainer that the fitting tests share.
+"""Shared fixtures: a tiny random BERT and tokenizer saved to disk, small hand-made data sets, factories
+for the data module and the CPU Trainer that the fitting tests share, and a throwaway PostgreSQL server.
 
 The tiny model goes through the real ``from_pretrained`` path offline in well under a second.
 """
 
+import glob
+import itertools
 import os
+import pwd
 import random
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +93,35 @@ def tiny_teacher_dir(tiny_model_dir, tmp_path_factory) -> str:
     return str(out)
 
 
+def _constant(source: str, out: Path, label: int, drop_layers: int = 0, extra_tokens: int = 0) -> str:
+    """``source`` saved to ``out`` with a head that always predicts class ``label`` (zero weights, one large bias),
+    ``drop_layers`` fewer layers (smaller), or ``extra_tokens`` unused embedding rows (bigger, same predictions)."""
+    model = AutoModelForSequenceClassification.from_pretrained(source)
+    if drop_layers:
+        model.bert.encoder.layer = model.bert.encoder.layer[:-drop_layers]
+        model.config.num_hidden_layers -= drop_layers
+    if extra_tokens:
+        model.resize_token_embeddings(model.config.vocab_size + extra_tokens)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.nn.functional.one_hot(torch.tensor(label), 3) * 5.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def search_models(tiny_teacher_dir, tmp_path_factory) -> dict[str, str]:
+    """Models the search tests copy as trial results: a teacher that always says anger (val macro F1 0.2 on
+    ``emotion_dir``); ``same``: a copy of it; ``big``: the same predictions, a bigger file; ``bad``: smaller, always
+    love (macro F1 0.148, over any budget below 5 points)."""
+    out = tmp_path_factory.mktemp("search-models")
+    return {"teacher": _constant(tiny_teacher_dir, out / "teacher", 0),
+            "same": _constant(tiny_teacher_dir, out / "same", 0),
+            "big": _constant(tiny_teacher_dir, out / "big", 0, extra_tokens=500),
+            "bad": _constant(tiny_teacher_dir, out / "bad", 2, drop_layers=1)}
+
+
 @pytest.fixture
 def make_datamodule(emotion_dir, tiny_model_dir):
     """``make_datamodule(model_dir=None, data_dir=None, **overrides)``: an ``EmotionDataModule`` on ``emotion_dir``
@@ -134,3 +169,77 @@ def malicious_checkpoint(tmp_path) -> tuple[Path, Path]:
     torch.save({"state_dict": {}, "hyper_parameters": {"model_name": "x", "id2label": {0: "a", 1: "b"}},
                 "payload": _Exploit(marker)}, path)
     return path, marker
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of ``initdb`` and ``pg_ctl``: on the PATH, or Debian's /usr/lib/postgresql/<version>/bin (the
+    newest), which is not on it."""
+    if found := shutil.which("pg_ctl"):
+        return Path(found).parent
+    folders = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda f: int(Path(f).parent.name.split(".")[0]))
+    return next((Path(f) for f in reversed(folders) if (Path(f) / "initdb").is_file()), None)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """``new_database(name)``: a fresh database on a throwaway PostgreSQL server, as a SQLAlchemy URL. The server
+    listens only on a unix socket in its own temp folder (no port to collide with another pytest-xdist worker)
+    and trusts local connections; it is stopped and deleted after the session. Skips, with the reason, where the
+    server binaries or the ``psycopg`` driver are missing or the server does not start: never a failure."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is not installed (pip install 'psycopg[binary]')")
+    import sqlalchemy
+
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl); install postgresql to run these tests")
+    # initdb and postgres refuse to run as root: as root, run them as the postgres system user
+    as_user, owner = [], None
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, and there is no postgres user to run the PostgreSQL server as")
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root, and there is no runuser to run the PostgreSQL server as postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    # short: the socket's path (<folder>/.s.PGSQL.5432) must fit in 107 bytes, so not under tmp_path_factory
+    folder = Path(tempfile.mkdtemp(prefix="emocompress-pg-"))
+    if owner:
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+    data = folder / "data"
+
+    def pg(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=60)
+
+    started = pg(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                 "--no-sync")
+    if started.returncode == 0:  # -F: no fsync, a throwaway server
+        started = pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-t", "30",
+                     "-o", f"-k {folder} -c listen_addresses= -F", "start")
+    stop = (str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+    if started.returncode != 0:
+        log = (folder / "server.log").read_text() if (folder / "server.log").is_file() else ""
+        pg(*stop)  # a server that started after pg_ctl stopped waiting
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"the PostgreSQL server did not start: {(started.stderr + log).strip()[-500:]}")
+    admin = sqlalchemy.create_engine(f"postgresql+psycopg://postgres@/postgres?host={folder}",
+                                     isolation_level="AUTOCOMMIT")
+
+    numbers = itertools.count()
+
+    def new_database(name: str) -> str:
+        name = f"{name[:55]}_{next(numbers)}"  # unique, within PostgreSQL's 63 bytes
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        return f"postgresql+psycopg://postgres@/{name}?host={folder}"
+
+    yield new_database
+    admin.dispose()
+    pg(*stop)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A SQLAlchemy URL of an empty database of its own on the throwaway server (``postgres_server``)."""
+    return postgres_server(request.node.name.lower().translate(str.maketrans("[]-.", "____")))

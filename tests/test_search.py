@@ -1,9 +1,10 @@
 """``emocompress compress``: the space and budget refusals, a search that finds the known best of a tiny space,
-resuming, two workers on one storage, early stopping, and (slow) the real command with tiny fits."""
+two workers on one storage, early stopping, the progress line, and (slow) the real command with tiny fits."""
 
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -11,9 +12,9 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.cli import main
+from emocompress.search.report import progress_line
 from emocompress.search.run import search
 from emocompress.search.space import check_settings, read_budget, read_space
 from emocompress.search.stopping import STOPPED_FILE, HopelessTrialStop
@@ -25,34 +26,6 @@ from .test_cli import run_cli
 # Benchmark settings of the test verdict: as brief as the benchmark allows.
 QUICK_VERDICT = {"latency_samples": 2, "warmup": 0, "rounds": 1, "bootstrap": 1000, "num_threads": 1}
 BUDGET = {"max_macro_f1_drop": 0.01, "objective": "size", "latency_samples": 2, "warmup": 0, "n_trials": 3}
-
-
-def _constant(source: str, out: Path, label: int, drop_layers: int = 0, extra_tokens: int = 0) -> str:
-    """``source`` saved to ``out`` with a head that always predicts class ``label`` (zero weights, one large bias),
-    ``drop_layers`` fewer layers (smaller), or ``extra_tokens`` unused embedding rows (bigger, same predictions)."""
-    model = AutoModelForSequenceClassification.from_pretrained(source)
-    if drop_layers:
-        model.bert.encoder.layer = model.bert.encoder.layer[:-drop_layers]
-        model.config.num_hidden_layers -= drop_layers
-    if extra_tokens:
-        model.resize_token_embeddings(model.config.vocab_size + extra_tokens)
-    with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.copy_(torch.nn.functional.one_hot(torch.tensor(label), 3) * 5.0)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_teacher_dir, tmp_path_factory) -> dict[str, str]:
-    """A teacher that always says anger (val macro F1 0.2 on ``emotion_dir``); ``same``: a copy of it; ``big``: the
-    same predictions, a bigger file; ``bad``: smaller, always love (macro F1 0.148, over any budget below 5 points)."""
-    out = tmp_path_factory.mktemp("search-models")
-    return {"teacher": _constant(tiny_teacher_dir, out / "teacher", 0),
-            "same": _constant(tiny_teacher_dir, out / "same", 0),
-            "big": _constant(tiny_teacher_dir, out / "big", 0, extra_tokens=500),
-            "bad": _constant(tiny_teacher_dir, out / "bad", 2, drop_layers=1)}
 
 
 def _space(tmp_path: Path, names: list[str]) -> list[dict]:
@@ -96,14 +69,14 @@ def _search(tmp_path, models, emotion_dir, space, runner, **overrides):
     return search(**settings, runner=runner)
 
 
-def _study(tmp_path) -> optuna.Study:
-    return optuna.load_study(study_name="compress", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}")
+def _study(tmp_path, storage: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name="compress", storage=storage or f"sqlite:///{tmp_path / 'search' / 'study.db'}")
 
 
 @pytest.mark.slow  # about 10 s on 2 busy cores: a study, fits copied, models measured
-def test_search_finds_the_known_best_and_judges_it_on_test(models, emotion_dir, tmp_path):
-    runner = FakeRunner(models)
-    summary = _search(tmp_path, models, emotion_dir, _space(tmp_path, ["big", "bad", "same"]), runner,
+def test_search_finds_the_known_best_and_judges_it_on_test(search_models, emotion_dir, tmp_path):
+    runner = FakeRunner(search_models)
+    summary = _search(tmp_path, search_models, emotion_dir, _space(tmp_path, ["big", "bad", "same"]), runner,
                       test_verdict=True)
     out = tmp_path / "search"
     # every setting fitted once; the smallest within budget is `same` (bad is smaller but loses 5 points)
@@ -134,35 +107,17 @@ def _csv(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow  # about 10 s on 2 busy cores: a study, fits copied, models measured
-def test_resume_after_a_kill_does_not_redo_finished_trials(models, emotion_dir, tmp_path):
-    space = _space(tmp_path, ["big", "bad", "same"])
-    killed = FakeRunner(models, interrupt_at=2)
-    with pytest.raises(KeyboardInterrupt):  # killed while the third fit trains
-        _search(tmp_path, models, emotion_dir, space, killed)
-    finished = [t for t in _study(tmp_path).trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(killed.calls) == 3 and len({t.user_attrs["settings"]["student"] for t in finished}) == 2
-
-    again = FakeRunner(models)
-    _search(tmp_path, models, emotion_dir, space, again)
-    # only the interrupted setting is fitted again; the two finished ones are not redone
-    assert again.calls == [killed.calls[-1]]
-    fitted = [t for t in _study(tmp_path).trials if "same_as" not in t.user_attrs]
-    assert [t.state for t in fitted].count(optuna.trial.TrialState.COMPLETE) == 3
-    assert [t.state for t in fitted].count(optuna.trial.TrialState.FAIL) == 1  # the interrupted trial
-
-
-@pytest.mark.slow  # about 10 s on 2 busy cores: a study, fits copied, models measured
-def test_two_workers_on_one_storage_run_disjoint_trials(models, emotion_dir, tmp_path):
+def test_two_workers_on_one_storage_run_disjoint_trials(search_models, emotion_dir, tmp_path):
     # two searches at once on one SQLite file (threads here; processes or machines alike share only the storage)
-    runner = FakeRunner(models)
+    runner = FakeRunner(search_models)
     names = ["big", "bad", "same"]
     space = _space(tmp_path, names)
-    _search(tmp_path, models, emotion_dir, space, FakeRunner(models), budget={**BUDGET, "n_trials": 1})
+    _search(tmp_path, search_models, emotion_dir, space, FakeRunner(search_models), budget={**BUDGET, "n_trials": 1})
     errors = []
 
     def work():
         try:
-            _search(tmp_path, models, emotion_dir, space, runner, budget={**BUDGET, "n_trials": 3})
+            _search(tmp_path, search_models, emotion_dir, space, runner, budget={**BUDGET, "n_trials": 3})
         except Exception as err:  # noqa: BLE001 (reported below)
             errors.append(err)
 
@@ -179,9 +134,9 @@ def test_two_workers_on_one_storage_run_disjoint_trials(models, emotion_dir, tmp
     assert len({t.user_attrs["run"] for t in fitted}) == 3 and len(runner.calls) == 2
 
 
-def test_hopeless_and_failed_trials_are_recorded_not_chosen(models, emotion_dir, tmp_path):
-    runner = FakeRunner(models)
-    summary = _search(tmp_path, models, emotion_dir, _space(tmp_path, ["hopeless", "fail", "same"]), runner)
+def test_hopeless_and_failed_trials_are_recorded_not_chosen(search_models, emotion_dir, tmp_path):
+    runner = FakeRunner(search_models)
+    summary = _search(tmp_path, search_models, emotion_dir, _space(tmp_path, ["hopeless", "fail", "same"]), runner)
     assert sorted(runner.calls) == ["fail", "hopeless", "same"]  # a failed setting is not fitted again
     assert summary["chosen"]["settings"] == {"student": "same"}
     assert summary["trials"]["pruned"] == 1 and summary["trials"]["fail"] == 1
@@ -189,8 +144,32 @@ def test_hopeless_and_failed_trials_are_recorded_not_chosen(models, emotion_dir,
     assert states["student=hopeless"].startswith("pruned") and states["student=fail"] == "fail"
     # the study resumes only under its own budget (the trial count and time may change)
     with pytest.raises(ValueError, match="was made for another budget"):
-        _search(tmp_path, models, emotion_dir, _space(tmp_path, ["same"]), runner,
+        _search(tmp_path, search_models, emotion_dir, _space(tmp_path, ["same"]), runner,
                 budget={**BUDGET, "max_macro_f1_drop": 0.02})
+
+
+def test_progress_line_names_the_trial_its_result_and_an_eta_from_the_budget():
+    reference = {"macro_f1": 0.25}
+    kept = optuna.trial.create_trial(values=[0.2412, 4.1], user_attrs={
+        "settings": {"student": "layers2", "int8": "onnxruntime"}, "val": {"macro_f1": 0.2412, "size_mb": 4.1},
+        "gaps": {"max_macro_f1_drop": -0.0012}})
+    pruned = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={
+        "settings": {"student": "cnn"}, "stopped": {"epoch": 1}})
+    kept.number, pruned.number = 3, 4
+    done = [kept, pruned]  # both finished in the last 10 minutes: 5 minutes a trial
+    ten_minutes_ago = time.monotonic() - 600
+
+    def line(trial, **budget):
+        return progress_line(trial, read_budget({**BUDGET, **budget}), reference, done, 6, ten_minutes_ago,
+                             budget["timeout_min"] * 60 if budget.get("timeout_min") else None)
+
+    # 4 trials allowed, 2 done: 2 more at 5 minutes each
+    assert line(kept, n_trials=4) == ("trial 3 [student=layers2 int8=onnxruntime]: val macro F1 0.2412 (-0.88 pt), "
+                                      "4.1 MB: kept; 2/4 done, ETA 0:10:00")
+    assert line(pruned, n_trials=4).startswith("trial 4 [student=cnn]: not measured: pruned (hopeless at epoch 1); ")
+    # no trial count: every one of the 6 settings, capped by the 5 minutes timeout_min leaves
+    assert line(kept, n_trials=None, timeout_min=15).endswith("2/6 done, ETA 0:05:00")
+    assert line(kept, n_trials=2).endswith("2/2 done, ETA 0:00:00")
 
 
 def test_hopeless_trial_stop_stops_below_the_threshold(tmp_path):
@@ -259,9 +238,9 @@ def test_the_default_config_reads_and_lists_what_is_not_available_yet():
             assert all(Path(file).is_file() for file in option.configs)
 
 
-def test_cli_refuses_a_bad_budget_in_one_line(models, emotion_dir, tmp_path, capsys):
+def test_cli_refuses_a_bad_budget_in_one_line(search_models, emotion_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["compress", "-c", str(REPO / "configs" / "compress.yaml"), "--teacher", models["teacher"],
+        main(["compress", "-c", str(REPO / "configs" / "compress.yaml"), "--teacher", search_models["teacher"],
               "--data", str(emotion_dir), "--budget", '{"max_macro_f1_drop": 0.01}', "--out_dir", str(tmp_path)])
     assert exit_.value.code == 2
     assert "budget: neither n_trials nor timeout_min" in capsys.readouterr().err

@@ -51,7 +51,8 @@ def within_budget(trial: optuna.trial.FrozenTrial) -> bool:
 def progress_line(trial: optuna.trial.FrozenTrial, budget, reference: dict, done: list, total: int, start: float,
                   timeout: float | None) -> str:
     """``trial 3 [student=layers3 int8=onnxruntime]: val macro F1 0.8712 (-1.10 pt), 4.20 ms: kept; 4/20 done,
-    ETA 0:41:00``: the ETA from the mean time of this process's trials and what the budget leaves."""
+    ETA 0:41:00``: the trials the budget leaves (``n_trials``, else every setting) times the time per trial
+    finished since this process started (by any worker on the storage), capped by what ``timeout_min`` leaves."""
     val = trial.user_attrs.get("val")
     key = OBJECTIVE_KEYS[budget.objective]
     measured = (f"val macro F1 {val['macro_f1']:.4f} ({100 * (val['macro_f1'] - reference['macro_f1']):+.2f} pt), "
@@ -208,7 +209,8 @@ def finish(study: optuna.Study, dimensions, budget, shared: Shared, reference: d
         summary["chosen"] = {"trial": chosen.number, "settings": chosen.user_attrs["settings"],
                              "artifact": chosen.user_attrs["artifact"], "val_macro_f1": val["macro_f1"], key: val[key],
                              "val_speedup": reference["latency_ms"] / val["latency_ms"],
-                             "command": (Path(chosen.user_attrs["run"]) / COMMAND_FILE).read_text().strip()}
+                             "command": chosen.user_attrs.get("command") or  # studies made before it was stored
+                             (Path(chosen.user_attrs["run"]) / COMMAND_FILE).read_text().strip()}
         if run_test:
             summary["test"] = test_verdict(out, shared, front, chosen, budget, verdict_settings, trust_remote_code)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -7,8 +7,8 @@ by an Optuna search over the existing recipes, selected on val, judged once on t
 The study has two objectives (val macro F1, up; latency or size at the target batch size, down); the budget's limits
 are Optuna constraints (``Trial.set_constraint``, read by the TPE sampler), so the sampler learns where the feasible region
 is, and the choice is the fastest feasible trial. It is stored in ``<out_dir>/study.db`` (SQLite) unless
-``--storage`` names another RDB URL (``postgresql://user:pass@host/db`` for workers on several machines): a killed
-search run again resumes, finished trials are not redone, and several workers share one study.
+``--storage`` names another RDB URL (``postgresql+psycopg://user:pass@host/db`` for workers on several
+machines): a killed search run again resumes, finished trials are not redone, and several workers share one study.
 """
 
 import json
@@ -17,12 +17,15 @@ import multiprocessing
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from itertools import product
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
@@ -60,7 +63,8 @@ def compress(teacher: str, data: str, space: list[dict], budget: dict, base: lis
         first: settings (dimension -> option) run before the sampler chooses: the cheap ones, so the
             feasible region is known early.
         out_dir: the search folder: the study, one run folder per trial under ``trials/``, the report.
-        storage: an Optuna RDB URL; default ``sqlite:///<out_dir>/study.db``.
+        storage: an Optuna RDB URL; default ``sqlite:///<out_dir>/study.db``. For workers on several machines, a
+            PostgreSQL database: ``postgresql+psycopg://user:password@host/dbname`` (docs/search.md).
         study_name: the study's name in the storage.
         workers: processes searching at once (each trial's fit is a process of its own); on one machine every
             trial's latency is then measured while others train.
@@ -87,8 +91,9 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
     for line in unavailable_lines(dimensions):
         log.info("compress: %s", line)
     storage = storage or f"sqlite:///{shared.out_dir / 'study.db'}"
+    rdb = open_storage(storage)  # a URL that cannot be opened fails now, before the teacher is measured
     reference = teacher_reference(shared, budget_, trust_remote_code)
-    study = _open_study(storage, study_name, seed, budget_, reference)
+    study = _open_study(rdb, study_name, seed, budget_, reference)
     for settings in firsts:  # cheap trials first; skip_if_exists: not again on a resumed search
         study.enqueue_trial(settings, user_attrs={"first": True}, skip_if_exists=True)
     work = (storage, study_name, space, budget, shared, reference, trust_remote_code)
@@ -99,6 +104,7 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
     optimize(study, dimensions, budget_, shared, reference, runner, trust_remote_code)
     for process in others:
         process.join()
+    wait_for_others(study)
     return report.finish(study, dimensions, budget_, shared, reference, test_verdict, verdict or {},
                          trust_remote_code)
 
@@ -156,11 +162,41 @@ def _set_constraints(trial: optuna.Trial, gaps: dict[str, float] | None) -> None
         trial.set_constraint(key, gap)
 
 
-def _open_study(storage: str, study_name: str, seed: int, budget: Budget, reference: dict) -> optuna.Study:
+def _shown(url: str) -> str:
+    """The storage URL as messages show it: without its password."""
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def open_storage(url: str, tries: int = 5) -> RDBStorage:
+    """The study's RDB storage (SQLite, PostgreSQL, ...) at ``url``, with heartbeats: a trial whose worker was killed
+    is marked failed after the grace period (when a worker starts its next trial), and its setting is then run
+    again; until then it counts as running elsewhere. A URL that cannot be opened is a one-line ``ValueError``."""
+    make = partial(RDBStorage, url, heartbeat_interval=60, grace_period=180)
+    try:
+        shown = _shown(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise ValueError(f"--storage {url}: not a database URL; give one such as sqlite:///logs/compress/study.db "
+                         "or postgresql+psycopg://user:password@host/dbname") from None
+    try:
+        for attempt in range(tries - 1):
+            try:
+                return make()
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # workers started at once on an empty database race to create its tables, and PostgreSQL refuses
+                # the loser's CREATE; once the winner has made them, opening again finds them
+                time.sleep(1 + attempt)
+        return make()
+    except ImportError as err:
+        raise ValueError(f"--storage {shown}: no driver for this database ({err.__cause__ or err}); for "
+                         "PostgreSQL: pip install 'emocompress[postgres]'") from None
+    except sqlalchemy.exc.OperationalError as err:
+        reason = str(err.orig or err).strip().splitlines()[0]
+        raise ValueError(f"--storage {shown}: cannot open it ({reason}); check the URL, that the server runs "
+                         "and that the database exists (docs/search.md)") from None
+
+
+def _open_study(rdb: RDBStorage, study_name: str, seed: int, budget: Budget, reference: dict) -> optuna.Study:
     """Create the study, or load it to resume; refuse to resume one made for another budget or teacher."""
-    # heartbeats: a trial whose worker was killed is marked failed after the grace period (when a worker starts
-    # its next trial), and its setting is then run again; until then it counts as running elsewhere
-    rdb = RDBStorage(storage, heartbeat_interval=60, grace_period=180)
     study = optuna.create_study(storage=rdb, study_name=study_name, sampler=_sampler(seed), load_if_exists=True,
                                 directions=["maximize", "minimize"])
     made_for = {"budget": asdict(budget), "teacher_macro_f1": reference["macro_f1"]}
@@ -169,7 +205,7 @@ def _open_study(storage: str, study_name: str, seed: int, budget: Budget, refere
         study.set_user_attr("made_for", made_for)
     elif {**stored["budget"], "n_trials": None, "timeout_min": None} != {**made_for["budget"], "n_trials": None,
                                                                           "timeout_min": None}:
-        raise ValueError(f"--storage {storage}: study {study_name!r} was made for another budget "
+        raise ValueError(f"--storage {_shown(rdb.url)}: study {study_name!r} was made for another budget "
                          f"({stored['budget']}); resume it with that budget, or give another --study_name or --out_dir")
     return study
 
@@ -177,8 +213,22 @@ def _open_study(storage: str, study_name: str, seed: int, budget: Budget, refere
 def _worker(storage, study_name, space, budget, shared, reference, trust_remote_code, seed) -> None:
     """A worker process: the same study, loaded from the storage, searched with its own sampler seed."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    study = optuna.load_study(study_name=study_name, storage=storage, sampler=_sampler(seed))
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage), sampler=_sampler(seed))
     optimize(study, read_space(space), read_budget(budget), shared, reference, trust_remote_code=trust_remote_code)
+
+
+def wait_for_others(study: optuna.Study, poll_s: float = 2.0) -> None:
+    """Wait for the trials that workers elsewhere (other machines on the storage) still run, so that the report
+    covers the whole study. A trial whose worker died is marked failed once its heartbeat is stale."""
+    waited = set()
+    while running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if waited != (numbers := {t.number for t in running}):
+            log.info("compress: waiting for trials %s, which other workers run", sorted(numbers))
+            waited = numbers
+        with warnings.catch_warnings():  # experimental since Optuna 2.9; optimize calls it the same way
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        time.sleep(poll_s)
 
 
 def all_settings(dimensions: list[Dimension]) -> list[dict[str, str]]:
@@ -269,6 +319,8 @@ def _run_trial(trial: optuna.Trial, settings: dict, dimensions: list[Dimension],
     args = trials.fit_args(dimensions, settings, shared, trial.number, min_f1, budget.early_stop_epoch)
     folder = trials.run_folder(shared, trial.number)
     trial.set_user_attr("run", str(folder))
+    # the command is in the study too: the report of a worker on another machine cannot read this run folder
+    trial.set_user_attr("command", (folder / trials.COMMAND_FILE).read_text().strip())
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     status = runner(args, folder)
     stopped = trials.stopped_early(folder)
