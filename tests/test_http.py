@@ -72,8 +72,8 @@ def _running(predictor, **settings):
         thread.join(timeout=30)
 
 
-# small limits, so each is cheap to cross; max_wait_ms long enough that concurrent requests share batches
-_LIMITS = {"max_texts": 8, "max_chars": 200, "max_body_bytes": 4000, "max_batch_size": 16, "max_wait_ms": 20}
+# small limits, so each is cheap to cross
+_LIMITS = {"max_texts": 8, "max_chars": 200, "max_body_bytes": 4000, "max_batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +319,51 @@ def test_batcher_merges_up_to_max_batch_size_and_runs_workers_at_once():
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_lone_request_runs_at_once_and_a_linger_waits():
+    async def answer_after(max_wait_ms: float) -> float:
+        batcher = Batcher(lambda texts: [{"label": t} for t in texts], max_wait_ms=max_wait_ms)
+        batcher.start()
+        try:
+            start = time.monotonic()
+            assert await batcher.submit(["a"]) == [{"label": "a"}]
+            return time.monotonic() - start
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(answer_after(0)) < 0.15  # the default: no wait for company (generous: a shared CPU)
+    assert asyncio.run(answer_after(300)) >= 0.29  # the optional linger
+
+
+def test_requests_arriving_while_the_worker_is_busy_form_the_next_batch():
+    calls, entered, release = [], threading.Event(), threading.Event()
+
+    def predict(texts):
+        calls.append(list(texts))
+        entered.set()
+        assert release.wait(5)  # the first call holds the only worker until the others have queued
+        return [{"label": text.upper()} for text in texts]
+
+    async def scenario():
+        batcher = Batcher(predict, max_batch_size=4, workers=1)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(["a"]))
+            await asyncio.get_running_loop().run_in_executor(None, entered.wait, 5)
+            requests = [["b"], ["c", "d"], ["e"], ["f", "g"]]  # the last does not fit beside the first three
+            later = [asyncio.ensure_future(batcher.submit(texts)) for texts in requests]
+            while batcher.queued < 6:
+                await asyncio.sleep(0.01)
+            release.set()
+            assert await first == [{"label": "A"}]
+            answers = await asyncio.gather(*later)
+            assert answers == [[{"label": t.upper()} for t in texts] for texts in requests]
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert calls == [["a"], ["b", "c", "d", "e"], ["f", "g"]]
 
 
 def test_page_shows_the_label_and_a_bar_per_emotion(url, predictor):

@@ -49,7 +49,8 @@ class Settings:
     """What a server accepts and how it batches (each is a ``--flag`` of ``emocompress serve``)."""
 
     max_batch_size: int = _setting(8, "texts per model call (a batch is padded to its longest text)")
-    max_wait_ms: float = _setting(5.0, "how long the oldest waiting request may wait for others to join its batch")
+    max_wait_ms: float = _setting(0.0, "linger: a free worker waits until the oldest queued request has waited this "
+                                       "long (or the batch is full); 0: run what is queued at once")
     max_queue: int = _setting(256, "texts waiting for the model before new requests get 503")
     max_texts: int = _setting(64, "texts per request (413 beyond)")
     max_body_bytes: int = _setting(1_000_000, "bytes per request body (413 beyond)")
