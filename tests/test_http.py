@@ -366,6 +366,28 @@ def test_requests_arriving_while_the_worker_is_busy_form_the_next_batch():
     assert calls == [["a"], ["b", "c", "d", "e"], ["f", "g"]]
 
 
+def test_what_is_queued_is_shared_among_idle_workers():
+    calls, both = [], threading.Barrier(2, timeout=5)
+
+    def predict(texts):
+        calls.append(len(texts))
+        both.wait()  # passes only if the two model calls run at the same time
+        return [{"label": text} for text in texts]
+
+    async def scenario():
+        batcher = Batcher(predict, max_batch_size=8, workers=2)
+        batcher.start()
+        try:
+            texts = [f"t{i}" for i in range(7)]
+            answers = await asyncio.gather(*(batcher.submit([text]) for text in texts))
+            assert answers == [[{"label": text}] for text in texts]
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert sorted(calls) == [3, 4]  # not 7 beside an idle worker
+
+
 def test_page_shows_the_label_and_a_bar_per_emotion(url, predictor):
     if not os.path.exists("/usr/bin/chromium"):
         pytest.skip("no /usr/bin/chromium (Debian's chromium package)")

@@ -5,8 +5,9 @@ task takes the requests at the head of the queue (up to ``max_batch_size`` texts
 that worker's thread (ONNX Runtime and tokenizers release the GIL, so the event loop keeps accepting requests
 meanwhile), then hands each request its own slice of the answers, in order. A lone request on an idle server is
 run at once; while every worker is busy, requests accumulate, and the next free worker takes them all. So batches
-grow with the load without a timer. ``max_wait_ms`` (0 by default) adds an optional linger: a free worker waits
-until the oldest queued request has waited that long (or the batch is full) before it starts.
+grow with the load without a timer. What is queued when several workers are free is shared among them.
+``max_wait_ms`` (0 by default) adds an optional linger: a free worker waits until the oldest queued request has
+waited that long (or the batch is full) before it starts.
 
 A request is never split: one with more texts than ``max_batch_size`` runs alone (the predictor cuts it
 into batches of its own ``batch_size``). Length bucketing belongs to the predictor, not here.
@@ -144,10 +145,17 @@ class Batcher:
         self._running.discard(task)
         self._free.release()
 
+    def _limit(self) -> int:
+        """Texts for the batch about to start: the queue shared among the free workers (this one included), at
+        most ``max_batch_size``. Eight texts queued for two idle workers run as two calls of four at once, not one
+        of eight beside an idle worker (a call's time grows with its texts: reports/http_server)."""
+        free = self.workers - len(self._running)
+        return min(self.max_batch_size, -(-self.queued // free))  # ceil(queued / free)
+
     def _take(self) -> list[_Request]:
         """Requests from the head of the queue whose texts fit in one batch (the first always does)."""
-        batch, size = [], 0
-        while self._pending and (not batch or size + len(self._pending[0].texts) <= self.max_batch_size):
+        batch, size, limit = [], 0, self._limit()
+        while self._pending and (not batch or size + len(self._pending[0].texts) <= limit):
             request = self._pending.popleft()
             self.queued -= len(request.texts)
             if not request.future.done():  # not cancelled by its caller meanwhile
