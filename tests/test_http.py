@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.compression.export import export_onnx
 from emocompress.deploy.batching import Batcher
-from emocompress.deploy.http import Settings, create_app, main, make_server
+from emocompress.deploy.http import Settings, batch_mates_warning, create_app, main, make_server
 from emocompress.deploy.serve import ArtifactPredictor
 from emocompress.deploy.serve import main as serve_main
 from tests.conftest import make_texts
@@ -136,6 +136,52 @@ def test_endpoints_answer(url, predictor):
     assert httpx.get(f"{url}/nowhere").status_code == 404
 
 
+@pytest.fixture(scope="module")
+def openvino_int8(tiny_teacher_dir, tmp_path_factory):
+    """An OpenVINO NNCF INT8 folder of the tiny teacher (static: scales fixed at calibration)."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino package")
+    pytest.importorskip("nncf", reason="OpenVINO INT8 needs the nncf package")
+    from emocompress.compression.openvino import export_openvino
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    calibration = [text for seed in range(3) for text in _texts(20, seed)]
+    return export_openvino(model, tmp_path_factory.mktemp("http") / "ov_int8", tokenizer, precision="int8",
+                           calibration_texts=calibration)
+
+
+@pytest.mark.parametrize("kind", ["onnx_fp32", pytest.param("openvino_int8", marks=pytest.mark.slow)])
+def test_batched_answers_equal_each_text_alone(kind, request):
+    """Folders whose answers do not depend on batch mates: through the server, merged into batches of texts of
+    other lengths, each text gets what the model gives it alone."""
+    predictor = ArtifactPredictor(request.getfixturevalue("folder" if kind == "onnx_fp32" else kind), num_threads=1)
+    requests = [_texts(1 + i % 3, seed=100 + i) for i in range(24)]
+    with _running(predictor, max_batch_size=16, workers=1) as base:
+        before = httpx.get(f"{base}/metrics").text
+        responses = asyncio.run(_post_all(base, [{"texts": texts} for texts in requests]))
+        calls = _metric(httpx.get(f"{base}/metrics").text, "emocompress_batch_size_count") - \
+            _metric(before, "emocompress_batch_size_count")
+    assert calls < len(requests)  # requests shared model calls
+    for texts, response in zip(requests, responses):
+        for text, got in zip(texts, response.json()["predictions"]):
+            alone = predictor.predict([text])[0]
+            assert got["label"] == alone["label"]
+            assert got["probs"] == pytest.approx(alone["probs"], abs=1e-4)
+
+
+def test_dynamic_int8_warns_that_answers_depend_on_batch_mates(tiny_teacher_dir, folder, tmp_path):
+    from emocompress.compression.export import quantize
+
+    int8 = tmp_path / "int8"
+    quantize(AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir), "onnxruntime", out_dir=int8,
+             tokenizer=AutoTokenizer.from_pretrained(tiny_teacher_dir))
+    warning = batch_mates_warning(ArtifactPredictor(int8), Settings(max_batch_size=8))
+    assert re.search(r"dynamic INT8 .* --max_batch_size 8 .* OpenVINO INT8 folder .* fp32 folder, or "
+                     r"--max_batch_size 1$", warning)
+    assert batch_mates_warning(ArtifactPredictor(int8), Settings(max_batch_size=1)) is None
+    assert batch_mates_warning(ArtifactPredictor(folder), Settings(max_batch_size=8)) is None  # fp32
+
+
 _BAD = {  # case -> (body bytes, status, what the message says, "field" or "limit" it names)
     "not_json": (b'{"texts": [', 400, r"the body is not JSON", {"field": "body"}),
     "not_utf8": (b'{"text": "\xff\xfe"}', 400, r"the body is not JSON", {"field": "body"}),
@@ -186,6 +232,7 @@ class _Slow:
     def __init__(self, predictor, seconds: float = 0.0, fail: bool = False):
         self.predictor, self.seconds, self.fail = predictor, seconds, fail
         self.labels, self.max_length = predictor.labels, predictor.max_length
+        self.backend, self.precision = predictor.backend, predictor.precision
 
     def predict(self, texts):
         time.sleep(self.seconds)

@@ -76,6 +76,18 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def batch_mates_warning(predictor, settings: Settings) -> str | None:
+    """Why answers may depend on batch mates, or None. ONNX Runtime's dynamic INT8 (the only ORT INT8 that
+    ``quantize`` writes) computes each activation scale over the whole batch tensor, so a text's probabilities, even
+    its label, can change with the texts merged into its batch (reports/http_server). OpenVINO's NNCF INT8 has
+    scales fixed at calibration, and fp32 has none."""
+    if (predictor.backend, predictor.precision) != ("onnxruntime", "int8") or settings.max_batch_size == 1:
+        return None
+    return (f"this ONNX Runtime dynamic INT8 folder computes activation scales per batch, so with --max_batch_size "
+            f"{settings.max_batch_size} a text's answer can depend on the texts batched with it; for answers that "
+            "do not, serve an OpenVINO INT8 folder (fixed scales), an fp32 folder, or --max_batch_size 1")
+
+
 class ApiError(Exception):
     """A refused request: its status and the JSON body that says why."""
 
@@ -196,7 +208,7 @@ class AccessLog:
 
 def create_app(predictor, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app serving ``predictor`` (an ``ArtifactPredictor``: ``predict(texts)``, ``labels``,
-    ``max_length``); its batcher starts and stops with the app's lifespan."""
+    ``max_length``, ``backend``, ``precision``); its batcher starts and stops with the app's lifespan."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
     batcher = Batcher(predictor.predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
@@ -207,6 +219,8 @@ def create_app(predictor, settings: Settings | None = None) -> FastAPI:
     async def lifespan(app):
         batcher.start()
         log.info("ready: %d labels, max_length %d, %s", len(predictor.labels), predictor.max_length, settings)
+        if warning := batch_mates_warning(predictor, settings):
+            log.warning(warning)
         yield
         await batcher.stop()
 
