@@ -274,6 +274,42 @@ def test_slow_answer_504_and_slow_body_408(predictor):
         assert httpx.get(f"{base}/health").status_code == 200
 
 
+def _closed(sock: socket.socket) -> bool:
+    """The server closed ``sock`` (waiting up to its timeout to see)."""
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, socket.timeout):  # still open
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_slow_header_senders_are_closed_at_the_header_deadline(predictor):
+    with _running(predictor, header_timeout_s=1.0) as base:
+        port = int(base.rsplit(":", 1)[1])
+        silent, slow = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+        start, closed = time.monotonic(), {}
+        try:
+            for sock in (silent, slow):
+                sock.settimeout(0.25)
+            for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n":  # slowloris: never the blank line
+                for name, sock in (("silent", silent), ("slow", slow)):
+                    if name not in closed and _closed(sock):
+                        closed[name] = time.monotonic() - start
+                if len(closed) == 2 or time.monotonic() - start > 8:
+                    break
+                with contextlib.suppress(OSError):  # closed by the server
+                    slow.send(bytes([byte]))
+                time.sleep(0.25)
+        finally:
+            silent.close()
+            slow.close()
+        assert set(closed) == {"silent", "slow"}, closed
+        assert all(0.9 <= seconds < 4 for seconds in closed.values()), closed  # generous: a shared CPU
+        assert httpx.get(f"{base}/health").status_code == 200
+        assert httpx.post(f"{base}/v1/predict", json={"text": "still serving"}).status_code == 200
+
+
 def test_model_failure_is_500_without_internals(predictor):
     with _running(_Slow(predictor, fail=True)) as base:
         response = httpx.post(f"{base}/v1/predict", json={"texts": ["a", "b"]})
@@ -325,7 +361,11 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(folder, tmp_path):
             f"http://127.0.0.1:{port}/v1/predict", json={"texts": ["i feel happy", "furious"]}, timeout=30)))
         started = time.monotonic()
         client.start()
-        time.sleep(0.5)
+        for _ in range(100):  # until the request waits in the batcher (bounded: 10 s; a fixed sleep lost the race)
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            if _metric(metrics, "emocompress_queue_depth") == 2:
+                break
+            time.sleep(0.1)
         server.send_signal(signal.SIGTERM)
         client.join(timeout=30)
         assert server.wait(timeout=30) == 0

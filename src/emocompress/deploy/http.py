@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from emocompress.deploy.batching import Batcher, QueueFull
 from emocompress.deploy.page import PAGE
+from emocompress.deploy.protocol import HeaderDeadline
 
 log = logging.getLogger("emocompress.serve")
 access_log = logging.getLogger("emocompress.access")
@@ -56,6 +58,7 @@ class Settings:
     max_body_bytes: int = _setting(1_000_000, "bytes per request body (413 beyond)")
     max_chars: int = _setting(10_000, "characters per text (422 beyond)")
     timeout_s: float = _setting(10.0, "per request: the body must arrive within it (408), then the answer (504)")
+    header_timeout_s: float = _setting(10.0, "a connection whose request headers are not complete within it is closed")
     drain_s: float = _setting(30.0, "on SIGTERM: the longest wait for the requests in flight")
     max_connections: int = _setting(1024, "connections and requests at once (503 beyond)")
     workers: int = _setting(0, "model calls at once; 0: one per core, each on one ONNX Runtime thread")
@@ -282,7 +285,8 @@ def create_app(predictor, settings: Settings | None = None) -> FastAPI:
 
 
 def make_server(app: FastAPI, host: str, port: int, settings: Settings, log_level: str = "info") -> uvicorn.Server:
-    """A uvicorn server for ``app``: our access log instead of uvicorn's, the drain deadline, the connection cap."""
+    """A uvicorn server for ``app``: our access log instead of uvicorn's, the drain deadline, the connection cap,
+    the header deadline (``HeaderDeadline``, h11: the stack's default without httptools)."""
     logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     logging_config["handlers"]["emocompress"] = {"class": "logging.StreamHandler", "formatter": "default",
                                                  "stream": "ext://sys.stderr"}
@@ -292,7 +296,8 @@ def make_server(app: FastAPI, host: str, port: int, settings: Settings, log_leve
         logging_config["loggers"][name] = {"handlers": ["emocompress"], "level": "INFO", "propagate": False}
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             log_config=logging_config, timeout_graceful_shutdown=settings.drain_s,
-                            limit_concurrency=settings.max_connections, server_header=False)
+                            limit_concurrency=settings.max_connections, server_header=False,
+                            http=functools.partial(HeaderDeadline, header_timeout_s=settings.header_timeout_s))
     return uvicorn.Server(config)
 
 
