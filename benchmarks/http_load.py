@@ -16,8 +16,10 @@ fast as a trained one of the same shape (its labels are meaningless, which the l
    bodies, invalid JSON and wrong types, slow body senders and slow header senders; every request must be
    answered or closed.
 
-The load generator (httpx, asyncio) runs on the same cores as the server, so it takes its share of the CPU:
-the numbers are a lower bound of what the server does with the machine to itself.
+The load generator runs on the same cores as the server, so it takes its share of the CPU: the numbers are a
+lower bound of what the server does with the machine to itself. The closed loop uses Debian's ``wrk`` (C, one
+thread, ``apt-get install wrk``) when it is installed, which takes far less CPU than Python; else, or with
+``--client httpx``, an asyncio httpx client. Burst and fuzz always use httpx.
 """
 
 import argparse
@@ -25,7 +27,9 @@ import asyncio
 import json
 import os
 import random
+import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -144,6 +148,40 @@ async def closed_loop(url: str, clients: int, seconds: float, texts: list[str]) 
         return summary(latencies, statuses, time.monotonic() - began)
 
 
+# wrk's request script: single-text bodies, one JSON per line of the file named by the first script argument.
+_WRK_LUA = """
+local bodies = {}
+init = function(args) for line in io.lines(args[1]) do bodies[#bodies + 1] = line end end
+local i = 0
+request = function()
+  i = i % #bodies + 1
+  return wrk.format("POST", "/v1/predict", {["Content-Type"] = "application/json"}, bodies[i])
+end
+"""
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def wrk_loop(url: str, clients: int, seconds: float, texts: list[str], folder: Path) -> dict:
+    """The closed loop of ``closed_loop`` run by ``wrk --latency``: its throughput counts 2xx answers only."""
+    bodies, script = folder / "wrk_bodies.jsonl", folder / "wrk_post.lua"
+    rng = random.Random(0)
+    bodies.write_text("".join(json.dumps({"text": rng.choice(texts)}) + "\n" for _ in range(len(texts))))
+    script.write_text(_WRK_LUA)
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "30s", "--latency",
+                          "-s", str(script), f"{url}/v1/predict", "--", str(bodies)],
+                         capture_output=True, text=True, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    errors = {"non-2xx": bad} if bad else {}
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors |= {f"socket {kind}": int(n) for kind, n in zip(("connect", "read", "write", "timeout"), m.groups())
+                   if int(n)}
+    quantiles = {f"p{q}": float(v) * _UNITS_MS[unit]
+                 for q, v, unit in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)}
+    return {"requests": requests, "ok": requests - bad, "throughput": (requests - bad) / seconds,
+            "errors": errors, **quantiles, "client": "wrk"}
+
+
 async def open_loop(url: str, rate: float, seconds: float, texts: list[str], pid: int) -> dict:
     """Requests sent at ``rate`` per second whatever the answers, with the server's RSS sampled meanwhile."""
     latencies, statuses, rss = [], Counter(), [rss_mb(pid)]
@@ -251,6 +289,8 @@ def main():
                         help="more servers to load the same way, e.g. 'litserve=python my_server.py {folder} {port}' "
                              "(answering POST /v1/predict {\"text\": ...} and GET /health on 127.0.0.1:{port})")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (also printed)")
+    parser.add_argument("--client", choices=["auto", "wrk", "httpx"], default="auto",
+                        help="closed-loop load generator; auto: wrk when installed, else httpx")
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,7 +301,15 @@ def main():
         prepare(args.folder)
     texts = [line.rsplit(";", 1)[0] for line in args.data.read_text().splitlines()[:args.texts]]
     logs = args.folder.parent
-    results = {"cpu": os.cpu_count(), "folder": str(args.folder), "duration_s": args.duration}
+    use_wrk = args.client == "wrk" or args.client == "auto" and shutil.which("wrk") is not None
+    results = {"cpu": os.cpu_count(), "folder": str(args.folder), "duration_s": args.duration,
+               "client": "wrk" if use_wrk else "httpx"}
+
+    def load(url: str, clients: int) -> dict:
+        if use_wrk:
+            return wrk_loop(url, clients, args.duration, texts, logs)
+        return asyncio.run(closed_loop(url, clients, args.duration, texts))
+
 
     servers = {"ours": [sys.executable, "-m", "emocompress", "serve", str(args.folder), "--max_queue", "64"],
                "peer": [sys.executable, str(HERE), "--peer", "--folder", str(args.folder)]}
@@ -276,8 +324,7 @@ def main():
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(closed_loop(url, 4, 2.0, texts))  # warm-up
-            results[name] = {clients: asyncio.run(closed_loop(url, clients, args.duration, texts))
-                             for clients in args.clients}
+            results[name] = {clients: load(url, clients) for clients in args.clients}
             print(name, json.dumps(results[name], indent=1), flush=True)
             if name == "ours" and args.burst > 0:
                 rate = 4 * results[name][max(c for c in args.clients if c <= 32)]["throughput"]

@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.compression.export import export_onnx
 from emocompress.deploy.batching import Batcher
-from emocompress.deploy.http import Settings, create_app, main, make_server
+from emocompress.deploy.http import Settings, batch_mates_warning, create_app, main, make_server
 from emocompress.deploy.serve import ArtifactPredictor
 from emocompress.deploy.serve import main as serve_main
 from tests.conftest import make_texts
@@ -72,8 +72,8 @@ def _running(predictor, **settings):
         thread.join(timeout=30)
 
 
-# small limits, so each is cheap to cross; max_wait_ms long enough that concurrent requests share batches
-_LIMITS = {"max_texts": 8, "max_chars": 200, "max_body_bytes": 4000, "max_batch_size": 16, "max_wait_ms": 20}
+# small limits, so each is cheap to cross
+_LIMITS = {"max_texts": 8, "max_chars": 200, "max_body_bytes": 4000, "max_batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,52 @@ def test_endpoints_answer(url, predictor):
     assert httpx.get(f"{url}/nowhere").status_code == 404
 
 
+@pytest.fixture(scope="module")
+def openvino_int8(tiny_teacher_dir, tmp_path_factory):
+    """An OpenVINO NNCF INT8 folder of the tiny teacher (static: scales fixed at calibration)."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs the openvino package")
+    pytest.importorskip("nncf", reason="OpenVINO INT8 needs the nncf package")
+    from emocompress.compression.openvino import export_openvino
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    calibration = [text for seed in range(3) for text in _texts(20, seed)]
+    return export_openvino(model, tmp_path_factory.mktemp("http") / "ov_int8", tokenizer, precision="int8",
+                           calibration_texts=calibration)
+
+
+@pytest.mark.parametrize("kind", ["onnx_fp32", pytest.param("openvino_int8", marks=pytest.mark.slow)])
+def test_batched_answers_equal_each_text_alone(kind, request):
+    """Folders whose answers do not depend on batch mates: through the server, merged into batches of texts of
+    other lengths, each text gets what the model gives it alone."""
+    predictor = ArtifactPredictor(request.getfixturevalue("folder" if kind == "onnx_fp32" else kind), num_threads=1)
+    requests = [_texts(1 + i % 3, seed=100 + i) for i in range(24)]
+    with _running(predictor, max_batch_size=16, workers=1) as base:
+        before = httpx.get(f"{base}/metrics").text
+        responses = asyncio.run(_post_all(base, [{"texts": texts} for texts in requests]))
+        calls = _metric(httpx.get(f"{base}/metrics").text, "emocompress_batch_size_count") - \
+            _metric(before, "emocompress_batch_size_count")
+    assert calls < len(requests)  # requests shared model calls
+    for texts, response in zip(requests, responses):
+        for text, got in zip(texts, response.json()["predictions"]):
+            alone = predictor.predict([text])[0]
+            assert got["label"] == alone["label"]
+            assert got["probs"] == pytest.approx(alone["probs"], abs=1e-4)
+
+
+def test_dynamic_int8_warns_that_answers_depend_on_batch_mates(tiny_teacher_dir, folder, tmp_path):
+    from emocompress.compression.export import quantize
+
+    int8 = tmp_path / "int8"
+    quantize(AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir), "onnxruntime", out_dir=int8,
+             tokenizer=AutoTokenizer.from_pretrained(tiny_teacher_dir))
+    warning = batch_mates_warning(ArtifactPredictor(int8), Settings(max_batch_size=8))
+    assert re.search(r"dynamic INT8 .* --max_batch_size 8 .* OpenVINO INT8 folder .* fp32 folder, or "
+                     r"--max_batch_size 1$", warning)
+    assert batch_mates_warning(ArtifactPredictor(int8), Settings(max_batch_size=1)) is None
+    assert batch_mates_warning(ArtifactPredictor(folder), Settings(max_batch_size=8)) is None  # fp32
+
+
 _BAD = {  # case -> (body bytes, status, what the message says, "field" or "limit" it names)
     "not_json": (b'{"texts": [', 400, r"the body is not JSON", {"field": "body"}),
     "not_utf8": (b'{"text": "\xff\xfe"}', 400, r"the body is not JSON", {"field": "body"}),
@@ -186,6 +232,7 @@ class _Slow:
     def __init__(self, predictor, seconds: float = 0.0, fail: bool = False):
         self.predictor, self.seconds, self.fail = predictor, seconds, fail
         self.labels, self.max_length = predictor.labels, predictor.max_length
+        self.backend, self.precision = predictor.backend, predictor.precision
 
     def predict(self, texts):
         time.sleep(self.seconds)
@@ -225,6 +272,42 @@ def test_slow_answer_504_and_slow_body_408(predictor):
         response = httpx.post(f"{base}/v1/predict", content=slowly())
         assert response.status_code == 408 and "timeout_s=0.3" in response.json()["error"]
         assert httpx.get(f"{base}/health").status_code == 200
+
+
+def _closed(sock: socket.socket) -> bool:
+    """The server closed ``sock`` (waiting up to its timeout to see)."""
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, socket.timeout):  # still open
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_slow_header_senders_are_closed_at_the_header_deadline(predictor):
+    with _running(predictor, header_timeout_s=1.0) as base:
+        port = int(base.rsplit(":", 1)[1])
+        silent, slow = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+        start, closed = time.monotonic(), {}
+        try:
+            for sock in (silent, slow):
+                sock.settimeout(0.25)
+            for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n":  # slowloris: never the blank line
+                for name, sock in (("silent", silent), ("slow", slow)):
+                    if name not in closed and _closed(sock):
+                        closed[name] = time.monotonic() - start
+                if len(closed) == 2 or time.monotonic() - start > 8:
+                    break
+                with contextlib.suppress(OSError):  # closed by the server
+                    slow.send(bytes([byte]))
+                time.sleep(0.25)
+        finally:
+            silent.close()
+            slow.close()
+        assert set(closed) == {"silent", "slow"}, closed
+        assert all(0.9 <= seconds < 4 for seconds in closed.values()), closed  # generous: a shared CPU
+        assert httpx.get(f"{base}/health").status_code == 200
+        assert httpx.post(f"{base}/v1/predict", json={"text": "still serving"}).status_code == 200
 
 
 def test_model_failure_is_500_without_internals(predictor):
@@ -278,7 +361,11 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(folder, tmp_path):
             f"http://127.0.0.1:{port}/v1/predict", json={"texts": ["i feel happy", "furious"]}, timeout=30)))
         started = time.monotonic()
         client.start()
-        time.sleep(0.5)
+        for _ in range(100):  # until the request waits in the batcher (bounded: 10 s; a fixed sleep lost the race)
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            if _metric(metrics, "emocompress_queue_depth") == 2:
+                break
+            time.sleep(0.1)
         server.send_signal(signal.SIGTERM)
         client.join(timeout=30)
         assert server.wait(timeout=30) == 0
@@ -319,6 +406,73 @@ def test_batcher_merges_up_to_max_batch_size_and_runs_workers_at_once():
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_lone_request_runs_at_once_and_a_linger_waits():
+    async def answer_after(max_wait_ms: float) -> float:
+        batcher = Batcher(lambda texts: [{"label": t} for t in texts], max_wait_ms=max_wait_ms)
+        batcher.start()
+        try:
+            start = time.monotonic()
+            assert await batcher.submit(["a"]) == [{"label": "a"}]
+            return time.monotonic() - start
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(answer_after(0)) < 0.15  # the default: no wait for company (generous: a shared CPU)
+    assert asyncio.run(answer_after(300)) >= 0.29  # the optional linger
+
+
+def test_requests_arriving_while_the_worker_is_busy_form_the_next_batch():
+    calls, entered, release = [], threading.Event(), threading.Event()
+
+    def predict(texts):
+        calls.append(list(texts))
+        entered.set()
+        assert release.wait(5)  # the first call holds the only worker until the others have queued
+        return [{"label": text.upper()} for text in texts]
+
+    async def scenario():
+        batcher = Batcher(predict, max_batch_size=4, workers=1)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(["a"]))
+            await asyncio.get_running_loop().run_in_executor(None, entered.wait, 5)
+            requests = [["b"], ["c", "d"], ["e"], ["f", "g"]]  # the last does not fit beside the first three
+            later = [asyncio.ensure_future(batcher.submit(texts)) for texts in requests]
+            while batcher.queued < 6:
+                await asyncio.sleep(0.01)
+            release.set()
+            assert await first == [{"label": "A"}]
+            answers = await asyncio.gather(*later)
+            assert answers == [[{"label": t.upper()} for t in texts] for texts in requests]
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert calls == [["a"], ["b", "c", "d", "e"], ["f", "g"]]
+
+
+def test_what_is_queued_is_shared_among_idle_workers():
+    calls, both = [], threading.Barrier(2, timeout=5)
+
+    def predict(texts):
+        calls.append(len(texts))
+        both.wait()  # passes only if the two model calls run at the same time
+        return [{"label": text} for text in texts]
+
+    async def scenario():
+        batcher = Batcher(predict, max_batch_size=8, workers=2)
+        batcher.start()
+        try:
+            texts = [f"t{i}" for i in range(7)]
+            answers = await asyncio.gather(*(batcher.submit([text]) for text in texts))
+            assert answers == [[{"label": text}] for text in texts]
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert sorted(calls) == [3, 4]  # not 7 beside an idle worker
 
 
 def test_page_shows_the_label_and_a_bar_per_emotion(url, predictor):

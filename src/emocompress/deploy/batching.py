@@ -1,12 +1,13 @@
 """Dynamic batching for the HTTP server: concurrent requests merged into one model call. Torch-free.
 
-A request's texts wait in a bounded queue; one collector task takes requests from its head until
-``max_batch_size`` texts are gathered or the oldest waiting request has waited ``max_wait_ms``, runs the
-model on the merged texts in a worker thread (ONNX Runtime and tokenizers release the GIL, so the event
-loop keeps accepting requests meanwhile) and hands each request its own slice of the answers, in order.
-Up to ``workers`` batches run at once: one with ONNX Runtime's intra-op threads spread over every core,
-or one per core, each call on one thread (small models lose much of a call to synchronising its threads).
-While every worker is busy, requests keep queueing, so the next batch is fuller.
+Continuous batching: a request's texts wait in a bounded queue, and as soon as a worker is free, one collector
+task takes the requests at the head of the queue (up to ``max_batch_size`` texts) and runs the model on them in
+that worker's thread (ONNX Runtime and tokenizers release the GIL, so the event loop keeps accepting requests
+meanwhile), then hands each request its own slice of the answers, in order. A lone request on an idle server is
+run at once; while every worker is busy, requests accumulate, and the next free worker takes them all. So batches
+grow with the load without a timer. What is queued when several workers are free is shared among them.
+``max_wait_ms`` (0 by default) adds an optional linger: a free worker waits until the oldest queued request has
+waited that long (or the batch is full) before it starts.
 
 A request is never split: one with more texts than ``max_batch_size`` runs alone (the predictor cuts it
 into batches of its own ``batch_size``). Length bucketing belongs to the predictor, not here.
@@ -15,6 +16,7 @@ into batches of its own ``batch_size``). Length bucketing belongs to the predict
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -40,14 +42,15 @@ class Batcher:
     Args:
         predict: the model, ``texts -> one dict per text, in order`` (``ArtifactPredictor.predict``).
         max_batch_size: texts per model call (requests are merged until the next would not fit).
-        max_wait_ms: how long the oldest waiting request may wait for others to join its batch.
+        max_wait_ms: linger: a free worker starts once the oldest queued request has waited this long or the
+            batch is full; 0 (default): at once, with what is queued.
         max_queue: texts that may wait at once; ``submit`` raises ``QueueFull`` beyond it.
         on_batch: called with each batch's size after its model call (metrics).
         workers: model calls that may run at once, each in its own thread.
     """
 
     def __init__(self, predict: Callable[[list[str]], list[dict]], max_batch_size: int = 32,
-                 max_wait_ms: float = 5.0, max_queue: int = 1024, on_batch: Callable[[int], None] | None = None,
+                 max_wait_ms: float = 0.0, max_queue: int = 1024, on_batch: Callable[[int], None] | None = None,
                  workers: int = 1):
         for name, value, least in (("max_batch_size", max_batch_size, 1), ("max_wait_ms", max_wait_ms, 0),
                                    ("max_queue", max_queue, 1), ("workers", workers, 1)):
@@ -117,18 +120,9 @@ class Batcher:
             while not self._pending:
                 self._arrival.clear()
                 await self._arrival.wait()
-            await self._free.acquire()  # meanwhile, more requests may queue up
-            if not self._pending:  # their callers gave up while every worker was busy
-                self._free.release()
-                continue
-            # Wait for company until the batch is full or the oldest request has waited max_wait.
-            deadline = self._pending[0].arrived + self.max_wait
-            while self.queued < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                self._arrival.clear()
-                try:
-                    await asyncio.wait_for(self._arrival.wait(), left)
-                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                    break
+            await self._free.acquire()  # while every worker is busy, more requests queue up for this batch
+            if self.max_wait:
+                await self._linger()
             batch = self._take()
             if not batch:  # every waiting request was cancelled meanwhile
                 self._free.release()
@@ -137,14 +131,31 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._done)
 
+    async def _linger(self) -> None:
+        """Wait until the batch is full or the oldest queued request has waited ``max_wait``."""
+        while self._pending and self.queued < self.max_batch_size:
+            left = self._pending[0].arrived + self.max_wait - time.monotonic()
+            if left <= 0:
+                return
+            self._arrival.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError before Python 3.11
+                await asyncio.wait_for(self._arrival.wait(), left)
+
     def _done(self, task: asyncio.Task) -> None:
         self._running.discard(task)
         self._free.release()
 
+    def _limit(self) -> int:
+        """Texts for the batch about to start: the queue shared among the free workers (this one included), at
+        most ``max_batch_size``. Eight texts queued for two idle workers run as two calls of four at once, not one
+        of eight beside an idle worker (a call's time grows with its texts: reports/http_server)."""
+        free = self.workers - len(self._running)
+        return min(self.max_batch_size, -(-self.queued // free))  # ceil(queued / free)
+
     def _take(self) -> list[_Request]:
         """Requests from the head of the queue whose texts fit in one batch (the first always does)."""
-        batch, size = [], 0
-        while self._pending and (not batch or size + len(self._pending[0].texts) <= self.max_batch_size):
+        batch, size, limit = [], 0, self._limit()
+        while self._pending and (not batch or size + len(self._pending[0].texts) <= limit):
             request = self._pending.popleft()
             self.queued -= len(request.texts)
             if not request.future.done():  # not cancelled by its caller meanwhile

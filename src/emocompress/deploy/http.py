@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from emocompress.deploy.batching import Batcher, QueueFull
 from emocompress.deploy.page import PAGE
+from emocompress.deploy.protocol import HeaderDeadline
 
 log = logging.getLogger("emocompress.serve")
 access_log = logging.getLogger("emocompress.access")
@@ -49,12 +51,14 @@ class Settings:
     """What a server accepts and how it batches (each is a ``--flag`` of ``emocompress serve``)."""
 
     max_batch_size: int = _setting(8, "texts per model call (a batch is padded to its longest text)")
-    max_wait_ms: float = _setting(5.0, "how long the oldest waiting request may wait for others to join its batch")
+    max_wait_ms: float = _setting(0.0, "linger: a free worker waits until the oldest queued request has waited this "
+                                       "long (or the batch is full); 0: run what is queued at once")
     max_queue: int = _setting(256, "texts waiting for the model before new requests get 503")
     max_texts: int = _setting(64, "texts per request (413 beyond)")
     max_body_bytes: int = _setting(1_000_000, "bytes per request body (413 beyond)")
     max_chars: int = _setting(10_000, "characters per text (422 beyond)")
     timeout_s: float = _setting(10.0, "per request: the body must arrive within it (408), then the answer (504)")
+    header_timeout_s: float = _setting(10.0, "a connection whose request headers are not complete within it is closed")
     drain_s: float = _setting(30.0, "on SIGTERM: the longest wait for the requests in flight")
     max_connections: int = _setting(1024, "connections and requests at once (503 beyond)")
     workers: int = _setting(0, "model calls at once; 0: one per core, each on one ONNX Runtime thread")
@@ -73,6 +77,18 @@ class Settings:
 def _cores() -> int:
     """The cores this process may run on (fewer than the machine's in a container or under taskset)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def batch_mates_warning(predictor, settings: Settings) -> str | None:
+    """Why answers may depend on batch mates, or None. ONNX Runtime's dynamic INT8 (the only ORT INT8 that
+    ``quantize`` writes) computes each activation scale over the whole batch tensor, so a text's probabilities, even
+    its label, can change with the texts merged into its batch (reports/http_server). OpenVINO's NNCF INT8 has
+    scales fixed at calibration, and fp32 has none."""
+    if (predictor.backend, predictor.precision) != ("onnxruntime", "int8") or settings.max_batch_size == 1:
+        return None
+    return (f"this ONNX Runtime dynamic INT8 folder computes activation scales per batch, so with --max_batch_size "
+            f"{settings.max_batch_size} a text's answer can depend on the texts batched with it; for answers that "
+            "do not, serve an OpenVINO INT8 folder (fixed scales), an fp32 folder, or --max_batch_size 1")
 
 
 class ApiError(Exception):
@@ -195,7 +211,7 @@ class AccessLog:
 
 def create_app(predictor, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app serving ``predictor`` (an ``ArtifactPredictor``: ``predict(texts)``, ``labels``,
-    ``max_length``); its batcher starts and stops with the app's lifespan."""
+    ``max_length``, ``backend``, ``precision``); its batcher starts and stops with the app's lifespan."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
     batcher = Batcher(predictor.predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
@@ -206,6 +222,8 @@ def create_app(predictor, settings: Settings | None = None) -> FastAPI:
     async def lifespan(app):
         batcher.start()
         log.info("ready: %d labels, max_length %d, %s", len(predictor.labels), predictor.max_length, settings)
+        if warning := batch_mates_warning(predictor, settings):
+            log.warning(warning)
         yield
         await batcher.stop()
 
@@ -267,7 +285,8 @@ def create_app(predictor, settings: Settings | None = None) -> FastAPI:
 
 
 def make_server(app: FastAPI, host: str, port: int, settings: Settings, log_level: str = "info") -> uvicorn.Server:
-    """A uvicorn server for ``app``: our access log instead of uvicorn's, the drain deadline, the connection cap."""
+    """A uvicorn server for ``app``: our access log instead of uvicorn's, the drain deadline, the connection cap,
+    the header deadline (``HeaderDeadline``, h11: the stack's default without httptools)."""
     logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     logging_config["handlers"]["emocompress"] = {"class": "logging.StreamHandler", "formatter": "default",
                                                  "stream": "ext://sys.stderr"}
@@ -277,7 +296,8 @@ def make_server(app: FastAPI, host: str, port: int, settings: Settings, log_leve
         logging_config["loggers"][name] = {"handlers": ["emocompress"], "level": "INFO", "propagate": False}
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             log_config=logging_config, timeout_graceful_shutdown=settings.drain_s,
-                            limit_concurrency=settings.max_connections, server_header=False)
+                            limit_concurrency=settings.max_connections, server_header=False,
+                            http=functools.partial(HeaderDeadline, header_timeout_s=settings.header_timeout_s))
     return uvicorn.Server(config)
 
 
