@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from emocompress.compression.vocabulary_pruning import VocabularyPruning, coverage, prune_vocabulary
+from emocompress.compression.vocabulary_pruning import VocabularyPruning, coverage, prune_vocabulary, trim_positions
 
 # Train texts that use only part of the tiny BERT's words ("furious", "tender", "today", ... stay out).
 TRAIN = ["i feel happy", "i feel so glad", "the day was mad", "i am angry", "really very cheerful"]
@@ -81,10 +81,44 @@ def test_extra_texts_and_min_count_choose_the_kept_tokens(tiny_teacher_dir):
     assert stats["extra_texts"] == 1 and stats["min_count"] == 2
 
 
+def test_trimmed_positions_keep_the_logits_of_texts_within_the_length(tiny_teacher_dir, tmp_path):
+    from emocompress.compression.export import quantize
+    from emocompress.models.pretrained import load_model, load_tokenizer
+
+    original = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir).eval()
+    params = sum(p.numel() for p in model.parameters())
+    assert trim_positions(model, tokenizer, 8) == (512 - 8) * 16
+    assert sum(p.numel() for p in model.parameters()) == params - (512 - 8) * 16
+    assert model.config.max_position_embeddings == 8 == tokenizer.model_max_length
+    assert trim_positions(model, tokenizer, 8) == 0  # already that short
+    texts = ["i feel so happy", "the day was angry and mad"]  # 6 and 8 tokens with [CLS] and [SEP]
+    expected = _logits(original, tokenizer, texts)
+    torch.testing.assert_close(_logits(model, tokenizer, texts), expected)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    retok = load_tokenizer(str(tmp_path / "hf"))
+    assert retok.model_max_length == 8 and len(retok("i feel so happy and glad today", truncation=True)["input_ids"]) == 8
+    torch.testing.assert_close(_logits(load_model(str(tmp_path / "hf")).eval(), retok, texts), expected)
+    int8 = quantize(model, "onnxruntime", include_embeddings=True, out_dir=tmp_path / "int8", tokenizer=tokenizer,
+                    max_length=8)
+    torch.testing.assert_close(_logits(int8, tokenizer, texts), expected, atol=0.05, rtol=0.05)
+
+
+def test_trim_positions_refuses_a_model_without_a_position_table():
+    class NoTable(torch.nn.Module):
+        base_model = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="NoTable has no absolute position table"):
+        trim_positions(NoTable(), None, 8)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"min_count": 0}, "VocabularyPruning.min_count must be a positive integer"),
     ({"extra_texts_file": "missing.txt"}, "VocabularyPruning.extra_texts_file: missing.txt is not an existing"),
     ({"filename": "../stats.json"}, "VocabularyPruning.filename must be a plain file name"),
+    ({"max_positions": 0}, "VocabularyPruning.max_positions must be a positive integer or null"),
 ])
 def test_bad_settings_are_refused_in_one_line(kwargs, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -144,3 +178,23 @@ def test_cli_fit_with_pruned_vocabulary_exports_serves_and_tests_from_its_checkp
     # a fresh process builds the unpruned network; the callback prunes it to the checkpoint's shape before it loads
     test = run_cli("test", *args, "--ckpt_path", "best", cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
+
+
+def test_callback_trims_positions_to_at_least_the_data_length(make_datamodule, tiny_model_dir, tiny_trainer, tmp_path):
+    from emocompress.callbacks.export import HFExport
+    from emocompress.models.classifier import EmotionClassifier
+    from emocompress.models.pretrained import load_model
+
+    dm = make_datamodule(batch_size=4, max_length=16)
+    too_short = tiny_trainer(max_steps=1, callbacks=[VocabularyPruning(max_positions=8)], enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"max_positions \(8\) is below data.max_length \(16\)"):
+        too_short.fit(EmotionClassifier(tiny_model_dir, dm.id2label), datamodule=dm)
+    dm = make_datamodule(batch_size=4, max_length=16)
+    model = EmotionClassifier(tiny_model_dir, dm.id2label)
+    trainer = tiny_trainer(max_steps=2, callbacks=[VocabularyPruning(max_positions=16), HFExport()],
+                           enable_checkpointing=False)
+    trainer.fit(model, datamodule=dm)
+    stats = json.loads((tmp_path / "vocab_pruning.json").read_text())
+    exported = load_model(str(tmp_path / "hf_model"))
+    assert stats["max_positions"] == exported.config.max_position_embeddings == 16 == dm.tokenizer.model_max_length
+    assert stats["params_after"] == sum(p.numel() for p in exported.parameters())

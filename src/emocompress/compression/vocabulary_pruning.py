@@ -23,6 +23,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
+from emocompress.compression.export import datamodule_max_length
 from emocompress.io import atomic_write_text, run_dir, split_lines
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,43 @@ def _keep_rows(model: nn.Module, embedding: nn.Embedding, keep: list[int], new_i
             setattr(config, key, new_id.get(value))
 
 
+def trim_positions(model: nn.Module, tokenizer, max_positions: int) -> int:
+    """Keep the first ``max_positions`` rows of ``model``'s absolute position embeddings (the rest are never read
+    when every text is truncated to that many tokens), and cap ``tokenizer.model_max_length`` to match; both in place.
+
+    Args:
+        model: a ``transformers`` model whose ``base_model.embeddings.position_embeddings`` is an ``nn.Embedding``
+            (BERT, DistilBERT, MiniLM).
+        tokenizer: its tokenizer; saved with the model, it truncates to ``max_positions`` by default.
+        max_positions: rows to keep, at least the longest input the model will see (``data.max_length``).
+
+    Returns:
+        The number of parameters removed (0 when the table already has at most ``max_positions`` rows).
+
+    Raises:
+        ValueError: ``max_positions`` is not positive, or the model has no absolute position table.
+    """
+    if max_positions < 1:
+        raise ValueError(f"trim_positions: max_positions must be a positive integer, got {max_positions}")
+    embeddings = getattr(model.base_model, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        raise ValueError(f"trim_positions: {type(model).__name__} has no absolute position table "
+                         "(base_model.embeddings.position_embeddings); leave max_positions null for this model")
+    rows = table.num_embeddings
+    if rows <= max_positions:
+        return 0
+    with torch.no_grad():  # (P, H) -> (max_positions, H)
+        table.weight = nn.Parameter(table.weight[:max_positions].clone(), requires_grad=table.weight.requires_grad)
+    table.num_embeddings = max_positions
+    for name, buffer in list(embeddings.named_buffers(recurse=False)):  # position_ids, token_type_ids: (1, P)
+        if buffer.dim() == 2 and buffer.shape[-1] == rows:
+            setattr(embeddings, name, buffer[:, :max_positions].clone())
+    model.config.max_position_embeddings = max_positions
+    tokenizer.model_max_length = max_positions
+    return (rows - max_positions) * table.embedding_dim
+
+
 def coverage(tokenizer, pruned_tokenizer, texts: list[str]) -> dict:
     """How ``texts`` (say, the test split) fare with the pruned vocabulary.
 
@@ -192,10 +230,12 @@ class VocabularyPruning(Callback):
     Args:
         extra_texts_file: a ``.txt`` file, one text per line, whose tokens are kept too (texts the model will serve).
         min_count: keep a train token only if it occurs at least this often (1: every token seen).
+        max_positions: also keep only this many position-embedding rows (``trim_positions``), at least
+            ``data.max_length``; the saved tokenizer then truncates to it. null: keep them all.
         filename: the stats file inside the run's log directory.
     """
 
-    def __init__(self, extra_texts_file: str | None = None, min_count: int = 1,
+    def __init__(self, extra_texts_file: str | None = None, min_count: int = 1, max_positions: int | None = None,
                  filename: str = "vocab_pruning.json"):
         if extra_texts_file is not None and (Path(extra_texts_file).suffix != ".txt"
                                              or not Path(extra_texts_file).is_file()):
@@ -203,10 +243,15 @@ class VocabularyPruning(Callback):
                              "(one text per line); fix the path or leave it null")
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
             raise ValueError(f"VocabularyPruning.min_count must be a positive integer, got {min_count!r}")
+        if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int)
+                                          or max_positions < 1):
+            raise ValueError("VocabularyPruning.max_positions must be a positive integer or null, "
+                             f"got {max_positions!r}")
         if not filename or Path(filename).name != filename:
             raise ValueError(f"VocabularyPruning.filename must be a plain file name, got {filename!r}")
         self.extra_texts_file = extra_texts_file
         self.min_count = min_count
+        self.max_positions = max_positions
         self.filename = filename
         self.stats: dict = {}
         self._pruned: nn.Module | None = None  # the network pruned last (a fit's test after it sets up again)
@@ -225,6 +270,8 @@ class VocabularyPruning(Callback):
         original = datamodule.tokenizer
         _, pruned, self.stats = prune_vocabulary(pl_module.model, original, datamodule.texts("train"), extra,
                                                  self.min_count)
+        if self.max_positions is not None:
+            self._trim_positions(pl_module.model, pruned, datamodule_max_length(datamodule))
         if datamodule.source.has_split("test"):
             self.stats["test"] = coverage(original, pruned, datamodule.texts("test"))
         datamodule.use_tokenizer(pruned)
@@ -239,3 +286,10 @@ class VocabularyPruning(Callback):
                 flat = {**self.stats, **{f"test_{k}": v for k, v in self.stats.get("test", {}).items()}}
                 trainer.logger.log_metrics({f"vocab/{k}": float(v) for k, v in flat.items()
                                             if isinstance(v, int | float)}, step=0)
+
+    def _trim_positions(self, model: nn.Module, tokenizer, max_length: int) -> None:
+        if self.max_positions < max_length:
+            raise ValueError(f"VocabularyPruning.max_positions ({self.max_positions}) is below data.max_length "
+                             f"({max_length}): the model would read rows it no longer has; raise it to {max_length}")
+        removed = trim_positions(model, tokenizer, self.max_positions)
+        self.stats |= {"max_positions": self.max_positions, "params_after": self.stats["params_after"] - removed}
