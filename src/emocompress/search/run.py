@@ -270,8 +270,9 @@ def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, s
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         settings = suggest(trial, dimensions)
         trial.set_user_attr("settings", settings)
-        others = tried(study) + [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                                 if t.number != trial.number and "same_as" not in t.user_attrs]
+        stored = _stored_trials(study)
+        others = _tried(stored) + [t for t in stored if t.state == TrialState.RUNNING
+                                   and t.number != trial.number and "same_as" not in t.user_attrs]
         same = next((t for t in others if t.user_attrs.get("settings") == settings), None)
         if same is None:
             return _run_trial(trial, settings, dimensions, budget, shared, reference, runner, trust_remote_code)
@@ -308,8 +309,20 @@ def _key(trial: optuna.trial.FrozenTrial) -> tuple:
 def tried(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The trials whose setting was tried: fitted and measured or stopped early, or whose fit failed (not run
     again); not repeats of another trial, nor trials a killed search left unfinished (those are run again)."""
-    return [t for t in study.get_trials(deepcopy=False) if "same_as" not in t.user_attrs and (
+    return _tried(study.get_trials(deepcopy=False))
+
+
+def _tried(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials if "same_as" not in t.user_attrs and (
         t.state in FINISHED or (t.state == TrialState.FAIL and "failed" in t.user_attrs))]
+
+
+def _stored_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials as the database holds them now. Optuna keeps a per-process cache over an RDB storage
+    (``_CachedStorage``) that can miss another worker's trial: under load a worker fitted a setting that another
+    had finished seconds before (tests/test_search.py, two workers). The duplicate check reads past the cache."""
+    storage = getattr(study._storage, "_backend", study._storage)  # the RDBStorage under Optuna's cache
+    return storage.get_all_trials(study._study_id, deepcopy=False)
 
 
 def _run_trial(trial: optuna.Trial, settings: dict, dimensions: list[Dimension], budget: Budget, shared: Shared,
