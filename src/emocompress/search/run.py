@@ -221,7 +221,7 @@ def wait_for_others(study: optuna.Study, poll_s: float = 2.0) -> None:
     """Wait for the trials that workers elsewhere (other machines on the storage) still run, so that the report
     covers the whole study. A trial whose worker died is marked failed once its heartbeat is stale."""
     waited = set()
-    while running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    while running := _running(_stored_trials(study)):
         if waited != (numbers := {t.number for t in running}):
             log.info("compress: waiting for trials %s, which other workers run", sorted(numbers))
             waited = numbers
@@ -263,16 +263,17 @@ def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, s
     total = len(all_settings(dimensions))
 
     def spent() -> bool:
-        done, running = tried(study), study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        distinct = {_key(t) for t in done + running}
+        trials = _stored_trials(study)
+        done = [t for t in trials if _was_tried(t)]
+        distinct = {_key(t) for t in done + _running(trials)}
         return bool(budget.n_trials and len(done) >= budget.n_trials) or len(distinct) >= total
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         settings = suggest(trial, dimensions)
         trial.set_user_attr("settings", settings)
-        stored = _stored_trials(study)
-        others = _tried(stored) + [t for t in stored if t.state == TrialState.RUNNING
-                                   and t.number != trial.number and "same_as" not in t.user_attrs]
+        trials = _stored_trials(study)
+        others = [t for t in trials if _was_tried(t)] + [t for t in _running(trials) if t.number != trial.number
+                                                          and "same_as" not in t.user_attrs]
         same = next((t for t in others if t.user_attrs.get("settings") == settings), None)
         if same is None:
             return _run_trial(trial, settings, dimensions, budget, shared, reference, runner, trust_remote_code)
@@ -309,18 +310,23 @@ def _key(trial: optuna.trial.FrozenTrial) -> tuple:
 def tried(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The trials whose setting was tried: fitted and measured or stopped early, or whose fit failed (not run
     again); not repeats of another trial, nor trials a killed search left unfinished (those are run again)."""
-    return _tried(study.get_trials(deepcopy=False))
+    return [t for t in _stored_trials(study) if _was_tried(t)]
 
 
-def _tried(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in trials if "same_as" not in t.user_attrs and (
-        t.state in FINISHED or (t.state == TrialState.FAIL and "failed" in t.user_attrs))]
+def _was_tried(trial: optuna.trial.FrozenTrial) -> bool:
+    return "same_as" not in trial.user_attrs and (
+        trial.state in FINISHED or (trial.state == TrialState.FAIL and "failed" in trial.user_attrs))
+
+
+def _running(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.RUNNING]
 
 
 def _stored_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The study's trials as the database holds them now. Optuna keeps a per-process cache over an RDB storage
     (``_CachedStorage``) that can miss another worker's trial: under load a worker fitted a setting that another
-    had finished seconds before (tests/test_search.py, two workers). The duplicate check reads past the cache."""
+    had finished seconds before (tests/test_search.py, two workers). So every question about what the workers did
+    (tried, running, spent, the duplicate check) reads past the cache."""
     storage = getattr(study._storage, "_backend", study._storage)  # the RDBStorage under Optuna's cache
     return storage.get_all_trials(study._study_id, deepcopy=False)
 
