@@ -124,14 +124,19 @@ def test_int8_agrees_with_torch_and_keeps_macro_f1_within_the_budget(bert, texts
     assert macro_f1(labels, int8.argmax(-1), 3) >= macro_f1(labels, fp32.argmax(-1), 3) - 1e-9
 
 
+def _inputs_and_predictions(model, tokenizer, texts: list[str]) -> tuple[list[dict], list[int]]:
+    """Each text as OpenVINO inputs (name -> (1, T) int64), and the float model's class for it."""
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    inputs = [{n: a.numpy() for n, a in tokenizer(t, return_tensors="pt").items() if n in names} for t in texts]
+    return inputs, [int(model(**{n: torch.from_numpy(a) for n, a in x.items()}).logits.argmax()) for x in inputs]
+
+
 @pytest.mark.slow
 def test_accuracy_control_reverts_layers_to_meet_a_small_budget(bert, texts):
     # Validation labels are the float model's own predictions (macro F1 1.0), and 4 calibration texts give coarse
     # ranges: plain INT8 flips many labels, so meeting a 0.1 budget takes reverting layers to float.
     model, tokenizer = bert
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    inputs = [{n: a.numpy() for n, a in tokenizer(t, return_tensors="pt").items() if n in names} for t in texts]
-    reference = [int(model(**{n: torch.from_numpy(a) for n, a in x.items()}).logits.argmax()) for x in inputs]
+    inputs, reference = _inputs_and_predictions(model, tokenizer, texts)
     plain = quantize_ir(convert(model), inputs[:4], None, 3)
 
     def fake_quantize(ov_model):
@@ -159,9 +164,7 @@ def test_a_budget_nncf_cannot_meet_is_refused_not_shipped(bert, texts, monkeypat
     import nncf
 
     model, tokenizer = bert
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    inputs = [{n: a.numpy() for n, a in tokenizer(t, return_tensors="pt").items() if n in names} for t in texts]
-    reference = [int(model(**{n: torch.from_numpy(a) for n, a in x.items()}).logits.argmax()) for x in inputs]
+    inputs, reference = _inputs_and_predictions(model, tokenizer, texts)
     with torch.no_grad():  # a copy whose head always answers class 0
         broken = copy.deepcopy(model)
         broken.classifier.weight.zero_()
