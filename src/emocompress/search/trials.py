@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from emocompress.benchmark.timing import percentile, time_calls
-from emocompress.benchmark.variants import measure
+from emocompress.benchmark.timing import interleaved_times, median_of_rounds, percentile, time_calls
+from emocompress.benchmark.variants import Variant, measure
 from emocompress.search.space import Dimension
 from emocompress.search.stopping import STOPPED_FILE
 
@@ -101,15 +101,22 @@ def stopped_early(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _load_timed(path: str, data: str, labels: list[str] | None, batch_size: int, latency_samples: int,
+                split: str, trust_remote_code: bool) -> tuple[Variant, list[dict]]:
+    """The model loaded and scored on ``split`` (``benchmark.variants.measure``), and the inputs its latency is
+    timed on: single texts at batch 1, else batches of the target size."""
+    # predictions in batches of 32 (or the target's), latency on single texts or on batches of the target size
+    variant = measure("model", [path], data, split, latency_samples, max(batch_size, 32) if batch_size == 1
+                      else batch_size, None, labels, trust_remote_code)
+    return variant, variant.singles if batch_size == 1 else variant.batches[:latency_samples]
+
+
 def measure_model(path: str, data: str, labels: list[str] | None, batch_size: int, latency_samples: int,
                   warmup: int, split: str = "val", trust_remote_code: bool = False) -> dict:
     """Macro F1, per-class F1 and recall on ``split``, size, and the median latency in ms of one call at
     ``batch_size`` (over ``latency_samples`` calls), with the benchmark's own loading, metrics and timer."""
-    # predictions in batches of 32 (or the target's), latency on single texts or on batches of the target size
-    variant = measure("model", [path], data, split, latency_samples, max(batch_size, 32) if batch_size == 1
-                      else batch_size, None, labels, trust_remote_code)
+    variant, inputs = _load_timed(path, data, labels, batch_size, latency_samples, split, trust_remote_code)
     report = variant.reports[0]
-    inputs = variant.singles if batch_size == 1 else variant.batches[:latency_samples]
     times = time_calls(variant.forward, inputs, warmup)
     per_class = report["per_class"]
     return {"macro_f1": report["macro_f1"], "class_f1": {k: v["f1"] for k, v in per_class.items()},
@@ -117,6 +124,27 @@ def measure_model(path: str, data: str, labels: list[str] | None, batch_size: in
             "support": {k: v["support"] for k, v in per_class.items()},
             "latency_ms": percentile(times, 50), "size_mb": variant.static["size_mb"],
             "params": variant.static["params"], "path": str(path)}
+
+
+def retime_latency(paths: dict[str, str], data: str, labels: list[str] | None, batch_size: int,
+                   latency_samples: int, warmup: int, rounds: int, split: str = "val",
+                   trust_remote_code: bool = False) -> dict[str, float]:
+    """Each model's latency at ``batch_size`` timed again, all together: loaded as ``measure_model`` loads them,
+    then timed in ``rounds`` interleaved rounds in this process (``benchmark.timing.interleaved_times``), so what
+    else the machine does hits every model alike.
+
+    Args:
+        paths: name -> model folder (the teacher and the candidates).
+
+    Returns:
+        name -> the median over rounds of each round's median ms per call.
+    """
+    loaded = {name: _load_timed(path, data, labels, batch_size, latency_samples, split, trust_remote_code)
+              for name, path in paths.items()}
+    calls = {name: (lambda i, v=variant, x=inputs: v.forward(x[i])) for name, (variant, inputs) in loaded.items()}
+    # every model's inputs are the same texts, each tokenized by the model's own tokenizer
+    times = interleaved_times(calls, list(range(min(len(x) for _, x in loaded.values()))), rounds, warmup)
+    return {name: median_of_rounds(t) for name, t in times.items()}
 
 
 def budget_gaps(result: dict, teacher: dict, budget) -> dict[str, float]:
