@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE = ("configs/trainer/default.yaml", "configs/recipes/distill.yaml")
 TEACHER_FILE = "teacher_val.json"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# budget keys a resumed study may change: how long it searches, how the final choice re-times (not the trials)
+_MAY_CHANGE = ("n_trials", "timeout_min", "retime_rounds")
 
 
 class TrialFailed(Exception):
@@ -195,6 +197,11 @@ def open_storage(url: str, tries: int = 5) -> RDBStorage:
                          "and that the database exists (docs/search.md)") from None
 
 
+def _limits(budget: dict) -> dict:
+    """The budget's keys the trials were run and judged by: those a resumed study must keep."""
+    return {k: v for k, v in budget.items() if k not in _MAY_CHANGE}
+
+
 def _open_study(rdb: RDBStorage, study_name: str, seed: int, budget: Budget, reference: dict) -> optuna.Study:
     """Create the study, or load it to resume; refuse to resume one made for another budget or teacher."""
     study = optuna.create_study(storage=rdb, study_name=study_name, sampler=_sampler(seed), load_if_exists=True,
@@ -203,8 +210,7 @@ def _open_study(rdb: RDBStorage, study_name: str, seed: int, budget: Budget, ref
     stored = study.user_attrs.get("made_for")
     if stored is None:
         study.set_user_attr("made_for", made_for)
-    elif {**stored["budget"], "n_trials": None, "timeout_min": None} != {**made_for["budget"], "n_trials": None,
-                                                                          "timeout_min": None}:
+    elif _limits(stored["budget"]) != _limits(made_for["budget"]):
         raise ValueError(f"--storage {_shown(rdb.url)}: study {study_name!r} was made for another budget "
                          f"({stored['budget']}); resume it with that budget, or give another --study_name or --out_dir")
     return study

@@ -70,6 +70,10 @@ class Budget:
         batch_size: the batch size latency is measured at (1: one text at a time, as a server does).
         latency_samples: calls timed per model (after ``warmup`` untimed ones).
         warmup: untimed calls before timing.
+        retime_rounds: with ``objective: latency``, before choosing, the teacher and every trial within budget
+            are timed again together in this many interleaved rounds (``latency_samples`` calls each per round),
+            and the choice uses those times: each trial's first timing, taken alone when it ended, moves with
+            whatever else the machine did then.
         n_trials: finished trials (kept or stopped early), counted over resumptions too; null: no limit.
         timeout_min: wall-clock minutes of this invocation's search; null: no limit (one of the two is needed).
         early_stop_epoch: from this epoch (from 1) on, a trial whose val macro F1 is below the budget by more than
@@ -83,6 +87,7 @@ class Budget:
     batch_size: int = 1
     latency_samples: int = 100
     warmup: int = 10
+    retime_rounds: int = 5
     n_trials: int | None = None
     timeout_min: float | None = None
     early_stop_epoch: int = 1
@@ -111,7 +116,8 @@ def read_budget(budget: dict | None) -> Budget:
         raise ValueError(f"budget.min_rare_recall: {b.min_rare_recall!r}; give a recall in [0, 1], or null")
     if b.objective not in ("latency", "size"):
         raise ValueError(f"budget.objective: {b.objective!r}; give latency or size")
-    for key, least in (("batch_size", 1), ("latency_samples", 1), ("warmup", 0), ("early_stop_epoch", 1)):
+    for key, least in (("batch_size", 1), ("latency_samples", 1), ("warmup", 0), ("early_stop_epoch", 1),
+                        ("retime_rounds", 1)):
         value = getattr(b, key)
         if not isinstance(value, int) or value < least:
             raise ValueError(f"budget.{key}: {value!r}; give an integer of at least {least}")
