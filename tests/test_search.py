@@ -1,7 +1,10 @@
 """``emocompress compress``: the space and budget refusals, a search that finds the known best of a tiny space,
-two workers on one storage, early stopping, the progress line, and (slow) the real command with tiny fits."""
+a latency choice made on latencies re-timed together, two workers on one storage, early stopping, the progress
+line, and (slow) the real command with tiny fits."""
 
+import copy
 import json
+import logging
 import shutil
 import threading
 import time
@@ -12,9 +15,11 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.cli import main
-from emocompress.search.report import progress_line
+from emocompress.search import trials as search_trials
+from emocompress.search.report import progress_line, retime
 from emocompress.search.run import search
 from emocompress.search.space import check_settings, read_budget, read_space
 from emocompress.search.stopping import STOPPED_FILE, HopelessTrialStop
@@ -45,12 +50,14 @@ class FakeRunner:
     def __init__(self, models: dict[str, str], interrupt_at: int | None = None):
         self.models, self.interrupt_at = models, interrupt_at
         self.calls: list[str] = []
+        self.folders: dict[str, Path] = {}  # option -> the run folder of the trial that fitted it
         self.lock = threading.Lock()
 
     def __call__(self, args: list[str], folder: Path) -> int:
         name = next(Path(a).stem.removeprefix("option_") for a in args if Path(a).name.startswith("option_"))
         with self.lock:
             self.calls.append(name)
+            self.folders[name] = folder
             if self.interrupt_at is not None and len(self.calls) > self.interrupt_at:
                 raise KeyboardInterrupt  # the search killed while this trial trains
         if name == "fail":
@@ -104,6 +111,67 @@ def _csv(path: Path) -> list[dict]:
 
     with path.open() as f:
         return list(csv.DictReader(f))
+
+
+def _deeper(source: str, out: Path, layers: int) -> str:
+    """``source`` with its first encoder layer repeated to ``layers`` layers: slower, the same predictions (the
+    search models' heads ignore the encoder)."""
+    model = AutoModelForSequenceClassification.from_pretrained(source)
+    encoder = model.bert.encoder
+    encoder.layer.extend(copy.deepcopy(encoder.layer[0]) for _ in range(layers - len(encoder.layer)))
+    model.config.num_hidden_layers = layers
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.slow  # about 15 s on 2 busy cores: a study, fits copied, models measured, then re-timed
+def test_latency_choice_uses_the_trials_re_timed_together(search_models, emotion_dir, tmp_path, monkeypatch):
+    # `slow` predicts as `same` with 12 times its layers. `same`'s first timing, taken alone when its trial ended,
+    # is inflated by a minute, as if another trial's fit had run beside it: by those timings `slow` is the faster.
+    # Re-timed together with the teacher in interleaved rounds, `same` is, and is chosen.
+    runner = FakeRunner({**search_models, "slow": _deeper(search_models["same"], tmp_path / "slow", 24)})
+    measure_model = search_trials.measure_model
+
+    def beside_a_fit(path, *args, **kwargs):
+        result = measure_model(path, *args, **kwargs)
+        if Path(path).parent == runner.folders.get("same"):
+            result["latency_ms"] += 60_000.0
+        return result
+
+    monkeypatch.setattr(search_trials, "measure_model", beside_a_fit)
+    summary = _search(tmp_path, search_models, emotion_dir, _space(tmp_path, ["same", "slow"]), runner,
+                      budget={**BUDGET, "objective": "latency", "latency_samples": 5, "retime_rounds": 3})
+    out = tmp_path / "search"
+    rows = {r["settings"].removeprefix("student="): r for r in _csv(out / "trials.csv") if not r["same_as"]}
+    first = {name: float(row["latency_ms"]) for name, row in rows.items()}
+    again = {name: float(row["latency_ms_retimed"]) for name, row in rows.items()}
+    assert first["same"] > first["slow"] and again["same"] < again["slow"]
+    same = int(rows["same"]["trial"])
+    assert summary["chosen"]["settings"] == {"student": "same"} and summary["pareto"] == [same]
+    assert (summary["chosen"]["latency_ms"], summary["chosen"]["latency_ms_retimed"]) == (first["same"], again["same"])
+    assert summary["retimed"] == {"rounds": 3, "latency_ms": {"teacher": summary["teacher_val"]["latency_ms_retimed"],
+                                                              **{f"trial {r['trial']}": again[name]
+                                                                 for name, r in rows.items()}}}
+    assert summary["chosen"]["val_speedup"] == pytest.approx(summary["teacher_val"]["latency_ms_retimed"] / again["same"])
+    # both timings shown: the table's columns, the summary's sentence
+    assert "| latency_ms | latency_ms_retimed |" in (out / "trials.md").read_text()
+    assert f"{again['same']:.3g} ms re-timed ({first['same']:.3g} ms timed alone)" in (out / "summary.md").read_text()
+
+
+def test_no_re_timing_without_every_candidate_model_here(tmp_path, caplog):
+    # a trial another machine ran (its model not in this search folder): the choice keeps the first timings
+    elsewhere = optuna.trial.create_trial(values=[0.2, 1.0], user_attrs={
+        "gaps": {"max_macro_f1_drop": 0.0}, "artifact": str(tmp_path / "trial_0003" / "hf_model"),
+        "val": {"latency_ms": 1.0}})
+    elsewhere.number = 3
+    shared = Shared("/teacher", "/teacher", "/data", tmp_path, ())
+    with caplog.at_level(logging.WARNING):
+        assert retime([elsewhere], {"latency_ms": 5.0}, read_budget({**BUDGET, "objective": "latency"}), shared,
+                      False) is None
+    assert "cannot re-time trials [3]" in caplog.text
+    # objective size: nothing to re-time
+    assert retime([elsewhere], {"latency_ms": 5.0}, read_budget(BUDGET), shared, False) is None
 
 
 @pytest.mark.slow  # about 10 s on 2 busy cores: a study, fits copied, models measured
@@ -209,6 +277,7 @@ def test_refuses_an_empty_or_contradictory_space(space, key):
     ({"max_macro_f1_drop": 0.01, "n_trials": 3, "min_rare_recall": 1.5}, "budget.min_rare_recall"),
     ({"max_macro_f1_drop": 0.01, "n_trials": 3, "objective": "speed"}, "budget.objective"),
     ({"max_macro_f1_drop": 0.01, "n_trials": 3, "max_drop": 1}, "budget.max_drop: unknown key"),
+    ({"max_macro_f1_drop": 0.01, "n_trials": 3, "retime_rounds": 0}, "budget.retime_rounds"),
 ])
 def test_refuses_an_empty_or_contradictory_budget(budget, key):
     with pytest.raises(ValueError, match=key.replace("[", r"\[")):
@@ -238,12 +307,16 @@ def test_the_default_config_reads_and_lists_what_is_not_available_yet():
             assert all(Path(file).is_file() for file in option.configs)
 
 
-def test_cli_refuses_a_bad_budget_in_one_line(search_models, emotion_dir, tmp_path, capsys):
+@pytest.mark.parametrize("budget, message", [
+    ('{"max_macro_f1_drop": 0.01}', "budget: neither n_trials nor timeout_min"),
+    ('{"max_macro_f1_drop": 0.01, "n_trials": 3, "retime_rounds": 1.5}', "budget.retime_rounds: 1.5; give an integer"),
+])
+def test_cli_refuses_a_bad_budget_in_one_line(search_models, emotion_dir, tmp_path, capsys, budget, message):
     with pytest.raises(SystemExit) as exit_:
         main(["compress", "-c", str(REPO / "configs" / "compress.yaml"), "--teacher", search_models["teacher"],
-              "--data", str(emotion_dir), "--budget", '{"max_macro_f1_drop": 0.01}', "--out_dir", str(tmp_path)])
+              "--data", str(emotion_dir), "--budget", budget, "--out_dir", str(tmp_path)])
     assert exit_.value.code == 2
-    assert "budget: neither n_trials nor timeout_min" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""What a search writes: one progress line per finished trial, then in the search folder ``trials.csv``/``.md``,
-``pareto.png``, the test verdict of ``emocompress benchmark`` (``test_benchmark/``), and ``summary.md``/``.json``
-(the chosen model, its artifact and the command that reproduces it)."""
+"""What a search writes: one progress line per finished trial; then, with ``objective: latency``, the teacher and
+the trials within budget timed again together (the choice uses those times); then in the search folder
+``trials.csv``/``.md``, ``pareto.png``, the test verdict of ``emocompress benchmark`` (``test_benchmark/``), and
+``summary.md``/``.json`` (the chosen model, its artifact and the command that reproduces it)."""
 
 import csv
 import datetime
@@ -16,7 +17,9 @@ from optuna.trial import TrialState
 from emocompress.benchmark.html import write_html_report
 from emocompress.benchmark.report import invoking_command, markdown_table
 from emocompress.benchmark.run import benchmark
+from emocompress.benchmark.variants import data_labels
 from emocompress.evaluation.plots import close_figure
+from emocompress.search import trials as trial_runs
 from emocompress.search.trials import COMMAND_FILE, Shared
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,11 @@ log = logging.getLogger(__name__)
 _PLOT_LOCK = threading.Lock()
 OBJECTIVE_KEYS = {"latency": "latency_ms", "size": "size_mb"}
 _UNITS = {"latency_ms": "ms", "size_mb": "MB"}
+# the val latency timed again, together with the teacher and the other trials within budget (``retime``);
+# ``latency_ms`` stays the first timing, taken alone when the trial ended
+RETIMED = "latency_ms_retimed"
 COLUMNS = ["trial", "state", "settings", "val_macro_f1", "macro_f1_drop", "worst_class_f1_drop", "rare_recall",
-           "latency_ms", "size_mb", "within_budget", "pareto", "run", "same_as"]
+           "latency_ms", RETIMED, "size_mb", "within_budget", "pareto", "run", "same_as"]
 
 
 def _settings_text(settings: dict) -> str:
@@ -70,17 +76,55 @@ def progress_line(trial: optuna.trial.FrozenTrial, budget, reference: dict, done
             f"ETA {datetime.timedelta(seconds=round(eta))}")
 
 
-def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """The feasible complete trials no other feasible one beats on both val macro F1 and the objective (one per
-    distinct setting: a repeat of a measured setting is the same model)."""
-    feasible = [t for t in trials if within_budget(t) and "same_as" not in t.user_attrs]
+def candidates(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials a choice is made among: within budget, one per distinct setting (a repeat of a measured setting
+    is the same model)."""
+    return [t for t in trials if within_budget(t) and "same_as" not in t.user_attrs]
+
+
+def pareto_front(trials: list[optuna.trial.FrozenTrial], cost: dict[int, float] | None = None
+                 ) -> list[optuna.trial.FrozenTrial]:
+    """The ``candidates`` no other one beats on both val macro F1 and the objective, cheapest first. ``cost``:
+    trial number -> the objective to use instead of the trial's own (the re-timed latency)."""
+    feasible = candidates(trials)
+    point = {t.number: (t.values[0], cost[t.number] if cost else t.values[1]) for t in feasible}
     return sorted((t for t in feasible if not any(
-        o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and tuple(o.values) != tuple(t.values)
-        for o in feasible)), key=lambda t: t.values[1])
+        point[o.number][0] >= point[t.number][0] and point[o.number][1] <= point[t.number][1]
+        and point[o.number] != point[t.number] for o in feasible)), key=lambda t: point[t.number][1])
 
 
-def trial_rows(trials: list[optuna.trial.FrozenTrial], reference: dict, front: list) -> list[dict]:
-    rows, numbers = [], {t.number for t in front}
+def retime(trials: list[optuna.trial.FrozenTrial], reference: dict, budget, shared: Shared,
+           trust_remote_code: bool) -> dict[str, float] | None:
+    """With ``objective: latency``, the val latency of the teacher and of every ``candidates`` trial timed again
+    together, in ``budget.retime_rounds`` interleaved rounds in this process (``trials.retime_latency``): name
+    (``teacher``, ``trial 4``) -> median ms. Each trial's first timing was taken alone when it ended, beside
+    whatever the machine did then (other trials' fits), so those are not comparable. None: nothing to re-time
+    (objective size, no trial within budget), or a candidate's model is not in this search folder (a trial of
+    another machine): the choice then uses the first timings, and a warning says so."""
+    chosen_among = candidates(trials)
+    if budget.objective != "latency" or not chosen_among:
+        return None
+    elsewhere = [t.number for t in chosen_among if not Path(t.user_attrs["artifact"]).exists()]
+    if elsewhere:
+        log.warning("compress: cannot re-time trials %s: their models are not in %s (another machine ran them); "
+                    "choosing by the latency each trial measured alone when it ended", elsewhere, shared.out_dir)
+        return None
+    paths = {"teacher": shared.teacher, **{f"trial {t.number}": t.user_attrs["artifact"] for t in chosen_among}}
+    log.info("compress: re-timing the teacher and the %d trials within budget on val in %d interleaved rounds",
+             len(chosen_among), budget.retime_rounds)
+    times = trial_runs.retime_latency(paths, shared.data, data_labels(shared.data), budget.batch_size,
+                                      budget.latency_samples, budget.warmup, budget.retime_rounds,
+                                      trust_remote_code=trust_remote_code)
+    first = {"teacher": reference["latency_ms"], **{f"trial {t.number}": t.user_attrs["val"]["latency_ms"]
+                                                    for t in chosen_among}}
+    log.info("compress: val latency at batch %d, timed alone -> re-timed together: %s", budget.batch_size,
+             ", ".join(f"{name} {first[name]:.3g} -> {ms:.3g} ms" for name, ms in times.items()))
+    return times
+
+
+def trial_rows(trials: list[optuna.trial.FrozenTrial], reference: dict, front: list,
+               retimed: dict[str, float] | None = None) -> list[dict]:
+    rows, numbers, retimed = [], {t.number for t in front}, retimed or {}
     for t in trials:
         val = t.user_attrs.get("val") or {}
         drops = [reference["class_f1"][c] - f for c, f in (val.get("class_f1") or {}).items()
@@ -90,7 +134,8 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial], reference: dict, front: l
             "macro_f1_drop": reference["macro_f1"] - val["macro_f1"] if val else None,
             "worst_class_f1_drop": max(drops) if drops else None,
             "rare_recall": _rare_recall(val, reference),
-            "latency_ms": val.get("latency_ms"), "size_mb": val.get("size_mb"), "within_budget": within_budget(t),
+            "latency_ms": val.get("latency_ms"), RETIMED: retimed.get(f"trial {t.number}"),
+            "size_mb": val.get("size_mb"), "within_budget": within_budget(t),
             "pareto": t.number in numbers, "run": t.user_attrs.get("run"), "same_as": t.user_attrs.get("same_as")})
     return rows
 
@@ -104,13 +149,18 @@ def _rare_recall(val: dict, reference: dict) -> float | None:
 
 def pareto_plot(rows: list[dict], reference: dict, budget, chosen: int | None, path: Path) -> None:
     """Val macro F1 against the objective: the front, the other (dominated or over-budget) trials, the teacher,
-    the budget's macro-F1 line, the chosen trial."""
+    the budget's macro-F1 line, the chosen trial. Latency is the re-timed one where there is one (the teacher's
+    in ``reference[RETIMED]``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key = OBJECTIVE_KEYS[budget.objective]
+
+    def cost(row: dict) -> float:
+        return row[RETIMED] if key == "latency_ms" and row.get(RETIMED) is not None else row[key]
+
     measured = [r for r in rows if r[key] is not None and r["same_as"] is None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = [("over budget", [r for r in measured if not r["within_budget"]], "x", "tab:gray"),
@@ -119,23 +169,24 @@ def pareto_plot(rows: list[dict], reference: dict, budget, chosen: int | None, p
               ("Pareto front", [r for r in measured if r["pareto"]], "o", "tab:red")]
     for label, group, marker, color in groups:
         if group:
-            ax.scatter([r[key] for r in group], [r["val_macro_f1"] for r in group], marker=marker, color=color,
+            ax.scatter([cost(r) for r in group], [r["val_macro_f1"] for r in group], marker=marker, color=color,
                        label=label, zorder=3)
-    front = sorted((r for r in measured if r["pareto"]), key=lambda r: r[key])
+    front = sorted((r for r in measured if r["pareto"]), key=cost)
     if front:
-        ax.step([r[key] for r in front], [r["val_macro_f1"] for r in front], where="post", color="tab:red", lw=1)
+        ax.step([cost(r) for r in front], [r["val_macro_f1"] for r in front], where="post", color="tab:red", lw=1)
     for r in measured:
-        ax.annotate(str(r["trial"]), (r[key], r["val_macro_f1"]), fontsize=7, xytext=(3, 3),
+        ax.annotate(str(r["trial"]), (cost(r), r["val_macro_f1"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
-    ax.scatter([reference[key]], [reference["macro_f1"]], marker="s", color="black", label="teacher", zorder=3)
+    ax.scatter([cost(reference)], [reference["macro_f1"]], marker="s", color="black", label="teacher", zorder=3)
     ax.axhline(reference["macro_f1"] - budget.max_macro_f1_drop, color="tab:green", ls="--", lw=1,
                label=f"budget (-{100 * budget.max_macro_f1_drop:.3g} pt)")
     chosen_row = next((r for r in measured if r["trial"] == chosen), None)
     if chosen_row:
-        ax.scatter([chosen_row[key]], [chosen_row["val_macro_f1"]], marker="*", s=220, color="gold",
+        ax.scatter([cost(chosen_row)], [chosen_row["val_macro_f1"]], marker="*", s=220, color="gold",
                    edgecolor="black", label="chosen", zorder=4)
     ax.set_xscale("log")
-    ax.set_xlabel(f"{key.replace('_', ' ')} (batch {budget.batch_size})" if key == "latency_ms" else key)
+    retimed = " (within budget: re-timed together)" if reference.get(RETIMED) is not None else ""
+    ax.set_xlabel(f"latency ms, batch {budget.batch_size}{retimed}" if key == "latency_ms" else key)
     ax.set_ylabel("val macro F1")
     ax.set_title("compress: trials on val")
     ax.legend(fontsize=8, loc="lower right")
@@ -144,12 +195,12 @@ def pareto_plot(rows: list[dict], reference: dict, budget, chosen: int | None, p
     close_figure(fig)
 
 
-def _write_tables(out: Path, rows: list[dict]) -> None:
+def _write_tables(out: Path, rows: list[dict], shown: list[str]) -> None:
     with (out / "trials.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "trials.md").write_text(markdown_table(rows, COLUMNS[:-2]))
+    (out / "trials.md").write_text(markdown_table(rows, shown))
 
 
 def test_verdict(out: Path, shared: Shared, front: list, chosen, budget, settings: dict,
@@ -186,18 +237,26 @@ def test_verdict(out: Path, shared: Shared, front: list, chosen, budget, setting
 
 def finish(study: optuna.Study, dimensions, budget, shared: Shared, reference: dict, run_test: bool,
            verdict_settings: dict, trust_remote_code: bool) -> dict:
-    """Choose on val, judge on test, write the report; the summary (also ``summary.json``)."""
+    """Re-time (``retime``), choose on val, judge on test, write the report; the summary (also ``summary.json``)."""
     out = shared.out_dir
     trials = study.get_trials(deepcopy=False)
-    front = pareto_front(trials)
+    retimed = retime(trials, reference, budget, shared, trust_remote_code)
+    cost = {t.number: retimed[f"trial {t.number}"] for t in candidates(trials)} if retimed else None
+    front = pareto_front(trials, cost)
     key = OBJECTIVE_KEYS[budget.objective]
-    chosen = min(front, key=lambda t: (t.values[1], -t.values[0])) if front else None
-    rows = trial_rows(trials, reference, front)
-    _write_tables(out, rows)
+    # the cheapest of the front: its first member (at equal cost the higher F1 dominates, so no tie is left)
+    chosen = front[0] if front else None
+    rows = trial_rows(trials, reference, front, retimed)
+    shown = [c for c in COLUMNS[:-2] if c != RETIMED or retimed]
+    _write_tables(out, rows, shown)
+    if retimed:
+        reference = {**reference, RETIMED: retimed["teacher"]}
     with _PLOT_LOCK:
         pareto_plot(rows, reference, budget, chosen.number if chosen else None, out / "pareto.png")
     summary = {"teacher": shared.teacher, "data": shared.data, "objective": key, "budget": budget.__dict__,
-               "teacher_val": {k: reference[k] for k in ("macro_f1", "latency_ms", "size_mb")},
+               "teacher_val": {k: reference[k] for k in ("macro_f1", "latency_ms", RETIMED, "size_mb")
+                               if k in reference},
+               "retimed": {"rounds": budget.retime_rounds, "latency_ms": retimed} if retimed else None,
                "trials": {state.name.lower(): sum(t.state == state and "same_as" not in t.user_attrs for t in trials)
                           for state in TrialState},
                "repeats": sum("same_as" in t.user_attrs for t in trials),
@@ -209,14 +268,17 @@ def finish(study: optuna.Study, dimensions, budget, shared: Shared, reference: d
         summary["chosen"] = {"trial": chosen.number, "settings": chosen.user_attrs["settings"],
                              "artifact": chosen.user_attrs["artifact"], "val_macro_f1": val["macro_f1"], key: val[key],
                              "val_speedup": reference["latency_ms"] / val["latency_ms"],
+                             **({RETIMED: cost[chosen.number], "val_speedup_first": reference["latency_ms"] /
+                                 val["latency_ms"], "val_speedup": reference[RETIMED] / cost[chosen.number]}
+                                if retimed else {}),
                              "command": chosen.user_attrs.get("command") or  # studies made before it was stored
                              (Path(chosen.user_attrs["run"]) / COMMAND_FILE).read_text().strip()}
         if run_test:
             summary["test"] = test_verdict(out, shared, front, chosen, budget, verdict_settings, trust_remote_code)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(_summary_markdown(summary, rows, budget))
+    (out / "summary.md").write_text(_summary_markdown(summary, rows, budget, shown))
     # the benchmark's page, with the trials as its table and the front as its figure
-    write_html_report(out, "compress: the search's trials (val)", rows, columns=COLUMNS[:-2],
+    write_html_report(out, "compress: the search's trials (val)", rows, columns=shown,
                       figures=[("val macro F1 against cost: the Pareto front and the dominated trials",
                                 out / "pareto.png")] if (out / "pareto.png").is_file() else [],
                       environment={"teacher": shared.teacher, "data": shared.data, "objective": key,
@@ -231,22 +293,31 @@ def finish(study: optuna.Study, dimensions, budget, shared: Shared, reference: d
     return summary
 
 
-def _summary_markdown(summary: dict, rows: list[dict], budget) -> str:
+def _summary_markdown(summary: dict, rows: list[dict], budget, shown: list[str]) -> str:
+    teacher, chosen = summary["teacher_val"], summary["chosen"]
     lines = ["# compress: the search's result", "",
-             f"Teacher {summary['teacher']} on val: macro F1 {summary['teacher_val']['macro_f1']:.4f}, "
-             f"{summary['teacher_val']['latency_ms']:.3g} ms at batch {budget.batch_size}, "
-             f"{summary['teacher_val']['size_mb']:.3g} MB. Budget: {summary['budget']}.", "",
-             f"Trials: {summary['trials']}. Pareto front (within budget on val): {summary['pareto']}.", ""]
-    chosen = summary["chosen"]
+             f"Teacher {summary['teacher']} on val: macro F1 {teacher['macro_f1']:.4f}, "
+             f"{teacher['latency_ms']:.3g} ms at batch {budget.batch_size}"
+             + (f" timed alone, {teacher[RETIMED]:.3g} ms re-timed" if RETIMED in teacher else "") +
+             f", {teacher['size_mb']:.3g} MB. Budget: {summary['budget']}.", ""]
+    if summary["retimed"]:
+        lines += [f"Latency for the choice: the teacher and the trials within budget re-timed together on val in "
+                  f"{summary['retimed']['rounds']} interleaved rounds (`{RETIMED}`); `latency_ms` is each "
+                  "trial's first timing, taken alone when it ended, beside whatever else the machine ran.", ""]
+    lines += [f"Trials: {summary['trials']}. Pareto front (within budget on val): {summary['pareto']}.", ""]
     if chosen is None:
         lines += ["No trial is within the budget on val: nothing is chosen (trials.md lists what each lost).", ""]
     else:
+        cost = (f"{chosen[RETIMED]:.3g} ms re-timed ({chosen['latency_ms']:.3g} ms timed alone), "
+                f"{chosen['val_speedup']:.3g}x the teacher's re-timed val latency ({chosen['val_speedup_first']:.3g}x "
+                "by the first timings)" if RETIMED in chosen else
+                f"{chosen[summary['objective']]:.3g} {_UNITS[summary['objective']]}, {chosen['val_speedup']:.3g}x "
+                "the teacher's val latency")
         lines += [f"Chosen on val: trial {chosen['trial']} ({_settings_text(chosen['settings'])}): val macro F1 "
-                  f"{chosen['val_macro_f1']:.4f}, {chosen[summary['objective']]:.3g} "
-                  f"{_UNITS[summary['objective']]}, {chosen['val_speedup']:.3g}x the teacher's val latency.", "",
+                  f"{chosen['val_macro_f1']:.4f}, {cost}.", "",
                   f"Artifact: `{chosen['artifact']}`", "", "Reproduce it:", "", "```bash", chosen["command"], "```", ""]
     if summary["test"]:
         lines += ["## Test verdict (emocompress benchmark, once, after the choice; test_benchmark/)", "",
                   markdown_table(summary["test"], list(summary["test"][0])), ""]
-    lines += ["## Trials (val)", "", markdown_table(rows, COLUMNS[:-2])]
+    lines += ["## Trials (val)", "", markdown_table(rows, shown)]
     return "\n".join(lines)
