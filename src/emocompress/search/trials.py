@@ -142,7 +142,8 @@ def retime_latency(paths: dict[str, str], data: str, labels: list[str] | None, b
     loaded = {name: _load_timed(path, data, labels, batch_size, latency_samples, split, trust_remote_code)
               for name, path in paths.items()}
     calls = {name: (lambda i, v=variant, x=inputs: v.forward(x[i])) for name, (variant, inputs) in loaded.items()}
-    # every model's inputs are the same texts, each tokenized by the model's own tokenizer
+    # input i is the same text for every model at batch 1 (tokenized by each model's own tokenizer); batches of
+    # the target size are taken in each model's length order, as measure_model takes them
     times = interleaved_times(calls, list(range(min(len(x) for _, x in loaded.values()))), rounds, warmup)
     return {name: median_of_rounds(t) for name, t in times.items()}
 
