@@ -217,10 +217,13 @@ def test_hopeless_and_failed_trials_are_recorded_not_chosen(search_models, emoti
     assert summary["trials"]["pruned"] == 1 and summary["trials"]["fail"] == 1
     states = {r["settings"]: r["state"] for r in _csv(tmp_path / "search" / "trials.csv") if not r["same_as"]}
     assert states["student=hopeless"].startswith("pruned") and states["student=fail"] == "fail"
-    # the study resumes only under its own budget (the trial count and time may change)
+    # the study resumes only under its own budget (the trial count, time and re-timing rounds may change)
     with pytest.raises(ValueError, match="was made for another budget"):
         _search(tmp_path, search_models, emotion_dir, _space(tmp_path, ["same"]), runner,
                 budget={**BUDGET, "max_macro_f1_drop": 0.02})
+    _search(tmp_path, search_models, emotion_dir, _space(tmp_path, ["hopeless", "fail", "same"]), runner,
+            budget={**BUDGET, "retime_rounds": 2})
+    assert len(runner.calls) == 3  # every setting was tried: nothing runs again
 
 
 def test_progress_line_names_the_trial_its_result_and_an_eta_from_the_budget():
