@@ -54,10 +54,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _running(predictor, **settings):
+def _running(predictor, http="auto", **settings):
     """The base URL of a uvicorn server for ``predictor`` running in a thread on a free loopback port."""
     settings = Settings(**settings)
-    server = make_server(create_app(predictor, settings), "127.0.0.1", _free_port(), settings, log_level="warning")
+    server = make_server(create_app(predictor, settings), "127.0.0.1", _free_port(), settings, log_level="warning",
+                         http=http)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):  # bounded: 10 s
@@ -284,8 +285,9 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-def test_slow_header_senders_are_closed_at_the_header_deadline(predictor):
-    with _running(predictor, header_timeout_s=1.0) as base:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_slow_header_senders_are_closed_at_the_header_deadline(predictor, http):
+    with _running(predictor, http, header_timeout_s=1.0) as base:
         port = int(base.rsplit(":", 1)[1])
         silent, slow = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
         start, closed = time.monotonic(), {}
@@ -308,6 +310,21 @@ def test_slow_header_senders_are_closed_at_the_header_deadline(predictor):
         assert all(0.9 <= seconds < 4 for seconds in closed.values()), closed  # generous: a shared CPU
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.post(f"{base}/v1/predict", json={"text": "still serving"}).status_code == 200
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_header_deadline_spares_idle_keep_alive_and_split_headers(predictor, http):
+    """The deadline counts from a request's first byte: a keep-alive connection idle longer than it between two
+    requests, and headers sent in pieces within it, are served."""
+    request = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"
+    with _running(predictor, http, header_timeout_s=1.0) as base, \
+            socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=5) as sock:
+        for pause in (0.0, 1.5):  # 1.5 s idle: beyond the header deadline, within uvicorn's keep-alive (5 s)
+            time.sleep(pause)
+            sock.sendall(request[:20])
+            time.sleep(0.5)  # half the deadline between two pieces of the headers
+            sock.sendall(request[20:] + b'{"text": "hi!"}')
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200"), pause
 
 
 def test_model_failure_is_500_without_internals(predictor):
