@@ -327,6 +327,20 @@ def test_header_deadline_spares_idle_keep_alive_and_split_headers(predictor, htt
             assert sock.recv(65536).startswith(b"HTTP/1.1 200"), pause
 
 
+def test_max_padding_cuts_batches_without_changing_answers(folder, predictor):
+    """Texts sorted by length are cut into model calls whose padding stays within max_padding of their tokens;
+    each answer equals the text's alone (fp32)."""
+    texts = [text * (1 + i % 4) for i, text in enumerate(_texts(24, 7))]  # lengths 1x to 4x
+    alone = [predictor.predict([text])[0] for text in texts]
+    cut = ArtifactPredictor(folder, num_threads=1, batch_size=8, max_padding=0.25)
+    whole = ArtifactPredictor(folder, num_threads=1, batch_size=8)
+    for got in (cut.predict(texts), whole.predict(texts)):
+        assert [g["label"] for g in got] == [a["label"] for a in alone]
+        assert max(abs(g["probs"][k] - p) for g, a in zip(got, alone) for k, p in a["probs"].items()) < 1e-4
+    assert cut.padding_stats["padded_tokens"] <= 0.25 * cut.padding_stats["tokens"]
+    assert cut.padding_stats["padded_tokens"] < whole.padding_stats["padded_tokens"]
+
+
 def test_model_failure_is_500_without_internals(predictor):
     with _running(_Slow(predictor, fail=True)) as base:
         response = httpx.post(f"{base}/v1/predict", json={"texts": ["a", "b"]})
@@ -341,6 +355,7 @@ def test_bad_folder_and_settings_exit_2_in_one_line(tmp_path, capsys):
             (main, [str(tmp_path / "missing")], rf"{tmp_path / 'missing'}: not a folder"),
             (main, [str(tmp_path), "--max_queue", "0"], r"--max_queue must be positive, got 0"),
             (main, [str(tmp_path), "--max_queue", "8"], r"--max_queue 8 is below --max_texts 64; raise it"),
+            (main, [str(tmp_path), "--max_padding", "-1"], r"--max_padding must be positive, got -1"),
             # python -m emocompress.deploy.serve with --port is this server
             (serve_main, [str(tmp_path / "missing"), "--port", "0"], r"emocompress serve: error: .*not a folder")):
         with pytest.raises(SystemExit) as exit_info:

@@ -50,6 +50,8 @@ class Settings:
     """What a server accepts and how it batches (each is a ``--flag`` of ``emocompress serve``)."""
 
     max_batch_size: int = _setting(8, "texts per model call (a batch is padded to its longest text)")
+    max_padding: float = _setting(0.25, "a batch's texts, sorted by length, are cut into model calls whose padding "
+                                        "adds at most this fraction of their tokens")
     max_wait_ms: float = _setting(0.0, "linger: a free worker waits until the oldest queued request has waited this "
                                        "long (or the batch is full); 0: run what is queued at once")
     max_queue: int = _setting(256, "texts waiting for the model before new requests get 503")
@@ -65,7 +67,8 @@ class Settings:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers"):  # 0 ms: batch what is queued
+            # 0 means: no linger, one call per core, only texts of one length in a call
+            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers", "max_padding"):
                 raise ValueError(f"--{f.name} must be positive, got {value}")
         if self.max_queue < self.max_texts:  # a request of max_texts texts could never be queued
             raise ValueError(f"--max_queue {self.max_queue} is below --max_texts {self.max_texts}; raise it or "
@@ -328,8 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
         threads = args.num_threads or max(1, _cores() // settings.workers)
-        # Every text of a model call in one run of the graph: the batcher already sized the batch.
-        predictor = ArtifactPredictor(args.folder, threads, batch_size=settings.max_batch_size)
+        # One run of the graph per batcher batch, cut only where its padding would cost more than a call's overhead.
+        predictor = ArtifactPredictor(args.folder, threads, batch_size=settings.max_batch_size,
+                                      max_padding=settings.max_padding)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     _exit_on(signal.SIGTERM, 0)
