@@ -353,6 +353,16 @@ def test_max_padding_cuts_batches_without_changing_answers(folder, predictor):
     assert cut.padding_stats["padded_tokens"] < whole.padding_stats["padded_tokens"]
 
 
+def test_http_auto_is_httptools_when_installed_else_h11(monkeypatch):
+    from emocompress.deploy import protocol
+
+    assert protocol.header_deadline_protocol("auto", 1.0).func.__name__ == "HttpToolsHeaderDeadline"
+    monkeypatch.setattr(protocol.importlib.util, "find_spec", lambda name: None)  # httptools not installed
+    assert protocol.header_deadline_protocol("auto", 1.0).func is protocol.H11HeaderDeadline
+    with pytest.raises(ValueError, match="--http must be auto, httptools or h11, got 'h2'"):
+        protocol.header_deadline_protocol("h2", 1.0)
+
+
 def test_model_failure_is_500_without_internals(predictor):
     with _running(_Slow(predictor, fail=True)) as base:
         response = httpx.post(f"{base}/v1/predict", json={"texts": ["a", "b"]})
