@@ -114,6 +114,20 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds the process has used so far, all its threads (user + system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(pid: int, run) -> dict:
+    """``run()``'s result with the server's CPU milliseconds per answered request: on a machine shared with other
+    work, throughput follows the CPU share a server wins, while CPU per request is what it costs."""
+    before = cpu_s(pid)
+    result = run()
+    return {**result, "server_cpu_ms_per_request": 1000 * (cpu_s(pid) - before) / max(result["requests"], 1)}
+
+
 def summary(latencies: list[float], statuses: Counter, seconds: float) -> dict:
     ms = [1000 * t for t in latencies]
     return {"requests": sum(statuses.values()), "ok": statuses[200], "throughput": statuses[200] / seconds,
@@ -367,7 +381,7 @@ def main():
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(closed_loop(url, 4, 2.0, texts))  # warm-up
-            results[name] = {clients: load(url, clients) for clients in args.clients}
+            results[name] = {clients: with_cpu(server.pid, lambda: load(url, clients)) for clients in args.clients}
             print(name, json.dumps(results[name], indent=1), flush=True)
             if name == "ours" and args.burst > 0:
                 rate = 4 * results[name][max(c for c in args.clients if c <= 32)]["throughput"]
