@@ -19,7 +19,9 @@ fast as a trained one of the same shape (its labels are meaningless, which the l
 The load generator runs on the same cores as the server, so it takes its share of the CPU: the numbers are a
 lower bound of what the server does with the machine to itself. The closed loop uses Debian's ``wrk`` (C, one
 thread, ``apt-get install wrk``) when it is installed, which takes far less CPU than Python; else, or with
-``--client httpx``, an asyncio httpx client. Burst and fuzz always use httpx.
+``--client httpx``, an asyncio httpx client. The burst uses Debian's ``h2load`` (``apt-get install
+nghttp2-client``: ``--h1 --rps``, an open loop in C that sends the asked rate) when installed, else httpx. Fuzz
+always uses httpx.
 """
 
 import argparse
@@ -110,6 +112,20 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds the process has used so far, all its threads (user + system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(pid: int, run) -> dict:
+    """``run()``'s result with the server's CPU milliseconds per answered request: on a machine shared with other
+    work, throughput follows the CPU share a server wins, while CPU per request is what it costs."""
+    before = cpu_s(pid)
+    result = run()
+    return {**result, "server_cpu_ms_per_request": 1000 * (cpu_s(pid) - before) / max(result["requests"], 1)}
 
 
 def summary(latencies: list[float], statuses: Counter, seconds: float) -> dict:
@@ -204,6 +220,43 @@ async def open_loop(url: str, rate: float, seconds: float, texts: list[str], pid
     return {**result, "asked_rate": rate, "sent_rate": sent, "rss_mb_before": rss[0], "rss_mb_max": max(rss)}
 
 
+def predict_statuses(url: str) -> Counter:
+    """The server's ``/v1/predict`` answers so far by status, from its Prometheus counter."""
+    found = re.findall(r'^emocompress_http_requests_total\{path="/v1/predict",status="(\d+)"\} ([\d.e+]+)$',
+                       httpx.get(f"{url}/metrics").text, re.M)
+    return Counter({status: int(float(n)) for status, n in found})
+
+
+def h2load_burst(url: str, rate: float, seconds: float, texts: list[str], pid: int, folder: Path) -> dict:
+    """``open_loop`` by Debian's ``h2load --h1 --rps`` (C): connections each sending ``--rps`` requests a second
+    whatever the answers, so the asked rate is sent even where the Python client could not. One body for every
+    request (h2load sends one file): the text of median length. Statuses come from the server's own counter, as
+    h2load lumps 503 with the other 5xx."""
+    per_connection = max(1, -(-int(rate) // 500))  # at most ~500 connections: within the server's 1,024
+    connections = max(1, round(rate / per_connection))
+    body = folder / "h2load_body.json"
+    body.write_text(json.dumps({"text": sorted(texts, key=len)[len(texts) // 2]}))
+    before, rss = predict_statuses(url), [rss_mb(pid)]
+    began = time.monotonic()
+    # -m 4: up to 4 pipelined requests per connection, so a slow answer does not hold back the connection's rate
+    h2load = subprocess.Popen(["h2load", "--h1", "-t1", "-m4", f"-c{connections}", f"--rps={per_connection}",
+                               f"-D{seconds:g}", "-d", str(body), "-H", "content-type: application/json",
+                               f"{url}/v1/predict"], stdout=subprocess.PIPE, text=True)
+    while h2load.poll() is None:
+        rss.append(rss_mb(pid))
+        time.sleep(0.5)
+    out = h2load.stdout.read()
+    if h2load.returncode or not (done := re.search(r"requests: (\d+) total, (\d+) started, (\d+) done", out)):
+        sys.exit(f"h2load failed ({h2load.returncode}):\n{out}")
+    statuses = predict_statuses(url) - before
+    return {"client": "h2load", "asked_rate": connections * per_connection, "connections": connections,
+            "sent_rate": int(done.group(2)) / seconds, "statuses": dict(statuses),
+            "throughput": statuses["200"] / seconds, "h2load_wall_s": time.monotonic() - began,
+            "h2load_summary": [line for line in out.splitlines() if line.startswith(("requests:", "status codes:",
+                                                                                     "time for request:"))],
+            "rss_mb_before": rss[0], "rss_mb_max": max(rss)}
+
+
 async def raw_exchange(port: int, parts: list[bytes], pause: float, deadline: float) -> str:
     """Send ``parts`` on a raw connection, ``pause`` seconds apart, while waiting for an answer: its status line
     and when it came, or what else became of the connection within ``deadline`` seconds."""
@@ -291,6 +344,9 @@ def main():
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (also printed)")
     parser.add_argument("--client", choices=["auto", "wrk", "httpx"], default="auto",
                         help="closed-loop load generator; auto: wrk when installed, else httpx")
+    parser.add_argument("--burst_client", choices=["auto", "h2load", "httpx"], default="auto",
+                        help="burst load generator; auto: h2load when installed (apt-get install nghttp2-client), "
+                             "else httpx (which cannot send much more than ~150 req/s on 2 shared cores)")
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -302,6 +358,7 @@ def main():
     texts = [line.rsplit(";", 1)[0] for line in args.data.read_text().splitlines()[:args.texts]]
     logs = args.folder.parent
     use_wrk = args.client == "wrk" or args.client == "auto" and shutil.which("wrk") is not None
+    use_h2load = args.burst_client == "h2load" or args.burst_client == "auto" and shutil.which("h2load") is not None
     results = {"cpu": os.cpu_count(), "folder": str(args.folder), "duration_s": args.duration,
                "client": "wrk" if use_wrk else "httpx"}
 
@@ -324,14 +381,17 @@ def main():
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(closed_loop(url, 4, 2.0, texts))  # warm-up
-            results[name] = {clients: load(url, clients) for clients in args.clients}
+            results[name] = {clients: with_cpu(server.pid, lambda: load(url, clients)) for clients in args.clients}
             print(name, json.dumps(results[name], indent=1), flush=True)
             if name == "ours" and args.burst > 0:
                 rate = 4 * results[name][max(c for c in args.clients if c <= 32)]["throughput"]
-                results["burst"] = asyncio.run(open_loop(url, rate, args.burst, texts, server.pid))
+                if use_h2load:
+                    results["burst"] = h2load_burst(url, rate, args.burst, texts, server.pid, logs)
+                else:
+                    results["burst"] = asyncio.run(open_loop(url, rate, args.burst, texts, server.pid))
                 time.sleep(2)
                 results["burst"]["rss_mb_after"] = rss_mb(server.pid)
-                results["burst"]["p50_1_client_after"] = asyncio.run(closed_loop(url, 1, 5, texts)).get("p50")
+                results["burst"]["p50_1_client_after"] = load(url, 1).get("p50")  # the same client as before it
                 print("burst", json.dumps(results["burst"], indent=1), flush=True)
             if name == "ours" and not args.no_fuzz:
                 offline_model = ArtifactPredictor(args.folder, num_threads=1)

@@ -54,10 +54,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _running(predictor, **settings):
+def _running(predictor, http="auto", **settings):
     """The base URL of a uvicorn server for ``predictor`` running in a thread on a free loopback port."""
     settings = Settings(**settings)
-    server = make_server(create_app(predictor, settings), "127.0.0.1", _free_port(), settings, log_level="warning")
+    server = make_server(create_app(predictor, settings), "127.0.0.1", _free_port(), settings, log_level="warning",
+                         http=http)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):  # bounded: 10 s
@@ -284,8 +285,9 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-def test_slow_header_senders_are_closed_at_the_header_deadline(predictor):
-    with _running(predictor, header_timeout_s=1.0) as base:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_slow_header_senders_are_closed_at_the_header_deadline(predictor, http):
+    with _running(predictor, http, header_timeout_s=1.0) as base:
         port = int(base.rsplit(":", 1)[1])
         silent, slow = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
         start, closed = time.monotonic(), {}
@@ -310,6 +312,57 @@ def test_slow_header_senders_are_closed_at_the_header_deadline(predictor):
         assert httpx.post(f"{base}/v1/predict", json={"text": "still serving"}).status_code == 200
 
 
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_header_deadline_spares_idle_keep_alive_and_split_headers(predictor, http):
+    """The deadline counts from a request's first byte: a keep-alive connection idle longer than it between two
+    requests, and headers sent in pieces within it, are served."""
+    request = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"
+    with _running(predictor, http, header_timeout_s=2.0) as base, \
+            socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=5) as sock:
+        for pause in (0.0, 3.0):  # 3 s idle: beyond the header deadline, within uvicorn's keep-alive (5 s)
+            time.sleep(pause)
+            sock.sendall(request[:20])
+            time.sleep(0.5)  # a quarter of the deadline between two pieces of the headers
+            sock.sendall(request[20:] + b'{"text": "hi!"}')
+            assert _response(sock).startswith(b"HTTP/1.1 200"), pause
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole HTTP response from ``sock`` (headers and body may come in separate segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b"<closed>\r\n\r\n"
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(m.group(1)) if (m := re.search(rb"content-length: (\d+)", head, re.I)) else 0
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_max_padding_cuts_batches_without_changing_answers(folder, predictor):
+    """Texts sorted by length are cut into model calls whose padding stays within max_padding of their tokens;
+    each answer equals the text's alone (fp32)."""
+    texts = [text * (1 + i % 4) for i, text in enumerate(_texts(24, 7))]  # lengths 1x to 4x
+    alone = [predictor.predict([text])[0] for text in texts]
+    cut = ArtifactPredictor(folder, num_threads=1, batch_size=8, max_padding=0.25)
+    whole = ArtifactPredictor(folder, num_threads=1, batch_size=8)
+    for got in (cut.predict(texts), whole.predict(texts)):
+        assert [g["label"] for g in got] == [a["label"] for a in alone]
+        assert max(abs(g["probs"][k] - p) for g, a in zip(got, alone) for k, p in a["probs"].items()) < 1e-4
+    assert cut.padding_stats["padded_tokens"] <= 0.25 * cut.padding_stats["tokens"]
+    assert cut.padding_stats["padded_tokens"] < whole.padding_stats["padded_tokens"]
+
+
+def test_http_auto_is_httptools_when_installed_else_h11(monkeypatch):
+    from emocompress.deploy import protocol
+
+    assert protocol.header_deadline_protocol("auto", 1.0).func.__name__ == "HttpToolsHeaderDeadline"
+    monkeypatch.setattr(protocol.importlib.util, "find_spec", lambda name: None)  # httptools not installed
+    assert protocol.header_deadline_protocol("auto", 1.0).func is protocol.H11HeaderDeadline
+    with pytest.raises(ValueError, match="--http must be auto, httptools or h11, got 'h2'"):
+        protocol.header_deadline_protocol("h2", 1.0)
+
+
 def test_model_failure_is_500_without_internals(predictor):
     with _running(_Slow(predictor, fail=True)) as base:
         response = httpx.post(f"{base}/v1/predict", json={"texts": ["a", "b"]})
@@ -324,6 +377,7 @@ def test_bad_folder_and_settings_exit_2_in_one_line(tmp_path, capsys):
             (main, [str(tmp_path / "missing")], rf"{tmp_path / 'missing'}: not a folder"),
             (main, [str(tmp_path), "--max_queue", "0"], r"--max_queue must be positive, got 0"),
             (main, [str(tmp_path), "--max_queue", "8"], r"--max_queue 8 is below --max_texts 64; raise it"),
+            (main, [str(tmp_path), "--max_padding", "-1"], r"--max_padding must be positive, got -1"),
             # python -m emocompress.deploy.serve with --port is this server
             (serve_main, [str(tmp_path / "missing"), "--port", "0"], r"emocompress serve: error: .*not a folder")):
         with pytest.raises(SystemExit) as exit_info:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import copy
-import functools
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from emocompress.deploy.batching import Batcher, QueueFull
 from emocompress.deploy.page import PAGE
-from emocompress.deploy.protocol import HeaderDeadline
+from emocompress.deploy.protocol import header_deadline_protocol
 
 log = logging.getLogger("emocompress.serve")
 access_log = logging.getLogger("emocompress.access")
@@ -51,6 +50,8 @@ class Settings:
     """What a server accepts and how it batches (each is a ``--flag`` of ``emocompress serve``)."""
 
     max_batch_size: int = _setting(8, "texts per model call (a batch is padded to its longest text)")
+    max_padding: float = _setting(0.25, "a batch's texts, sorted by length, are cut into model calls whose padding "
+                                        "adds at most this fraction of their tokens")
     max_wait_ms: float = _setting(0.0, "linger: a free worker waits until the oldest queued request has waited this "
                                        "long (or the batch is full); 0: run what is queued at once")
     max_queue: int = _setting(256, "texts waiting for the model before new requests get 503")
@@ -66,7 +67,8 @@ class Settings:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers"):  # 0 ms: batch what is queued
+            # 0 means: no linger, one call per core, only texts of one length in a call
+            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers", "max_padding"):
                 raise ValueError(f"--{f.name} must be positive, got {value}")
         if self.max_queue < self.max_texts:  # a request of max_texts texts could never be queued
             raise ValueError(f"--max_queue {self.max_queue} is below --max_texts {self.max_texts}; raise it or "
@@ -284,9 +286,11 @@ def create_app(predictor, settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def make_server(app: FastAPI, host: str, port: int, settings: Settings, log_level: str = "info") -> uvicorn.Server:
+def make_server(app: FastAPI, host: str, port: int, settings: Settings, log_level: str = "info",
+                http: str = "auto") -> uvicorn.Server:
     """A uvicorn server for ``app``: our access log instead of uvicorn's, the drain deadline, the connection cap,
-    the header deadline (``HeaderDeadline``, h11: the stack's default without httptools)."""
+    the header deadline on the ``http`` protocol (``auto``: httptools when installed, else h11); the event loop is
+    uvicorn's ``auto`` (uvloop when installed)."""
     logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     logging_config["handlers"]["emocompress"] = {"class": "logging.StreamHandler", "formatter": "default",
                                                  "stream": "ext://sys.stderr"}
@@ -297,7 +301,7 @@ def make_server(app: FastAPI, host: str, port: int, settings: Settings, log_leve
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             log_config=logging_config, timeout_graceful_shutdown=settings.drain_s,
                             limit_concurrency=settings.max_connections, server_header=False,
-                            http=functools.partial(HeaderDeadline, header_timeout_s=settings.header_timeout_s))
+                            http=header_deadline_protocol(http, settings.header_timeout_s))
     return uvicorn.Server(config)
 
 
@@ -317,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num_threads", type=int, default=None,
                         help="runtime (ONNX Runtime, OpenVINO) threads per model call (default: the cores shared among --workers)")
+    parser.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
+                        help="HTTP parser: httptools (C, the fastest), h11 (pure Python); auto: httptools when installed")
     parser.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     for f in fields(Settings):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
@@ -325,13 +331,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
         threads = args.num_threads or max(1, _cores() // settings.workers)
-        # Every text of a model call in one run of the graph: the batcher already sized the batch.
-        predictor = ArtifactPredictor(args.folder, threads, batch_size=settings.max_batch_size)
+        # One run of the graph per batcher batch, cut only where its padding would cost more than a call's overhead.
+        predictor = ArtifactPredictor(args.folder, threads, batch_size=settings.max_batch_size,
+                                      max_padding=settings.max_padding)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     _exit_on(signal.SIGTERM, 0)
     _exit_on(signal.SIGINT, 128 + signal.SIGINT)
-    server = make_server(create_app(predictor, settings), args.host, args.port, settings, args.log_level)
+    server = make_server(create_app(predictor, settings), args.host, args.port, settings, args.log_level, args.http)
     server.run()
     if not server.started:  # the port was taken or the host unknown: uvicorn logged why
         sys.exit(1)

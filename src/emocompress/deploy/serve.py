@@ -72,6 +72,10 @@ class ArtifactPredictor:
         sort_by_length: group texts of similar token counts into batches (answers stay in input order), so
             batches carry less padding; False: batches of consecutive texts.
         hint: OpenVINO's performance hint, ``latency`` or ``throughput`` (OpenVINO folders only).
+        max_padding: with ``sort_by_length``, also end a batch before the padding would exceed this fraction of
+            its tokens (0.25: a batch computes at most 25% more tokens than its texts hold); None: batches of
+            ``batch_size``. Padding costs as much as tokens, and on small models more than a call's own overhead
+            (reports/http_server).
 
     Raises:
         ValueError: ``folder`` is not a servable artifact (the message says which file is missing)
@@ -80,10 +84,12 @@ class ArtifactPredictor:
     """
 
     def __init__(self, folder: str | Path, num_threads: int | None = None, batch_size: int = 32,
-                 sort_by_length: bool = True, hint: str = "latency"):
+                 sort_by_length: bool = True, hint: str = "latency", max_padding: float | None = None):
         folder = Path(folder)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if max_padding is not None and max_padding < 0:
+            raise ValueError(f"max_padding must be at least 0 (a fraction of a batch's tokens), got {max_padding}")
         meta = read_metadata(folder)
         if meta.backend not in MODEL_FILES:
             raise ValueError(f"{folder}: a {meta.backend!r} INT8 folder holds no ONNX graph; quantize with "
@@ -99,6 +105,7 @@ class ArtifactPredictor:
         self.backend = meta.backend
         self.batch_size = batch_size
         self.sort_by_length = sort_by_length
+        self.max_padding = max_padding if sort_by_length else None
         # Of the last ``predict``: texts, their tokens, and the padding tokens their batches added.
         self.padding_stats = {"texts": 0, "tokens": 0, "padded_tokens": 0, "padded_tokens_per_text": 0.0}
 
@@ -148,8 +155,7 @@ class ArtifactPredictor:
             rows.sort(key=lambda i: len(encodings[i].ids))  # stable: equal lengths keep their order
         tokens = sum(len(encodings[i].ids) for i in rows)
         padded = 0
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
+        for batch in _batches(rows, [len(encodings[i].ids) for i in rows], self.batch_size, self.max_padding):
             feeds = self._feeds([encodings[i] for i in batch])
             padded += feeds["input_ids"].size
             for i, row in zip(batch, _softmax(self.runtime.logits(feeds))):  # (B, C)
@@ -171,6 +177,27 @@ class ArtifactPredictor:
             feeds["attention_mask"][row, :n] = enc.attention_mask
             feeds["token_type_ids"][row, :n] = enc.type_ids
         return feeds
+
+
+def _batches(rows: list[int], lengths: list[int], size: int, max_padding: float | None) -> list[list[int]]:
+    """``rows`` cut into batches of at most ``size``; with ``max_padding``, a batch also ends before padding its
+    texts to the longest (the next, as ``lengths`` ascend) would add more than ``max_padding`` of its tokens.
+
+    >>> _batches([0, 1, 2, 3, 4], [5, 5, 6, 12, 13], size=4, max_padding=0.25)
+    [[0, 1, 2], [3, 4]]
+    >>> _batches([0, 1, 2, 3, 4], [5, 5, 6, 12, 13], size=4, max_padding=None)
+    [[0, 1, 2, 3], [4]]
+    """
+    batches, tokens = [], 0
+    for row, length in zip(rows, lengths):
+        if batches and len(batches[-1]) < size and (
+                max_padding is None or length * (len(batches[-1]) + 1) <= (1 + max_padding) * (tokens + length)):
+            batches[-1].append(row)
+            tokens += length
+        else:
+            batches.append([row])
+            tokens = length
+    return batches
 
 
 # Batches of --input lines that ``predict`` sorts by length together.
