@@ -106,6 +106,18 @@ def test_latency_harness_on_a_stub_with_known_sleep():
     assert 5.0 <= min(times) < 9.0  # milliseconds
 
 
+def test_thread_time_clock_counts_cpu_work_not_waiting():
+    def spin(x):  # about 5 ms of this thread's CPU
+        end = time.thread_time() + 0.005
+        while time.thread_time() < end:
+            pass
+
+    times = interleaved_times({"sleep": lambda x: time.sleep(0.005), "spin": spin}, [0, 1, 2], rounds=2, warmup=0,
+                              clock=time.thread_time)
+    assert max(t for r in times["sleep"] for t in r) < 1.0  # ms: sleeping costs no CPU
+    assert min(t for r in times["spin"] for t in r) >= 5.0
+
+
 @pytest.fixture
 def exported(tiny_model_dir, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(

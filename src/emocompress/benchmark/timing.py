@@ -10,15 +10,19 @@ from emocompress.benchmark.variants import Variant
 
 
 @torch.inference_mode()
-def time_calls(fn, inputs: list, warmup: int) -> list[float]:
-    """Wall time in ms of ``fn(x)`` for each ``x`` of ``inputs``, after ``warmup`` untimed calls."""
+def time_calls(fn, inputs: list, warmup: int, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Time in ms of ``fn(x)`` for each ``x`` of ``inputs``, after ``warmup`` untimed calls.
+
+    ``clock`` is a seconds counter: wall time by default; ``time.thread_time`` counts only this thread's CPU time,
+    which other processes on a shared machine barely change (but which misses work on the runtime's own threads).
+    """
     for x in inputs[:warmup]:
         fn(x)
     times = []
     for x in inputs:
-        start = time.perf_counter()
+        start = clock()
         fn(x)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((clock() - start) * 1e3)
     return times
 
 
@@ -41,7 +45,8 @@ def median_of_rounds(rounds: list[list[float]]) -> float:
 
 
 def interleaved_times(fns: dict[str, Callable], inputs: list, rounds: int, warmup: int,
-                      around: Callable[[str], AbstractContextManager] | None = None) -> dict[str, list[list[float]]]:
+                      around: Callable[[str], AbstractContextManager] | None = None,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[list[float]]]:
     """Time several models on the same inputs in interleaved rounds, in this process and thread setting.
 
     First every ``fn`` makes ``warmup`` untimed calls (on ``inputs[:warmup]``). Then, ``rounds`` times, every
@@ -57,9 +62,10 @@ def interleaved_times(fns: dict[str, Callable], inputs: list, rounds: int, warmu
         warmup: untimed calls per callable before the first round.
         around: name -> a context manager entered around each of that callable's stretches of timed calls (an
             energy meter, ``emocompress.evaluation.energy.TaskEnergy.measure``); its own cost is outside the times.
+        clock: what a call's time is read from (``time_calls``): wall time by default.
 
     Returns:
-        name -> one list per round of per-call wall times in ms, ``(rounds, len(inputs))``.
+        name -> one list per round of per-call times in ms, ``(rounds, len(inputs))``.
     """
     names = list(fns)
     for name in names:
@@ -69,7 +75,7 @@ def interleaved_times(fns: dict[str, Callable], inputs: list, rounds: int, warmu
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             with around(name) if around is not None else nullcontext():
-                times[name].append(time_calls(fns[name], inputs, warmup=0))
+                times[name].append(time_calls(fns[name], inputs, warmup=0, clock=clock))
     return times
 
 
