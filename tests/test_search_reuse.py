@@ -4,6 +4,7 @@ search resumes; a bad ``after_fit`` is refused naming the key."""
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import optuna
@@ -126,6 +127,33 @@ def test_a_resumed_search_queues_the_untried_siblings_of_its_fits(search_models,
     for sibling in siblings:  # queued from the stored fit, not drawn by the sampler
         assert sibling.system_attrs["fixed_params"] == sibling.user_attrs["settings"]
         assert sibling.user_attrs["sibling_of"] == fit.number and sibling.user_attrs["reused"] == fit.number
+
+
+@pytest.mark.slow  # about 15 s on 2 busy cores: 6 trials measured by two workers
+def test_two_workers_run_each_sibling_once(search_models, emotion_dir, tmp_path):
+    space = _int8_space(tmp_path, ["same", "big"])
+    budget = {"max_macro_f1_drop": 0.01, "objective": "size", "latency_samples": 2, "warmup": 0, "n_trials": 1}
+    runners = [PostTrainingRunner(search_models) for _ in range(3)]
+    _search(tmp_path, search_models, emotion_dir, space, runners[0], budget=budget)  # a study with one fit
+    errors = []
+
+    def work(runner):
+        try:  # both resume the study, so both queue the first fit's siblings
+            _search(tmp_path, search_models, emotion_dir, space, runner, budget={**budget, "n_trials": 10})
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(runner,)) for runner in runners[1:]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    # every setting run once, by one worker or the other: a fit, or a test of a fitted sibling
+    assert sum(len(r.calls) for r in runners) == 6
+    trials = _measured(tmp_path)
+    assert len({tuple(sorted(t.user_attrs["settings"].items())) for t in trials}) == len(trials) == 6
+    assert sum("reused" in t.user_attrs for t in trials) >= 2  # the first fit's siblings at least
 
 
 def test_a_bad_after_fit_is_refused_naming_the_key(search_models, emotion_dir, tmp_path, capsys):

@@ -19,14 +19,10 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
-from functools import partial
 from itertools import product
 from pathlib import Path
 
 import optuna
-import sqlalchemy
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from emocompress.benchmark.variants import data_labels
@@ -42,14 +38,13 @@ from emocompress.search.space import (
     read_space,
     unavailable_lines,
 )
+from emocompress.search.storage import open_storage, open_study, sampler, stored_trials
 from emocompress.search.trials import Shared, run_fit
 
 log = logging.getLogger(__name__)
 DEFAULT_BASE = ("configs/trainer/default.yaml", "configs/recipes/distill.yaml")
 TEACHER_FILE = "teacher_val.json"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# budget keys a resumed study may change: how long it searches, how the final choice re-times (not the trials)
-_MAY_CHANGE = ("n_trials", "timeout_min", "retime_rounds")
 
 
 class TrialFailed(Exception):
@@ -108,7 +103,7 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
     storage = storage or f"sqlite:///{shared.out_dir / 'study.db'}"
     rdb = open_storage(storage)  # a URL that cannot be opened fails now, before the teacher is measured
     reference = teacher_reference(shared, budget_, trust_remote_code)
-    study = _open_study(rdb, study_name, seed, budget_, reference)
+    study = open_study(rdb, study_name, seed, budget_, reference)
     for settings in firsts:  # cheap trials first; skip_if_exists: not again on a resumed search
         study.enqueue_trial(settings, user_attrs={"first": True}, skip_if_exists=True)
     work = (storage, study_name, space, budget, shared, reference, trust_remote_code)
@@ -172,11 +167,6 @@ def teacher_reference(shared: Shared, budget: Budget, trust_remote_code: bool = 
     return reference
 
 
-def _sampler(seed: int) -> optuna.samplers.BaseSampler:
-    # constraints come from each trial (Trial.set_constraint: the budget's gaps), which TPE reads
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
-
-
 def _set_constraints(trial: optuna.Trial, gaps: dict[str, float] | None) -> None:
     """The budget's gaps as the trial's Optuna constraints (<= 0: within the limit); a trial that was not
     measured (stopped early, a repeat of one) is infeasible."""
@@ -184,62 +174,10 @@ def _set_constraints(trial: optuna.Trial, gaps: dict[str, float] | None) -> None
         trial.set_constraint(key, gap)
 
 
-def _shown(url: str) -> str:
-    """The storage URL as messages show it: without its password."""
-    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-
-
-def open_storage(url: str, tries: int = 5) -> RDBStorage:
-    """The study's RDB storage (SQLite, PostgreSQL, ...) at ``url``, with heartbeats: a trial whose worker was killed
-    is marked failed after the grace period (when a worker starts its next trial), and its setting is then run
-    again; until then it counts as running elsewhere. A URL that cannot be opened is a one-line ``ValueError``."""
-    make = partial(RDBStorage, url, heartbeat_interval=60, grace_period=180)
-    try:
-        shown = _shown(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise ValueError(f"--storage {url}: not a database URL; give one such as sqlite:///logs/compress/study.db "
-                         "or postgresql+psycopg://user:password@host/dbname") from None
-    try:
-        for attempt in range(tries - 1):
-            try:
-                return make()
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-                # workers started at once on an empty database race to create its tables, and PostgreSQL refuses
-                # the loser's CREATE; once the winner has made them, opening again finds them
-                time.sleep(1 + attempt)
-        return make()
-    except ImportError as err:
-        raise ValueError(f"--storage {shown}: no driver for this database ({err.__cause__ or err}); for "
-                         "PostgreSQL: pip install 'emocompress[postgres]'") from None
-    except sqlalchemy.exc.OperationalError as err:
-        reason = str(err.orig or err).strip().splitlines()[0]
-        raise ValueError(f"--storage {shown}: cannot open it ({reason}); check the URL, that the server runs "
-                         "and that the database exists (docs/search.md)") from None
-
-
-def _limits(budget: dict) -> dict:
-    """The budget's keys the trials were run and judged by: those a resumed study must keep."""
-    return {k: v for k, v in budget.items() if k not in _MAY_CHANGE}
-
-
-def _open_study(rdb: RDBStorage, study_name: str, seed: int, budget: Budget, reference: dict) -> optuna.Study:
-    """Create the study, or load it to resume; refuse to resume one made for another budget or teacher."""
-    study = optuna.create_study(storage=rdb, study_name=study_name, sampler=_sampler(seed), load_if_exists=True,
-                                directions=["maximize", "minimize"])
-    made_for = {"budget": asdict(budget), "teacher_macro_f1": reference["macro_f1"]}
-    stored = study.user_attrs.get("made_for")
-    if stored is None:
-        study.set_user_attr("made_for", made_for)
-    elif _limits(stored["budget"]) != _limits(made_for["budget"]):
-        raise ValueError(f"--storage {_shown(rdb.url)}: study {study_name!r} was made for another budget "
-                         f"({stored['budget']}); resume it with that budget, or give another --study_name or --out_dir")
-    return study
-
-
 def _worker(storage, study_name, space, budget, shared, reference, trust_remote_code, seed) -> None:
     """A worker process: the same study, loaded from the storage, searched with its own sampler seed."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage), sampler=_sampler(seed))
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage), sampler=sampler(seed))
     optimize(study, read_space(space), read_budget(budget), shared, reference, trust_remote_code=trust_remote_code)
 
 
@@ -247,7 +185,7 @@ def wait_for_others(study: optuna.Study, poll_s: float = 2.0) -> None:
     """Wait for the trials that workers elsewhere (other machines on the storage) still run, so that the report
     covers the whole study. A trial whose worker died is marked failed once its heartbeat is stale."""
     waited = set()
-    while running := _running(_stored_trials(study)):
+    while running := _running(stored_trials(study)):
         if waited != (numbers := {t.number for t in running}):
             log.info("compress: waiting for trials %s, which other workers run", sorted(numbers))
             waited = numbers
@@ -290,7 +228,7 @@ def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, s
     total = len(all_settings(dimensions))
 
     def spent() -> bool:
-        trials = _stored_trials(study)
+        trials = stored_trials(study)
         done = [t for t in trials if _was_tried(t)]
         distinct = {_key(t) for t in done + _running(trials)}
         return bool(budget.n_trials and len(done) >= budget.n_trials) or len(distinct) >= total
@@ -298,12 +236,12 @@ def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, s
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         settings = suggest(trial, dimensions)
         trial.set_user_attr("settings", settings)
-        trials = _stored_trials(study)
-        # Of two running trials of one setting (a sibling two workers queued at once), the one started first runs
-        # it: each sees the other running, and without an order both would end as repeats and the setting untried.
-        started = (trial.datetime_start, trial.number)
-        others = [t for t in trials if _was_tried(t)] + [t for t in _running(trials) if "same_as" not in t.user_attrs
-                                                          and (t.datetime_start, t.number) < started]
+        trials = stored_trials(study)
+        # Each trial records its settings before it reads the others', so of two running trials of one setting at
+        # least one sees the other and runs nothing (both may: the setting is then left to a later draw); an order
+        # by start or number would let both run when one reads before the other has recorded its settings.
+        others = [t for t in trials if _was_tried(t)] + [t for t in _running(trials) if t.number != trial.number
+                                                          and "same_as" not in t.user_attrs]
         same = next((t for t in others if t.user_attrs.get("settings") == settings), None)
         if same is None:
             fitted = _fitted_sibling(trials, dimensions, settings)
@@ -332,7 +270,7 @@ def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, s
             study.stop()
 
     # a resumed search (or a worker joining one): the untried siblings of the fits it has run before the sampler
-    enqueue_siblings(study, dimensions, [t for t in _stored_trials(study) if _is_fit(t)])
+    enqueue_siblings(study, dimensions, [t for t in stored_trials(study) if _is_fit(t)])
     if spent():
         log.info("compress: the study already has %d tried trials: nothing left to run", len(tried(study)))
         return
@@ -376,7 +314,7 @@ def _key(trial: optuna.trial.FrozenTrial) -> tuple:
 def tried(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The trials whose setting was tried: fitted and measured or stopped early, or whose fit failed (not run
     again); not repeats of another trial, nor trials a killed search left unfinished (those are run again)."""
-    return [t for t in _stored_trials(study) if _was_tried(t)]
+    return [t for t in stored_trials(study) if _was_tried(t)]
 
 
 def _was_tried(trial: optuna.trial.FrozenTrial) -> bool:
@@ -386,15 +324,6 @@ def _was_tried(trial: optuna.trial.FrozenTrial) -> bool:
 
 def _running(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if t.state == TrialState.RUNNING]
-
-
-def _stored_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The study's trials as the database holds them now. Optuna keeps a per-process cache over an RDB storage
-    (``_CachedStorage``) that can miss another worker's trial: under load a worker fitted a setting that another
-    had finished seconds before (tests/test_search.py, two workers). So every question about what the workers did
-    (tried, running, spent, the duplicate check) reads past the cache."""
-    storage = getattr(study._storage, "_backend", study._storage)  # the RDBStorage under Optuna's cache
-    return storage.get_all_trials(study._study_id, deepcopy=False)
 
 
 def _run_trial(trial: optuna.Trial, settings: dict, dimensions: list[Dimension], budget: Budget, shared: Shared,
