@@ -40,6 +40,13 @@ def _settings_text(settings: dict) -> str:
 
 
 def _verdict_word(trial: optuna.trial.FrozenTrial) -> str:
+    word = _state_word(trial)
+    if "reused" in trial.user_attrs:  # tested with its post-training options, not fitted
+        word += f" (reused fit of trial {trial.user_attrs['reused']})"
+    return word
+
+
+def _state_word(trial: optuna.trial.FrozenTrial) -> str:
     if "same_as" in trial.user_attrs:
         return f"repeat of trial {trial.user_attrs['same_as']}"
     if trial.state == TrialState.PRUNED:
@@ -260,6 +267,7 @@ def finish(study: optuna.Study, dimensions, budget, shared: Shared, reference: d
                "trials": {state.name.lower(): sum(t.state == state and "same_as" not in t.user_attrs for t in trials)
                           for state in TrialState},
                "repeats": sum("same_as" in t.user_attrs for t in trials),
+               "reused_fits": sum("reused" in t.user_attrs for t in trials),
                "pareto": [t.number for t in front], "chosen": None, "test": []}
     if chosen is None:
         log.warning("compress: no trial is within the budget on val; see %s", out / "trials.md")

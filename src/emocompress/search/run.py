@@ -19,39 +19,44 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
-from functools import partial
 from itertools import product
 from pathlib import Path
 
 import optuna
-import sqlalchemy
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from emocompress.benchmark.variants import data_labels
 from emocompress.io import atomic_write_text
 from emocompress.models.checkpoints import read_checkpoint
 from emocompress.search import report, trials
-from emocompress.search.space import Budget, Dimension, check_settings, read_budget, read_space, unavailable_lines
+from emocompress.search.space import (
+    Budget,
+    Dimension,
+    check_settings,
+    fit_key,
+    read_budget,
+    read_space,
+    unavailable_lines,
+)
+from emocompress.search.storage import open_storage, open_study, sampler, stored_trials
 from emocompress.search.trials import Shared, run_fit
 
 log = logging.getLogger(__name__)
 DEFAULT_BASE = ("configs/trainer/default.yaml", "configs/recipes/distill.yaml")
 TEACHER_FILE = "teacher_val.json"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# budget keys a resumed study may change: how long it searches, how the final choice re-times (not the trials)
-_MAY_CHANGE = ("n_trials", "timeout_min", "retime_rounds")
 
 
 class TrialFailed(Exception):
-    """A trial's fit exited with an error (its ``fit.log`` says why): recorded as failed, the search goes on."""
+    """A trial's fit (or test) exited with an error (its ``fit.log``/``test.log`` says why): recorded as failed, the
+    search goes on."""
 
 
 def compress(teacher: str, data: str, space: list[dict], budget: dict, base: list[str] | None = None,
              args: list[str] | None = None, first: list[dict] | None = None, out_dir: str = "logs/compress",
              storage: str | None = None, study_name: str = "compress", workers: int = 1, seed: int = 42,
-             test_verdict: bool = True, verdict: dict | None = None, trust_remote_code: bool = False) -> dict:
+             test_verdict: bool = True, verdict: dict | None = None, trust_remote_code: bool = False,
+             test_base: list[str] | None = None) -> dict:
     """Search the ``space`` for the fastest model within the ``budget`` of the ``teacher``'s val accuracy.
 
     Args:
@@ -74,28 +79,31 @@ def compress(teacher: str, data: str, space: list[dict], budget: dict, base: lis
         test_verdict: measure the chosen model and the Pareto front once on test with ``emocompress benchmark``.
         verdict: settings of that benchmark (``latency_samples``, ``rounds``, ``bootstrap``, ``num_threads``, ...).
         trust_remote_code: let model folders run their own code (the teacher and the measured models).
+        test_base: the configs a post-training trial's ``test`` starts from (a trial that differs from a fitted one
+            only in ``after_fit`` dimensions tests that fit's ``hf_model``); default configs/trainer/default.yaml.
 
     Returns:
         The summary written to ``<out_dir>/summary.json``.
     """
     return search(teacher, data, space, budget, base, args, first, out_dir, storage, study_name, workers, seed,
-                  test_verdict, verdict, trust_remote_code)
+                  test_verdict, verdict, trust_remote_code, test_base=test_base)
 
 
 def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, args=None, first=None,
            out_dir: str = "logs/compress", storage: str | None = None, study_name: str = "compress", workers: int = 1,
            seed: int = 42, test_verdict: bool = True, verdict: dict | None = None, trust_remote_code: bool = False,
-           runner: Callable[[list[str], Path], int] = run_fit) -> dict:
-    """``compress``, with the function that runs a trial's fit (``runner(args, run_folder)``: its exit status) as an
-    argument: tests give a cheaper one. Workers beyond the first always run ``run_fit``."""
+           runner: Callable[[list[str], Path], int] = run_fit, test_base: list[str] | None = None) -> dict:
+    """``compress``, with the function that runs a trial's command (``runner(args, run_folder)``: its exit status;
+    ``args`` start with ``fit``, or ``test`` for a trial that reuses another's fit) as an argument: tests give a
+    cheaper one. Workers beyond the first always run ``run_fit``."""
     dimensions, budget_, shared, firsts = _settings(teacher, data, space, budget, base, args, first, out_dir, seed,
-                                                        workers)
+                                                    workers, test_base)
     for line in unavailable_lines(dimensions):
         log.info("compress: %s", line)
     storage = storage or f"sqlite:///{shared.out_dir / 'study.db'}"
     rdb = open_storage(storage)  # a URL that cannot be opened fails now, before the teacher is measured
     reference = teacher_reference(shared, budget_, trust_remote_code)
-    study = _open_study(rdb, study_name, seed, budget_, reference)
+    study = open_study(rdb, study_name, seed, budget_, reference)
     for settings in firsts:  # cheap trials first; skip_if_exists: not again on a resumed search
         study.enqueue_trial(settings, user_attrs={"first": True}, skip_if_exists=True)
     work = (storage, study_name, space, budget, shared, reference, trust_remote_code)
@@ -111,7 +119,7 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
                          trust_remote_code)
 
 
-def _settings(teacher, data, space, budget, base, args, first, out_dir, seed, workers):
+def _settings(teacher, data, space, budget, base, args, first, out_dir, seed, workers, test_base=None):
     """The checked settings: a one-line ``ValueError`` naming the key before anything runs."""
     dimensions, budget_ = read_space(space), read_budget(budget)
     if not Path(teacher).exists():
@@ -121,16 +129,23 @@ def _settings(teacher, data, space, budget, base, args, first, out_dir, seed, wo
     if workers < 1:
         raise ValueError(f"--workers {workers}: give at least 1 (the processes searching at once)")
     base = DEFAULT_BASE if base is None else base
-    for file in base:
-        if not Path(file).is_file():
-            raise ValueError(f"base: {file} does not exist; give the configs every trial starts from")
+    if not any(d.after_fit for d in dimensions):
+        test_base = []  # read only by post-training trials
+    elif test_base is None:
+        test_base = [DEFAULT_BASE[0]]
+    for key, files, what in (("base", base, "every trial's fit"), ("test_base", test_base, "a post-training "
+                             "trial's test (of another trial's fit)")):
+        for file in files:
+            if not Path(file).is_file():
+                raise ValueError(f"{key}: {file} does not exist; give the configs {what} starts from")
     firsts = [check_settings(dimensions, s or {}, f"first[{i}]") for i, s in enumerate(first or [])]
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # the student reads the teacher's tokens: a checkpoint teacher's network is the model_name it recorded
     model_name = read_checkpoint(teacher)["hyper_parameters"]["model_name"] if teacher.endswith(".ckpt") else teacher
     shared = Shared(str(Path(teacher).resolve()), model_name, str(Path(data).resolve()), out,
-                    tuple(str(Path(f).resolve()) for f in base), tuple(map(str, args or [])), seed)
+                    tuple(str(Path(f).resolve()) for f in base), tuple(map(str, args or [])), seed,
+                    tuple(str(Path(f).resolve()) for f in test_base))
     return dimensions, budget_, shared, firsts
 
 
@@ -152,11 +167,6 @@ def teacher_reference(shared: Shared, budget: Budget, trust_remote_code: bool = 
     return reference
 
 
-def _sampler(seed: int) -> optuna.samplers.BaseSampler:
-    # constraints come from each trial (Trial.set_constraint: the budget's gaps), which TPE reads
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
-
-
 def _set_constraints(trial: optuna.Trial, gaps: dict[str, float] | None) -> None:
     """The budget's gaps as the trial's Optuna constraints (<= 0: within the limit); a trial that was not
     measured (stopped early, a repeat of one) is infeasible."""
@@ -164,62 +174,10 @@ def _set_constraints(trial: optuna.Trial, gaps: dict[str, float] | None) -> None
         trial.set_constraint(key, gap)
 
 
-def _shown(url: str) -> str:
-    """The storage URL as messages show it: without its password."""
-    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-
-
-def open_storage(url: str, tries: int = 5) -> RDBStorage:
-    """The study's RDB storage (SQLite, PostgreSQL, ...) at ``url``, with heartbeats: a trial whose worker was killed
-    is marked failed after the grace period (when a worker starts its next trial), and its setting is then run
-    again; until then it counts as running elsewhere. A URL that cannot be opened is a one-line ``ValueError``."""
-    make = partial(RDBStorage, url, heartbeat_interval=60, grace_period=180)
-    try:
-        shown = _shown(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise ValueError(f"--storage {url}: not a database URL; give one such as sqlite:///logs/compress/study.db "
-                         "or postgresql+psycopg://user:password@host/dbname") from None
-    try:
-        for attempt in range(tries - 1):
-            try:
-                return make()
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-                # workers started at once on an empty database race to create its tables, and PostgreSQL refuses
-                # the loser's CREATE; once the winner has made them, opening again finds them
-                time.sleep(1 + attempt)
-        return make()
-    except ImportError as err:
-        raise ValueError(f"--storage {shown}: no driver for this database ({err.__cause__ or err}); for "
-                         "PostgreSQL: pip install 'emocompress[postgres]'") from None
-    except sqlalchemy.exc.OperationalError as err:
-        reason = str(err.orig or err).strip().splitlines()[0]
-        raise ValueError(f"--storage {shown}: cannot open it ({reason}); check the URL, that the server runs "
-                         "and that the database exists (docs/search.md)") from None
-
-
-def _limits(budget: dict) -> dict:
-    """The budget's keys the trials were run and judged by: those a resumed study must keep."""
-    return {k: v for k, v in budget.items() if k not in _MAY_CHANGE}
-
-
-def _open_study(rdb: RDBStorage, study_name: str, seed: int, budget: Budget, reference: dict) -> optuna.Study:
-    """Create the study, or load it to resume; refuse to resume one made for another budget or teacher."""
-    study = optuna.create_study(storage=rdb, study_name=study_name, sampler=_sampler(seed), load_if_exists=True,
-                                directions=["maximize", "minimize"])
-    made_for = {"budget": asdict(budget), "teacher_macro_f1": reference["macro_f1"]}
-    stored = study.user_attrs.get("made_for")
-    if stored is None:
-        study.set_user_attr("made_for", made_for)
-    elif _limits(stored["budget"]) != _limits(made_for["budget"]):
-        raise ValueError(f"--storage {_shown(rdb.url)}: study {study_name!r} was made for another budget "
-                         f"({stored['budget']}); resume it with that budget, or give another --study_name or --out_dir")
-    return study
-
-
 def _worker(storage, study_name, space, budget, shared, reference, trust_remote_code, seed) -> None:
     """A worker process: the same study, loaded from the storage, searched with its own sampler seed."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage), sampler=_sampler(seed))
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage), sampler=sampler(seed))
     optimize(study, read_space(space), read_budget(budget), shared, reference, trust_remote_code=trust_remote_code)
 
 
@@ -227,7 +185,7 @@ def wait_for_others(study: optuna.Study, poll_s: float = 2.0) -> None:
     """Wait for the trials that workers elsewhere (other machines on the storage) still run, so that the report
     covers the whole study. A trial whose worker died is marked failed once its heartbeat is stale."""
     waited = set()
-    while running := _running(_stored_trials(study)):
+    while running := _running(stored_trials(study)):
         if waited != (numbers := {t.number for t in running}):
             log.info("compress: waiting for trials %s, which other workers run", sorted(numbers))
             waited = numbers
@@ -263,13 +221,14 @@ def suggest(trial: optuna.Trial, dimensions: list[Dimension]) -> dict[str, str]:
 def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, shared: Shared, reference: dict,
              runner: Callable[[list[str], Path], int] = run_fit, trust_remote_code: bool = False) -> None:
     """Run trials of ``study`` until the budget's trial count or time is spent, or every setting is done.
-    ``runner(args, run_folder)`` runs a trial's fit (``run_fit``; tests give a cheaper one)."""
+    ``runner(args, run_folder)`` runs a trial's command, a ``fit`` or a post-training trial's ``test`` (``run_fit``;
+    tests give a cheaper one)."""
     start = time.monotonic()
     timeout = budget.timeout_min * 60 if budget.timeout_min else None
     total = len(all_settings(dimensions))
 
     def spent() -> bool:
-        trials = _stored_trials(study)
+        trials = stored_trials(study)
         done = [t for t in trials if _was_tried(t)]
         distinct = {_key(t) for t in done + _running(trials)}
         return bool(budget.n_trials and len(done) >= budget.n_trials) or len(distinct) >= total
@@ -277,12 +236,17 @@ def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, s
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         settings = suggest(trial, dimensions)
         trial.set_user_attr("settings", settings)
-        trials = _stored_trials(study)
+        trials = stored_trials(study)
+        # Each trial records its settings before it reads the others', so of two running trials of one setting at
+        # least one sees the other and runs nothing (both may: the setting is then left to a later draw); an order
+        # by start or number would let both run when one reads before the other has recorded its settings.
         others = [t for t in trials if _was_tried(t)] + [t for t in _running(trials) if t.number != trial.number
                                                           and "same_as" not in t.user_attrs]
         same = next((t for t in others if t.user_attrs.get("settings") == settings), None)
         if same is None:
-            return _run_trial(trial, settings, dimensions, budget, shared, reference, runner, trust_remote_code)
+            fitted = _fitted_sibling(trials, dimensions, settings)
+            return _run_trial(trial, settings, dimensions, budget, shared, reference, runner, trust_remote_code,
+                              fitted)
         # The sampler chose a setting already tried (or being tried by another worker): not another fit. A
         # measured one's result is copied; anything else ends as pruned. Repeats count toward no budget.
         trial.set_user_attr("same_as", same.number)
@@ -300,13 +264,47 @@ def optimize(study: optuna.Study, dimensions: list[Dimension], budget: Budget, s
         if "same_as" not in trial.user_attrs:
             log.info("compress: %s", report.progress_line(trial, budget, reference, tried(study), total, start,
                                                           timeout))
+        if _is_fit(trial):
+            enqueue_siblings(study, dimensions, [trial])
         if spent():
             study.stop()
 
+    # a resumed search (or a worker joining one): the untried siblings of the fits it has run before the sampler
+    enqueue_siblings(study, dimensions, [t for t in stored_trials(study) if _is_fit(t)])
     if spent():
         log.info("compress: the study already has %d tried trials: nothing left to run", len(tried(study)))
         return
     study.optimize(objective, timeout=timeout, callbacks=[stop_when_spent], catch=(TrialFailed,))
+
+
+def _is_fit(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``trial`` fitted a model that post-training siblings can reuse: its own fit, finished and measured."""
+    return trial.state == TrialState.COMPLETE and not {"same_as", "reused"} & set(trial.user_attrs)
+
+
+def _fitted_sibling(stored: list[optuna.trial.FrozenTrial], dimensions: list[Dimension],
+                    settings: dict) -> optuna.trial.FrozenTrial | None:
+    """A finished fit with the same options as ``settings`` on every dimension that is not ``after_fit``, whose
+    ``hf_model`` is here (a fit another machine ran, without a shared file system, is not)."""
+    key = fit_key(dimensions, settings)
+    return next((t for t in stored if _is_fit(t) and fit_key(dimensions, t.user_attrs.get("settings", {})) == key
+                 and (Path(t.user_attrs.get("run", "")) / "hf_model").is_dir()), None)
+
+
+def enqueue_siblings(study: optuna.Study, dimensions: list[Dimension],
+                     fits: list[optuna.trial.FrozenTrial]) -> None:
+    """Queue, for each of ``fits``, every setting that differs from it only in ``after_fit`` dimensions and is not
+    in the study yet: each is a test of the fitted model (minutes), not a fit, so they run before the sampler
+    chooses again (after the trials already queued). Two workers may queue one setting twice; the second is then
+    a repeat (``same_as``) and runs nothing."""
+    if not any(d.after_fit for d in dimensions):
+        return
+    every = all_settings(dimensions)
+    for fit in fits:
+        key = fit_key(dimensions, fit.user_attrs["settings"])
+        for settings in every:
+            if fit_key(dimensions, settings) == key and settings != fit.user_attrs["settings"]:
+                study.enqueue_trial(settings, user_attrs={"sibling_of": fit.number}, skip_if_exists=True)
 
 
 def _key(trial: optuna.trial.FrozenTrial) -> tuple:
@@ -316,7 +314,7 @@ def _key(trial: optuna.trial.FrozenTrial) -> tuple:
 def tried(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The trials whose setting was tried: fitted and measured or stopped early, or whose fit failed (not run
     again); not repeats of another trial, nor trials a killed search left unfinished (those are run again)."""
-    return [t for t in _stored_trials(study) if _was_tried(t)]
+    return [t for t in stored_trials(study) if _was_tried(t)]
 
 
 def _was_tried(trial: optuna.trial.FrozenTrial) -> bool:
@@ -328,21 +326,23 @@ def _running(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Frozen
     return [t for t in trials if t.state == TrialState.RUNNING]
 
 
-def _stored_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The study's trials as the database holds them now. Optuna keeps a per-process cache over an RDB storage
-    (``_CachedStorage``) that can miss another worker's trial: under load a worker fitted a setting that another
-    had finished seconds before (tests/test_search.py, two workers). So every question about what the workers did
-    (tried, running, spent, the duplicate check) reads past the cache."""
-    storage = getattr(study._storage, "_backend", study._storage)  # the RDBStorage under Optuna's cache
-    return storage.get_all_trials(study._study_id, deepcopy=False)
-
-
 def _run_trial(trial: optuna.Trial, settings: dict, dimensions: list[Dimension], budget: Budget, shared: Shared,
-               reference: dict, runner, trust_remote_code: bool) -> tuple[float, float]:
-    """Fit the trial's recipe in its run folder, then measure its model on val and record the budget's gaps."""
-    min_f1 = reference["macro_f1"] - budget.max_macro_f1_drop - budget.early_stop_margin
-    args = trials.fit_args(dimensions, settings, shared, trial.number, min_f1, budget.early_stop_epoch)
+               reference: dict, runner, trust_remote_code: bool,
+               fitted: optuna.trial.FrozenTrial | None = None) -> tuple[float, float]:
+    """Fit the trial's recipe in its run folder (or, with ``fitted``, test that trial's fitted model with this
+    trial's post-training options), then measure its model on val and record the budget's gaps."""
     folder = trials.run_folder(shared, trial.number)
+    artifact_name = trials.artifact_name(dimensions, settings)
+    if fitted is None:
+        min_f1 = reference["macro_f1"] - budget.max_macro_f1_drop - budget.early_stop_margin
+        args = trials.fit_args(dimensions, settings, shared, trial.number, min_f1, budget.early_stop_epoch)
+        artifact = folder / artifact_name
+    else:
+        source = Path(fitted.user_attrs["run"])
+        trial.set_user_attr("reused", fitted.number)
+        args = trials.test_args(dimensions, settings, shared, trial.number, source)
+        # the test writes an INT8 option's artifact here; the fp32 model is the fit's own export
+        artifact = source / artifact_name if artifact_name == "hf_model" else folder / artifact_name
     trial.set_user_attr("run", str(folder))
     # the command is in the study too: the report of a worker on another machine cannot read this run folder
     trial.set_user_attr("command", (folder / trials.COMMAND_FILE).read_text().strip())
@@ -353,11 +353,11 @@ def _run_trial(trial: optuna.Trial, settings: dict, dimensions: list[Dimension],
         trial.set_user_attr("stopped", stopped)
         _set_constraints(trial, None)
         raise optuna.TrialPruned()
-    artifact = folder / trials.artifact_name(dimensions, settings)
     if status != 0 or not artifact.exists():
         trial.set_user_attr("failed", status)
-        raise TrialFailed(f"trial {trial.number}: the fit exited with {status} (see {folder / 'fit.log'})"
-                          if status else f"trial {trial.number}: the fit made no {artifact}")
+        raise TrialFailed(f"trial {trial.number}: the {args[0]} exited with {status} (see "
+                          f"{folder / trials.log_file(args)})" if status else
+                          f"trial {trial.number}: the {args[0]} made no {artifact}")
     result = trials.measure_model(str(artifact), shared.data, data_labels(shared.data), budget.batch_size,
                            budget.latency_samples, budget.warmup, trust_remote_code=trust_remote_code)
     trial.set_user_attr("artifact", str(artifact))

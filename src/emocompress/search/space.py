@@ -15,6 +15,11 @@ another branch is adding) is listed as not available and left out, instead of fa
         options:
           none: {}
           "0.5": {configs: [configs/recipes/structured_prune.yaml], args: [...]}
+      - name: int8
+        after_fit: true                  # applied to a fitted model at test time: reuses a sibling's fit
+        options:
+          fp32: {}
+          onnxruntime: {configs: [configs/overlays/quantize.yaml], artifact: int8}
 
 Every refusal is one ``ValueError`` line naming the key (``space[1].when``, ``budget.max_macro_f1_drop``).
 """
@@ -28,7 +33,7 @@ from typing import Literal
 # Runtime's, configs/overlays/quantize.yaml, or OpenVINO's, configs/overlays/openvino.yaml).
 ARTIFACTS = ("hf_model", "int8", "openvino_int8")
 _OPTION_KEYS = {"configs", "args", "model_name", "artifact", "requires"}
-_DIMENSION_KEYS = {"name", "options", "when"}
+_DIMENSION_KEYS = {"name", "options", "when", "after_fit"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class Dimension:
     options: dict[str, Option]
     when: dict[str, tuple[str, ...]] = field(default_factory=dict)  # other dimension -> its options that enable this
     unavailable: dict[str, list[str]] = field(default_factory=dict)  # option -> its missing files
+    # post-training: its options are applied to a fitted model by `emocompress test` (configs/overlays/quantize.yaml
+    # quantizes when test starts), so settings that differ only here share one fit
+    after_fit: bool = False
 
     def applies(self, settings: dict[str, str]) -> bool:
         """Whether this dimension is chosen (and adds its option to the fit) given the ``settings`` before it."""
@@ -167,11 +175,16 @@ def read_space(space: list[dict] | None, root: str | Path = ".") -> list[Dimensi
     for i, spec in enumerate(space):
         where = f"space[{i}]"
         if not isinstance(spec, dict) or set(spec) - _DIMENSION_KEYS or "name" not in spec:
-            raise ValueError(f"{where}: give a mapping with name, options (and optionally when), got {spec!r}")
+            raise ValueError(f"{where}: give a mapping with name, options (and optionally when, after_fit), "
+                             f"got {spec!r}")
         name = str(spec["name"])
         where = f"space[{i}] ({name})"
         if name in (d.name for d in dimensions):
             raise ValueError(f"{where}.name: {name!r} is given twice; name each dimension once")
+        after_fit = spec.get("after_fit", False)
+        if not isinstance(after_fit, bool):
+            raise ValueError(f"{where}.after_fit: {after_fit!r}; give true (its options are applied to a fitted model "
+                             "at test time, as INT8 is) or false")
         if not spec.get("options") or not isinstance(spec["options"], dict):
             raise ValueError(f"{where}.options: empty; give at least one option (name: its configs and args)")
         options, unavailable = {}, {}
@@ -196,7 +209,7 @@ def read_space(space: list[dict] | None, root: str | Path = ".") -> list[Dimensi
                 raise ValueError(f"{where}.when.{other}: {allowed}; give options of {other} "
                                  f"({', '.join(sorted(known))})")
             when[str(other)] = tuple(allowed)
-        dimensions.append(Dimension(name, options, when, unavailable))
+        dimensions.append(Dimension(name, options, when, unavailable, after_fit))
     return dimensions
 
 
@@ -222,6 +235,13 @@ def check_settings(dimensions: list[Dimension], settings: dict, where: str) -> d
             raise ValueError(f"{where}.{dim.name}: {value!r} is not an available option ({', '.join(dim.options)})")
         full[dim.name] = value
     return full
+
+
+def fit_key(dimensions: list[Dimension], settings: dict[str, str]) -> tuple:
+    """What a setting's fit depends on: its options of the dimensions that are not ``after_fit``. Settings with
+    the same key are siblings: one fitted model, tested with different post-training options."""
+    trained = {d.name for d in dimensions if not d.after_fit}
+    return tuple(sorted((k, v) for k, v in settings.items() if k in trained))
 
 
 def unavailable_lines(dimensions: list[Dimension]) -> list[str]:

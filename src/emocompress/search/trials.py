@@ -6,6 +6,10 @@ the options in dimension order (so an option's ``--trainer.callbacks.init_args.*
 config added), then ``search.yaml``, written into the run folder, with what every trial shares (teacher, data, the
 shared teacher-logits cache, the run folder, the early-stopping callback), then the search's ``args``. The exact
 command is saved as ``command.txt``: any trial can be re-run (or resumed with ``--ckpt_path last``) alone.
+
+A trial that differs from a fitted one only in ``after_fit`` dimensions (INT8) is not fitted again: it is the
+stack ``test -c <test_base> ... -c <its post-training options' configs> <their args>`` on that trial's
+``hf_model``, in its own run folder (``test_args``).
 """
 
 import json
@@ -33,7 +37,9 @@ FIT_LOG = "fit.log"
 @dataclass(frozen=True)
 class Shared:
     """What every trial of one search shares: the teacher (and the student's default ``model_name``), the data,
-    the search folder, its base configs and trailing arguments, the seed."""
+    the search folder, its base configs and trailing arguments, the seed, and the base configs of a post-training
+    trial's test: the trainer, logger and callbacks, and the plain classifier (the fitted model loads from its
+    ``hf_model`` as any export does)."""
     teacher: str
     model_name: str
     data: str
@@ -41,6 +47,7 @@ class Shared:
     base: tuple[str, ...]
     args: tuple[str, ...] = ()
     seed: int = 42
+    test_base: tuple[str, ...] = ()
 
     @property
     def logits_cache(self) -> Path:
@@ -57,7 +64,7 @@ def fit_args(dimensions: list[Dimension], settings: dict[str, str], shared: Shar
     ``settings`` has the dimensions that apply; the others add nothing."""
     folder = run_folder(shared, number)
     folder.mkdir(parents=True, exist_ok=True)
-    options = [d.options[settings[d.name]] for d in dimensions if d.name in settings]
+    options = _chosen(dimensions, settings)
     model_name = next((o.model_name for o in reversed(options) if o.model_name), shared.model_name)
     overlay = {
         "seed_everything": shared.seed,
@@ -77,20 +84,54 @@ def fit_args(dimensions: list[Dimension], settings: dict[str, str], shared: Shar
     for option in options:
         args += [*(a for file in option.configs for a in ("-c", file)), *option.args]
     args += ["-c", str(folder / SEARCH_OVERLAY), *shared.args]
+    return _saved(folder, args)
+
+
+def test_args(dimensions: list[Dimension], settings: dict[str, str], shared: Shared, number: int,
+              fitted: Path) -> list[str]:
+    """The ``emocompress`` arguments (from ``test``) of a trial whose model is the fit in the run folder ``fitted``:
+    that fit's ``hf_model`` tested with this trial's post-training options, logged in the trial's own run folder
+    (where an INT8 option writes its artifact). The search's ``args`` are fit arguments and are not passed."""
+    folder = run_folder(shared, number)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = ["test", *(a for file in shared.test_base for a in ("-c", file))]
+    for option in _chosen(dimensions, settings, after_fit=True):
+        args += [*(a for file in option.configs for a in ("-c", file)), *option.args]
+    # on the CPU, as the INT8 overlays are run (configs/overlays/quantize.yaml) and as the model is measured
+    args += ["--model.init_args.model_name", str(fitted / "hf_model"), "--data.data", shared.data,
+             "--seed_everything", str(shared.seed), "--trainer.accelerator", "cpu",
+             "--trainer.logger.init_args.save_dir", str(shared.out_dir), "--trainer.logger.init_args.name", "trials",
+             "--trainer.logger.init_args.version", folder.name]
+    return _saved(folder, args)
+
+
+def _chosen(dimensions: list[Dimension], settings: dict[str, str], after_fit: bool | None = None) -> list:
+    """The options ``settings`` chooses, in dimension order; only the (not) post-training ones if told."""
+    return [d.options[settings[d.name]] for d in dimensions
+            if d.name in settings and after_fit in (None, d.after_fit)]
+
+
+def _saved(folder: Path, args: list[str]) -> list[str]:
+    """``args``, once written to the run folder's ``command.txt`` (the trial re-run alone)."""
     (folder / COMMAND_FILE).write_text(f"cd {shlex.quote(os.getcwd())} && emocompress {shlex.join(args)}\n")
     return args
 
 
 def artifact_name(dimensions: list[Dimension], settings: dict[str, str]) -> str:
     """The run subfolder measured for these settings: the last chosen option's ``artifact``, else ``hf_model``."""
-    chosen = [d.options[settings[d.name]] for d in dimensions if d.name in settings]
-    return next((option.artifact for option in reversed(chosen) if option.artifact), "hf_model")
+    return next((option.artifact for option in reversed(_chosen(dimensions, settings)) if option.artifact), "hf_model")
+
+
+def log_file(args: list[str]) -> str:
+    """The run folder's log of a trial's command: ``fit.log``, or ``test.log`` for a post-training trial."""
+    return FIT_LOG if args[0] == "fit" else f"{args[0]}.log"
 
 
 def run_fit(args: list[str], folder: Path) -> int:
-    """Run ``python -m emocompress.cli <args>`` with its output in ``<folder>/fit.log``; its exit status."""
+    """Run ``python -m emocompress.cli <args>`` (a trial's ``fit``, or ``test`` of a post-training trial) with its
+    output in ``<folder>/<log_file(args)>``; its exit status."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    with (folder / FIT_LOG).open("a") as out:
+    with (folder / log_file(args)).open("a") as out:
         return subprocess.run([sys.executable, "-m", "emocompress.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                               env=env).returncode
 
