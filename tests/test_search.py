@@ -329,6 +329,17 @@ def test_cli_refuses_a_bad_budget_in_one_line(search_models, emotion_dir, tmp_pa
     assert message in capsys.readouterr().err
 
 
+def test_cli_reads_one_budget_key_as_yaml(search_models, emotion_dir, tmp_path, capsys):
+    # `--budget.KEY VALUE` reaches the search as a string: read as YAML, 0 is the integer 0 (refused as such), and
+    # a valid number such as `--budget.timeout_min 12` is no longer refused as the string '12'
+    assert read_budget({"max_macro_f1_drop": "0.01", "timeout_min": "12", "min_rare_recall": "null"}).timeout_min == 12
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", "-c", str(REPO / "configs" / "compress.yaml"), "--teacher", search_models["teacher"],
+              "--data", str(emotion_dir), "--budget.retime_rounds", "0", "--out_dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "budget.retime_rounds: 0; give an integer" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compress_command_runs_real_trial_fits(tiny_teacher_dir, emotion_dir, tmp_path):
     # two real distillation fits of tiny students (a 1-layer cut, fp32 and INT8) by two worker processes on one

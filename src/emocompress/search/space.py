@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 # The run subfolders a trial's model can be measured from: the fp32 export, or an INT8 artifact folder (ONNX
 # Runtime's, configs/overlays/quantize.yaml, or OpenVINO's, configs/overlays/openvino.yaml).
 ARTIFACTS = ("hf_model", "int8", "openvino_int8")
@@ -114,7 +116,9 @@ def read_budget(budget: dict | None) -> Budget:
     if "max_macro_f1_drop" not in budget:
         raise ValueError("budget.max_macro_f1_drop: missing; give the most macro F1 to lose against the teacher "
                          "(0.01 is 1 point)")
-    b = Budget(**budget)
+    # `--budget.timeout_min 30` reaches here as the string '30' (the budget is a plain dict to jsonargparse):
+    # read a string value as YAML, as the config file's values were read
+    b = Budget(**{k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in budget.items()})
     for key in ("max_macro_f1_drop", "max_class_f1_drop", "early_stop_margin"):
         value = getattr(b, key)
         if value is not None and not (isinstance(value, int | float) and 0 <= value <= 1):
