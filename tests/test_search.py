@@ -19,7 +19,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from emocompress.cli import main
 from emocompress.search import trials as search_trials
-from emocompress.search.report import progress_line, retime
+from emocompress.search.choice import retime
+from emocompress.search.report import progress_line
 from emocompress.search.run import search
 from emocompress.search.space import check_settings, read_budget, read_space
 from emocompress.search.stopping import STOPPED_FILE, HopelessTrialStop

@@ -1,7 +1,7 @@
-"""What a search writes: one progress line per finished trial; then, with ``objective: latency``, the teacher and
-the trials within budget timed again together (the choice uses those times); then in the search folder
-``trials.csv``/``.md``, ``pareto.png``, the test verdict of ``emocompress benchmark`` (``test_benchmark/``), and
-``summary.md``/``.json`` (the chosen model, its artifact and the command that reproduces it)."""
+"""What a search writes: one progress line per finished trial; then, for the choice made on val (``choice``), in
+the search folder ``trials.csv``/``.md``, ``pareto.png``, the test verdict of ``emocompress benchmark``
+(``test_benchmark/``), and ``summary.md``/``.json`` (the chosen model, its artifact and the command that reproduces
+it)."""
 
 import csv
 import datetime
@@ -17,9 +17,8 @@ from optuna.trial import TrialState
 from emocompress.benchmark.html import write_html_report
 from emocompress.benchmark.report import invoking_command, markdown_table
 from emocompress.benchmark.run import benchmark
-from emocompress.benchmark.variants import data_labels
 from emocompress.evaluation.plots import close_figure
-from emocompress.search import trials as trial_runs
+from emocompress.search.choice import Choice, within_budget
 from emocompress.search.trials import COMMAND_FILE, Shared
 
 log = logging.getLogger(__name__)
@@ -56,11 +55,6 @@ def _state_word(trial: optuna.trial.FrozenTrial) -> str:
     return "kept" if within_budget(trial) else "over budget"
 
 
-def within_budget(trial: optuna.trial.FrozenTrial) -> bool:
-    gaps = trial.user_attrs.get("gaps")
-    return trial.state == TrialState.COMPLETE and bool(gaps) and all(g <= 1e-12 for g in gaps.values())
-
-
 def progress_line(trial: optuna.trial.FrozenTrial, budget, reference: dict, done: list, total: int, start: float,
                   timeout: float | None) -> str:
     """``trial 3 [student=layers3 int8=onnxruntime]: val macro F1 0.8712 (-1.10 pt), 4.20 ms: kept; 4/20 done,
@@ -81,52 +75,6 @@ def progress_line(trial: optuna.trial.FrozenTrial, budget, reference: dict, done
     return (f"trial {trial.number} [{_settings_text(trial.user_attrs.get('settings', {}))}]: {measured}: "
             f"{_verdict_word(trial)}; {len(done)}/{min(limit, total)} done, "
             f"ETA {datetime.timedelta(seconds=round(eta))}")
-
-
-def candidates(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """The trials a choice is made among: within budget, one per distinct setting (a repeat of a measured setting
-    is the same model)."""
-    return [t for t in trials if within_budget(t) and "same_as" not in t.user_attrs]
-
-
-def pareto_front(trials: list[optuna.trial.FrozenTrial], cost: dict[int, float] | None = None
-                 ) -> list[optuna.trial.FrozenTrial]:
-    """The ``candidates`` no other one beats on both val macro F1 and the objective, cheapest first. ``cost``:
-    trial number -> the objective to use instead of the trial's own (the re-timed latency)."""
-    feasible = candidates(trials)
-    point = {t.number: (t.values[0], cost[t.number] if cost else t.values[1]) for t in feasible}
-    return sorted((t for t in feasible if not any(
-        point[o.number][0] >= point[t.number][0] and point[o.number][1] <= point[t.number][1]
-        and point[o.number] != point[t.number] for o in feasible)), key=lambda t: point[t.number][1])
-
-
-def retime(trials: list[optuna.trial.FrozenTrial], reference: dict, budget, shared: Shared,
-           trust_remote_code: bool) -> dict[str, float] | None:
-    """With ``objective: latency``, the val latency of the teacher and of every ``candidates`` trial timed again
-    together, in ``budget.retime_rounds`` interleaved rounds in this process (``trials.retime_latency``): name
-    (``teacher``, ``trial 4``) -> median ms. Each trial's first timing was taken alone when it ended, beside
-    whatever the machine did then (other trials' fits), so those are not comparable. None: nothing to re-time
-    (objective size, no trial within budget), or a candidate's model is not in this search folder (a trial of
-    another machine): the choice then uses the first timings, and a warning says so."""
-    chosen_among = candidates(trials)
-    if budget.objective != "latency" or not chosen_among:
-        return None
-    elsewhere = [t.number for t in chosen_among if not Path(t.user_attrs["artifact"]).exists()]
-    if elsewhere:
-        log.warning("compress: cannot re-time trials %s: their models are not in %s (another machine ran them); "
-                    "choosing by the latency each trial measured alone when it ended", elsewhere, shared.out_dir)
-        return None
-    paths = {"teacher": shared.teacher, **{f"trial {t.number}": t.user_attrs["artifact"] for t in chosen_among}}
-    log.info("compress: re-timing the teacher and the %d trials within budget on val in %d interleaved rounds",
-             len(chosen_among), budget.retime_rounds)
-    times = trial_runs.retime_latency(paths, shared.data, data_labels(shared.data), budget.batch_size,
-                                      budget.latency_samples, budget.warmup, budget.retime_rounds,
-                                      trust_remote_code=trust_remote_code)
-    first = {"teacher": reference["latency_ms"], **{f"trial {t.number}": t.user_attrs["val"]["latency_ms"]
-                                                    for t in chosen_among}}
-    log.info("compress: val latency at batch %d, timed alone -> re-timed together: %s", budget.batch_size,
-             ", ".join(f"{name} {first[name]:.3g} -> {ms:.3g} ms" for name, ms in times.items()))
-    return times
 
 
 def trial_rows(trials: list[optuna.trial.FrozenTrial], reference: dict, front: list,
@@ -242,17 +190,14 @@ def test_verdict(out: Path, shared: Shared, front: list, chosen, budget, setting
     return verdicts
 
 
-def finish(study: optuna.Study, dimensions, budget, shared: Shared, reference: dict, run_test: bool,
+def finish(study: optuna.Study, choice: Choice, budget, shared: Shared, reference: dict, run_test: bool,
            verdict_settings: dict, trust_remote_code: bool) -> dict:
-    """Re-time (``retime``), choose on val, judge on test, write the report; the summary (also ``summary.json``)."""
+    """Write the report of ``choice`` (made on val by ``choice.choose``), with the test verdict if ``run_test``;
+    the summary (also ``summary.json``)."""
     out = shared.out_dir
     trials = study.get_trials(deepcopy=False)
-    retimed = retime(trials, reference, budget, shared, trust_remote_code)
-    cost = {t.number: retimed[f"trial {t.number}"] for t in candidates(trials)} if retimed else None
-    front = pareto_front(trials, cost)
+    front, chosen, retimed = choice.front, choice.chosen, choice.retimed
     key = OBJECTIVE_KEYS[budget.objective]
-    # the cheapest of the front: its first member (at equal cost the higher F1 dominates, so no tie is left)
-    chosen = front[0] if front else None
     rows = trial_rows(trials, reference, front, retimed)
     shown = [c for c in COLUMNS[:-2] if c != RETIMED or retimed]
     _write_tables(out, rows, shown)
@@ -276,8 +221,8 @@ def finish(study: optuna.Study, dimensions, budget, shared: Shared, reference: d
         summary["chosen"] = {"trial": chosen.number, "settings": chosen.user_attrs["settings"],
                              "artifact": chosen.user_attrs["artifact"], "val_macro_f1": val["macro_f1"], key: val[key],
                              "val_speedup": reference["latency_ms"] / val["latency_ms"],
-                             **({RETIMED: cost[chosen.number], "val_speedup_first": reference["latency_ms"] /
-                                 val["latency_ms"], "val_speedup": reference[RETIMED] / cost[chosen.number]}
+                             **({RETIMED: choice.cost(chosen), "val_speedup_first": reference["latency_ms"] /
+                                 val["latency_ms"], "val_speedup": reference[RETIMED] / choice.cost(chosen)}
                                 if retimed else {}),
                              "command": chosen.user_attrs.get("command") or  # studies made before it was stored
                              (Path(chosen.user_attrs["run"]) / COMMAND_FILE).read_text().strip()}

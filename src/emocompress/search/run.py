@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from emocompress.benchmark.variants import data_labels
 from emocompress.io import atomic_write_text
 from emocompress.models.checkpoints import read_checkpoint
-from emocompress.search import report, trials
+from emocompress.search import choice, report, trials
 from emocompress.search.space import (
     Budget,
     Dimension,
@@ -115,8 +115,8 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
     for process in others:
         process.join()
     wait_for_others(study)
-    return report.finish(study, dimensions, budget_, shared, reference, test_verdict, verdict or {},
-                         trust_remote_code)
+    picked = choice.choose(study.get_trials(deepcopy=False), reference, budget_, shared, trust_remote_code)
+    return report.finish(study, picked, budget_, shared, reference, test_verdict, verdict or {}, trust_remote_code)
 
 
 def _settings(teacher, data, space, budget, base, args, first, out_dir, seed, workers, test_base=None):

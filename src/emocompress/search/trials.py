@@ -31,7 +31,6 @@ from emocompress.search.stopping import STOPPED_FILE
 log = logging.getLogger(__name__)
 SEARCH_OVERLAY = "search.yaml"
 COMMAND_FILE = "command.txt"
-FIT_LOG = "fit.log"
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ def artifact_name(dimensions: list[Dimension], settings: dict[str, str]) -> str:
 
 def log_file(args: list[str]) -> str:
     """The run folder's log of a trial's command: ``fit.log``, or ``test.log`` for a post-training trial."""
-    return FIT_LOG if args[0] == "fit" else f"{args[0]}.log"
+    return f"{args[0]}.log"
 
 
 def run_fit(args: list[str], folder: Path) -> int:
