@@ -239,4 +239,3 @@ def test_a_bilstm_student_quantizes_to_an_int8_ir_that_loads(bert, texts, tmp_pa
     assert read_metadata(folder).precision == "int8"
     reference = _logits(student, tokenizer, texts)
     torch.testing.assert_close(_logits(load_artifact(folder), tokenizer, texts), reference, rtol=0, atol=0.05)
-

@@ -3,6 +3,7 @@ teacher's (``retime``), the Pareto front of val macro F1 against the objective, 
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -25,7 +26,12 @@ class Choice:
 
     def cost(self, trial: optuna.trial.FrozenTrial) -> float | None:
         """The re-timed latency the choice used for ``trial``, None if it used the trial's first timing."""
-        return self.retimed.get(f"trial {trial.number}") if self.retimed else None
+        return self.retimed.get(timing_name(trial)) if self.retimed else None
+
+
+def timing_name(trial: optuna.trial.FrozenTrial) -> str:
+    """A trial's name among the re-timed models (``trial 4``; the teacher's is ``teacher``)."""
+    return f"trial {trial.number}"
 
 
 def choose(trials: list[optuna.trial.FrozenTrial], reference: dict, budget, shared: Shared,
@@ -33,8 +39,7 @@ def choose(trials: list[optuna.trial.FrozenTrial], reference: dict, budget, shar
     """Re-time (``retime``), then the front and its cheapest member: at equal cost the higher F1 dominates, so
     no tie is left."""
     retimed = retime(trials, reference, budget, shared, trust_remote_code)
-    cost = {t.number: retimed[f"trial {t.number}"] for t in candidates(trials)} if retimed else None
-    front = pareto_front(trials, cost)
+    front = pareto_front(trials, (lambda t: retimed[timing_name(t)]) if retimed else None)
     return Choice(front, front[0] if front else None, retimed)
 
 
@@ -49,12 +54,12 @@ def candidates(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Froz
     return [t for t in trials if within_budget(t) and "same_as" not in t.user_attrs]
 
 
-def pareto_front(trials: list[optuna.trial.FrozenTrial], cost: dict[int, float] | None = None
-                 ) -> list[optuna.trial.FrozenTrial]:
+def pareto_front(trials: list[optuna.trial.FrozenTrial],
+                 cost: Callable[[optuna.trial.FrozenTrial], float] | None = None) -> list[optuna.trial.FrozenTrial]:
     """The ``candidates`` no other one beats on both val macro F1 and the objective, cheapest first. ``cost``:
-    trial number -> the objective to use instead of the trial's own (the re-timed latency)."""
+    a candidate's objective to use instead of its own (the re-timed latency)."""
     feasible = candidates(trials)
-    point = {t.number: (t.values[0], cost[t.number] if cost else t.values[1]) for t in feasible}
+    point = {t.number: (t.values[0], cost(t) if cost else t.values[1]) for t in feasible}
     return sorted((t for t in feasible if not any(
         point[o.number][0] >= point[t.number][0] and point[o.number][1] <= point[t.number][1]
         and point[o.number] != point[t.number] for o in feasible)), key=lambda t: point[t.number][1])
@@ -76,12 +81,12 @@ def retime(trials: list[optuna.trial.FrozenTrial], reference: dict, budget, shar
         log.warning("compress: cannot re-time trials %s: their models are not in %s (another machine ran them); "
                     "choosing by the latency each trial measured alone when it ended", elsewhere, shared.out_dir)
         return None
-    paths = {"teacher": shared.teacher, **{f"trial {t.number}": t.user_attrs["artifact"] for t in chosen_among}}
+    paths = {"teacher": shared.teacher, **{timing_name(t): t.user_attrs["artifact"] for t in chosen_among}}
     log.info("compress: re-timing the teacher and the %d trials within budget on val in %d interleaved rounds",
              len(chosen_among), budget.retime_rounds)
     times = retime_latency(paths, shared.data, data_labels(shared.data), budget.batch_size, budget.latency_samples,
                            budget.warmup, budget.retime_rounds, trust_remote_code=trust_remote_code)
-    first = {"teacher": reference["latency_ms"], **{f"trial {t.number}": t.user_attrs["val"]["latency_ms"]
+    first = {"teacher": reference["latency_ms"], **{timing_name(t): t.user_attrs["val"]["latency_ms"]
                                                     for t in chosen_among}}
     log.info("compress: val latency at batch %d, timed alone -> re-timed together: %s", budget.batch_size,
              ", ".join(f"{name} {first[name]:.3g} -> {ms:.3g} ms" for name, ms in times.items()))

@@ -77,9 +77,8 @@ def progress_line(trial: optuna.trial.FrozenTrial, budget, reference: dict, done
             f"ETA {datetime.timedelta(seconds=round(eta))}")
 
 
-def trial_rows(trials: list[optuna.trial.FrozenTrial], reference: dict, front: list,
-               retimed: dict[str, float] | None = None) -> list[dict]:
-    rows, numbers, retimed = [], {t.number for t in front}, retimed or {}
+def trial_rows(trials: list[optuna.trial.FrozenTrial], reference: dict, choice: Choice) -> list[dict]:
+    rows, numbers = [], {t.number for t in choice.front}
     for t in trials:
         val = t.user_attrs.get("val") or {}
         drops = [reference["class_f1"][c] - f for c, f in (val.get("class_f1") or {}).items()
@@ -89,7 +88,7 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial], reference: dict, front: l
             "macro_f1_drop": reference["macro_f1"] - val["macro_f1"] if val else None,
             "worst_class_f1_drop": max(drops) if drops else None,
             "rare_recall": _rare_recall(val, reference),
-            "latency_ms": val.get("latency_ms"), RETIMED: retimed.get(f"trial {t.number}"),
+            "latency_ms": val.get("latency_ms"), RETIMED: choice.cost(t),
             "size_mb": val.get("size_mb"), "within_budget": within_budget(t),
             "pareto": t.number in numbers, "run": t.user_attrs.get("run"), "same_as": t.user_attrs.get("same_as")})
     return rows
@@ -198,7 +197,7 @@ def finish(study: optuna.Study, choice: Choice, budget, shared: Shared, referenc
     trials = study.get_trials(deepcopy=False)
     front, chosen, retimed = choice.front, choice.chosen, choice.retimed
     key = OBJECTIVE_KEYS[budget.objective]
-    rows = trial_rows(trials, reference, front, retimed)
+    rows = trial_rows(trials, reference, choice)
     shown = [c for c in COLUMNS[:-2] if c != RETIMED or retimed]
     _write_tables(out, rows, shown)
     if retimed:
