@@ -134,7 +134,10 @@ def test_endpoints_answer(url, predictor):
                  "emocompress_batch_size_bucket", "emocompress_queue_depth"):
         assert name in metrics.text
     assert re.search(r'emocompress_http_requests_total\{path="/v1/predict",status="200"\} [1-9]', metrics.text)
-    assert httpx.get(f"{url}/nowhere").status_code == 404
+    nowhere, wrong_method = httpx.get(f"{url}/nowhere"), httpx.get(f"{url}/v1/predict")
+    assert (nowhere.status_code, nowhere.json()) == (404, {"error": "Not Found", "path": "/nowhere"})
+    assert (wrong_method.status_code, wrong_method.headers["allow"]) == (405, "POST")
+    assert wrong_method.json()["error"] == "Method Not Allowed"
 
 
 @pytest.fixture(scope="module")

@@ -91,29 +91,31 @@ class Batcher:
         self.queued = 0
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, texts: list[str]) -> list[dict]:
-        """The model's answers for ``texts``, in order, once their batch has run.
+    def submit(self, texts: list[str]) -> asyncio.Future:
+        """A future of the model's answers for ``texts``, in order, once their batch has run. A plain future, not
+        a coroutine: ``asyncio.wait_for`` on it needs no task of its own (a per-request cost of the server).
+        Cancelling it (the caller gave up) drops its texts if they still wait.
 
         Raises:
             QueueFull: ``max_queue`` texts are waiting already.
             RuntimeError: the batcher is not running.
-            Exception: whatever the model call raised, for every request of its batch.
+        The future raises whatever the model call raised, for every request of its batch.
         """
         if not self.running:
             raise RuntimeError("the batcher is not running")
         if self.queued + len(texts) > self.max_queue:
             raise QueueFull(f"{self.queued} texts are waiting, the queue holds {self.max_queue}")
         request = _Request(list(texts), asyncio.get_running_loop().create_future())
+        request.future.add_done_callback(lambda future: future.cancelled() and self._drop(request))
         self._pending.append(request)
         self.queued += len(request.texts)
         self._arrival.set()
-        try:
-            return await request.future
-        except asyncio.CancelledError:  # the caller gave up (a timeout): drop the texts if still waiting
-            if request in self._pending:
-                self._pending.remove(request)
-                self.queued -= len(request.texts)
-            raise
+        return request.future
+
+    def _drop(self, request: _Request) -> None:
+        if request in self._pending:
+            self._pending.remove(request)
+            self.queued -= len(request.texts)
 
     async def _collect(self) -> None:
         while True:
