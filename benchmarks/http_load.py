@@ -6,8 +6,10 @@ The model: ``--folder``, an ONNX artifact folder; if it does not exist, the pack
 untrained 6-class head is quantized into it (``quantize(..., "onnxruntime")``, the project's INT8), which is as
 fast as a trained one of the same shape (its labels are meaningless, which the load test does not need).
 
-1. Closed loop, each server alone on the machine (ours, then the peer): 1, 8, 32 and 128 clients, each sending
-   single-text requests back to back for ``--duration`` seconds: throughput, p50/p90/p99 latency, errors.
+1. Closed loop: 1, 8, 32 and 128 clients, each sending single-text requests back to back for ``--duration``
+   seconds: throughput, p50/p90/p99 latency, errors, the server's CPU per request. Every server is up at once
+   and loaded in turn, level by level; with ``--rounds N`` each level runs N times, each round starting with
+   another server, and each ratio to ours is given as the median and range of its rounds' ratios.
    The peer is the same ``ArtifactPredictor`` behind a plain FastAPI handler, one model call per request, no
    batching (``--peer``, started by this script).
 2. Burst (ours): an open loop at 4x the throughput ours sustained with 32 clients, for ``--burst`` seconds;
@@ -16,8 +18,10 @@ fast as a trained one of the same shape (its labels are meaningless, which the l
    bodies, invalid JSON and wrong types, slow body senders and slow header senders; every request must be
    answered or closed.
 
-The load generator runs on the same cores as the server, so it takes its share of the CPU: the numbers are a
-lower bound of what the server does with the machine to itself. The closed loop uses Debian's ``wrk`` (C, one
+By default the load generator runs on the same cores as the server, so it takes its share of the CPU: the numbers
+are a lower bound of what the server does with the machine to itself. ``--server_cpus 0 --client_cpus 1`` pins
+the servers to one core and the generators to another, so a generator never takes a server's CPU, and the burst
+can send 4x what the server sustains on its core. The closed loop uses Debian's ``wrk`` (C, one
 thread, ``apt-get install wrk``) when it is installed, which takes far less CPU than Python; else, or with
 ``--client httpx``, an asyncio httpx client. The burst uses Debian's ``h2load`` (``apt-get install
 nghttp2-client``: ``--h1 --rps``, an open loop in C that sends the asked rate) when installed, else httpx. Fuzz
@@ -43,6 +47,7 @@ import httpx
 
 from emocompress.benchmark.timing import percentile
 from emocompress.deploy.serve import ArtifactPredictor
+from emocompress.hardware import cpu_info
 
 LABELS = ["anger", "fear", "joy", "love", "sadness", "surprise"]
 HERE = Path(__file__).resolve()
@@ -72,7 +77,7 @@ def run_peer(folder: str, port: int) -> None:
     class Body(BaseModel):
         text: str
 
-    predictor = ArtifactPredictor(folder)
+    predictor = ArtifactPredictor(folder, num_threads=len(os.sched_getaffinity(0)))  # every core it may use
     app = FastAPI()
 
     @app.post("/v1/predict")
@@ -92,8 +97,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+def start(command: list[str], port: int, log: Path, cpus: set[int] | None = None) -> subprocess.Popen:
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), preexec_fn=pin)
     for _ in range(600):  # bounded: 60 s
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -126,6 +132,20 @@ def with_cpu(pid: int, run) -> dict:
     before = cpu_s(pid)
     result = run()
     return {**result, "server_cpu_ms_per_request": 1000 * (cpu_s(pid) - before) / max(result["requests"], 1)}
+
+
+def median_round(runs: list[dict]) -> dict:
+    """One level of one server over the rounds: the median of each number, errors summed, every round kept."""
+    numbers = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    errors = sum((Counter(run["errors"]) for run in runs), Counter())
+    return {**{k: percentile([run[k] for run in runs if k in run], 50) for k in numbers},
+            "errors": dict(errors), "rounds": runs}
+
+
+def ratio_spread(ours: list[dict], peer: list[dict]) -> dict:
+    """Ours / peer throughput in each round: the median and the range over rounds."""
+    ratios = [o["throughput"] / max(p["throughput"], 1e-9) for o, p in zip(ours, peer)]
+    return {"median": percentile(ratios, 50), "min": min(ratios), "max": max(ratios), "rounds": ratios}
 
 
 def summary(latencies: list[float], statuses: Counter, seconds: float) -> dict:
@@ -328,6 +348,10 @@ async def fuzz(url: str, port: int, texts: list[str], offline: dict[str, dict], 
             "largest_offline_margin_among_differing_labels": tie}
 
 
+def _cpus(text: str) -> set[int]:
+    return {int(cpu) for cpu in text.split(",")}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/http_load/minilm_int8"))
@@ -347,11 +371,20 @@ def main():
     parser.add_argument("--burst_client", choices=["auto", "h2load", "httpx"], default="auto",
                         help="burst load generator; auto: h2load when installed (apt-get install nghttp2-client), "
                              "else httpx (which cannot send much more than ~150 req/s on 2 shared cores)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of every level; the servers alternate within each, the ratios get a range")
+    parser.add_argument("--server_cpus", type=_cpus, default=None, metavar="0[,1...]",
+                        help="CPUs the servers run on (default: all), e.g. 0, with --client_cpus 1: the load "
+                             "generators then do not take their CPU from the servers")
+    parser.add_argument("--client_cpus", type=_cpus, default=None, metavar="1[,2...]",
+                        help="CPUs this script and its load generators (wrk, h2load, httpx) run on")
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer:
         return run_peer(str(args.folder), args.port)
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)  # inherited by wrk and h2load
     if not args.folder.exists():
         args.folder.parent.mkdir(parents=True, exist_ok=True)
         prepare(args.folder)
@@ -359,8 +392,9 @@ def main():
     logs = args.folder.parent
     use_wrk = args.client == "wrk" or args.client == "auto" and shutil.which("wrk") is not None
     use_h2load = args.burst_client == "h2load" or args.burst_client == "auto" and shutil.which("h2load") is not None
-    results = {"cpu": os.cpu_count(), "folder": str(args.folder), "duration_s": args.duration,
-               "client": "wrk" if use_wrk else "httpx"}
+    results = {"cpu": os.cpu_count(), **cpu_info(), "folder": str(args.folder), "duration_s": args.duration,
+               "rounds": args.rounds, "client": "wrk" if use_wrk else "httpx",
+               "server_cpus": sorted(args.server_cpus or []), "client_cpus": sorted(args.client_cpus or [])}
 
     def load(url: str, clients: int) -> dict:
         if use_wrk:
@@ -371,41 +405,50 @@ def main():
     servers = {"ours": [sys.executable, "-m", "emocompress", "serve", str(args.folder), "--max_queue", "64"],
                "peer": [sys.executable, str(HERE), "--peer", "--folder", str(args.folder)]}
     servers |= {name: command for name, command in (also.split("=", 1) for also in args.also)}
-    for name, command in servers.items():
-        port = free_port()
-        if isinstance(command, str):
-            command = shlex.split(command.format(folder=args.folder, port=port))
-        else:
-            command = [*command, "--port", str(port)]
-        server = start(command, port, logs / f"{name}.log")
-        url = f"http://127.0.0.1:{port}"
-        try:
-            asyncio.run(closed_loop(url, 4, 2.0, texts))  # warm-up
-            results[name] = {clients: with_cpu(server.pid, lambda: load(url, clients)) for clients in args.clients}
+    running = {}  # name -> (process, url, port): every server up at once, so their runs can alternate
+    try:
+        for name, command in servers.items():
+            port = free_port()
+            if isinstance(command, str):
+                command = shlex.split(command.format(folder=args.folder, port=port))
+            else:
+                command = [*command, "--port", str(port)]
+            running[name] = start(command, port, logs / f"{name}.log", args.server_cpus), f"http://127.0.0.1:{port}", port
+            asyncio.run(closed_loop(running[name][1], 4, 2.0, texts))  # warm-up
+        rounds = {name: {clients: [] for clients in args.clients} for name in servers}
+        for r in range(args.rounds):  # each level: every server in turn, each round starting with another one
+            for clients in args.clients:
+                for name in (names := list(servers))[r % len(names):] + names[:r % len(names)]:
+                    server, url, _ = running[name]
+                    rounds[name][clients].append(with_cpu(server.pid, lambda: load(url, clients)))
+        for name in servers:
+            results[name] = {clients: median_round(runs) for clients, runs in rounds[name].items()}
             print(name, json.dumps(results[name], indent=1), flush=True)
-            if name == "ours" and args.burst > 0:
-                rate = 4 * results[name][max(c for c in args.clients if c <= 32)]["throughput"]
-                if use_h2load:
-                    results["burst"] = h2load_burst(url, rate, args.burst, texts, server.pid, logs)
-                else:
-                    results["burst"] = asyncio.run(open_loop(url, rate, args.burst, texts, server.pid))
-                time.sleep(2)
-                results["burst"]["rss_mb_after"] = rss_mb(server.pid)
-                results["burst"]["p50_1_client_after"] = load(url, 1).get("p50")  # the same client as before it
-                print("burst", json.dumps(results["burst"], indent=1), flush=True)
-            if name == "ours" and not args.no_fuzz:
-                offline_model = ArtifactPredictor(args.folder, num_threads=1)
-                offline = {text: offline_model.predict([text])[0] for text in texts}
-                results["fuzz"] = asyncio.run(fuzz(url, port, texts, offline))
-                print("fuzz", json.dumps(results["fuzz"], indent=1), flush=True)
-                results["ours_alive_after_fuzz"] = httpx.get(f"{url}/health").status_code == 200
-        finally:
+        server, url, port = running["ours"]
+        if args.burst > 0:
+            rate = 4 * results["ours"][max(c for c in args.clients if c <= 32)]["throughput"]
+            if use_h2load:
+                results["burst"] = h2load_burst(url, rate, args.burst, texts, server.pid, logs)
+            else:
+                results["burst"] = asyncio.run(open_loop(url, rate, args.burst, texts, server.pid))
+            time.sleep(2)
+            results["burst"]["rss_mb_after"] = rss_mb(server.pid)
+            results["burst"]["p50_1_client_after"] = load(url, 1).get("p50")  # the same client as before it
+            print("burst", json.dumps(results["burst"], indent=1), flush=True)
+        if not args.no_fuzz:
+            offline_model = ArtifactPredictor(args.folder, num_threads=1)
+            offline = {text: offline_model.predict([text])[0] for text in texts}
+            results["fuzz"] = asyncio.run(fuzz(url, port, texts, offline))
+            print("fuzz", json.dumps(results["fuzz"], indent=1), flush=True)
+            results["ours_alive_after_fuzz"] = httpx.get(f"{url}/health").status_code == 200
+    finally:
+        for name, (server, _, _) in running.items():
             server.terminate()
             results[f"{name}_exit_code"] = server.wait(timeout=60)
     for name in servers:
-        if name != "ours":
-            results[f"throughput_ratio_ours_over_{name}"] = {
-                c: results["ours"][c]["throughput"] / max(results[name][c]["throughput"], 1e-9) for c in args.clients}
+        if name != "ours":  # the ratio of each round (both servers loaded minutes apart at most), then its spread
+            results[f"throughput_ratio_ours_over_{name}"] = {c: ratio_spread(rounds["ours"][c], rounds[name][c])
+                                                             for c in args.clients}
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
