@@ -14,6 +14,8 @@ Builds, from one fine-tuned ``hf_model`` folder, in one process:
     ``save_model``'s defaults, ``compile_model`` with only the thread count), and ONNX Runtime static QDQ INT8 of
     the MatMuls only (``quant_pre_process``, ``quantize_static``, per-channel, 7-bit weights on CPUs without
     VNNI, 8-bit with it), both calibrated on the same train texts.
+  * with ``--nncf_presets``, two more NNCF INT8 IRs of the same model: NNCF's default preset (no model type) and
+    the TRANSFORMER type with the PERFORMANCE preset: does quantizing more than the documented setting buy speed?
 
 Then times them in interleaved rounds (``emocompress.benchmark.timing.interleaved_times``, same threads): batch 1 over
 the first ``--test_texts`` test texts, and batch 32 over the same texts, once in file order and once sorted by
@@ -56,15 +58,16 @@ def batches(tokenizer, texts: list[str], size: int, by_length: bool) -> list[dic
     return [encode(tokenizer, [texts[i] for i in order[s:s + size]]) for s in range(0, len(order), size)]
 
 
-def peer_openvino(model, calibration: list[dict], out: Path, threads: int):
-    """OpenVINO + NNCF INT8 as its documentation shows it for transformers (TRANSFORMER model type)."""
+def peer_openvino(model, calibration: list[dict], out: Path, threads: int, **settings):
+    """OpenVINO + NNCF INT8 as its documentation shows it for transformers (TRANSFORMER model type), or with
+    other ``nncf.quantize`` ``settings``."""
     import nncf
     import openvino as ov
 
     example = {n: torch.ones(1, 8, dtype=torch.long) for n in NAMES}
     ov_model = ov.convert_model(model, example_input=example)
-    quantized = nncf.quantize(ov_model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(calibration))
+    settings = {"model_type": nncf.ModelType.TRANSFORMER, **settings}
+    quantized = nncf.quantize(ov_model, nncf.Dataset(calibration), subset_size=len(calibration), **settings)
     ov.save_model(quantized, out / "model.xml")
     compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU", {"INFERENCE_NUM_THREADS": threads})
     return (lambda feeds: compiled(feeds)[0]), [out / "model.xml", out / "model.bin"]
@@ -134,6 +137,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--nncf_presets", action="store_true",
+                        help="also NNCF's default preset and the TRANSFORMER type's PERFORMANCE preset")
     parser.add_argument("--out", default="reports/runtimes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -167,6 +172,14 @@ def main():
         (tmp / "peer_ov").mkdir()
         call, files = peer_openvino(model, calibration, tmp / "peer_ov", args.threads)
         variants["peer: OpenVINO + NNCF INT8 (TRANSFORMER)"] = (call, "np", files)
+        if args.nncf_presets:  # does quantizing more than the TRANSFORMER preset buy speed?
+            import nncf
+            for name, settings in {"NNCF default preset (no model type)": {"model_type": None},
+                                   "NNCF TRANSFORMER, PERFORMANCE preset": {
+                                       "preset": nncf.QuantizationPreset.PERFORMANCE}}.items():
+                (tmp / name).mkdir()
+                call, files = peer_openvino(model, calibration, tmp / name, args.threads, **settings)
+                variants[f"OpenVINO INT8, {name}"] = (call, "np", files)
         call, files = peer_ort_static(model, tokenizer, calibration, tmp, args.threads)
         variants["peer: ORT static QDQ INT8, MatMul only"] = (call, "np", files)
         rows = measure(variants, tokenizer, texts, target, len(labels), args)
