@@ -263,6 +263,29 @@ def test_full_queue_answers_503_with_retry_after(predictor):
         assert _metric(httpx.get(f"{base}/metrics").text, "emocompress_queue_depth") == 0
 
 
+def test_a_full_queue_refuses_before_reading_the_body(predictor):
+    async def scenario(base):
+        one_connection = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client, \
+                httpx.AsyncClient(base_url=base, timeout=30, limits=one_connection) as other:
+            running = asyncio.ensure_future(client.post("/v1/predict", json={"text": "a"}))
+            await asyncio.sleep(0.2)  # taken by the only worker
+            waiting = asyncio.ensure_future(client.post("/v1/predict", json={"text": "b"}))
+            await asyncio.sleep(0.2)  # queued: the queue of one text is full
+            refused = await other.post("/v1/predict", content=b"not even JSON")  # 503, not 400: never parsed
+            answers = await asyncio.gather(running, waiting)
+            again = await other.post("/v1/predict", json={"text": "c"})  # the same keep-alive connection
+            return refused, answers, again
+
+    with _running(_Slow(predictor, 0.6), max_batch_size=1, max_queue=1, max_texts=1, workers=1) as base:
+        refused, answers, again = asyncio.run(scenario(base))
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["limit"] == "max_queue" and "busy" in refused.json()["error"]
+        assert [r.status_code for r in answers] == [200, 200] and again.status_code == 200
+        metrics = httpx.get(f"{base}/metrics").text
+        assert re.search(r'emocompress_http_requests_total\{path="/v1/predict",status="503"\} 1\.0', metrics)
+
+
 def test_slow_answer_504_and_slow_body_408(predictor):
     with _running(_Slow(predictor, 1.0), timeout_s=0.3) as base:
         late = httpx.post(f"{base}/v1/predict", json={"text": "late"})
@@ -508,6 +531,32 @@ def test_requests_arriving_while_the_worker_is_busy_form_the_next_batch():
 
     asyncio.run(scenario())
     assert calls == [["a"], ["b", "c", "d", "e"], ["f", "g"]]
+
+
+def test_a_busy_worker_takes_the_next_batch_without_the_event_loop():
+    calls, entered = [], threading.Event()
+
+    def predict(texts):
+        calls.append(list(texts))
+        entered.set()
+        time.sleep(0.02)
+        return [{"label": text.upper()} for text in texts]
+
+    async def scenario():
+        batcher = Batcher(predict, max_batch_size=1, workers=1)
+        batcher.start()
+        try:
+            futures = [batcher.submit([text]) for text in "abcde"]
+            await asyncio.get_running_loop().run_in_executor(None, entered.wait, 5)
+            time.sleep(0.5)  # the event loop is blocked (as by a storm of requests): the worker goes on alone
+            ran_meanwhile = len(calls)
+            assert await asyncio.gather(*futures) == [[{"label": text.upper()}] for text in "abcde"]
+            return ran_meanwhile
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == 5  # one (the batch already running) if each batch waited for the loop
+    assert calls == [[text] for text in "abcde"]
 
 
 def test_what_is_queued_is_shared_among_idle_workers():

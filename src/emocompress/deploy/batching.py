@@ -3,7 +3,8 @@
 Continuous batching: a request's texts wait in a bounded queue, and as soon as a worker is free, one collector
 task takes the requests at the head of the queue (up to ``max_batch_size`` texts) and runs the model on them in
 that worker's thread (ONNX Runtime and tokenizers release the GIL, so the event loop keeps accepting requests
-meanwhile), then hands each request its own slice of the answers, in order. A lone request on an idle server is
+meanwhile), then hands each request its own slice of the answers, in order; while requests wait, the worker
+thread takes the next batch itself, without waiting for a turn of the event loop. A lone request on an idle server is
 run at once; while every worker is busy, requests accumulate, and the next free worker takes them all. So batches
 grow with the load without a timer. What is queued when several workers are free is shared among them.
 ``max_wait_ms`` (0 by default) adds an optional linger: a free worker waits until the oldest queued request has
@@ -18,6 +19,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +65,8 @@ class Batcher:
         self.on_batch = on_batch or (lambda size: None)
         self.queued = 0  # texts waiting, not yet in a model call
         self._pending: collections.deque[_Request] = collections.deque()
+        self._lock = threading.Lock()  # _pending and queued: the worker threads take batches from them too
+        self._stopping = False
         self._arrival = asyncio.Event()
         self.workers = workers
         self._task: asyncio.Task | None = None
@@ -82,13 +86,15 @@ class Batcher:
 
     async def stop(self) -> None:
         """Stop the collector; requests still waiting get ``asyncio.CancelledError``."""
+        self._stopping = True
         tasks = [task for task in (self._task, *self._running) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        while self._pending:
-            self._pending.popleft().future.cancel()
-        self.queued = 0
+        with self._lock:
+            while self._pending:
+                self._pending.popleft().future.cancel()
+            self.queued = 0
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, texts: list[str]) -> asyncio.Future:
@@ -107,15 +113,17 @@ class Batcher:
             raise QueueFull(f"{self.queued} texts are waiting, the queue holds {self.max_queue}")
         request = _Request(list(texts), asyncio.get_running_loop().create_future())
         request.future.add_done_callback(lambda future: future.cancelled() and self._drop(request))
-        self._pending.append(request)
-        self.queued += len(request.texts)
+        with self._lock:
+            self._pending.append(request)
+            self.queued += len(request.texts)
         self._arrival.set()
         return request.future
 
     def _drop(self, request: _Request) -> None:
-        if request in self._pending:
-            self._pending.remove(request)
-            self.queued -= len(request.texts)
+        with self._lock:
+            if request in self._pending:
+                self._pending.remove(request)
+                self.queued -= len(request.texts)
 
     async def _collect(self) -> None:
         while True:
@@ -125,7 +133,8 @@ class Batcher:
             await self._free.acquire()  # while every worker is busy, more requests queue up for this batch
             if self.max_wait:
                 await self._linger()
-            batch = self._take()
+            with self._lock:
+                batch = self._take(self.workers - len(self._running))
             if not batch:  # every waiting request was cancelled meanwhile
                 self._free.release()
                 continue
@@ -147,16 +156,15 @@ class Batcher:
         self._running.discard(task)
         self._free.release()
 
-    def _limit(self) -> int:
-        """Texts for the batch about to start: the queue shared among the free workers (this one included), at
+    def _limit(self, free: int) -> int:
+        """Texts for the batch about to start: the queue shared among the ``free`` workers (this one included), at
         most ``max_batch_size``. Eight texts queued for two idle workers run as two calls of four at once, not one
         of eight beside an idle worker (a call's time grows with its texts: reports/http_server)."""
-        free = self.workers - len(self._running)
         return min(self.max_batch_size, -(-self.queued // free))  # ceil(queued / free)
 
-    def _take(self) -> list[_Request]:
+    def _take(self, free: int) -> list[_Request]:
         """Requests from the head of the queue whose texts fit in one batch (the first always does)."""
-        batch, size, limit = [], 0, self._limit()
+        batch, size, limit = [], 0, self._limit(free)
         while self._pending and (not batch or size + len(self._pending[0].texts) <= limit):
             request = self._pending.popleft()
             self.queued -= len(request.texts)
@@ -166,24 +174,45 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[_Request]) -> None:
-        texts = [text for request in batch for text in request.texts]
-        loop = asyncio.get_running_loop()
+        """Run ``batch`` in a worker thread (``_work``), which goes on with the next batches itself."""
+        current = [batch]  # the batch the thread is on, for stop() to cancel its callers
         try:
-            results = await loop.run_in_executor(self._pool, self.predict, texts)
-        except asyncio.CancelledError:  # stop(): its callers get cancelled too
-            for request in batch:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._work, current,
+                                                             asyncio.get_running_loop())
+        except asyncio.CancelledError:  # stop(): the callers of the batch in the model get cancelled too
+            for request in current[0]:
                 request.future.cancel()
             raise
-        except Exception as error:  # the model failed: every request of the batch fails, the server goes on
-            log.exception("model call on %d texts failed", len(texts))
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
-            return
-        self.on_batch(len(texts))
+
+    def _work(self, current: list[list[_Request]], loop: asyncio.AbstractEventLoop) -> None:
+        """In a worker thread: run ``current[0]``, hand its answers to the event loop, and while requests wait (and
+        no linger asks to wait for more) take the next batch here. Going back to the event loop between batches
+        costs turns of it, and under overload a turn is long (every connection's work is in it): the model then
+        idled between batches, a few hundred answers a second among a storm of refusals (reports/http_server,
+        eighth run)."""
+        while current[0] and not self._stopping:
+            batch = current[0]
+            try:
+                outcome = self.predict([text for request in batch for text in request.texts])
+            except Exception as error:  # the model failed: every request of the batch fails, the server goes on
+                log.exception("model call on %d texts failed", sum(len(request.texts) for request in batch))
+                outcome = error
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
+                loop.call_soon_threadsafe(self._deliver, batch, outcome)
+            with self._lock:
+                more = self._pending and (not self.max_wait or self.queued >= self.max_batch_size)
+                current[0] = self._take(self.workers - len(self._running) + 1) if more else []  # + this one
+
+    def _deliver(self, batch: list[_Request], outcome: list[dict] | Exception) -> None:
+        """On the event loop: each request of ``batch`` gets its slice of the answers, in order (or the error)."""
+        if not isinstance(outcome, Exception):
+            self.on_batch(sum(len(request.texts) for request in batch))
         start = 0
         for request in batch:
             end = start + len(request.texts)
             if not request.future.done():
-                request.future.set_result(results[start:end])
+                if isinstance(outcome, Exception):
+                    request.future.set_exception(outcome)
+                else:
+                    request.future.set_result(outcome[start:end])
             start = end

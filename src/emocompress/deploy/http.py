@@ -105,6 +105,31 @@ class ApiError(Exception):
         self.status, self.headers, self.body = status, headers, {"error": message, **detail}
 
 
+def busy(settings: Settings) -> ApiError:
+    return ApiError(503, f"busy: {settings.max_queue} texts may wait (max_queue) and the queue is full; retry after "
+                         "a second", headers={"Retry-After": "1"}, limit="max_queue")
+
+
+class RefuseWhenFull:
+    """ASGI middleware: a ``/v1/predict`` request that finds the queue full gets its 503 before its body is read,
+    parsed or routed. Under overload, refusing must cost much less than answering, or the refusals take the CPU
+    the answers need (reports/http_server, seventh and eighth runs)."""
+
+    def __init__(self, app, batcher: Batcher, settings: Settings):
+        self.app, self.batcher = app, batcher
+        error = busy(settings)
+        self.body = json.dumps(error.body).encode()
+        self.headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode()),
+                        *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/predict"
+                and self.batcher.queued >= self.batcher.max_queue):
+            await send({"type": "http.response.start", "status": 503, "headers": self.headers})
+            return await send({"type": "http.response.body", "body": self.body})
+        return await self.app(scope, receive, send)
+
+
 def parse_texts(body: bytes, settings: Settings) -> list[str]:
     """The texts of a ``/v1/predict`` body, or ``ApiError`` naming what is wrong with it.
 
@@ -255,8 +280,7 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
         try:
             results = await asyncio.wait_for(batcher.submit(texts), max(deadline - time.monotonic(), 0.001))
         except QueueFull:
-            raise ApiError(503, f"busy: {settings.max_queue} texts may wait (max_queue) and the queue is full; "
-                                "retry after a second", headers={"Retry-After": "1"}, limit="max_queue") from None
+            raise busy(settings) from None
         except asyncio.TimeoutError:
             raise ApiError(504, f"no answer within timeout_s={settings.timeout_s}; the server is overloaded",
                            limit="timeout_s") from None
@@ -284,7 +308,8 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
     # cost about a sixth of a request's CPU on the event loop under load (reports/http_server, seventh run).
     routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/model", model),
               Route("/health", health), Route("/ready", ready), Route("/metrics", prometheus), Route("/", page)]
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(AccessLog, metrics=metrics)],
+    middleware = [Middleware(AccessLog, metrics=metrics), Middleware(RefuseWhenFull, batcher=batcher, settings=settings)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={ApiError: refused, HTTPException: unrouted, Exception: failed})
     app.state.batcher, app.state.metrics = batcher, metrics
     return app
