@@ -135,7 +135,7 @@ class Batcher:
                 await self._linger()
             with self._lock:
                 batch = self._take(self.workers - len(self._running))
-            if not batch:  # every waiting request was cancelled meanwhile
+            if not batch:  # every waiting request was cancelled, or taken by a busy worker, meanwhile
                 self._free.release()
                 continue
             task = asyncio.get_running_loop().create_task(self._run(batch))
@@ -156,15 +156,12 @@ class Batcher:
         self._running.discard(task)
         self._free.release()
 
-    def _limit(self, free: int) -> int:
-        """Texts for the batch about to start: the queue shared among the ``free`` workers (this one included), at
-        most ``max_batch_size``. Eight texts queued for two idle workers run as two calls of four at once, not one
-        of eight beside an idle worker (a call's time grows with its texts: reports/http_server)."""
-        return min(self.max_batch_size, -(-self.queued // free))  # ceil(queued / free)
-
     def _take(self, free: int) -> list[_Request]:
-        """Requests from the head of the queue whose texts fit in one batch (the first always does)."""
-        batch, size, limit = [], 0, self._limit(free)
+        """Requests from the head of the queue whose texts fit in one batch (the first always does). A batch holds
+        at most ``max_batch_size`` texts and the queue's share of the ``free`` workers (this one included): eight
+        texts queued for two idle workers run as two calls of four at once, not one of eight beside an idle worker
+        (a call's time grows with its texts: reports/http_server)."""
+        batch, size, limit = [], 0, min(self.max_batch_size, -(-self.queued // free))  # ceil(queued / free)
         while self._pending and (not batch or size + len(self._pending[0].texts) <= limit):
             request = self._pending.popleft()
             self.queued -= len(request.texts)
@@ -198,21 +195,22 @@ class Batcher:
                 log.exception("model call on %d texts failed", sum(len(request.texts) for request in batch))
                 outcome = error
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
-                loop.call_soon_threadsafe(self._deliver, batch, outcome)
+                loop.call_soon_threadsafe(_settle, batch, outcome, self.on_batch)
             with self._lock:
                 more = self._pending and (not self.max_wait or self.queued >= self.max_batch_size)
                 current[0] = self._take(self.workers - len(self._running) + 1) if more else []  # + this one
 
-    def _deliver(self, batch: list[_Request], outcome: list[dict] | Exception) -> None:
-        """On the event loop: each request of ``batch`` gets its slice of the answers, in order (or the error)."""
-        if not isinstance(outcome, Exception):
-            self.on_batch(sum(len(request.texts) for request in batch))
-        start = 0
-        for request in batch:
-            end = start + len(request.texts)
-            if not request.future.done():
-                if isinstance(outcome, Exception):
-                    request.future.set_exception(outcome)
-                else:
-                    request.future.set_result(outcome[start:end])
-            start = end
+
+def _settle(batch: list[_Request], outcome: list[dict] | Exception, on_batch: Callable[[int], None]) -> None:
+    """On the event loop: each request of ``batch`` gets its slice of the answers, in order (or the error)."""
+    if not isinstance(outcome, Exception):
+        on_batch(sum(len(request.texts) for request in batch))
+    start = 0
+    for request in batch:
+        end = start + len(request.texts)
+        if not request.future.done():
+            if isinstance(outcome, Exception):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome[start:end])
+        start = end
