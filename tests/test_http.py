@@ -559,6 +559,41 @@ def test_a_busy_worker_takes_the_next_batch_without_the_event_loop():
     assert calls == [[text] for text in "abcde"]
 
 
+def test_concurrent_submits_and_cancellations_lose_or_mix_nothing():
+    import random
+
+    rng, predicted = random.Random(0), []
+
+    def predict(texts):
+        predicted.extend(texts)
+        time.sleep(rng.random() / 500)  # calls of 0-2 ms, so the two workers and the loop interleave
+        return [{"label": text} for text in texts]
+
+    async def scenario():
+        batcher = Batcher(predict, max_batch_size=5, max_queue=10_000, workers=2)
+        batcher.start()
+        try:
+            requests = [[f"r{i}t{j}" for j in range(rng.randint(1, 7))] for i in range(300)]
+            futures = []
+            for texts in requests:
+                futures.append(batcher.submit(texts))
+                if rng.random() < 0.2:
+                    await asyncio.sleep(0)  # let batches start between arrivals
+            for future in futures[::7]:  # some callers give up, maybe while their batch runs
+                future.cancel()
+            answers = await asyncio.gather(*futures, return_exceptions=True)
+            assert batcher.queued == 0 and not batcher._pending
+            return requests, answers
+        finally:
+            await batcher.stop()
+
+    requests, answers = asyncio.run(scenario())
+    for texts, answer in zip(requests, answers):
+        assert isinstance(answer, asyncio.CancelledError) or answer == [{"label": text} for text in texts]
+    assert sum(not isinstance(answer, BaseException) for answer in answers) >= 250
+    assert len(predicted) == len(set(predicted))  # no text predicted twice
+
+
 def test_what_is_queued_is_shared_among_idle_workers():
     calls, both = [], threading.Barrier(2, timeout=5)
 
