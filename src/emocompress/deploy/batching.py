@@ -187,8 +187,11 @@ class Batcher:
         costs turns of it, and under overload a turn is long (every connection's work is in it): the model then
         idled between batches, a few hundred answers a second among a storm of refusals (reports/http_server,
         eighth run)."""
-        while current[0] and not self._stopping:
-            batch = current[0]
+        while batch := current[0]:
+            if self._stopping:  # taken, not run: their callers are cancelled, as stop() cancels what waits
+                with contextlib.suppress(RuntimeError):  # the loop is closed: no caller is left
+                    loop.call_soon_threadsafe(lambda: [request.future.cancel() for request in batch])
+                return
             try:
                 outcome = self.predict([text for request in batch for text in request.texts])
             except Exception as error:  # the model failed: every request of the batch fails, the server goes on
