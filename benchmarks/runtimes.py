@@ -8,7 +8,8 @@ Builds, from one fine-tuned ``hf_model`` folder, in one process:
   * ours, through ``load_artifact`` (``OrtClassifier``): ONNX Runtime dynamic INT8 (``quantize``, embeddings too,
     the default of ``configs/overlays/quantize.yaml``), also timed as the bare ONNX Runtime session to show what
     the wrapper adds; OpenVINO fp32 (``export_openvino``); OpenVINO INT8 through NNCF, accuracy-controlled on val
-    (``export_openvino(precision="int8", validation=...)``, ``configs/overlays/openvino.yaml``);
+    (``export_openvino(precision="int8", validation=...)``, ``configs/overlays/openvino.yaml``), also served with
+    ``--inference_precision auto`` (OpenVINO's bf16 float parts where the CPU has them, through ``open_runtime``);
   * the peers at their documented settings, written with their own APIs only: OpenVINO + NNCF post-training INT8
     with ``model_type=TRANSFORMER`` straight from the HF model (``convert_model``, ``nncf.quantize``,
     ``save_model``'s defaults, ``compile_model`` with only the thread count), and ONNX Runtime static QDQ INT8 of
@@ -36,7 +37,8 @@ from emocompress.benchmark.timing import interleaved_times, percentile
 from emocompress.compression.export import export_onnx, quantize
 from emocompress.compression.openvino import export_openvino, macro_f1
 from emocompress.data.sources import DataSource
-from emocompress.deploy.format import ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE
+from emocompress.deploy.format import ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE, read_metadata
+from emocompress.deploy.runtime import open_runtime
 from emocompress.evaluation.significance import bootstrap_indices, paired_difference, resampled_metrics
 from emocompress.hardware import cpu_info
 from emocompress.models import pretrained
@@ -117,6 +119,11 @@ def ours(model, tokenizer, train: list[str], val: tuple[list[str], list[int]], o
     for name, folder in folders.items():
         variants[name] = (_torch_call(load_artifact(folder, args.threads)), "pt",
                           [folder / OPENVINO_FILE, folder / OPENVINO_WEIGHTS_FILE])
+    # the same INT8 folder served with `--inference_precision auto`: OpenVINO's bf16 float parts where the CPU has them
+    folder = folders["ours, OpenVINO INT8 accuracy-controlled"]
+    runtime = open_runtime(folder / OPENVINO_FILE, read_metadata(folder).labels, args.threads, inference_precision=None)
+    variants["ours, OpenVINO INT8 accuracy-controlled, precision auto"] = (
+        runtime.logits, "np", [folder / OPENVINO_FILE, folder / OPENVINO_WEIGHTS_FILE])
     return variants
 
 

@@ -79,6 +79,21 @@ def test_length_sorted_batches_answer_in_input_order(ov_fp32, texts):
     assert by_length.padding_stats["padded_tokens_per_text"] == by_length.padding_stats["padded_tokens"] / len(texts)
 
 
+def test_float_parts_in_f32_by_default_and_in_openvinos_choice_on_request(ov_fp32, texts, capsys):
+    import openvino as ov
+
+    f32, auto = ArtifactPredictor(ov_fp32), ArtifactPredictor(ov_fp32, inference_precision=None)
+    assert f32.runtime.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    # OpenVINO's own choice: bf16 on CPUs with AVX512-BF16 or AMX, f32 elsewhere
+    assert auto.runtime.compiled.get_property("INFERENCE_PRECISION_HINT") == \
+        ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    for a, b in zip(auto.predict(texts), f32.predict(texts)):
+        assert a["probs"] == pytest.approx(b["probs"], abs=0.05)  # bf16 moves probabilities a little
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(ov_fp32), "--inference_precision", "fp64"])
+    assert exit_info.value.code == 2 and "--inference_precision" in capsys.readouterr().err
+
+
 def _edited(folder, tmp_path, edit):
     copy = tmp_path / "edited"
     shutil.copytree(folder, copy)

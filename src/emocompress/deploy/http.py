@@ -342,7 +342,11 @@ def _exit_on(signum: int, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``emocompress serve FOLDER [--host H] [--port P] [--max_batch_size N ...]``: serve the folder over HTTP."""
-    from emocompress.deploy.serve import ArtifactPredictor  # its module is the stdin/stdout server
+    from emocompress.deploy.serve import (  # its module is the stdin/stdout server
+        ArtifactPredictor,
+        add_inference_precision,
+        inference_precision,
+    )
 
     parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="artifact folder: ONNX (OnnxExport, export_onnx, onnxruntime INT8) or OpenVINO (export_openvino, its INT8)")
@@ -352,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="runtime (ONNX Runtime, OpenVINO) threads per model call (default: the cores shared among --workers)")
     parser.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"],
                         help="HTTP parser: httptools (C, the fastest), h11 (pure Python); auto: httptools when installed")
+    add_inference_precision(parser)
     parser.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     for f in fields(Settings):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
@@ -362,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         threads = args.num_threads or max(1, _cores() // settings.workers)
         # One run of the graph per batcher batch, cut only where its padding would cost more than a call's overhead.
         predictor = ArtifactPredictor(args.folder, threads, batch_size=settings.max_batch_size,
-                                      max_padding=settings.max_padding)
+                                      max_padding=settings.max_padding, inference_precision=inference_precision(args))
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     _exit_on(signal.SIGTERM, 0)

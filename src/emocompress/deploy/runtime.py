@@ -120,12 +120,12 @@ class OpenVinoRuntime:
 
 
 def open_runtime(model_file: str | Path, labels: list[str], num_threads: int | None = None,
-                 hint: str = "latency") -> OrtRuntime | OpenVinoRuntime:
+                 hint: str = "latency", inference_precision: str | None = "f32") -> OrtRuntime | OpenVinoRuntime:
     """The runtime of an artifact's graph: ONNX Runtime for ``model.onnx``, OpenVINO for ``model.xml``
-    (``hint`` is OpenVINO's alone); either is called as ``.logits(inputs)``. Raises as ``open_session`` and
-    ``OpenVinoRuntime``."""
+    (``hint`` and ``inference_precision`` are OpenVINO's alone); either is called as ``.logits(inputs)``. Raises
+    as ``open_session`` and ``OpenVinoRuntime``."""
     if Path(model_file).suffix == ".xml":
-        return OpenVinoRuntime(model_file, labels, num_threads, hint)
+        return OpenVinoRuntime(model_file, labels, num_threads, hint, inference_precision)
     return OrtRuntime(open_session(model_file, labels, num_threads))
 
 

@@ -72,6 +72,9 @@ class ArtifactPredictor:
         sort_by_length: group texts of similar token counts into batches (answers stay in input order), so
             batches carry less padding; False: batches of consecutive texts.
         hint: OpenVINO's performance hint, ``latency`` or ``throughput`` (OpenVINO folders only).
+        inference_precision: OpenVINO folders: the precision of the graph's float parts, ``f32`` (the same answers on
+            every CPU) or ``bf16``; None: OpenVINO's choice (bf16 on CPUs with AVX512-BF16 or AMX, about 5% faster
+            at batch 32 on a Zen 4: reports/runtimes, section 7).
         max_padding: with ``sort_by_length``, also end a batch before the padding would exceed this fraction of
             its tokens (0.25: a batch computes at most 25% more tokens than its texts hold); None: batches of
             ``batch_size``. Padding costs as much as tokens, and on small models more than a call's own overhead
@@ -84,7 +87,8 @@ class ArtifactPredictor:
     """
 
     def __init__(self, folder: str | Path, num_threads: int | None = None, batch_size: int = 32,
-                 sort_by_length: bool = True, hint: str = "latency", max_padding: float | None = None):
+                 sort_by_length: bool = True, hint: str = "latency", max_padding: float | None = None,
+                 inference_precision: str | None = "f32"):
         folder = Path(folder)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -120,7 +124,7 @@ class ArtifactPredictor:
         # text, what the model saw in training (and SmallEncoderClassifier needs).
         self.tokenizer.no_padding()
 
-        self.runtime = open_runtime(self.model_file, self.labels, num_threads, hint)
+        self.runtime = open_runtime(self.model_file, self.labels, num_threads, hint, inference_precision)
         self._check_vocabulary(folder)
 
     def _check_vocabulary(self, folder: Path) -> None:
@@ -237,6 +241,17 @@ def _check_streams(args: argparse.Namespace) -> str | None:
     return None
 
 
+def add_inference_precision(parser: argparse.ArgumentParser) -> None:
+    """``--inference_precision`` of both servers (``ArtifactPredictor``'s ``inference_precision``; ``auto``: None)."""
+    parser.add_argument("--inference_precision", choices=["f32", "bf16", "auto"], default="f32",
+                        help="OpenVINO folders: the precision of the float parts; f32 (default) answers alike on every "
+                             "CPU; bf16, or auto (OpenVINO's choice: bf16 where the CPU has it), is faster there")
+
+
+def inference_precision(args: argparse.Namespace) -> str | None:
+    return None if args.inference_precision == "auto" else args.inference_precision
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m emocompress.deploy.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
     one JSON object per output line (see the module docstring). With ``--port`` it is the HTTP server instead
@@ -255,11 +270,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="texts per model call; answers are flushed after each batch (1: answer every line "
                              "as it arrives)")
     parser.add_argument("--num_threads", type=int, default=None, help="runtime threads (default: all cores)")
+    add_inference_precision(parser)
     args = parser.parse_args(argv)
     if problem := _check_streams(args):
         parser.error(problem)
     try:
-        predictor = ArtifactPredictor(args.folder, args.num_threads, args.batch_size)
+        predictor = ArtifactPredictor(args.folder, args.num_threads, args.batch_size,
+                                      inference_precision=inference_precision(args))
     except ValueError as error:
         parser.error(str(error))
     try:
