@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -38,11 +38,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from emocompress.deploy.batching import Batcher, QueueFull
+from emocompress.deploy.middleware import AccessLog, Metrics, RefuseWhenFull, access_log
 from emocompress.deploy.page import PAGE
 from emocompress.deploy.protocol import header_deadline_protocol
 
 log = logging.getLogger("emocompress.serve")
-access_log = logging.getLogger("emocompress.access")
 
 
 def _setting(default, help: str):
@@ -110,26 +110,6 @@ def busy(settings: Settings) -> ApiError:
                          "a second", headers={"Retry-After": "1"}, limit="max_queue")
 
 
-class RefuseWhenFull:
-    """ASGI middleware: a ``/v1/predict`` request that finds the queue full gets its 503 before its body is read,
-    parsed or routed. Under overload, refusing must cost much less than answering, or the refusals take the CPU
-    the answers need (reports/http_server, seventh and eighth runs)."""
-
-    def __init__(self, app, batcher: Batcher, settings: Settings):
-        self.app, self.batcher = app, batcher
-        error = busy(settings)
-        self.body = json.dumps(error.body).encode()
-        self.headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode()),
-                        *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
-
-    async def __call__(self, scope, receive, send):
-        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/predict"
-                and self.batcher.queued >= self.batcher.max_queue):
-            await send({"type": "http.response.start", "status": 503, "headers": self.headers})
-            return await send({"type": "http.response.body", "body": self.body})
-        return await self.app(scope, receive, send)
-
-
 def parse_texts(body: bytes, settings: Settings) -> list[str]:
     """The texts of a ``/v1/predict`` body, or ``ApiError`` naming what is wrong with it.
 
@@ -183,61 +163,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise too_big
     return bytes(body)
-
-
-class Metrics:
-    """The server's Prometheus metrics, in a registry of its own (several apps may live in one process)."""
-
-    PATHS = ("/", "/v1/predict", "/v1/model", "/health", "/ready", "/metrics")
-
-    def __init__(self, max_batch_size: int):
-        self.registry = CollectorRegistry()
-        self.requests = Counter("emocompress_http_requests", "HTTP requests answered, by path and status",
-                                ["path", "status"], registry=self.registry)
-        self.latency = Histogram("emocompress_http_request_seconds", "time from request to response, by path",
-                                 ["path"], registry=self.registry,
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        sizes = sorted({2 ** i for i in range(max_batch_size.bit_length())} | {max_batch_size})
-        self.batch_size = Histogram("emocompress_batch_size", "texts per model call", registry=self.registry,
-                                    buckets=sizes)
-        self.queue_depth = Gauge("emocompress_queue_depth", "texts waiting for the model", registry=self.registry)
-        self.texts = Counter("emocompress_texts", "texts predicted", registry=self.registry)
-
-    def observe(self, path: str, status: int, seconds: float) -> None:
-        path = path if path in self.PATHS else "other"  # unknown paths must not grow the label set
-        self.requests.labels(path, str(status)).inc()
-        self.latency.labels(path).observe(seconds)
-
-    def on_batch(self, size: int) -> None:
-        self.batch_size.observe(size)
-        self.texts.inc(size)
-
-
-class AccessLog:
-    """ASGI middleware: one log line and the metrics of every HTTP request, whatever its outcome."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500  # 500 unless a response starts (an unhandled error)
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            seconds = time.perf_counter() - start
-            self.metrics.observe(scope["path"], status, seconds)
-            client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
-            access_log.info('%s "%s %s" %d %.1f ms', client, scope["method"], scope["path"][:200], status,
-                            seconds * 1000)
 
 
 def create_app(predictor, settings: Settings | None = None) -> Starlette:
@@ -308,7 +233,9 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
     # cost about a sixth of a request's CPU on the event loop under load (reports/http_server, seventh run).
     routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/model", model),
               Route("/health", health), Route("/ready", ready), Route("/metrics", prometheus), Route("/", page)]
-    middleware = [Middleware(AccessLog, metrics=metrics), Middleware(RefuseWhenFull, batcher=batcher, settings=settings)]
+    full = busy(settings)
+    middleware = [Middleware(AccessLog, metrics=metrics),
+                  Middleware(RefuseWhenFull, batcher=batcher, body=full.body, headers=full.headers)]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={ApiError: refused, HTTPException: unrouted, Exception: failed})
     app.state.batcher, app.state.metrics = batcher, metrics

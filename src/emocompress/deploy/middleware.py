@@ -1,0 +1,86 @@
+"""The HTTP server's ASGI middleware and Prometheus metrics (``emocompress.deploy.http``): one access-log line and
+the metrics of every request, and the 503 of a full queue before a request's body is read."""
+
+import json
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from emocompress.deploy.batching import Batcher
+
+access_log = logging.getLogger("emocompress.access")
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (several apps may live in one process)."""
+
+    PATHS = ("/", "/v1/predict", "/v1/model", "/health", "/ready", "/metrics")
+
+    def __init__(self, max_batch_size: int):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("emocompress_http_requests", "HTTP requests answered, by path and status",
+                                ["path", "status"], registry=self.registry)
+        self.latency = Histogram("emocompress_http_request_seconds", "time from request to response, by path",
+                                 ["path"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        sizes = sorted({2 ** i for i in range(max_batch_size.bit_length())} | {max_batch_size})
+        self.batch_size = Histogram("emocompress_batch_size", "texts per model call", registry=self.registry,
+                                    buckets=sizes)
+        self.queue_depth = Gauge("emocompress_queue_depth", "texts waiting for the model", registry=self.registry)
+        self.texts = Counter("emocompress_texts", "texts predicted", registry=self.registry)
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        path = path if path in self.PATHS else "other"  # unknown paths must not grow the label set
+        self.requests.labels(path, str(status)).inc()
+        self.latency.labels(path).observe(seconds)
+
+    def on_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+        self.texts.inc(size)
+
+
+class AccessLog:
+    """ASGI middleware: one log line and the metrics of every HTTP request, whatever its outcome."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500  # 500 unless a response starts (an unhandled error)
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - start
+            self.metrics.observe(scope["path"], status, seconds)
+            client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
+            access_log.info('%s "%s %s" %d %.1f ms', client, scope["method"], scope["path"][:200], status,
+                            seconds * 1000)
+
+
+class RefuseWhenFull:
+    """ASGI middleware: a ``/v1/predict`` request that finds the queue full gets its 503 before its body is read,
+    parsed or routed. Under overload, refusing must cost much less than answering, or the refusals take the CPU
+    the answers need (reports/http_server, seventh and eighth runs)."""
+
+    def __init__(self, app, batcher: Batcher, body: dict, headers: dict[str, str]):
+        self.app, self.batcher = app, batcher
+        self.body = json.dumps(body).encode()
+        self.headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode()),
+                        *((k.lower().encode(), v.encode()) for k, v in headers.items())]
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/predict"
+                and self.batcher.queued >= self.batcher.max_queue):
+            await send({"type": "http.response.start", "status": 503, "headers": self.headers})
+            return await send({"type": "http.response.body", "body": self.body})
+        return await self.app(scope, receive, send)
