@@ -413,7 +413,8 @@ def main():
                 command = shlex.split(command.format(folder=args.folder, port=port))
             else:
                 command = [*command, "--port", str(port)]
-            running[name] = start(command, port, logs / f"{name}.log", args.server_cpus), f"http://127.0.0.1:{port}", port
+            server = start(command, port, logs / f"{name}.log", args.server_cpus)
+            running[name] = server, f"http://127.0.0.1:{port}", port
             asyncio.run(closed_loop(running[name][1], 4, 2.0, texts))  # warm-up
         rounds = {name: {clients: [] for clients in args.clients} for name in servers}
         for r in range(args.rounds):  # each level: every server in turn, each round starting with another one

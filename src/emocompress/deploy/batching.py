@@ -173,9 +173,9 @@ class Batcher:
     async def _run(self, batch: list[_Request]) -> None:
         """Run ``batch`` in a worker thread (``_work``), which goes on with the next batches itself."""
         current = [batch]  # the batch the thread is on, for stop() to cancel its callers
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._work, current,
-                                                             asyncio.get_running_loop())
+            await loop.run_in_executor(self._pool, self._work, current, loop)
         except asyncio.CancelledError:  # stop(): the callers of the batch in the model get cancelled too
             for request in current[0]:
                 request.future.cancel()

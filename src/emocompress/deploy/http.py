@@ -104,6 +104,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.headers, self.body = status, headers, {"error": message, **detail}
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, self.status, headers=self.headers)
+
 
 def busy(settings: Settings) -> ApiError:
     return ApiError(503, f"busy: {settings.max_queue} texts may wait (max_queue) and the queue is full; retry after "
@@ -184,7 +187,7 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
         await batcher.stop()
 
     async def refused(request: Request, error: ApiError):
-        return JSONResponse(error.body, error.status, headers=error.headers)
+        return error.response()
 
     async def unrouted(request: Request, error: HTTPException):  # 404, 405: JSON like every other refusal
         return JSONResponse({"error": error.detail, "path": request.url.path[:200]}, error.status_code,
@@ -233,9 +236,8 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
     # cost about a sixth of a request's CPU on the event loop under load (reports/http_server, seventh run).
     routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/model", model),
               Route("/health", health), Route("/ready", ready), Route("/metrics", prometheus), Route("/", page)]
-    full = busy(settings)
     middleware = [Middleware(AccessLog, metrics=metrics),
-                  Middleware(RefuseWhenFull, batcher=batcher, body=full.body, headers=full.headers)]
+                  Middleware(RefuseWhenFull, batcher=batcher, refusal=busy(settings).response())]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={ApiError: refused, HTTPException: unrouted, Exception: failed})
     app.state.batcher, app.state.metrics = batcher, metrics

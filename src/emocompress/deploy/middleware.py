@@ -1,11 +1,11 @@
 """The HTTP server's ASGI middleware and Prometheus metrics (``emocompress.deploy.http``): one access-log line and
 the metrics of every request, and the 503 of a full queue before a request's body is read."""
 
-import json
 import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.responses import Response
 
 from emocompress.deploy.batching import Batcher
 
@@ -72,15 +72,12 @@ class RefuseWhenFull:
     parsed or routed. Under overload, refusing must cost much less than answering, or the refusals take the CPU
     the answers need (reports/http_server, seventh and eighth runs)."""
 
-    def __init__(self, app, batcher: Batcher, body: dict, headers: dict[str, str]):
-        self.app, self.batcher = app, batcher
-        self.body = json.dumps(body).encode()
-        self.headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode()),
-                        *((k.lower().encode(), v.encode()) for k, v in headers.items())]
+    def __init__(self, app, batcher: Batcher, refusal: Response):
+        # a Starlette response is an ASGI app: this one 503 is sent to every request refused
+        self.app, self.batcher, self.refusal = app, batcher, refusal
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/predict"
                 and self.batcher.queued >= self.batcher.max_queue):
-            await send({"type": "http.response.start", "status": 503, "headers": self.headers})
-            return await send({"type": "http.response.body", "body": self.body})
+            return await self.refusal(scope, receive, send)
         return await self.app(scope, receive, send)
