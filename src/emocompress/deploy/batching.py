@@ -185,8 +185,7 @@ class Batcher:
         """In a worker thread: run ``current[0]``, hand its answers to the event loop, and while requests wait (and
         no linger asks to wait for more) take the next batch here. Going back to the event loop between batches
         costs turns of it, and under overload a turn is long (every connection's work is in it): the model then
-        idled between batches, a few hundred answers a second among a storm of refusals (reports/http_server,
-        eighth run)."""
+        idled between batches while the loop answered refusals (measured in reports/http_server, eighth run)."""
         while batch := current[0]:
             if self._stopping:  # taken, not run: their callers are cancelled, as stop() cancels what waits
                 with contextlib.suppress(RuntimeError):  # the loop is closed: no caller is left

@@ -233,7 +233,7 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
         return HTMLResponse(PAGE)
 
     # Starlette rather than FastAPI: nothing here needs FastAPI's request validation or OpenAPI, and its layers
-    # cost about a sixth of a request's CPU on the event loop under load (reports/http_server, seventh run).
+    # cost CPU on the event loop for every request (measured in reports/http_server, seventh run).
     routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/model", model),
               Route("/health", health), Route("/ready", ready), Route("/metrics", prometheus), Route("/", page)]
     middleware = [Middleware(AccessLog, metrics=metrics),

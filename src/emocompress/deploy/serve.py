@@ -73,8 +73,8 @@ class ArtifactPredictor:
             batches carry less padding; False: batches of consecutive texts.
         hint: OpenVINO's performance hint, ``latency`` or ``throughput`` (OpenVINO folders only).
         inference_precision: OpenVINO folders: the precision of the graph's float parts, ``f32`` (the same answers on
-            every CPU) or ``bf16``; None: OpenVINO's choice (bf16 on CPUs with AVX512-BF16 or AMX, about 5% faster
-            at batch 32 on a Zen 4: reports/runtimes, section 7).
+            every CPU) or ``bf16``; None: OpenVINO's choice (bf16 on CPUs with AVX512-BF16 or AMX, faster there:
+            reports/runtimes, sections 7 and 8).
         max_padding: with ``sort_by_length``, also end a batch before the padding would exceed this fraction of
             its tokens (0.25: a batch computes at most 25% more tokens than its texts hold); None: batches of
             ``batch_size``. Padding costs as much as tokens, and on small models more than a call's own overhead
