@@ -242,6 +242,26 @@ def test_benchmark_loads_and_sizes_openvino_folders(ov_fp32, bert):
     assert total >= sum(p.numel() for p in bert[0].parameters()) and 0 < nonzero <= total
 
 
+def test_benchmark_times_openvino_folders_at_each_precision_asked(bert, ov_fp32, emotion_dir, tmp_path):
+    from emocompress.benchmark.run import benchmark
+
+    onnx = export_onnx(bert[0], tmp_path / "onnx", bert[1])
+    out = tmp_path / "report"
+    rows = benchmark({"ov": str(ov_fp32), "onnx": str(onnx)}, data=str(emotion_dir), out_dir=str(out),
+                     latency_samples=2, warmup=1, rounds=1, energy=False, openvino_precisions=["f32", "auto"])
+    # a row per precision for the OpenVINO folder only; the first precision keeps the model's name
+    assert [row["model"] for row in rows] == ["ov", "ov, auto", "onnx"]
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["openvino_precisions"] == {"ov": "f32", "ov, auto": "auto"}
+    picks = json.loads((out / "fastest.json").read_text())
+    assert picks["overall"]["model"] in {"ov", "ov, auto", "onnx"}
+    for precisions, message in ([["f32", "f32"]], "each once"), ([["fp64"]], "one of .*'auto'.*got 'fp64'"):
+        with pytest.raises(ValueError, match=message):
+            benchmark({"ov": str(ov_fp32)}, data=str(emotion_dir), out_dir=str(tmp_path / "bad"),
+                      openvino_precisions=precisions[0])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_bilstm_student_quantizes_to_an_int8_ir_that_loads(bert, texts, tmp_path):
     # the recurrent layers stay float (openvino.quantize_ir). On the real BiLSTM student (reports/compress_search)
     # NNCF's quantized LSTM weights made the CPU plugin refuse the IR; this tiny one did not reproduce that refusal,

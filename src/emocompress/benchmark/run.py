@@ -39,7 +39,7 @@ from emocompress.benchmark.report import (
     write_report,
 )
 from emocompress.benchmark.timing import time_variants
-from emocompress.benchmark.variants import data_labels, measure, model_path_problem
+from emocompress.benchmark.variants import data_labels, is_openvino_folder, measure, model_path_problem, with_precisions
 from emocompress.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
               num_threads: int | None = None, latency_samples: int = 300, warmup: int = 30, batch_size: int = 32,
               max_samples: int | None = None, tensorboard: bool = False, rounds: int = 5, bootstrap: int = 1000,
               seed: int = 0, pairs: list[tuple[str, str]] | None = None, trust_remote_code: bool = False,
-              energy: bool = True) -> list[dict]:
+              energy: bool = True,
+              openvino_precisions: list[Literal["f32", "bf16", "auto"]] | None = None) -> list[dict]:
     """Compare model variants on one data split and write a report folder.
 
     Args:
@@ -85,6 +86,10 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
         energy: also measure the energy of each model's timed calls with codecarbon's offline tracker: kWh per 1,000
             texts in the throughput batches and at batch 1, labelled ``measured`` (the CPU's energy counters, RAPL)
             or ``estimated`` (TDP times this process's CPU load, as on VMs without them).
+        openvino_precisions: the precisions OpenVINO folders run their float parts at (``emocompress serve
+            --inference_precision``): the first for every OpenVINO model's row (default ``f32``: the same answers on
+            every CPU), each further one a row of its own, ``"<name>, <precision>"`` (e.g. ``[f32, auto]``: also with
+            OpenVINO's choice, bf16 on CPUs that have it), measured and picked from like any other.
 
     Returns:
         The rows of ``model_comparison.csv``.
@@ -99,8 +104,10 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
         torch.set_num_threads(num_threads)
     num_threads = torch.get_num_threads()
     labels = data_labels(data)  # one label order for every row, whatever order each model stores
-    variants = [measure(name, paths, data, split, latency_samples, batch_size, max_samples, labels, trust_remote_code)
-                for name, paths in tqdm(runs.items(), desc="benchmark: predict", unit="model")]
+    jobs = with_precisions(runs, list(openvino_precisions or ["f32"]))
+    variants = [measure(name, paths, data, split, latency_samples, batch_size, max_samples, labels, trust_remote_code,
+                        precision) for name, (paths, precision) in tqdm(jobs.items(), desc="benchmark: predict",
+                                                                        unit="model")]
     timing = time_variants(variants, rounds, warmup, energy)
     rows, per_class, reports, pair_rows = compare(variants, timing, baseline, bootstrap, seed, pairs)
     predictions = {"labels": reports[baseline]["labels"], "target": variants[0].target.tolist(),
@@ -108,6 +115,8 @@ def benchmark(models: dict[str, str | list[str]], data: str = "../shared/data/em
                    "paths": {v.name: v.paths for v in variants}}
     settings = {"rounds": rounds, "latency_samples": latency_samples, "warmup": warmup, "batch_size": batch_size,
                 "bootstrap": bootstrap, "bootstrap_seed": seed, "split": split, "baseline": baseline,
+                "openvino_precisions": {name: precision for name, (paths, precision) in jobs.items()
+                                        if is_openvino_folder(paths[0])},
                 "energy": "codecarbon offline tracker, process mode, around each model's timed calls" if energy else None,
                 "command": invoking_command()}
     check_out_dir(out_dir)  # again: something may have been written there while we measured

@@ -15,7 +15,8 @@ from emocompress.compression.distillation import Distiller
 from emocompress.data.datamodule import EmotionDataModule
 from emocompress.data.sampling import padding_per_text, sort_by_length
 from emocompress.data.sources import DataSource, check_label_set
-from emocompress.deploy.format import ONNX_FILE, OPENVINO_WEIGHTS_FILE, TORCH_WEIGHTS_FILE, metadata_file
+from emocompress.deploy.format import ONNX_FILE, OPENVINO_WEIGHTS_FILE, TORCH_WEIGHTS_FILE, metadata_file, read_metadata
+from emocompress.deploy.runtime import precision_hint
 from emocompress.models.checkpoints import current_class_paths, label_columns, read_checkpoint, stored_labels
 from emocompress.models.classifier import EmotionClassifier, classification_metrics, metrics_report, model_inputs
 from emocompress.models.loading import is_distiller_checkpoint, load_folder
@@ -40,9 +41,11 @@ def model_path_problem(path: str | Path) -> str | None:
     return None
 
 
-def load_for_benchmark(path: str | Path, trust_remote_code: bool = False) -> tuple[nn.Module, str, Path]:
+def load_for_benchmark(path: str | Path, trust_remote_code: bool = False,
+                       inference_precision: str | None = "f32") -> tuple[nn.Module, str, Path]:
     """(model in eval mode, where its tokenizer is, its weights file) for an HF export, INT8 folder or .ckpt.
-    ``trust_remote_code`` is this run's setting: a checkpoint's own (a hyper-parameter) is never used."""
+    ``trust_remote_code`` is this run's setting: a checkpoint's own (a hyper-parameter) is never used;
+    ``inference_precision``: OpenVINO folders' (``load_artifact``)."""
     problem = model_path_problem(path)
     if problem:
         raise ValueError(f"benchmark model {problem}")
@@ -56,7 +59,34 @@ def load_for_benchmark(path: str | Path, trust_remote_code: bool = False) -> tup
         module = module_class.load_from_checkpoint(path, map_location="cpu", trust_remote_code=trust_remote_code,
                                                    **moved)
         return module.model.eval(), module.hparams.model_name, path
-    return load_folder(path, trust_remote_code, torch.get_num_threads()), str(path), _weights_file(path)
+    return (load_folder(path, trust_remote_code, torch.get_num_threads(), inference_precision), str(path),
+            _weights_file(path))
+
+
+def is_openvino_folder(path: str | Path) -> bool:
+    """Whether ``path`` is an OpenVINO artifact folder (``export_openvino``, ``Int8Quantization(backend="openvino")``),
+    whose float parts run at the inference precision it is opened with."""
+    return metadata_file(path).is_file() and read_metadata(path).backend == "openvino"
+
+
+def with_precisions(runs: dict[str, list[str]], precisions: list[str]) -> dict[str, tuple[list[str], str]]:
+    """Each model's runs and the ``--inference_precision`` choice (``PRECISION_CHOICES``) to open them with: every
+    model at the first of ``precisions``, under its own name; an OpenVINO folder also at each other precision, as a
+    row of its own named ``"<name>, <precision>"``, so the fastest pick can choose between them.
+
+    >>> with_precisions({"fp32": ["hf_model"]}, ["f32", "auto"])
+    {'fp32': (['hf_model'], 'f32')}
+    """
+    if not precisions or len(set(precisions)) < len(precisions):
+        raise ValueError(f"benchmark: openvino_precisions must name one precision or more, each once, got {precisions}")
+    for choice in precisions:
+        precision_hint(choice)  # refuses an unknown one
+    expanded = {}
+    for name, paths in runs.items():
+        expanded[name] = (paths, precisions[0])
+        if is_openvino_folder(paths[0]):
+            expanded.update({f"{name}, {choice}": (paths, choice) for choice in precisions[1:]})
+    return expanded
 
 
 def _labels_file(path: str | Path) -> Path:
@@ -156,9 +186,11 @@ def _predict(model: nn.Module, batches: list[dict], id2label: dict[int, str],
 
 
 def measure(name: str, paths: list[str], data: str, split: str, latency_samples: int, batch_size: int,
-            max_samples: int | None, labels: list[str] | None = None, trust_remote_code: bool = False) -> Variant:
+            max_samples: int | None, labels: list[str] | None = None, trust_remote_code: bool = False,
+            inference_precision: str = "f32") -> Variant:
     """Load every run of one variant and predict the whole split with each (untimed); the first run stays
-    loaded, with its tokenized inputs, for the interleaved timing.
+    loaded, with its tokenized inputs, for the interleaved timing. OpenVINO folders run their float parts at
+    ``inference_precision`` (``PRECISION_CHOICES``).
 
     Each model's classes are the labels stored with it, matched by name to ``labels`` (default: ``data_labels``;
     without a train split, the model's own), whose order the predictions and reports follow.
@@ -169,7 +201,8 @@ def measure(name: str, paths: list[str], data: str, split: str, latency_samples:
     variant = None
     labels = labels or data_labels(data)
     for path in paths:
-        model, tokenizer_path, weights = load_for_benchmark(path, trust_remote_code)
+        model, tokenizer_path, weights = load_for_benchmark(path, trust_remote_code,
+                                                            precision_hint(inference_precision))
         trained_on = stored_labels(model.config.id2label)
         labels = labels or trained_on
         columns = label_columns(trained_on, labels, str(_labels_file(path)))

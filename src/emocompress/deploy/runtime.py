@@ -15,6 +15,16 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # OpenVINO's performance hints: ``latency`` runs one call on all threads, ``throughput`` splits the cores into
 # streams for concurrent calls (which a single caller does not make).
 HINTS = ("latency", "throughput")
+# The choices of ``--inference_precision`` (servers, benchmark): OpenVINO's ``INFERENCE_PRECISION_HINT``, or ``auto``
+# for OpenVINO's own choice (bf16 on CPUs with AVX512-BF16 or AMX).
+PRECISION_CHOICES = ("f32", "bf16", "auto")
+
+
+def precision_hint(choice: str) -> str | None:
+    """The ``inference_precision`` of ``open_runtime`` for a ``PRECISION_CHOICES`` entry (``auto``: None)."""
+    if choice not in PRECISION_CHOICES:
+        raise ValueError(f"inference precision must be one of {list(PRECISION_CHOICES)}, got {choice!r}")
+    return None if choice == "auto" else choice
 
 
 def open_session(onnx_file: str | Path, labels: list[str], num_threads: int | None = None):

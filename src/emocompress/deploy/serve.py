@@ -43,7 +43,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from emocompress.deploy.format import FIX, ONNX_FILE, OPENVINO_FILE, TOKENIZER_FILE, read_metadata
-from emocompress.deploy.runtime import open_runtime
+from emocompress.deploy.runtime import PRECISION_CHOICES, open_runtime, precision_hint
 from emocompress.io import atomic_file, iter_lines
 
 
@@ -243,13 +243,13 @@ def _check_streams(args: argparse.Namespace) -> str | None:
 
 def add_inference_precision(parser: argparse.ArgumentParser) -> None:
     """``--inference_precision`` of both servers (``ArtifactPredictor``'s ``inference_precision``; ``auto``: None)."""
-    parser.add_argument("--inference_precision", choices=["f32", "bf16", "auto"], default="f32",
+    parser.add_argument("--inference_precision", choices=PRECISION_CHOICES, default="f32",
                         help="OpenVINO folders: the precision of the float parts; f32 (default) answers alike on every "
                              "CPU; bf16, or auto (OpenVINO's choice: bf16 where the CPU has it), is faster there")
 
 
 def inference_precision(args: argparse.Namespace) -> str | None:
-    return None if args.inference_precision == "auto" else args.inference_precision
+    return precision_hint(args.inference_precision)
 
 
 def main(argv: list[str] | None = None) -> None:

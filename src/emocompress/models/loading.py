@@ -64,12 +64,16 @@ class OrtClassifier(nn.Module):
         config: the model's ``transformers`` config (its labels are checked against the graph's outputs).
         num_threads: runtime threads (default: all cores).
         hint: OpenVINO's performance hint, ``latency`` or ``throughput``.
+        inference_precision: OpenVINO's float precision, ``f32`` (default: the same logits on every CPU), ``bf16``,
+            or None (OpenVINO's choice); see ``emocompress.deploy.runtime.OpenVinoRuntime``.
     """
 
-    def __init__(self, path: str | Path, config, num_threads: int | None = None, hint: str = "latency"):
+    def __init__(self, path: str | Path, config, num_threads: int | None = None, hint: str = "latency",
+                 inference_precision: str | None = "f32"):
         super().__init__()
         self.path = str(path)
-        self.runtime = open_runtime(path, [config.id2label[i] for i in range(config.num_labels)], num_threads, hint)
+        self.runtime = open_runtime(path, [config.id2label[i] for i in range(config.num_labels)], num_threads, hint,
+                                    inference_precision)
         self.session = getattr(self.runtime, "session", None)  # ONNX Runtime's, None for OpenVINO
         self.config = config
 
@@ -85,7 +89,8 @@ def attention_kwargs(config, implementation: str) -> dict:
     return {"attn_implementation": implementation} if hasattr(config, "num_attention_heads") else {}
 
 
-def load_artifact(path: str | Path, num_threads: int | None = None) -> nn.Module:
+def load_artifact(path: str | Path, num_threads: int | None = None,
+                  inference_precision: str | None = "f32") -> nn.Module:
     """Load an INT8 model saved by ``quantize``/``Int8Quantization``, or an fp32 ONNX folder written by
     ``export_onnx``/``OnnxExport``, or an OpenVINO folder written by ``export_openvino``, in a fresh process. ONNX
     and OpenVINO folders load as an ``OrtClassifier``.
@@ -96,6 +101,7 @@ def load_artifact(path: str | Path, num_threads: int | None = None) -> nn.Module
     Args:
         path: the artifact folder.
         num_threads: ONNX Runtime or OpenVINO threads (default: all cores).
+        inference_precision: OpenVINO folders: ``OrtClassifier``'s ``inference_precision``.
 
     Returns:
         The model, CPU-only, called like a ``transformers`` classifier: ``model(**batch).logits``.
@@ -110,7 +116,7 @@ def load_artifact(path: str | Path, num_threads: int | None = None) -> nn.Module
     config = pretrained.load_config(str(path))
     if meta.backend in ("onnxruntime", "openvino"):
         return OrtClassifier(path / (ONNX_FILE if meta.backend == "onnxruntime" else OPENVINO_FILE), config,
-                             num_threads)
+                             num_threads, inference_precision=inference_precision)
     skeleton = structure.build(config, **attention_kwargs(config, "sdpa")).eval()
     model = torch_int8(skeleton, meta.include_embeddings)
     try:
@@ -129,11 +135,12 @@ def is_distiller_checkpoint(hparams: dict) -> bool:
     return "teacher" in hparams
 
 
-def load_folder(path: str | Path, trust_remote_code: bool = False, num_threads: int | None = None) -> nn.Module:
+def load_folder(path: str | Path, trust_remote_code: bool = False, num_threads: int | None = None,
+                inference_precision: str | None = "f32") -> nn.Module:
     """The model in a folder, in eval mode: an ONNX/INT8 artifact (``load_artifact``) or an ``hf_model`` export
     (``pretrained.load_model``)."""
     if metadata_file(path).is_file():
-        return load_artifact(path, num_threads=num_threads)
+        return load_artifact(path, num_threads, inference_precision)
     return pretrained.load_model(str(path), trust_remote_code=trust_remote_code).eval()
 
 
