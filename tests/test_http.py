@@ -404,6 +404,9 @@ def test_bad_folder_and_settings_exit_2_in_one_line(tmp_path, capsys):
             (main, [str(tmp_path), "--max_queue", "0"], r"--max_queue must be positive, got 0"),
             (main, [str(tmp_path), "--max_queue", "8"], r"--max_queue 8 is below --max_texts 64; raise it"),
             (main, [str(tmp_path), "--max_padding", "-1"], r"--max_padding must be positive, got -1"),
+            # the socket layer served 70000 on port 4464, and -1 ended uvicorn with exit code 3
+            (main, [str(tmp_path), "--port", "70000"], r"--port must be from 0 to 65535 \(0: a free port\), got 70000"),
+            (main, [str(tmp_path), "--port", "-1"], r"--port must be from 0 to 65535"),
             # python -m emocompress.deploy.serve with --port is this server
             (serve_main, [str(tmp_path / "missing"), "--port", "0"], r"emocompress serve: error: .*not a folder")):
         with pytest.raises(SystemExit) as exit_info:

@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
                             help=f"{f.metadata['help']} (default {f.default})")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:  # the socket layer served 70000 on 4464 (70000 - 65536) and exited 3 on -1
+        parser.exit(2, f"{parser.prog}: error: --port must be from 0 to 65535 (0: a free port), got {args.port}\n")
     try:
         settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
         threads = args.num_threads or max(1, _cores() // settings.workers)
