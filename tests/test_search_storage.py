@@ -84,8 +84,13 @@ def test_two_machines_on_one_postgresql_storage_run_disjoint_trials(search_model
     ("postgresql+psycopg://me:secret@/optuna?host=/nowhere", "cannot open it ("),
     ("mysql://me:secret@localhost/optuna", "no driver for this database"),
     ("study.db", "not a database URL"),
-], ids=["unreachable", "no_driver", "not_a_url"])
+    # both were tracebacks: a URL SQLAlchemy has no dialect for, and an SQLite URL of a file that is no database
+    ("redis://localhost/0", "not a database Optuna can keep a study in"),
+    ("sqlite:///{tmp}/notes.txt", "cannot open it (file is not a database)"),
+], ids=["unreachable", "no_driver", "not_a_url", "not_a_database", "not_sqlite"])
 def test_cli_refuses_a_storage_it_cannot_open_in_one_line(search_models, emotion_dir, tmp_path, capsys, url, says):
+    url = url.format(tmp=tmp_path)
+    (tmp_path / "notes.txt").write_text("not a database, though the URL says sqlite\n" * 100)
     with pytest.raises(SystemExit) as exit_:
         main(["compress", "-c", str(REPO / "configs" / "compress.yaml"), "--teacher", search_models["teacher"],
               "--data", str(emotion_dir), "--out_dir", str(tmp_path), "--storage", url])

@@ -66,10 +66,13 @@ def open_storage(url: str, tries: int = 5) -> RDBStorage:
                 # the loser's CREATE; once the winner has made them, opening again finds them
                 time.sleep(1 + attempt)
         return make()
+    except sqlalchemy.exc.NoSuchModuleError:  # a URL of something SQLAlchemy has no dialect for (redis://...)
+        raise ValueError(f"--storage {shown}: not a database Optuna can keep a study in; give sqlite:///<file> or "
+                         "postgresql+psycopg://user:password@host/dbname") from None
     except ImportError as err:
         raise ValueError(f"--storage {shown}: no driver for this database ({err.__cause__ or err}); for "
                          "PostgreSQL: pip install 'emocompress[postgres]'") from None
-    except sqlalchemy.exc.OperationalError as err:
+    except sqlalchemy.exc.DatabaseError as err:  # unreachable, refused, or a file that is not SQLite
         reason = str(err.orig or err).strip().splitlines()[0]
         raise ValueError(f"--storage {shown}: cannot open it ({reason}); check the URL, that the server runs "
                          "and that the database exists (docs/search.md)") from None
