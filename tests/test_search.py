@@ -388,3 +388,17 @@ def test_a_trial_of_the_default_space_is_the_recipes_stack(tmp_path, capsys):
     assert model["logits_cache"] == str(tmp_path / "teacher_logits")
     logger = printed["trainer"]["logger"]["init_args"]
     assert Path(logger["save_dir"], logger["name"], logger["version"]) == tmp_path / "trials" / "trial_0007"
+
+
+def test_a_verdict_key_the_benchmark_does_not_take_is_refused_before_the_search(search_models, emotion_dir,
+                                                                                tmp_path):
+    # a typo there was found only when every trial was done: benchmark() refused the key with a TypeError
+    def runner(args, folder):
+        raise AssertionError("no trial may run")
+
+    for key in ("latency_sample", "out_dir"):  # a typo; a setting the verdict makes itself
+        with pytest.raises(ValueError, match=rf"verdict.{key}: not a setting of the test benchmark; give some of "
+                                             "num_threads, latency_samples, warmup"):
+            _search(tmp_path, search_models, emotion_dir, _space(tmp_path, ["same"]), runner, test_verdict=True,
+                    verdict={**QUICK_VERDICT, key: 3})
+    assert not (tmp_path / "search").exists()

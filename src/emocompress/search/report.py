@@ -5,6 +5,7 @@ it)."""
 
 import csv
 import datetime
+import inspect
 import json
 import logging
 import threading
@@ -155,6 +156,23 @@ def _write_tables(out: Path, rows: list[dict], shown: list[str]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     (out / "trials.md").write_text(markdown_table(rows, shown))
+
+
+# benchmark() arguments the test verdict sets itself; ``verdict`` may set the others
+_VERDICT_OWN = {"models", "data", "split", "baseline", "out_dir", "trust_remote_code"}
+
+
+def check_verdict(verdict: dict) -> None:
+    """Refuse a ``verdict`` key that ``benchmark`` does not take (or that the verdict sets itself) before the search:
+    the verdict is run when every trial is done, hours later.
+
+    Raises:
+        ValueError: naming ``verdict.<key>`` and the keys it may have.
+    """
+    allowed = [name for name in inspect.signature(benchmark).parameters if name not in _VERDICT_OWN]
+    for key in verdict:
+        if key not in allowed:
+            raise ValueError(f"verdict.{key}: not a setting of the test benchmark; give some of {', '.join(allowed)}")
 
 
 def test_verdict(out: Path, shared: Shared, front: list, chosen, budget, settings: dict,

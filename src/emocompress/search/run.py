@@ -96,6 +96,7 @@ def search(teacher: str, data: str, space: list[dict], budget: dict, base=None, 
     """``compress``, with the function that runs a trial's command (``runner(args, run_folder)``: its exit status;
     ``args`` start with ``fit``, or ``test`` for a trial that reuses another's fit) as an argument: tests give a
     cheaper one. Workers beyond the first always run ``run_fit``."""
+    report.check_verdict(verdict or {})
     dimensions, budget_, shared, firsts = _settings(teacher, data, space, budget, base, args, first, out_dir, seed,
                                                     workers, test_base)
     for line in unavailable_lines(dimensions):
