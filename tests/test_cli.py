@@ -895,3 +895,17 @@ def test_structured_prune_recovers_under_distillation(emotion_dir, tiny_teacher_
     assert sum(s["heads"] for s in structure.shape(student)) == 2
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)  # never pruned
     assert structure.shape(teacher) == [{"heads": 2, "ffn": 32}] * 2
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--trainer.max_epochs", "-2", "trainer: `max_epochs` must be a non-negative integer or -1"),
+    ("--trainer.devices", "-3", "trainer: `devices` selected with `CPUAccelerator` should be an int > 0"),
+    ("--trainer.limit_train_batches", "-1", "trainer: You have passed invalid value -1 for limit_train_batches"),
+    ("--trainer.accumulate_grad_batches", "0", "trainer.accumulate_grad_batches must be at least 1, got 0"),
+])
+def test_trainer_settings_lightning_refuses_are_one_line(emotion_dir, tiny_model_dir, tmp_path, capsys, monkeypatch,
+                                                         option, value, message):
+    # Lightning's MisconfigurationException, TypeError and (accumulate 0) ZeroDivisionError were tracebacks
+    err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, option, value)], capsys, monkeypatch, tmp_path)
+    assert f"emocompress: error: {message}" in err
+    assert not list(tmp_path.rglob("*.ckpt"))

