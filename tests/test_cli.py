@@ -909,3 +909,16 @@ def test_trainer_settings_lightning_refuses_are_one_line(emotion_dir, tiny_model
     err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, option, value)], capsys, monkeypatch, tmp_path)
     assert f"emocompress: error: {message}" in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_run_folder_in_or_under_a_file_is_refused_before_loading(emotion_dir, tiny_model_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    # a FileExistsError/NotADirectoryError traceback once the model and the data had been loaded
+    (tmp_path / "notes.txt").write_text("mine")
+    for extra, key in ((("--trainer.logger.init_args.save_dir", "notes.txt"), "trainer.logger.init_args.save_dir"),
+                       (("--trainer.logger", "false", "--trainer.default_root_dir", "notes.txt/runs"),
+                        "trainer.default_root_dir")):
+        err = _refused(["fit", *tiny_args(emotion_dir, tiny_model_dir, *extra)], capsys, monkeypatch, tmp_path)
+        assert f"emocompress: error: {key} {extra[-1]}: {tmp_path / 'notes.txt'} is a file, so the folder cannot " \
+               "be made there" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emotion", "notes.txt"]

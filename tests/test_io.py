@@ -8,7 +8,9 @@ import stat
 import pytest
 
 from emocompress.cli import main
-from emocompress.io import atomic_dir, atomic_file, atomic_write_text, check_replaceable
+from emocompress.io import atomic_dir, atomic_file, atomic_write_text, check_can_create, check_replaceable
+
+from .conftest import REPO
 
 
 def _mode(path) -> int:
@@ -79,6 +81,32 @@ def test_benchmark_and_vocab_refuse_an_out_dir_at_or_above_the_current_directory
     assert not measured  # refused before anything is measured
     assert (cwd / "model_comparison.csv").read_text() == "an earlier report's"
     assert sorted(p.name for p in (tmp_path / "report").rglob("*")) == ["model_comparison.csv", "tensorboard"]
+
+
+def test_an_out_dir_in_or_under_a_file_is_refused_before_any_work(emotion_dir, tiny_model_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    # benchmark measured every model and then failed to write its report (a traceback); vocab trained, then failed;
+    # compress failed on mkdir with a FileExistsError traceback
+    import emocompress.benchmark.run
+
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    measured = []
+    monkeypatch.setattr(emocompress.benchmark.run, "measure", lambda *args, **kwargs: measured.append(args))
+    compress = ["compress", "-c", str(REPO / "configs" / "compress.yaml"), "--teacher", tiny_model_dir, "--base", "[]",
+                "--test_base", "[]", "--first", "[]"]
+    for args, out in ((["benchmark", "--models", json.dumps({"m": tiny_model_dir})], "notes.txt/report"),
+                      (["vocab", "--vocab_size", "120"], "notes.txt/vocab"),
+                      (compress, "notes.txt"), (compress, "notes.txt/search")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--data", str(emotion_dir), "--out_dir", out])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{out}: {tmp_path / 'notes.txt'} is a file, so the folder cannot be made there" in err, err
+        assert "Traceback" not in err
+    assert not measured
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emotion", "notes.txt"]
+    check_can_create(tmp_path / "new" / "deeper")  # a folder that does not exist yet is fine
 
 
 @pytest.mark.parametrize("dirname", ["..", ".", "", "a/b", "/tmp"])

@@ -36,6 +36,7 @@ from emocompress.compression.distillation import Distiller  # noqa: F401  (so `c
 from emocompress.data.datamodule import EmotionDataModule
 from emocompress.data.vocabulary import train_vocabulary
 from emocompress.hardware import bf16_is_emulated
+from emocompress.io import check_can_create
 from emocompress.models.checkpoints import AtomicCheckpointIO, current_class_paths, read_checkpoint
 from emocompress.models.classifier import EmotionClassifier
 from emocompress.search.run import compress
@@ -60,6 +61,19 @@ def _cpu_precision(trainer_config) -> None:
         rank_zero_warn(f"trainer.precision {precision}: this CPU has no native bf16 (no AVX512-BF16 or AMX), where "
                        "bf16 autocast is emulated and trains many times slower than fp32; using 32-true instead (pass "
                        "--trainer.precision 32-true to silence this)")
+
+
+def _check_run_folder(trainer_config) -> None:
+    """The folder the run writes to (the logger's ``save_dir``, else ``default_root_dir``) can be made: a file in
+    its way was a traceback once the model and the data had been loaded."""
+    logger = getattr(trainer_config.logger, "init_args", None)
+    key, folder = (("trainer.logger.init_args.save_dir", logger.save_dir) if logger and logger.get("save_dir") else
+                   ("trainer.default_root_dir", trainer_config.default_root_dir))
+    if folder:
+        try:
+            check_can_create(folder)
+        except ValueError as err:
+            raise ValueError(f"{key} {err}") from None
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -137,6 +151,7 @@ class EmoCLI(LightningCLI):
         if config.get("ckpt_path"):
             # The checkpoint restores the head: transformers' report of a freshly initialised one is noise.
             transformers.logging.set_verbosity_error()
+        _check_run_folder(config.trainer)
         if self.subcommand == "fit":
             runs.refuse_zero_epochs(config)
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
@@ -162,7 +177,7 @@ class EmoCLI(LightningCLI):
         except (MisconfigurationException, TypeError, ValueError) as err:
             # the Trainer's own checks (max_epochs -2, devices -3, accelerator gpu on a machine without one): a
             # Lightning traceback before
-            raise ValueError(f"trainer: {str(err).splitlines()[0].rstrip('.')}; fix that trainer.* setting "
+            raise ValueError(f"trainer: {str(err).splitlines()[0].rstrip('.!')}; fix that trainer.* setting "
                              "(--help lists them)") from err
         if trainer.accumulate_grad_batches < 1:  # Lightning takes it, then divides by it when the fit starts
             raise ValueError(f"trainer.accumulate_grad_batches must be at least 1, got "

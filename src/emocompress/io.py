@@ -92,19 +92,38 @@ def check_folder_name(name: str, key: str) -> None:
         raise ValueError(f"{key} must be a plain folder name, got {name!r}")
 
 
+def check_can_create(path: str | Path) -> None:
+    """Refuse an output folder that cannot be made or written, without creating anything: ``path`` or a folder
+    above it is a file, or the nearest of them that exists cannot be written. Commands check this before the work
+    whose result goes there; otherwise ``atomic_dir`` (or a logger) fails with a traceback once it is done.
+
+    Raises:
+        ValueError: naming ``path``, what is in its way, and the fix.
+    """
+    path = Path(path)
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{path}: {existing} is a file, so the folder cannot be made there; choose a folder "
+                         "that is not (inside) a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: {existing} cannot be written (no permission); choose a folder you can write to")
+
+
 def check_replaceable(path: str | Path, marker: str, what: str) -> None:
     """Refuse to replace ``path`` unless it is missing, an empty folder, or an earlier output of the same kind
     (a folder holding ``marker``): a folder of anything else is never removed, nor the current directory or a
     folder above it (``check_not_cwd``).
 
     Raises:
-        ValueError: ``path`` is a file, a non-empty folder without ``marker``, or at or above the current directory.
+        ValueError: ``path`` is a file, a non-empty folder without ``marker``, or at or above the current directory,
+            or cannot be made (``check_can_create``).
     """
     check_not_cwd(path)
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).is_file())):
         raise ValueError(f"{path}: exists and is not {what} (no {marker}), so it is not replaced; "
                          "choose a new or empty folder")
+    check_can_create(path)
 
 
 @contextlib.contextmanager

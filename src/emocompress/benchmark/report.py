@@ -20,7 +20,7 @@ from emocompress.deploy.format import DEFAULT_MAX_LENGTH
 from emocompress.evaluation.plots import close_figure, confusion_figure, per_class_plot, tradeoff_plot
 from emocompress.evaluation.significance import SCALARS
 from emocompress.hardware import cpu_info
-from emocompress.io import check_not_cwd
+from emocompress.io import check_can_create, check_not_cwd
 
 # Every entry a report folder may hold (shell patterns). A non-empty --out_dir with anything else in it is not a
 # report of ours and is never replaced: pointed at reports/ or logs/, a replace would erase committed results.
@@ -42,18 +42,20 @@ _COLUMNS = ["model", "runs", "params", "nonzero_params", "sparsity", "size_mb", 
 
 def check_out_dir(out_dir: str | Path) -> None:
     """Refuse an ``out_dir`` that a report may not replace: a file, a non-empty folder holding anything a
-    report does not write (``_REPORT_ENTRIES``), or the current directory or a folder above it.
+    report does not write (``_REPORT_ENTRIES``), the current directory or a folder above it, or one that cannot be
+    made (``check_can_create``).
 
     Raises:
         ValueError: naming the folder, a few foreign entries and the fix.
     """
-    try:
-        check_not_cwd(out_dir)
-    except ValueError as err:
-        raise ValueError(f"benchmark: --out_dir {err}") from err
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"benchmark: --out_dir {out_dir} is a file, not a report folder; choose a new --out_dir")
+    try:
+        check_not_cwd(out_dir)
+        check_can_create(out_dir)  # a file above it: found before measuring, not when the report is written
+    except ValueError as err:
+        raise ValueError(f"benchmark: --out_dir {err}") from err
     if not out_dir.is_dir():
         return
     foreign = sorted(p.name for p in out_dir.iterdir()

@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from emocompress.benchmark.variants import data_labels
-from emocompress.io import atomic_write_text
+from emocompress.io import atomic_write_text, check_can_create
 from emocompress.models.checkpoints import read_checkpoint
 from emocompress.search import choice, report, trials
 from emocompress.search.space import (
@@ -140,6 +140,10 @@ def _settings(teacher, data, space, budget, base, args, first, out_dir, seed, wo
             if not Path(file).is_file():
                 raise ValueError(f"{key}: {file} does not exist; give the configs {what} starts from")
     firsts = [check_settings(dimensions, s or {}, f"first[{i}]") for i, s in enumerate(first or [])]
+    try:
+        check_can_create(out_dir)  # a file there was a FileExistsError traceback
+    except ValueError as err:
+        raise ValueError(f"--out_dir {err}") from None
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # the student reads the teacher's tokens: a checkpoint teacher's network is the model_name it recorded
