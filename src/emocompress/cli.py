@@ -122,6 +122,9 @@ class EmoCLI(LightningCLI):
                 read_checkpoint(path)
             except ValueError as err:
                 parser.error(f"--ckpt_path: {err}")
+        elif path and Path(path).is_dir():  # was called a path that "does not exist"
+            parser.error(f"--ckpt_path: {path} is a folder; give a .ckpt file of a run (checkpoints/ in its folder); "
+                         "an exported model folder (hf_model) is --model.model_name instead")
         elif path and path not in _CKPT_KEYWORDS and not path.startswith("registry"):
             parser.error(f"--ckpt_path: {path} does not exist; give a .ckpt file of a run (checkpoints/ in its "
                          "folder), or 'last' to resume")
