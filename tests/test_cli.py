@@ -731,6 +731,9 @@ def test_broken_checkpoints_are_named(emotion_dir, tiny_model_dir, tmp_path, cap
     err = _refused(["test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", tmp_path / "nope.ckpt")], capsys,
                    monkeypatch, tmp_path)
     assert f"--ckpt_path: {tmp_path / 'nope.ckpt'} does not exist" in err
+    err = _refused(["test", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", tiny_model_dir)], capsys,
+                   monkeypatch, tmp_path)
+    assert f"--ckpt_path: {tiny_model_dir} is a folder; give a .ckpt file" in err and "--model.model_name" in err
 
 
 def test_testing_a_fresh_head_warns_loudly(emotion_dir, tiny_model_dir, tmp_path, monkeypatch):
