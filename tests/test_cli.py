@@ -3,6 +3,8 @@
 import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -174,6 +176,35 @@ def test_every_recipe_stack_parses(recipe, capsys):
     if "--model.model_name" in stack["args"]:  # the network a test-only recipe quantizes
         network = stack["args"][stack["args"].index("--model.model_name") + 1]
         assert config["model"]["init_args"]["model_name"] == network
+
+
+def _documented_commands() -> list[list[str]]:
+    """The arguments of every ``emocompress <subcommand> ...`` command in a bash block of README.md and docs/*.md, as
+    the shell splits them (continuation lines and quotes spanning lines joined, comments dropped); not ``serve``,
+    which starts a server and has no --print_config."""
+    commands, pending = [], ""
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                pending += line + "\n"
+                try:
+                    words = shlex.split(pending, comments=True)
+                except ValueError:  # a quote still open: the command goes on on the next line
+                    continue
+                pending = ""
+                if words[:1] == ["emocompress"] and words[1] != "serve" and words not in commands:
+                    commands.append(words)
+    return commands
+
+
+@pytest.mark.parametrize("words", _documented_commands(), ids=" ".join)
+def test_every_documented_command_parses(words, capsys, monkeypatch):
+    # as a user pastes it, in the repository root; --print_config stops after parsing, so nothing runs
+    monkeypatch.chdir(REPO)
+    asks_help = {"--help", "--model.help"} & set(words)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*words[1:], *([] if asks_help else ["--print_config"])])
+    assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
 
 
 def test_every_config_file_is_in_a_recipe_or_an_overlay():
