@@ -63,9 +63,13 @@ def _cpu_precision(trainer_config) -> None:
                        "--trainer.precision 32-true to silence this)")
 
 
-def _check_run_folder(trainer_config) -> None:
-    """The folder the run writes to (the logger's ``save_dir``, else ``default_root_dir``) can be made: a file in
-    its way was a traceback once the model and the data had been loaded."""
+def _check_trainer(trainer_config) -> None:
+    """Trainer settings that failed with a traceback once the model and the data had been loaded: a run folder (the
+    logger's ``save_dir``, else ``default_root_dir``) in or under a file, ``accumulate_grad_batches`` below 1 (which
+    Lightning takes, then divides by)."""
+    if trainer_config.get("accumulate_grad_batches", 1) < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches must be at least 1, got "
+                         f"{trainer_config.accumulate_grad_batches}")
     logger = getattr(trainer_config.logger, "init_args", None)
     key, folder = (("trainer.logger.init_args.save_dir", logger.save_dir) if logger and logger.get("save_dir") else
                    ("trainer.default_root_dir", trainer_config.default_root_dir))
@@ -122,12 +126,10 @@ class EmoCLI(LightningCLI):
                 read_checkpoint(path)
             except ValueError as err:
                 parser.error(f"--ckpt_path: {err}")
-        elif path and Path(path).is_dir():  # was called a path that "does not exist"
-            parser.error(f"--ckpt_path: {path} is a folder; give a .ckpt file of a run (checkpoints/ in its folder); "
-                         "an exported model folder (hf_model) is --model.model_name instead")
         elif path and path not in _CKPT_KEYWORDS and not path.startswith("registry"):
-            parser.error(f"--ckpt_path: {path} does not exist; give a .ckpt file of a run (checkpoints/ in its "
-                         "folder), or 'last' to resume")
+            parser.error(f"--ckpt_path: {path} {'is a folder' if Path(path).is_dir() else 'does not exist'}; give a "
+                         ".ckpt file of a run (checkpoints/ in its folder), or 'last' to resume (an exported hf_model "
+                         "folder is --model.model_name instead)")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's (2.6), but reading the checkpoint as data once more (read_checkpoint: weights_only, mmap) and
@@ -154,7 +156,7 @@ class EmoCLI(LightningCLI):
         if config.get("ckpt_path"):
             # The checkpoint restores the head: transformers' report of a freshly initialised one is noise.
             transformers.logging.set_verbosity_error()
-        _check_run_folder(config.trainer)
+        _check_trainer(config.trainer)
         if self.subcommand == "fit":
             runs.refuse_zero_epochs(config)
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
@@ -177,14 +179,8 @@ class EmoCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, TypeError, ValueError) as err:
-            # the Trainer's own checks (max_epochs -2, devices -3, accelerator gpu on a machine without one): a
-            # Lightning traceback before
-            raise ValueError(f"trainer: {str(err).splitlines()[0].rstrip('.!')}; fix that trainer.* setting "
-                             "(--help lists them)") from err
-        if trainer.accumulate_grad_batches < 1:  # Lightning takes it, then divides by it when the fit starts
-            raise ValueError(f"trainer.accumulate_grad_batches must be at least 1, got "
-                             f"{trainer.accumulate_grad_batches}")
+        except (MisconfigurationException, TypeError, ValueError) as err:  # max_epochs -2, devices -3: a traceback
+            raise ValueError(f"trainer: {str(err).splitlines()[0].rstrip('.!')}; fix that trainer.* setting") from err
         if trainer.logger is None:
             # --trainer.logger false: LearningRateMonitor (base.yaml) refuses to start without a logger; it only
             # feeds the logger, so it goes
