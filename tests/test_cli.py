@@ -19,6 +19,7 @@ import yaml
 from lightning.pytorch import Callback
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from emocompress.__main__ import main as emocompress_main
 from emocompress.cli import main
 from emocompress.models.classifier import EmotionClassifier
 from emocompress.recipes import read_recipes
@@ -228,6 +229,15 @@ def test_help(subcommand, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--data.oversample_to" in out and "--model.help" in out and "--trainer.devices" in out
+
+
+def test_an_unknown_subcommand_lists_them_all(capsys):
+    # LightningCLI's own answer offered only fit, validate, test and predict for a mistyped `benchmarkk`
+    with pytest.raises(SystemExit) as exit_info:
+        emocompress_main(["benchmarkk", "-c", "configs/benchmark/defaults.yaml"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("emocompress: error: unknown subcommand 'benchmarkk'; give one of fit, validate, "
+                                       "test, predict, benchmark, vocab, serve, compress (emocompress --help)\n")
 
 
 @pytest.mark.parametrize(("model", "expected"), [("EmotionClassifier", "--model.warmup_ratio"),

@@ -30,12 +30,20 @@ examples:
 """
 
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "benchmark", "vocab", "serve", "compress")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``emocompress <subcommand> ...``; ``argv`` defaults to ``sys.argv[1:]``."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         sys.exit(0 if args else 2)
+    if args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
+        # LightningCLI would answer "choose from 'fit', 'validate', 'test', 'predict'": not benchmark, serve, ...
+        sys.stderr.write(f"emocompress: error: unknown subcommand {args[0]!r}; give one of {', '.join(SUBCOMMANDS)} "
+                         "(emocompress --help)\n")
+        sys.exit(2)
     if args[0] == "serve":  # the HTTP server is torch-free: it must not pay for (or need) the imports below
         from emocompress.deploy.http import main as serve
 
