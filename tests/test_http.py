@@ -416,6 +416,22 @@ def test_bad_folder_and_settings_exit_2_in_one_line(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
 
 
+def test_a_port_in_use_exits_2_naming_it(folder, capsys, monkeypatch):
+    # uvicorn logged the bind error and exited 3 (docs/serving.md said 1), a code no other command ends with
+    monkeypatch.setattr("emocompress.deploy.http._exit_on", lambda *args: None)  # keep pytest's own signal handlers
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(folder), "--port", str(port)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("address already in use" in line for line in err[:-1])  # uvicorn's reason, above ours
+    assert err[-1] == (f"emocompress serve: error: --host 127.0.0.1 --port {port}: cannot listen there (the line above "
+                       "says why); give a free --port, or an address of this machine as --host")
+
+
 @pytest.mark.slow
 def test_command_refuses_a_bad_folder_without_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", _BLOCKED_CLI, "serve", str(tmp_path / "missing")],

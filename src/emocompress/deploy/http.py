@@ -304,8 +304,15 @@ def main(argv: list[str] | None = None) -> None:
     _exit_on(signal.SIGTERM, 0)
     _exit_on(signal.SIGINT, 128 + signal.SIGINT)
     server = make_server(create_app(predictor, settings), args.host, args.port, settings, args.log_level, args.http)
-    server.run()
-    if not server.started:  # the port was taken or the host unknown: uvicorn logged why
+    try:
+        server.run()
+    except SystemExit:
+        if server.started:
+            raise
+        # a port in use or an unknown host: uvicorn logged why and exits 3, a code no other command ends with
+        parser.exit(2, f"{parser.prog}: error: --host {args.host} --port {args.port}: cannot listen there (the line "
+                       "above says why); give a free --port, or an address of this machine as --host\n")
+    if not server.started:
         sys.exit(1)
 
 
