@@ -251,7 +251,8 @@ async def _post_all(url, bodies, **client_options):
 
 
 def test_full_queue_answers_503_with_retry_after(predictor):
-    with _running(_Slow(predictor, 0.3), max_batch_size=1, max_wait_ms=0, max_queue=2, max_texts=2) as base:
+    with _running(_Slow(predictor, 0.3), max_batch_size=1, max_wait_ms=0, max_queue=2, max_texts=2,
+                  queue_wait_ms=0) as base:
         responses = asyncio.run(_post_all(base, [{"text": f"text {i}"} for i in range(8)]))
         statuses = sorted(r.status_code for r in responses)
         busy = [r for r in responses if r.status_code == 503]
@@ -277,13 +278,37 @@ def test_a_full_queue_refuses_before_reading_the_body(predictor):
             again = await other.post("/v1/predict", json={"text": "c"})  # the same keep-alive connection
             return refused, answers, again
 
-    with _running(_Slow(predictor, 0.6), max_batch_size=1, max_queue=1, max_texts=1, workers=1) as base:
+    with _running(_Slow(predictor, 0.6), max_batch_size=1, max_queue=1, max_texts=1, workers=1,
+                  queue_wait_ms=0) as base:
         refused, answers, again = asyncio.run(scenario(base))
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["limit"] == "max_queue" and "busy" in refused.json()["error"]
         assert [r.status_code for r in answers] == [200, 200] and again.status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
         assert re.search(r'emocompress_http_requests_total\{path="/v1/predict",status="503"\} 1\.0', metrics)
+
+
+def test_a_request_that_finds_the_queue_full_waits_for_room_then_gets_503(predictor):
+    async def scenario(base, n):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            posts = [asyncio.ensure_future(client.post("/v1/predict", json={"text": f"text {i}"})) for i in range(n)]
+            await asyncio.sleep(0.15)  # one in the model, one queued, the rest waiting for room
+            waiting = _metric((await client.get("/metrics")).text, "emocompress_waiting_for_room")
+            return waiting, await asyncio.gather(*posts)
+
+    # one worker, 0.3 s a call, room for one text: without waiting, 2 of the 4 would be refused
+    with _running(_Slow(predictor, 0.3), max_batch_size=1, max_queue=1, max_texts=1, workers=1,
+                  queue_wait_ms=5000) as base:
+        waiting, answers = asyncio.run(scenario(base, 4))
+        assert waiting == 2 and [r.status_code for r in answers] == [200] * 4
+        assert [r.json()["predictions"][0] for r in answers] == predictor.predict([f"text {i}" for i in range(4)])
+    # a wait shorter than a model call: the ones that wait in vain get their 503 after waiting, not at once
+    with _running(_Slow(predictor, 0.6), max_batch_size=1, max_queue=1, max_texts=1, workers=1,
+                  queue_wait_ms=200) as base:
+        _, answers = asyncio.run(scenario(base, 4))
+        refused = [r for r in answers if r.status_code == 503]
+        assert [r.status_code for r in answers[:2]] == [200, 200] and len(refused) == 2
+        assert all(r.elapsed.total_seconds() >= 0.19 and r.headers["retry-after"] == "1" for r in refused)
 
 
 def test_slow_answer_504_and_slow_body_408(predictor):

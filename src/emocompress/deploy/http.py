@@ -11,7 +11,8 @@ to type a text and see a bar per emotion). Concurrent requests are merged into m
 ``emocompress.deploy.batching.Batcher``. Every refusal is a JSON object ``{"error": ..., "field"|"limit": ...}``:
 400 for a body that is not the JSON above (naming the field), 413 for a body over ``max_body_bytes`` or more than
 ``max_texts`` texts, 422 for a text over ``max_chars`` characters, 408 for a body not received within
-``timeout_s``, 503 with ``Retry-After`` when ``max_queue`` texts already wait, 504 when the answer takes longer
+``timeout_s``, 503 with ``Retry-After`` when ``max_queue`` texts already wait and no room comes within
+``queue_wait_ms``, 504 when the answer takes longer
 than ``timeout_s``, 500 (logged, never a traceback) if the model call fails. SIGTERM stops accepting
 connections, lets the requests in flight finish (at most ``drain_s``), then exits 0. See docs/serving.md.
 """
@@ -38,7 +39,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from emocompress.deploy.batching import Batcher, QueueFull
-from emocompress.deploy.middleware import AccessLog, Metrics, RefuseWhenFull, access_log
+from emocompress.deploy.middleware import AccessLog, Metrics, RefuseWhenFull, Room, access_log
 from emocompress.deploy.page import PAGE
 from emocompress.deploy.protocol import header_deadline_protocol
 
@@ -58,7 +59,10 @@ class Settings:
                                         "adds at most this fraction of their tokens")
     max_wait_ms: float = _setting(0.0, "linger: a free worker waits until the oldest queued request has waited this "
                                        "long (or the batch is full); 0: run what is queued at once")
-    max_queue: int = _setting(256, "texts waiting for the model before new requests get 503")
+    max_queue: int = _setting(256, "texts waiting for the model before new requests wait for room (queue_wait_ms), "
+                                   "then get 503")
+    queue_wait_ms: float = _setting(250.0, "a request that finds the queue full waits this long for room, its body "
+                                           "unread, before its 503; 0: refuse at once")
     max_texts: int = _setting(64, "texts per request (413 beyond)")
     max_body_bytes: int = _setting(1_000_000, "bytes per request body (413 beyond)")
     max_chars: int = _setting(10_000, "characters per text (422 beyond)")
@@ -72,7 +76,7 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             # 0 means: no linger, one call per core, only texts of one length in a call
-            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers", "max_padding"):
+            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers", "max_padding", "queue_wait_ms"):
                 raise ValueError(f"--{f.name} must be positive, got {value}")
         if self.max_queue < self.max_texts:  # a request of max_texts texts could never be queued
             raise ValueError(f"--max_queue {self.max_queue} is below --max_texts {self.max_texts}; raise it or "
@@ -173,9 +177,16 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
     ``max_length``, ``backend``, ``precision``); its batcher starts and stops with the app's lifespan."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
+
+    def after_batch(size: int) -> None:
+        metrics.on_batch(size)
+        room.wake()  # its texts left the queue (and the next batch's, taken already): let waiting requests in
+
     batcher = Batcher(predictor.predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                      on_batch=metrics.on_batch, workers=settings.workers)
+                      on_batch=after_batch, workers=settings.workers)
+    room = Room(batcher, settings.queue_wait_ms / 1000)
     metrics.queue_depth.set_function(lambda: batcher.queued)
+    metrics.waiting.set_function(lambda: room.waiting)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -197,6 +208,16 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
         log.error("%s %s failed", request.method, request.url.path, exc_info=error)
         return JSONResponse({"error": "internal error; the server's log has the details"}, 500)
 
+    async def submit(texts: list[str]) -> asyncio.Future:
+        """The batcher's future of ``texts``; a request that finds the queue full waits for room once before its 503
+        (requests read and parsed at once can pass ``RefuseWhenFull`` together and find it full here)."""
+        for attempt in range(2):
+            try:
+                return batcher.submit(texts)
+            except QueueFull:
+                if attempt or not await room.wait():
+                    raise busy(settings) from None
+
     async def predict(request: Request):
         deadline = time.monotonic() + settings.timeout_s
         try:
@@ -204,11 +225,9 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
         except asyncio.TimeoutError:
             raise ApiError(408, f"the body was not received within timeout_s={settings.timeout_s}",
                            limit="timeout_s") from None
-        texts = parse_texts(body, settings)
+        answers = await submit(parse_texts(body, settings))
         try:
-            results = await asyncio.wait_for(batcher.submit(texts), max(deadline - time.monotonic(), 0.001))
-        except QueueFull:
-            raise busy(settings) from None
+            results = await asyncio.wait_for(answers, max(deadline - time.monotonic(), 0.001))
         except asyncio.TimeoutError:
             raise ApiError(504, f"no answer within timeout_s={settings.timeout_s}; the server is overloaded",
                            limit="timeout_s") from None
@@ -237,7 +256,7 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
     routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/model", model),
               Route("/health", health), Route("/ready", ready), Route("/metrics", prometheus), Route("/", page)]
     middleware = [Middleware(AccessLog, metrics=metrics),
-                  Middleware(RefuseWhenFull, batcher=batcher, refusal=busy(settings).response())]
+                  Middleware(RefuseWhenFull, room=room, refusal=busy(settings).response())]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={ApiError: refused, HTTPException: unrouted, Exception: failed})
     app.state.batcher, app.state.metrics = batcher, metrics
