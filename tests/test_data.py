@@ -255,6 +255,11 @@ def test_missing_split_file(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize(("content", "message"), [
     ("sentence,label\nhappy,joy\nmad,anger\n", r"train\.csv.*no column 'text'.*\['sentence', 'label'\].*data\.text_column"),
     ("text,label\nhappy,joy\n,anger\n", r"train\.csv:3: empty 'text'"),
+    # an unquoted comma in every text: pandas took the first cells as an index, and trained on the rest
+    ("text,label\nso, happy,joy\nso, mad,anger\n", r"train\.csv:2: 3 cells where the header has 2; put a text"),
+    ('text,label\n"two\nlines",joy\n\nso, mad,anger\n', r"train\.csv:5: 3 cells where the header has 2"),
+    ('text,label\nhappy,joy\n"mad,anger\nglad,joy\n', r"train\.csv:3: a quoted field opens here and never closes"),
+    ("text,text,label\na,b,joy\nc,d,anger\n", r"train\.csv:1: the header names the column\(s\) \['text'\] more than"),
 ])
 def test_bad_csv_files(tmp_path, tiny_model_dir, content, message):
     folder = tmp_path / "csv"
@@ -263,6 +268,21 @@ def test_bad_csv_files(tmp_path, tiny_model_dir, content, message):
         (folder / f"{split}.csv").write_text(content)
     with pytest.raises(ValueError, match=message):
         _datamodule(folder, tiny_model_dir).setup("fit")
+
+
+def test_csv_cells_are_the_strings_written(tmp_path, tiny_model_dir):
+    # pandas' default reads NA, null, None, nan, N/A... as missing: the texts were refused as empty, the labels
+    # too, and a predict file lost such texts without a word
+    words = ["NA", "null", "None", "nan", "N/A", "#N/A", "NULL", "n/a"]
+    rows = "".join(f"{word},{label}\n" for word in words for label in ("joy", "NA"))
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.csv").write_text("text,label\n" + rows)
+    (tmp_path / "texts.csv").write_text("text\n" + "\n".join(words) + "\n")
+    dm = _datamodule(tmp_path, tiny_model_dir, predict_file=str(tmp_path / "texts.csv"))
+    dm.setup("predict")
+    assert dm.splits["predict"]["text"] == words
+    assert dm.raw_split("train")["text"] == [word for word in words for _ in range(2)]
+    assert dm.id2label == {0: "NA", 1: "joy"}
 
 
 def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):

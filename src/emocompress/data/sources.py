@@ -15,6 +15,7 @@ a stray ``;`` or a typo. Texts that occur with conflicting labels are only warne
 import hashlib
 import io
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from functools import cached_property
@@ -225,25 +226,53 @@ def _load_file(path: Path) -> tuple[datasets.Dataset, list[int]]:
     lines = split_lines(_check_content(path).removeprefix("\ufeff"))
     if path.suffix == ".txt":  # every line is a row, blank ones too (skipped later, keeping the numbering)
         return datasets.Dataset.from_dict({"text": lines}), list(range(1, len(lines) + 1))
-    try:
-        if path.suffix == ".csv":
-            # pandas directly, on the lines joined by \n alone: its reader (and datasets' csv builder) would
-            # also end a row at a bare \r. Strings as written ("007" stays "007"); empty cells are None.
-            frame = pd.read_csv(io.StringIO("\n".join(_csv_without_blank_lines(lines))), lineterminator="\n",
-                                dtype=str)
-            frame = frame.rename(columns=lambda name: name.rstrip("\r"))  # the header line of a \r\r\n file
-            dataset = datasets.Dataset.from_pandas(frame, preserve_index=False)
-        else:
-            dataset = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
-    except Exception as err:  # a malformed file surfaces as one of several pandas/pyarrow/datasets errors
-        raise ValueError(f"{path}: could not be read as {path.suffix[1:]} ({err}); fix the file's format") from err
     if path.suffix == ".csv":
+        dataset = datasets.Dataset.from_pandas(_read_csv(path, lines), preserve_index=False)
         numbers = _csv_row_lines(lines)[1:]  # the first row is the header
     else:
+        try:
+            dataset = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:  # a malformed file surfaces as one of several pyarrow/datasets errors
+            raise _unreadable(path, err) from err
         numbers = _json_row_lines(lines)
     if len(numbers) != len(dataset):  # a JSON document (an array, {"data": [...]}): rows are items, not lines
         numbers = list(range(1, len(dataset) + 1))
     return dataset, numbers
+
+
+def _read_csv(path: Path, lines: list[str]) -> pd.DataFrame:
+    """The rows of a CSV file under its header. pandas directly, on the lines joined by \\n alone: its reader (and
+    datasets' csv builder) would also end a row at a bare \\r. Cells are the strings written there ("007", "NA" and
+    "null" stay as they are; pandas' default would make the last two empty); a missing cell is empty.
+
+    The header is read as a row (``header=None``): a row with more cells than the header (an unquoted comma in a
+    text) is then refused with its line, where pandas would take the first column of every row as an index and
+    shift the others left (the label read as the text) when the first data row has one cell too many."""
+    kinds = list(_csv_line_kinds(lines))  # pandas numbers the lines outside quoted fields, blank ones included
+    try:
+        frame = pd.read_csv(io.StringIO("\n".join(_csv_without_blank_lines(lines))), lineterminator="\n",
+                            dtype=str, header=None, keep_default_na=False, na_values=[])
+    except pd.errors.ParserError as err:
+        if found := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err)):
+            header, line, seen = map(int, found.groups())
+            raise ValueError(f"{path}:{kinds[line - 1][0]}: {seen} cells where the header has {header}; put a text "
+                             'that holds a comma in double quotes ("so, happy"), or fix the row') from None
+        if "EOF inside string" in str(err):
+            line = max(number for number, starts_row in kinds if starts_row)
+            raise ValueError(f"{path}:{line}: a quoted field opens here and never closes; add the closing '\"' "
+                             '(a quote inside a quoted field is written twice: "say ""hi""")') from None
+        raise _unreadable(path, err) from err
+    # the header line of a \r\r\n file keeps its \r; unnamed columns get pandas' names
+    header = [name.rstrip("\r") or f"Unnamed: {i}" for i, name in enumerate(frame.iloc[0])]
+    if repeated := sorted({name for name in header if header.count(name) > 1}):
+        raise ValueError(f"{path}:{_csv_row_lines(lines)[0]}: the header names the column(s) {repeated} more than "
+                         "once; give every column its own name")
+    return frame.iloc[1:].set_axis(header, axis=1)
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path}: could not be read as {path.suffix[1:]} ({' '.join(str(err).split())}); "
+                      "fix the file's format")
 
 
 def _check_content(path: Path) -> str:
