@@ -360,6 +360,10 @@ def test_conflicting_labels_are_warned_with_their_lines(tmp_path, tiny_model_dir
     ("train.jsonl", '{"text": "a", "label": "joy"}\n\n["b", "joy"]\n', r"train\.jsonl:3: a JSON list, not an object"),
     ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": "b", label: joy}\n', r"train\.jsonl:2: not valid JSON"),
     ("train.json", '[{"text": "a", "label": "joy"}, "b"]', r"train\.json: item 1: a JSON str, not an object"),
+    # a text that is no string was trained on as its Python spelling ("['so', 'glad']")
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": ["so", "glad"], "label": "joy"}\n',
+     r"train\.jsonl:2: 'text' is \['so', 'glad'\], a list; a text must be a string"),
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": 42, "label": "joy"}\n', r"train\.jsonl:2: 'text' is 42, a int"),
     ("train.csv", "text,label\n", r"train\.csv: the file has a header row and no data rows"),
     ("train.csv", "", r"train\.csv: the file is empty"),
     ("train.txt", "\n  \n", r"train\.txt: the file is empty"),
@@ -386,6 +390,14 @@ def test_predict_file_without_texts(emotion_dir, tiny_model_dir, tmp_path):
     (tmp_path / "blank.csv").write_text('text,id\n"  ",1\n')
     dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(tmp_path / "blank.csv"))
     with pytest.raises(ValueError, match=r"data\.predict_file: .*blank\.csv has no texts"):
+        dm.setup("predict")
+
+
+def test_predict_file_text_that_is_no_string_is_refused_with_its_line(emotion_dir, tiny_model_dir, tmp_path):
+    # a JSON number stopped the tokenizer with a TypeError traceback
+    (tmp_path / "texts.jsonl").write_text('{"text": "so happy"}\n{"text": 42}\n')
+    dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(tmp_path / "texts.jsonl"))
+    with pytest.raises(ValueError, match=r"texts\.jsonl:2: 'text' is 42, a int; a text must be a string"):
         dm.setup("predict")
 
 

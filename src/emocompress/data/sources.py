@@ -134,7 +134,7 @@ class DataSource:
         if column not in raw.column_names:
             raise ValueError(f"{path}: no column {column!r}; the columns are {raw.column_names}; set data.text_column")
         raw = raw.map(_parse_text_lines, batched=True, with_indices=True, remove_columns=raw.column_names,
-                      fn_kwargs={"column": column, "line_numbers": line_numbers})
+                      fn_kwargs={"where": str(path), "column": column, "line_numbers": line_numbers})
         if len(raw) == 0:
             raise ValueError(f"data.predict_file: {path} has no texts (every line or {column!r} is blank); "
                              "give a file with one text per line")
@@ -402,6 +402,15 @@ def _label_string(label, where: str, label_col: str) -> str:
     return str(label).strip()
 
 
+def _text_string(text, where: str, text_col: str) -> str:
+    """A text, stripped. Only a string: a JSON number, list or object would be trained on (or predicted) as its
+    Python spelling (``['a', 'b']``), and a number in a predict file stopped the tokenizer with a traceback."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: {text_col!r} is {text!r:.60}, a {type(text).__name__}; a text must be a string "
+                         "(in JSON, in double quotes); fix the row, or set data.text_column to the column of texts")
+    return text.strip()
+
+
 def _parse_row(batch, indices, where, line_numbers, text_col, label_col, names):
     """Rows of a table -> text, label (as str; ClassLabel ids become their names), line (``line_numbers[i]``,
     or the row index where there are no lines)."""
@@ -412,14 +421,14 @@ def _parse_row(batch, indices, where, line_numbers, text_col, label_col, names):
             raise ValueError(f"{where}:{line_no}: empty {text_col!r}; remove the row or add its text")
         if label is None or not str(label).strip():
             raise ValueError(f"{where}:{line_no}: empty {label_col!r}; every row needs a label")
-        out["text"].append(str(text).strip())
+        out["text"].append(_text_string(text, f"{where}:{line_no}", text_col))
         out["label"].append(names[label] if names is not None else _label_string(label, f"{where}:{line_no}", label_col))
         out["line"].append(line_no)
     return out
 
 
-def _parse_text_lines(batch, indices, column, line_numbers):
+def _parse_text_lines(batch, indices, where, column, line_numbers):
     """One text per line or row -> text, line (``line_numbers[i]``); blank texts are skipped."""
-    kept = [(str(t).lstrip("\ufeff").strip(), line_numbers[i]) for t, i in zip(batch[column], indices)
-            if t is not None and str(t).strip("\ufeff \t\r")]
+    kept = [(_text_string(t, f"{where}:{line_numbers[i]}", column).lstrip("\ufeff").strip(), line_numbers[i])
+            for t, i in zip(batch[column], indices) if t is not None and str(t).strip("\ufeff \t\r")]
     return {"text": [t for t, _ in kept], "line": [i for _, i in kept]}
