@@ -363,7 +363,8 @@ def test_conflicting_labels_are_warned_with_their_lines(tmp_path, tiny_model_dir
     # a text that is no string was trained on as its Python spelling ("['so', 'glad']")
     ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": ["so", "glad"], "label": "joy"}\n',
      r"train\.jsonl:2: 'text' is \['so', 'glad'\], a list; a text must be a string"),
-    ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": 42, "label": "joy"}\n', r"train\.jsonl:2: 'text' is 42, a int"),
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": 42, "label": "joy"}\n',
+     r"train\.jsonl:2: 'text' is 42, a int"),
     ("train.csv", "text,label\n", r"train\.csv: the file has a header row and no data rows"),
     ("train.csv", "", r"train\.csv: the file is empty"),
     ("train.txt", "\n  \n", r"train\.txt: the file is empty"),
@@ -588,6 +589,31 @@ def test_errors_name_the_physical_line(tmp_path, name, content, line):
     folder = tmp_path / "d"
     _split_files(folder, name, content)
     with pytest.raises(ValueError, match=rf"{folder / name}:{line}: "):
+        DataSource(str(folder)).read("train")
+
+
+def test_jsonl_with_blank_lines_and_labels_of_mixed_types_loads(tmp_path):
+    # datasets' reader failed on this valid file ("Expected object or value", no line): an int label beside string
+    # ones sends it to a fallback that cannot skip blank lines
+    folder = tmp_path / "d"
+    _split_files(folder, "train.jsonl",
+                 '{"text": "a", "label": "joy", "id": 1}\n\n{"text": "b", "label": 2, "id": "x"}\n')
+    raw = DataSource(str(folder)).read("train")
+    assert raw["text"] == ["a", "b"]
+    assert raw["label"] == ["joy", "2"]
+    assert raw["line"] == [1, 3]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"text": "a", "label": "joy"}\n{"text": "b", "label": "joy", "label": "anger"}\n',
+     r"train\.jsonl:2: an object names the key\(s\) \['label'\] more than once"),
+    ('[{"text": "a", "label": "joy", "text": "b"}]', r"train\.jsonl: an object names the key\(s\) \['text'\]"),
+    ("[]", r"train\.jsonl: the JSON array is empty"),
+])
+def test_json_objects_with_a_repeated_key_and_empty_arrays_are_refused(tmp_path, content, message):
+    folder = tmp_path / "d"
+    _split_files(folder, "train.jsonl", content)
+    with pytest.raises(ValueError, match=message):
         DataSource(str(folder)).read("train")
 
 

@@ -32,6 +32,7 @@ BUILDERS = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 # Raw splits always hold string labels, whatever the source's label type (ints, ClassLabel ids).
 _RAW_FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("string"),
                                    "line": datasets.Value("int64")})
+_TEXT_FEATURES = datasets.Features({"text": datasets.Value("string"), "line": datasets.Value("int64")})
 _FIX_SOURCE = "give a folder of train/val/test files, a save_to_disk folder or a Hugging Face dataset name"
 
 
@@ -134,7 +135,8 @@ class DataSource:
         if column not in raw.column_names:
             raise ValueError(f"{path}: no column {column!r}; the columns are {raw.column_names}; set data.text_column")
         raw = raw.map(_parse_text_lines, batched=True, with_indices=True, remove_columns=raw.column_names,
-                      fn_kwargs={"where": str(path), "column": column, "line_numbers": line_numbers})
+                      fn_kwargs={"where": str(path), "column": column, "line_numbers": line_numbers},
+                      features=_TEXT_FEATURES)  # not the input's: a datasets.Json column would decode "42" to 42
         if len(raw) == 0:
             raise ValueError(f"data.predict_file: {path} has no texts (every line or {column!r} is blank); "
                              "give a file with one text per line")
@@ -223,18 +225,26 @@ def _looks_like_a_path(source: str) -> bool:
 
 def _load_file(path: Path) -> tuple[datasets.Dataset, list[int]]:
     """The rows of a split or predict file and the physical line (``emocompress.io``) each row starts on."""
-    lines = split_lines(_check_content(path).removeprefix("\ufeff"))
+    text = _check_content(path)
+    lines = split_lines(text.removeprefix("\ufeff"))
     if path.suffix == ".txt":  # every line is a row, blank ones too (skipped later, keeping the numbering)
         return datasets.Dataset.from_dict({"text": lines}), list(range(1, len(lines) + 1))
     if path.suffix == ".csv":
         dataset = datasets.Dataset.from_pandas(_read_csv(path, lines), preserve_index=False)
         numbers = _csv_row_lines(lines)[1:]  # the first row is the header
+    elif (rows := _json_rows(path, text)) is not None:
+        # Every value as written (datasets.Json). datasets' own reader failed on a file with blank lines and a
+        # column of mixed types (an int label beside string ones): "Expected object or value", with no line.
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        dataset = datasets.Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns},
+                                             features=datasets.Features(dict.fromkeys(columns, datasets.Json())))
+        numbers = _json_row_lines(lines)
     else:
         try:
             dataset = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # a malformed file surfaces as one of several pyarrow/datasets errors
             raise _unreadable(path, err) from err
-        numbers = _json_row_lines(lines)
+        numbers = list(range(1, len(dataset) + 1))
     if len(numbers) != len(dataset):  # a JSON document (an array, {"data": [...]}): rows are items, not lines
         numbers = list(range(1, len(dataset) + 1))
     return dataset, numbers
@@ -277,7 +287,7 @@ def _unreadable(path: Path, err: Exception) -> ValueError:
 
 def _check_content(path: Path) -> str:
     """The text of ``path``. Refuse, with a place, what ``datasets`` reports without one: bytes that are not
-    UTF-8, a file with no rows, and JSON rows that are not objects."""
+    UTF-8 and a file with no rows."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -291,35 +301,55 @@ def _check_content(path: Path) -> str:
         raise ValueError(f"{path}: the file is empty; add rows or remove the file")
     if path.suffix == ".csv" and len(lines) == 1:
         raise ValueError(f"{path}: the file has a header row and no data rows; add rows below the header")
-    if path.suffix in (".json", ".jsonl"):
-        _check_json_rows(path, text)
     return text
 
 
-def _check_json_rows(path: Path, text: str) -> None:
-    """Every row of a JSON-lines file (or of a JSON array) must be an object."""
+def _json_rows(path: Path, text: str) -> list[dict] | None:
+    """The rows of a JSON-lines file (or the items of a JSON array), each refused with its line unless it is an
+    object with keys that differ; None for a file of one JSON object (the ``{"data": [...]}`` layout), which
+    ``datasets`` reads."""
+    text = text.lstrip("\ufeff")
     try:
-        document = json.loads(text)
+        document = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError:
         document = None  # JSON lines: checked line by line below
+    except _RepeatedKey as err:
+        raise ValueError(f"{path}: {err}") from None
     if isinstance(document, list):
+        if not document:
+            raise ValueError(f"{path}: the JSON array is empty; add rows or remove the file")
         rows = [(f"{path}: item {i}", row) for i, row in enumerate(document)]
     elif isinstance(document, dict):
-        return  # one object, or the `{"data": [...]}` layout datasets reads
+        return None
     else:
         rows = []
-        for line_no, line in enumerate(split_lines(text.lstrip("\ufeff")), start=1):
+        for line_no, line in enumerate(split_lines(text), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path}:{line_no}", json.loads(line)))
+                rows.append((f"{path}:{line_no}", json.loads(line, object_pairs_hook=_object)))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}); each line must be one JSON "
                                  'object such as {"text": "...", "label": "..."}') from None
+            except _RepeatedKey as err:
+                raise ValueError(f"{path}:{line_no}: {err}") from None
     for where, row in rows:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: a JSON {type(row).__name__}, not an object; each row must be one JSON "
                              'object such as {"text": "...", "label": "..."}')
+    return [row for _, row in rows]
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple]) -> dict:
+    """A JSON object whose keys differ: of ``{"label": "joy", "label": "anger"}`` Python keeps the last silently."""
+    keys = [key for key, _ in pairs]
+    if repeated := sorted({key for key in keys if keys.count(key) > 1}):
+        raise _RepeatedKey(f"an object names the key(s) {repeated} more than once; keep one value for each key")
+    return dict(pairs)
 
 
 def _json_row_lines(lines: list[str]) -> list[int]:
