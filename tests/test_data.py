@@ -204,6 +204,18 @@ def test_save_to_disk_with_classlabel_names(emotion_dir, tiny_model_dir, tmp_pat
     assert dm.counts_before == [8, 4, 3]
 
 
+def test_save_to_disk_rows_without_a_label_are_refused(emotion_dir, tiny_model_dir, tmp_path):
+    # -1 is datasets' "no label" (hub test splits with hidden labels); names[-1] made every such row the last class
+    names = ["anger", "joy", "love"]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    train = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]}, features=features)
+    hidden = datasets.Dataset.from_dict({"text": ["x", "y"], "label": [1, -1]}, features=features)
+    datasets.DatasetDict({"train": train, "validation": train, "test": hidden}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"saved\[test\]:1: 'label' is -1, which names no class .*ids 0 to 2; "
+                                         r"-1 marks a row without a label"):
+        DataSource(str(tmp_path / "saved")).read("test")
+
+
 def test_explicit_labels_set_the_order(emotion_dir, tiny_model_dir):
     dm = _datamodule(emotion_dir, tiny_model_dir, labels=["love", "joy", "anger", "sadness"], oversample_to=None)
     assert dm.id2label == {0: "love", 1: "joy", 2: "anger", 3: "sadness"}

@@ -441,6 +441,16 @@ def _text_string(text, where: str, text_col: str) -> str:
     return text.strip()
 
 
+def _class_name(label: int, names: list[str], where: str, label_col: str) -> str:
+    """The name of a ``ClassLabel`` id. -1 is datasets' mark of a row without a label (a hidden test split), which
+    Python's indexing would turn into the last class: scored against it, or trained on it."""
+    if not 0 <= label < len(names):
+        raise ValueError(f"{where}: {label_col!r} is {label}, which names no class (its ClassLabel has ids 0 to "
+                         f"{len(names) - 1}; -1 marks a row without a label); use a split with labels, or give the "
+                         "texts to predict as data.predict_file")
+    return names[label]
+
+
 def _parse_row(batch, indices, where, line_numbers, text_col, label_col, names):
     """Rows of a table -> text, label (as str; ClassLabel ids become their names), line (``line_numbers[i]``,
     or the row index where there are no lines)."""
@@ -452,7 +462,8 @@ def _parse_row(batch, indices, where, line_numbers, text_col, label_col, names):
         if label is None or not str(label).strip():
             raise ValueError(f"{where}:{line_no}: empty {label_col!r}; every row needs a label")
         out["text"].append(_text_string(text, f"{where}:{line_no}", text_col))
-        out["label"].append(names[label] if names is not None else _label_string(label, f"{where}:{line_no}", label_col))
+        out["label"].append(_label_string(label, f"{where}:{line_no}", label_col) if names is None
+                            else _class_name(label, names, f"{where}:{line_no}", label_col))
         out["line"].append(line_no)
     return out
 
