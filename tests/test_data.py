@@ -216,6 +216,21 @@ def test_save_to_disk_rows_without_a_label_are_refused(emotion_dir, tiny_model_d
         DataSource(str(tmp_path / "saved")).read("test")
 
 
+def test_unreadable_data_is_named_as_data(emotion_dir, tmp_path, monkeypatch):
+    # an OSError from the data reached the CLI's handler for models that cannot be loaded (test_cli has the
+    # broken save_to_disk folder): "model.model_name ... cannot be loaded" for a split file it could not read
+    train, read_bytes = emotion_dir / "train.txt", Path.read_bytes
+
+    def refused_for_train(path):  # root reads any file: chmod cannot show it
+        if path == train:
+            raise PermissionError(13, "Permission denied")
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refused_for_train)
+    with pytest.raises(ValueError, match=rf"{train}: cannot be read \(Permission denied\); make it readable"):
+        DataSource(str(emotion_dir)).read("train")
+
+
 def test_explicit_labels_set_the_order(emotion_dir, tiny_model_dir):
     dm = _datamodule(emotion_dir, tiny_model_dir, labels=["love", "joy", "anger", "sadness"], oversample_to=None)
     assert dm.id2label == {0: "love", 1: "joy", 2: "anger", 3: "sadness"}

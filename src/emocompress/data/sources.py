@@ -80,7 +80,12 @@ class DataSource:
         """Hub dataset, local dataset folder or save_to_disk folder, loaded once."""
         source = self.data
         if (Path(source) / "dataset_dict.json").exists():
-            return datasets.load_from_disk(source)
+            try:
+                return datasets.load_from_disk(source)
+            except (OSError, ValueError) as err:  # else the CLI's OSError report blames model.model_name
+                raise ValueError(f"data: {source} has a dataset_dict.json but cannot be loaded as a save_to_disk "
+                                 f"folder ({' '.join(str(err).split())}); save it again with "
+                                 "DatasetDict.save_to_disk, or remove the dataset_dict.json") from err
         if _looks_like_a_path(source) and not Path(source).expanduser().exists():
             # A hub name is `name` or `owner/name`; this is a local path with a typo, not a dataset to download.
             raise ValueError(f"data: {source} does not exist (resolved to {Path(source).expanduser().absolute()}); "
@@ -288,7 +293,10 @@ def _unreadable(path: Path, err: Exception) -> ValueError:
 def _check_content(path: Path) -> str:
     """The text of ``path``. Refuse, with a place, what ``datasets`` reports without one: bytes that are not
     UTF-8 and a file with no rows."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # else the CLI's OSError report blames model.model_name
+        raise ValueError(f"{path}: cannot be read ({err.strerror}); make it readable") from err
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
