@@ -248,6 +248,16 @@ def test_text_split_on_last_semicolon_and_blank_lines_skipped(tmp_path, tiny_mod
     assert raw["line"] == [1, 4]
 
 
+def test_max_samples_counts_texts_not_blank_lines(tmp_path, tiny_model_dir):
+    # the first N lines were kept, blank ones included: 3 texts of 5 asked for here
+    folder = _write(tmp_path / "d", train="happy day;joy\n\n\nmad day;anger\n\nglad day;joy\nsad day;anger\n"
+                                         "calm day;joy\n")
+    raw = DataSource(str(folder), max_samples=4).read("train")
+    assert raw["text"] == ["happy day", "mad day", "glad day", "sad day"]
+    assert raw["line"] == [1, 4, 6, 7]
+    assert len(DataSource(str(folder), max_samples=50).read("train")) == 5
+
+
 # ---- bad input: each names the place and the fix ----
 def _write(folder, train="happy day;joy\nmad day;anger\n", val=None, test=None):
     folder.mkdir(exist_ok=True)

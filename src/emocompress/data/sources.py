@@ -112,9 +112,14 @@ class DataSource:
             dataset, line_numbers = self.dataset_dict[name], None  # rows of a dataset: numbered from 0
         else:
             dataset, line_numbers = _load_file(path)
+        is_txt = path is not None and path.suffix == ".txt"
         if self.max_samples:
-            dataset = dataset.select(range(min(self.max_samples, len(dataset))))
-        if path is not None and path.suffix == ".txt":
+            end = min(self.max_samples, len(dataset))
+            if is_txt:  # a row is a line, and blank lines are no examples: keep the lines up to the N-th text
+                filled = [i for i, line in enumerate(dataset["text"]) if line.lstrip("\ufeff").strip()]
+                end = filled[self.max_samples - 1] + 1 if len(filled) > self.max_samples else len(dataset)
+            dataset = dataset.select(range(end))
+        if is_txt:
             dataset = dataset.map(_parse_txt, batched=True, with_indices=True, remove_columns=dataset.column_names,
                                   fn_kwargs={"where": where}, features=_RAW_FEATURES, desc=f"parse {split}")
         else:
