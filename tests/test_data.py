@@ -336,6 +336,10 @@ def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
     with pytest.raises(ValueError, match=r"'no-such-name-xyz' is no local folder, and datasets.load_dataset could not "
                                          r"load it \(Couldn't reach"):
         _datamodule("no-such-name-xyz", tiny_model_dir).setup("fit")
+    # a folder that exists, without split files: it was reported as "no local folder"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty' is a folder without train/val/test files \(train\.txt, train\.csv"):
+        _datamodule(tmp_path / "empty", tiny_model_dir).setup("fit")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

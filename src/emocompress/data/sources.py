@@ -87,8 +87,10 @@ class DataSource:
         try:
             return datasets.load_dataset(source)
         except Exception as err:  # the hub and builders raise many types; all mean the same to the user
-            raise ValueError(f"data: {source!r} is no local folder, and datasets.load_dataset could not load it "
-                             f"({err}); {_FIX_SOURCE} that is reachable") from err
+            what = ("is a folder without train/val/test files (train.txt, train.csv, ...)" if Path(source).is_dir()
+                    else "is no local folder")
+            raise ValueError(f"data: {source!r} {what}, and datasets.load_dataset could not load it "
+                             f"({' '.join(str(err).split())}); {_FIX_SOURCE} that is reachable") from err
 
     def read(self, split: str) -> datasets.Dataset:
         """Columns ``text`` (str), ``label`` (str) and ``line`` (where the row came from), validated; read once."""
