@@ -29,11 +29,13 @@ def load_file(path: Path) -> tuple[datasets.Dataset, list[int]]:
         dataset = datasets.Dataset.from_pandas(_read_csv(path, lines), preserve_index=False)
         numbers = _csv_row_lines(lines)[1:]  # the first row is the header
     elif (rows := _json_rows(path, text)) is not None:
-        # Every value as written (datasets.Json). datasets' own reader failed on a file with blank lines and a
-        # column of mixed types (an int label beside string ones): "Expected object or value", with no line.
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        dataset = datasets.Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns},
-                                             features=datasets.Features(dict.fromkeys(columns, datasets.Json())))
+        # Every value as written: a column of strings as strings, any other as datasets.Json (one of mixed types
+        # too). datasets' own reader failed on a file with blank lines and a column of mixed types (an int label
+        # beside string ones): "Expected object or value", with no line.
+        columns = {key: [row.get(key) for row in rows] for key in dict.fromkeys(key for row in rows for key in row)}
+        dataset = datasets.Dataset.from_dict(columns, features=datasets.Features({
+            key: datasets.Value("string") if all(v is None or isinstance(v, str) for v in values) else datasets.Json()
+            for key, values in columns.items()}))
         numbers = _json_row_lines(lines)
     else:
         try:
