@@ -43,7 +43,7 @@ def load_file(path: Path) -> tuple[datasets.Dataset, list[int]]:
         except Exception as err:  # a malformed file surfaces as one of several pyarrow/datasets errors
             raise _unreadable(path, err) from err
         numbers = list(range(1, len(dataset) + 1))
-    if len(numbers) != len(dataset):  # a JSON document (an array, {"data": [...]}): rows are items, not lines
+    if len(numbers) != len(dataset):  # a JSON array: rows are its items, not lines
         numbers = list(range(1, len(dataset) + 1))
     return dataset, numbers
 
@@ -107,8 +107,8 @@ def _check_content(path: Path) -> str:
 
 def _json_rows(path: Path, text: str) -> list[dict] | None:
     """The rows of a JSON-lines file (or the items of a JSON array), each refused with its line unless it is an
-    object with keys that differ; None for a file of one JSON object (the ``{"data": [...]}`` layout), which
-    ``datasets`` reads."""
+    object with keys that differ; None for a file of one JSON object, which ``datasets`` reads as one row (of
+    ``{"data": [...]}`` a row with a column ``data``, which the column check refuses)."""
     text = text.lstrip("\ufeff")
     try:
         document = json.loads(text, object_pairs_hook=_object)
