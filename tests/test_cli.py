@@ -733,6 +733,16 @@ def test_broken_checkpoints_are_named(emotion_dir, tiny_model_dir, tmp_path, cap
     assert f"--ckpt_path: {tmp_path / 'nope.ckpt'} does not exist" in err
 
 
+def test_a_broken_save_to_disk_folder_is_named_as_data(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # its FileNotFoundError reached the handler for models: "model.model_name ... cannot be loaded"
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["train", "validation", "test"]}')
+    err = _refused(["fit", *tiny_args(saved, tiny_model_dir)], capsys, monkeypatch, tmp_path)
+    assert f"emocompress: error: data: {saved} has a dataset_dict.json but cannot be loaded" in err
+    assert "model.model_name" not in err
+
+
 def test_testing_a_fresh_head_warns_loudly(emotion_dir, tiny_model_dir, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="test WITHOUT --ckpt_path on a model whose classification head was just "
                                          "initialised at random"):
