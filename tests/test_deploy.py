@@ -485,6 +485,16 @@ def test_serve_refuses_unusable_files_in_one_line(onnx_folder, tmp_path, capsys,
     assert str(folder) in error and "Traceback" not in error
 
 
+def test_serve_without_the_folders_runtime_names_the_package_in_one_line(onnx_folder, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # a server with only openvino installed
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(onnx_folder), "--input", os.devnull])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"{onnx_folder / 'model.onnx'}: running it needs the onnxruntime package, which is not installed; "
+        "pip install onnxruntime")
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--input", "{tmp}/missing.txt"], r"--input .*missing\.txt does not exist; give a text file"),
     (["--input", "{tmp}"], r"--input .* is a folder; give a text file"),
