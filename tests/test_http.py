@@ -202,6 +202,9 @@ _BAD = {  # case -> (body bytes, status, what the message says, "field" or "limi
                      {"field": "texts[1]"}),
     "too_many_texts": (json.dumps({"texts": ["a"] * 9}).encode(), 413, r"9 texts .* max_texts=8",
                        {"limit": "max_texts"}),
+    # valid JSON, but no Unicode text: it once failed its batch with a 500, and every request merged into it
+    "lone_surrogate": (b'{"texts": ["a", "\\ud800"]}', 400,
+                       r"texts\[1\] holds a lone surrogate \(\\ud800 at character 0\)", {"field": "texts[1]"}),
     "text_too_long": (json.dumps({"texts": ["a", "b" * 201]}).encode(), 422, r"texts\[1\] has 201 .* max_chars=200",
                       {"limit": "max_chars", "field": "texts[1]"}),
     "body_too_big": (json.dumps({"texts": ["a" * 150] * 30}).encode(), 413, r"max_body_bytes=4000",

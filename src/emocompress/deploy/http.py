@@ -150,6 +150,12 @@ def parse_texts(body: bytes, settings: Settings) -> list[str]:
             raise ApiError(422, f"{name} has {len(text)} characters, more than max_chars={settings.max_chars}; "
                                 "shorten it (the model reads only its first max_length tokens)",
                            field=name, limit="max_chars", max=settings.max_chars)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # tokenizers refuses such a text, failing every request of its batch
+            raise ApiError(400, f"{name} holds a lone surrogate ({text[error.start].encode('unicode_escape').decode()} "
+                                f"at character {error.start}), which is no Unicode character; send the character "
+                                "itself or its UTF-16 pair", field=name) from None
     return texts
 
 
