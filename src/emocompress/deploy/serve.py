@@ -24,7 +24,8 @@ when every line is done, so a crash leaves an earlier output whole; ``--output``
 Texts are sorted by token count into batches (answers stay in input order): those of each 32 batches of an
 ``--input`` file together, so batches carry little padding. From stdin, answers are flushed after every batch of
 ``--batch_size`` lines, so with ``--batch_size 1`` the server is a co-process: one line in, one line out, as each
-line arrives. A reader that goes away early (``| head -1``) ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
+line arrives. With an ONNX Runtime INT8 folder a line's answer can depend on the lines batched with it (activation
+scales per batch): a warning on stderr says so unless ``--batch_size`` is 1. A reader that goes away early (``| head -1``) ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
 else that stops it before it starts (a missing ``--input``, a folder as ``--output``, a closed stdin or
 stdout, a ``tokenizer.json`` or ``model.onnx`` that cannot be read, a tokenizer with ids past the model's
 vocabulary) is one line naming the file and the fix, with exit code 2.
@@ -241,6 +242,18 @@ def _check_streams(args: argparse.Namespace) -> str | None:
     return None
 
 
+def dynamic_int8_warning(predictor: ArtifactPredictor, batch_size: int, flag: str) -> str | None:
+    """Why answers may depend on batch mates, or None. ONNX Runtime's dynamic INT8 (the only ORT INT8 that
+    ``quantize`` writes) computes each activation scale over the whole batch tensor, so a text's probabilities, even
+    its label, can change with the texts batched with it (reports/http_server). OpenVINO's NNCF INT8 has scales fixed
+    at calibration, and fp32 has none. ``flag`` is the server's option that sets ``batch_size``."""
+    if (predictor.backend, predictor.precision) != ("onnxruntime", "int8") or batch_size == 1:
+        return None
+    return (f"this ONNX Runtime dynamic INT8 folder computes activation scales per batch, so with {flag} "
+            f"{batch_size} a text's answer can depend on the texts batched with it; for answers that "
+            f"do not, serve an OpenVINO INT8 folder (fixed scales), an fp32 folder, or {flag} 1")
+
+
 def add_inference_precision(parser: argparse.ArgumentParser) -> None:
     """``--inference_precision`` of both servers (``ArtifactPredictor``'s ``inference_precision``; ``auto``: None)."""
     parser.add_argument("--inference_precision", choices=PRECISION_CHOICES, default="f32",
@@ -279,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                                       inference_precision=inference_precision(args))
     except ValueError as error:
         parser.error(str(error))
+    if warning := dynamic_int8_warning(predictor, args.batch_size, "--batch_size"):
+        sys.stderr.write(f"{parser.prog}: warning: {warning}\n")  # as the HTTP server warns at startup
     try:
         _serve(predictor, args)
     except BrokenPipeError:
