@@ -227,6 +227,11 @@ def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
     assert happy["label"] in teacher[0].config.id2label.values()
 
 
+def test_predict_refuses_one_string_instead_of_answering_each_character(onnx_folder):
+    with pytest.raises(TypeError, match=r"predict takes a list of texts, got one str \('i feel happy'\); pass \[text\]"):
+        ArtifactPredictor(onnx_folder).predict("i feel happy")
+
+
 def test_onnx_export_callback_writes_the_best_model(make_datamodule, emotion_dir, tiny_model_dir, tiny_trainer,
                                                     tmp_path):
     dm = make_datamodule(batch_size=4)

@@ -151,7 +151,12 @@ class ArtifactPredictor:
             One dict per text, in input order: ``{"label": str, "probs": {label: float}}`` (probabilities in
             label id order, summing to 1), or ``{"error": str}`` for a text that yields no tokens.
             ``padding_stats`` then holds the padding tokens the batches added.
+
+        Raises:
+            TypeError: ``texts`` is one ``str``, whose characters would each be answered as a text.
         """
+        if isinstance(texts, str):
+            raise TypeError(f"predict takes a list of texts, got one str ({texts[:40]!r}); pass [text]")
         encodings = self.tokenizer.encode_batch(list(texts))
         results = [{"error": "the text yields no tokens (the tokenizer adds no special tokens)"} for _ in encodings]
         # A text without tokens has nothing to attend to or pool over: its logits would be meaningless.
