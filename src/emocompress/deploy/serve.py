@@ -26,7 +26,8 @@ Texts are sorted by token count into batches (answers stay in input order): thos
 ``--batch_size`` lines, so with ``--batch_size 1`` the server is a co-process: one line in, one line out, as each
 line arrives. With an ONNX Runtime INT8 folder a line's answer can depend on the lines batched with it (activation
 scales per batch): a warning on stderr says so unless ``--batch_size`` is 1. A reader that goes away early (``| head -1``) ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
-else that stops it before it starts (a missing ``--input``, a folder as ``--output``, a closed stdin or
+else that stops it before it starts (a missing ``--input``, a folder as ``--output`` or one that cannot be
+created, a closed stdin or
 stdout, a ``tokenizer.json`` or ``model.onnx`` that cannot be read, a tokenizer with ids past the model's
 vocabulary) is one line naming the file and the fix, with exit code 2.
 """
@@ -230,6 +231,20 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _unwritable(output: str) -> str | None:
+    """Why the ``atomic_file`` of ``--output`` could not be created, or None: the nearest existing path above it must
+    be a folder this process may write (``atomic_file`` makes the folders below it). A device or pipe is opened as it
+    is, so it is not checked."""
+    if os.path.exists(output) and not os.path.isfile(output):
+        return None
+    above = Path(output).absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        return f"{above} is a file, not a folder"
+    return None if os.access(above, os.W_OK) else f"the folder {above} is not writable"
+
+
 def _check_streams(args: argparse.Namespace) -> str | None:
     """What stops the server before it loads a model: the one-line error, or None."""
     if args.input and (os.path.isdir(args.input) or not os.path.exists(args.input)):  # a FIFO or device is fine
@@ -239,6 +254,8 @@ def _check_streams(args: argparse.Namespace) -> str | None:
         return "stdin is closed; pipe the texts in or give --input FILE"
     if args.output and os.path.isdir(args.output):
         return f"--output {args.output} is a folder; give the path of the JSON-lines file to write"
+    if args.output and (problem := _unwritable(args.output)):
+        return f"--output {args.output}: {problem}; give a path in a folder you can write"
     if args.output is None and sys.stdout is None:
         return "stdout is closed; give --output FILE"
     if args.input and args.output and _same_file(args.input, args.output):
