@@ -193,11 +193,18 @@ class EmoCLI(LightningCLI):
             raise ValueError(f"data: {source.data} has no test split, and fit tests the best checkpoint when it "
                              "ends; add a test file, or pass --test_after_fit false")
 
+    def before_validate(self):
+        self._check_checkpoint("validate")
+
     def before_test(self):
-        self._warn_if_untrained("test")
+        self._check_checkpoint("test")
 
     def before_predict(self):
-        self._warn_if_untrained("predict")
+        self._check_checkpoint("predict")
+
+    def _check_checkpoint(self, subcommand: str):
+        runs.warn_if_truncated_otherwise(self.config[subcommand].get("ckpt_path"), self.datamodule, subcommand)
+        self._warn_if_untrained(subcommand)
 
     def _warn_if_untrained(self, subcommand: str):
         if self.config[subcommand].get("ckpt_path") is None and getattr(self.model, "head_is_new", False):
