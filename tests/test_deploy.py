@@ -216,6 +216,18 @@ def test_server_runs_without_torch_and_answers_every_line(teacher, emotion_dir, 
     assert [r["label"] for r in from_files] == [r["label"] for r in lines]
 
 
+def test_server_truncates_at_the_side_the_tokenizer_truncated_in_training(teacher, tmp_path):
+    model, tokenizer = teacher
+    left = AutoTokenizer.from_pretrained(tokenizer.name_or_path, truncation_side="left")  # keeps a text's end
+    folder = export_onnx(model, tmp_path / "onnx", left, max_length=6)
+    texts = ["i am so very furious and mad today but happy glad cheerful delighted", "happy"]
+    reference = _logits(model, left, texts, max_length=6).softmax(-1)
+    right = _logits(model, tokenizer, texts[:1], max_length=6).softmax(-1)
+    assert (right[0] - reference[0]).abs().max() > 0.1  # so the check below tells the two sides apart
+    served = torch.tensor([list(p["probs"].values()) for p in ArtifactPredictor(folder).predict(texts)])
+    torch.testing.assert_close(served, reference, rtol=0, atol=ATOL, check_dtype=False)
+
+
 def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
     folder = export_onnx(teacher[0], tmp_path / "onnx", teacher[1])
     # a tokenizer that adds no [CLS]/[SEP]: an empty text is then no tokens at all

@@ -14,10 +14,10 @@ the ``\n`` is dropped; a bare ``\r``, U+2028 and the like are part of the text, 
 and ``line`` is its line number in the input. Bytes that are not UTF-8 are replaced with U+FFFD
 rather than rejected, so one bad line cannot stop a batch. An empty or blank line is still a text:
 it is predicted from the special tokens alone (``[CLS] [SEP]``), which is the model's prior. Texts
-longer than the export's ``max_length`` tokens are truncated, as in training. Output is one JSON
-object per line: ``{"line": 1, "text": ..., "label": ..., "probs": {label: p, ...}}``; a text that
-yields no tokens at all (only with a tokenizer that adds no special tokens) gets ``"error"`` instead
-of ``label`` and ``probs``. ``--output`` is written under a temporary name and moved into place
+longer than the export's ``max_length`` tokens are truncated, as in training (on the ``truncation_side`` of
+``tokenizer_config.json``). Output is one JSON object per line: ``{"line": 1, "text": ..., "label": ...,
+"probs": {label: p, ...}}``; a text that yields no tokens at all (only with a tokenizer that adds no special tokens)
+gets ``"error"`` instead of ``label`` and ``probs``. ``--output`` is written under a temporary name and moved into place
 when every line is done, so a crash leaves an earlier output whole; ``--output`` naming the
 ``--input`` file is refused before anything is written.
 
@@ -25,11 +25,12 @@ Texts are sorted by token count into batches (answers stay in input order): thos
 ``--input`` file together, so batches carry little padding. From stdin, answers are flushed after every batch of
 ``--batch_size`` lines, so with ``--batch_size 1`` the server is a co-process: one line in, one line out, as each
 line arrives. With an ONNX Runtime INT8 folder a line's answer can depend on the lines batched with it (activation
-scales per batch): a warning on stderr says so unless ``--batch_size`` is 1. A reader that goes away early (``| head -1``) ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
-else that stops it before it starts (a missing ``--input``, a folder as ``--output`` or one that cannot be
-created, a closed stdin or
-stdout, a ``tokenizer.json`` or ``model.onnx`` that cannot be read, a tokenizer with ids past the model's
-vocabulary) is one line naming the file and the fix, with exit code 2.
+scales per batch): a warning on stderr says so unless ``--batch_size`` is 1. A reader that goes away early
+(``| head -1``) ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``.
+Everything else that stops it before it starts (a missing ``--input``, a folder as ``--output`` or one that cannot
+be created, a closed stdin or stdout, a ``tokenizer.json`` or ``model.onnx`` that cannot be read, a tokenizer with
+ids past the model's vocabulary, a folder whose runtime is not installed) is one line naming the file and the fix,
+with exit code 2.
 """
 
 import argparse
@@ -121,7 +122,7 @@ class ArtifactPredictor:
             raise ValueError(f"{folder / TOKENIZER_FILE}: not a tokenizers file ({err}); {FIX} "
                              "(with the datamodule's tokenizer, which writes tokenizer.json)") from None
         self.pad_id = 0 if meta.pad_id is None else meta.pad_id
-        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.enable_truncation(self.max_length, direction=_truncation_side(folder))
         # Batches are padded here (_feeds), after grouping texts by length: on the right, to the batch's longest
         # text, what the model saw in training (and SmallEncoderClassifier needs).
         self.tokenizer.no_padding()
@@ -188,6 +189,16 @@ class ArtifactPredictor:
             feeds["attention_mask"][row, :n] = enc.attention_mask
             feeds["token_type_ids"][row, :n] = enc.type_ids
         return feeds
+
+
+def _truncation_side(folder: Path) -> str:
+    """The end a long text loses tokens at, as ``transformers`` cut it in training: the ``truncation_side`` the
+    exporter's tokenizer saved in ``tokenizer_config.json`` (``left`` keeps a text's end), else ``right``."""
+    try:
+        side = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("truncation_side")
+    except (OSError, ValueError, AttributeError):  # no such file (a hand-made folder), or not a JSON object
+        return "right"
+    return side if side in ("left", "right") else "right"
 
 
 def _batches(rows: list[int], lengths: list[int], size: int, max_padding: float | None) -> list[list[int]]:
