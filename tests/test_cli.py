@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -747,6 +748,23 @@ def test_testing_a_fresh_head_warns_loudly(emotion_dir, tiny_model_dir, tmp_path
     with pytest.warns(UserWarning, match="test WITHOUT --ckpt_path on a model whose classification head was just "
                                          "initialised at random"):
         _run_in_process(["test", *tiny_args(emotion_dir, tiny_model_dir)], monkeypatch, tmp_path)
+
+
+def test_a_checkpoint_predicted_at_another_max_length_warns(emotion_dir, tiny_model_dir, tmp_path, monkeypatch,
+                                                             recwarn):
+    _run_in_process(["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false",
+                                       "--data.max_length", "16")], monkeypatch, tmp_path)
+    best = next((tmp_path / "logs" / "tiny" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    recwarn.clear()
+    # the run's setting: no warning; the default 128 tokens: the checkpoint's texts would be cut elsewhere than its
+    # ONNX export (artifact.json: 16) cuts them
+    predict = ["predict", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", best)]
+    _run_in_process([*predict, "--data.max_length", "16"], monkeypatch, tmp_path)
+    assert not [w for w in recwarn if "was trained with" in str(w.message)]
+    with pytest.warns(UserWarning, match=rf"predict: data.max_length is 128, but {re.escape(str(best))} was trained "
+                                         r"with 16: texts of more than 16 tokens are cut otherwise .* pass "
+                                         r"--data.max_length 16$"):
+        _run_in_process(predict, monkeypatch, tmp_path)
 
 
 @pytest.mark.slow

@@ -173,17 +173,34 @@ def test_batched_answers_equal_each_text_alone(kind, request):
             assert got["probs"] == pytest.approx(alone["probs"], abs=1e-4)
 
 
-def test_dynamic_int8_warns_that_answers_depend_on_batch_mates(tiny_teacher_dir, folder, tmp_path):
+@pytest.fixture(scope="module")
+def ort_int8(tiny_teacher_dir, tmp_path_factory):
+    """An ONNX Runtime dynamic INT8 folder of the tiny teacher."""
     from emocompress.compression.export import quantize
 
-    int8 = tmp_path / "int8"
+    int8 = tmp_path_factory.mktemp("http") / "int8"
     quantize(AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir), "onnxruntime", out_dir=int8,
              tokenizer=AutoTokenizer.from_pretrained(tiny_teacher_dir))
-    warning = batch_mates_warning(ArtifactPredictor(int8), Settings(max_batch_size=8))
+    return int8
+
+
+def test_dynamic_int8_warns_that_answers_depend_on_batch_mates(ort_int8, folder):
+    warning = batch_mates_warning(ArtifactPredictor(ort_int8), Settings(max_batch_size=8))
     assert re.search(r"dynamic INT8 .* --max_batch_size 8 .* OpenVINO INT8 folder .* fp32 folder, or "
                      r"--max_batch_size 1$", warning)
-    assert batch_mates_warning(ArtifactPredictor(int8), Settings(max_batch_size=1)) is None
+    assert batch_mates_warning(ArtifactPredictor(ort_int8), Settings(max_batch_size=1)) is None
     assert batch_mates_warning(ArtifactPredictor(folder), Settings(max_batch_size=8)) is None  # fp32
+
+
+def test_stdin_server_warns_about_batch_mates_as_the_http_server_does(ort_int8, folder, tmp_path, capsys):
+    texts, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    texts.write_text("i feel happy\nfurious\n")
+    for served, batch_size, warned in ((ort_int8, 4, True), (ort_int8, 1, False), (folder, 4, False)):
+        serve_main([str(served), "--input", str(texts), "--output", str(out), "--batch_size", str(batch_size)])
+        err = capsys.readouterr().err.strip()
+        assert bool(re.fullmatch(r"python -m emocompress.deploy.serve: warning: this ONNX Runtime dynamic INT8 folder "
+                                 r".* --batch_size 4 .* or --batch_size 1", err)) == warned, err
+        assert len(out.read_text().splitlines()) == 2
 
 
 _BAD = {  # case -> (body bytes, status, what the message says, "field" or "limit" it names)
@@ -202,6 +219,9 @@ _BAD = {  # case -> (body bytes, status, what the message says, "field" or "limi
                      {"field": "texts[1]"}),
     "too_many_texts": (json.dumps({"texts": ["a"] * 9}).encode(), 413, r"9 texts .* max_texts=8",
                        {"limit": "max_texts"}),
+    # valid JSON, but no Unicode text: it once failed its batch with a 500, and every request merged into it
+    "lone_surrogate": (b'{"texts": ["a", "\\ud800"]}', 400,
+                       r"texts\[1\] holds a lone surrogate \(\\ud800 at character 0\)", {"field": "texts[1]"}),
     "text_too_long": (json.dumps({"texts": ["a", "b" * 201]}).encode(), 422, r"texts\[1\] has 201 .* max_chars=200",
                       {"limit": "max_chars", "field": "texts[1]"}),
     "body_too_big": (json.dumps({"texts": ["a" * 150] * 30}).encode(), 413, r"max_body_bytes=4000",

@@ -42,6 +42,12 @@ from emocompress.deploy.batching import Batcher, QueueFull
 from emocompress.deploy.middleware import AccessLog, Metrics, RefuseWhenFull, Room, access_log
 from emocompress.deploy.page import PAGE
 from emocompress.deploy.protocol import header_deadline_protocol
+from emocompress.deploy.serve import (  # its module is the stdin/stdout server
+    ArtifactPredictor,
+    add_inference_precision,
+    dynamic_int8_warning,
+    inference_precision,
+)
 
 log = logging.getLogger("emocompress.serve")
 
@@ -90,15 +96,8 @@ def _cores() -> int:
 
 
 def batch_mates_warning(predictor, settings: Settings) -> str | None:
-    """Why answers may depend on batch mates, or None. ONNX Runtime's dynamic INT8 (the only ORT INT8 that
-    ``quantize`` writes) computes each activation scale over the whole batch tensor, so a text's probabilities, even
-    its label, can change with the texts merged into its batch (reports/http_server). OpenVINO's NNCF INT8 has
-    scales fixed at calibration, and fp32 has none."""
-    if (predictor.backend, predictor.precision) != ("onnxruntime", "int8") or settings.max_batch_size == 1:
-        return None
-    return (f"this ONNX Runtime dynamic INT8 folder computes activation scales per batch, so with --max_batch_size "
-            f"{settings.max_batch_size} a text's answer can depend on the texts batched with it; for answers that "
-            "do not, serve an OpenVINO INT8 folder (fixed scales), an fp32 folder, or --max_batch_size 1")
+    """Why answers may depend on batch mates, or None (``dynamic_int8_warning`` at ``--max_batch_size``)."""
+    return dynamic_int8_warning(predictor, settings.max_batch_size, "--max_batch_size")
 
 
 class ApiError(Exception):
@@ -154,6 +153,12 @@ def parse_texts(body: bytes, settings: Settings) -> list[str]:
             raise ApiError(422, f"{name} has {len(text)} characters, more than max_chars={settings.max_chars}; "
                                 "shorten it (the model reads only its first max_length tokens)",
                            field=name, limit="max_chars", max=settings.max_chars)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # tokenizers refuses such a text, failing every request of its batch
+            raise ApiError(400, f"{name} holds a lone surrogate ({text[error.start].encode('unicode_escape').decode()} "
+                                f"at character {error.start}), which is no Unicode character; send the character "
+                                "itself or its UTF-16 pair", field=name) from None
     return texts
 
 
@@ -290,12 +295,6 @@ def _exit_on(signum: int, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``emocompress serve FOLDER [--host H] [--port P] [--max_batch_size N ...]``: serve the folder over HTTP."""
-    from emocompress.deploy.serve import (  # its module is the stdin/stdout server
-        ArtifactPredictor,
-        add_inference_precision,
-        inference_precision,
-    )
-
     parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="artifact folder: ONNX (OnnxExport, export_onnx, onnxruntime INT8) or OpenVINO (export_openvino, its INT8)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
