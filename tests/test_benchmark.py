@@ -251,6 +251,27 @@ def test_throughput_batches_texts_by_length_and_keeps_the_split_order(emotion_di
     assert variant.preds[0].tolist() == alone and variant.target.tolist() == dm.splits["test"]["labels"]
 
 
+def test_each_model_reads_texts_cut_where_its_training_and_server_cut_them(emotion_dir, exported, tmp_path):
+    from emocompress.benchmark.variants import measure
+    from emocompress.deploy.serve import ArtifactPredictor
+
+    fp32, _ = exported
+    model = AutoModelForSequenceClassification.from_pretrained(fp32)
+    folder = str(tmp_path / "int8_4")  # served at 4 tokens a text (its artifact.json)
+    quantize(model, "onnxruntime", out_dir=folder, tokenizer=AutoTokenizer.from_pretrained(fp32), max_length=4)
+    short, default = (measure(name, [str(path)], str(emotion_dir), "test", latency_samples=2, batch_size=4,
+                              max_samples=None) for name, path in (("int8 at 4", folder), ("fp32", fp32)))
+    assert (short.static["max_length"], default.static["max_length"]) == (4, 128)
+    assert max(b["input_ids"].shape[1] for b in short.batches) == 4 < max(b["input_ids"].shape[1]
+                                                                          for b in default.batches)
+    # the benchmark's answers are the server's, text by text (both the ONNX Runtime INT8 session at batch 1)
+    texts = [line.rsplit(";", 1)[0] for line in (emotion_dir / "test.txt").read_text().splitlines()]
+    served = ArtifactPredictor(folder, batch_size=1).predict(texts)
+    labels = list(short.id2label.values())
+    single = measure("int8 at 4", [folder], str(emotion_dir), "test", latency_samples=2, batch_size=1, max_samples=None)
+    assert [labels[p] for p in single.preds[0]] == [answer["label"] for answer in served]
+
+
 def test_benchmark_subcommand(emotion_dir, exported, tmp_path):
     fp32, _ = exported
     main(["benchmark", "--models", f'{{"fp32": "{fp32}"}}', "--data", str(emotion_dir),

@@ -777,10 +777,37 @@ def test_broken_checkpoints_are_named(emotion_dir, tiny_model_dir, tmp_path, cap
     assert f"--ckpt_path: {tiny_model_dir} is a folder; give a .ckpt file" in err and "--model.model_name" in err
 
 
+def test_a_broken_save_to_disk_folder_is_named_as_data(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # its FileNotFoundError reached the handler for models: "model.model_name ... cannot be loaded"
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["train", "validation", "test"]}')
+    err = _refused(["fit", *tiny_args(saved, tiny_model_dir)], capsys, monkeypatch, tmp_path)
+    assert f"emocompress: error: data: {saved} has a dataset_dict.json but cannot be loaded" in err
+    assert "model.model_name" not in err
+
+
 def test_testing_a_fresh_head_warns_loudly(emotion_dir, tiny_model_dir, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="test WITHOUT --ckpt_path on a model whose classification head was just "
                                          "initialised at random"):
         _run_in_process(["test", *tiny_args(emotion_dir, tiny_model_dir)], monkeypatch, tmp_path)
+
+
+def test_a_checkpoint_predicted_at_another_max_length_warns(emotion_dir, tiny_model_dir, tmp_path, monkeypatch,
+                                                             recwarn):
+    _run_in_process(["fit", *tiny_args(emotion_dir, tiny_model_dir, "--test_after_fit", "false",
+                                       "--data.max_length", "16")], monkeypatch, tmp_path)
+    best = next((tmp_path / "logs" / "tiny" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    recwarn.clear()
+    # the run's setting: no warning; the default 128 tokens: the checkpoint's texts would be cut elsewhere than its
+    # ONNX export (artifact.json: 16) cuts them
+    predict = ["predict", *tiny_args(emotion_dir, tiny_model_dir, "--ckpt_path", best)]
+    _run_in_process([*predict, "--data.max_length", "16"], monkeypatch, tmp_path)
+    assert not [w for w in recwarn if "was trained with" in str(w.message)]
+    with pytest.warns(UserWarning, match=rf"predict: data.max_length is 128, but {re.escape(str(best))} was trained "
+                                         r"with 16: texts of more than 16 tokens are cut otherwise .* pass "
+                                         r"--data.max_length 16$"):
+        _run_in_process(predict, monkeypatch, tmp_path)
 
 
 @pytest.mark.slow

@@ -204,6 +204,33 @@ def test_save_to_disk_with_classlabel_names(emotion_dir, tiny_model_dir, tmp_pat
     assert dm.counts_before == [8, 4, 3]
 
 
+def test_save_to_disk_rows_without_a_label_are_refused(emotion_dir, tiny_model_dir, tmp_path):
+    # -1 is datasets' "no label" (hub test splits with hidden labels); names[-1] made every such row the last class
+    names = ["anger", "joy", "love"]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    train = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]}, features=features)
+    hidden = datasets.Dataset.from_dict({"text": ["x", "y"], "label": [1, -1]}, features=features)
+    datasets.DatasetDict({"train": train, "validation": train, "test": hidden}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"saved\[test\]:1: 'label' is -1, which names no class .*ids 0 to 2; "
+                                         r"-1 marks a row without a label"):
+        DataSource(str(tmp_path / "saved")).read("test")
+
+
+def test_unreadable_data_is_named_as_data(emotion_dir, tmp_path, monkeypatch):
+    # an OSError from the data reached the CLI's handler for models that cannot be loaded (test_cli has the
+    # broken save_to_disk folder): "model.model_name ... cannot be loaded" for a split file it could not read
+    train, read_bytes = emotion_dir / "train.txt", Path.read_bytes
+
+    def refused_for_train(path):  # root reads any file: chmod cannot show it
+        if path == train:
+            raise PermissionError(13, "Permission denied")
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refused_for_train)
+    with pytest.raises(ValueError, match=rf"{train}: cannot be read \(Permission denied\); make it readable"):
+        DataSource(str(emotion_dir)).read("train")
+
+
 def test_explicit_labels_set_the_order(emotion_dir, tiny_model_dir):
     dm = _datamodule(emotion_dir, tiny_model_dir, labels=["love", "joy", "anger", "sadness"], oversample_to=None)
     assert dm.id2label == {0: "love", 1: "joy", 2: "anger", 3: "sadness"}
@@ -219,6 +246,16 @@ def test_text_split_on_last_semicolon_and_blank_lines_skipped(tmp_path, tiny_mod
     assert raw["text"] == ["a; b happy", "c mad"]
     assert raw["label"] == ["joy", "anger"]
     assert raw["line"] == [1, 4]
+
+
+def test_max_samples_counts_texts_not_blank_lines(tmp_path, tiny_model_dir):
+    # the first N lines were kept, blank ones included: 3 texts of 5 asked for here
+    folder = _write(tmp_path / "d", train="happy day;joy\n\n\nmad day;anger\n\nglad day;joy\nsad day;anger\n"
+                                         "calm day;joy\n")
+    raw = DataSource(str(folder), max_samples=4).read("train")
+    assert raw["text"] == ["happy day", "mad day", "glad day", "sad day"]
+    assert raw["line"] == [1, 4, 6, 7]
+    assert len(DataSource(str(folder), max_samples=50).read("train")) == 5
 
 
 # ---- bad input: each names the place and the fix ----
@@ -255,6 +292,11 @@ def test_missing_split_file(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize(("content", "message"), [
     ("sentence,label\nhappy,joy\nmad,anger\n", r"train\.csv.*no column 'text'.*\['sentence', 'label'\].*data\.text_column"),
     ("text,label\nhappy,joy\n,anger\n", r"train\.csv:3: empty 'text'"),
+    # an unquoted comma in every text: pandas took the first cells as an index, and trained on the rest
+    ("text,label\nso, happy,joy\nso, mad,anger\n", r"train\.csv:2: 3 cells where the header has 2; put a text"),
+    ('text,label\n"two\nlines",joy\n\nso, mad,anger\n', r"train\.csv:5: 3 cells where the header has 2"),
+    ('text,label\nhappy,joy\n"mad,anger\nglad,joy\n', r"train\.csv:3: a quoted field opens here and never closes"),
+    ("text,text,label\na,b,joy\nc,d,anger\n", r"train\.csv:1: the header names the column\(s\) \['text'\] more than"),
 ])
 def test_bad_csv_files(tmp_path, tiny_model_dir, content, message):
     folder = tmp_path / "csv"
@@ -263,6 +305,21 @@ def test_bad_csv_files(tmp_path, tiny_model_dir, content, message):
         (folder / f"{split}.csv").write_text(content)
     with pytest.raises(ValueError, match=message):
         _datamodule(folder, tiny_model_dir).setup("fit")
+
+
+def test_csv_cells_are_the_strings_written(tmp_path, tiny_model_dir):
+    # pandas' default reads NA, null, None, nan, N/A... as missing: the texts were refused as empty, the labels
+    # too, and a predict file lost such texts without a word
+    words = ["NA", "null", "None", "nan", "N/A", "#N/A", "NULL", "n/a"]
+    rows = "".join(f"{word},{label}\n" for word in words for label in ("joy", "NA"))
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.csv").write_text("text,label\n" + rows)
+    (tmp_path / "texts.csv").write_text("text\n" + "\n".join(words) + "\n")
+    dm = _datamodule(tmp_path, tiny_model_dir, predict_file=str(tmp_path / "texts.csv"))
+    dm.setup("predict")
+    assert dm.splits["predict"]["text"] == words
+    assert dm.raw_split("train")["text"] == [word for word in words for _ in range(2)]
+    assert dm.id2label == {0: "NA", 1: "joy"}
 
 
 def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
@@ -279,6 +336,10 @@ def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
     with pytest.raises(ValueError, match=r"'no-such-name-xyz' is no local folder, and datasets.load_dataset could not "
                                          r"load it \(Couldn't reach"):
         _datamodule("no-such-name-xyz", tiny_model_dir).setup("fit")
+    # a folder that exists, without split files: it was reported as "no local folder"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty' is a folder without train/val/test files \(train\.txt, train\.csv"):
+        _datamodule(tmp_path / "empty", tiny_model_dir).setup("fit")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -340,6 +401,11 @@ def test_conflicting_labels_are_warned_with_their_lines(tmp_path, tiny_model_dir
     ("train.jsonl", '{"text": "a", "label": "joy"}\n\n["b", "joy"]\n', r"train\.jsonl:3: a JSON list, not an object"),
     ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": "b", label: joy}\n', r"train\.jsonl:2: not valid JSON"),
     ("train.json", '[{"text": "a", "label": "joy"}, "b"]', r"train\.json: item 1: a JSON str, not an object"),
+    # a text that is no string was trained on as its Python spelling ("['so', 'glad']")
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": ["so", "glad"], "label": "joy"}\n',
+     r"train\.jsonl:2: 'text' is \['so', 'glad'\], a list; a text must be a string"),
+    ("train.jsonl", '{"text": "a", "label": "joy"}\n{"text": 42, "label": "joy"}\n',
+     r"train\.jsonl:2: 'text' is 42, a int"),
     ("train.csv", "text,label\n", r"train\.csv: the file has a header row and no data rows"),
     ("train.csv", "", r"train\.csv: the file is empty"),
     ("train.txt", "\n  \n", r"train\.txt: the file is empty"),
@@ -366,6 +432,14 @@ def test_predict_file_without_texts(emotion_dir, tiny_model_dir, tmp_path):
     (tmp_path / "blank.csv").write_text('text,id\n"  ",1\n')
     dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(tmp_path / "blank.csv"))
     with pytest.raises(ValueError, match=r"data\.predict_file: .*blank\.csv has no texts"):
+        dm.setup("predict")
+
+
+def test_predict_file_text_that_is_no_string_is_refused_with_its_line(emotion_dir, tiny_model_dir, tmp_path):
+    # a JSON number stopped the tokenizer with a TypeError traceback
+    (tmp_path / "texts.jsonl").write_text('{"text": "so happy"}\n{"text": 42}\n')
+    dm = _datamodule(emotion_dir, tiny_model_dir, predict_file=str(tmp_path / "texts.jsonl"))
+    with pytest.raises(ValueError, match=r"texts\.jsonl:2: 'text' is 42, a int; a text must be a string"):
         dm.setup("predict")
 
 
@@ -556,6 +630,31 @@ def test_errors_name_the_physical_line(tmp_path, name, content, line):
     folder = tmp_path / "d"
     _split_files(folder, name, content)
     with pytest.raises(ValueError, match=rf"{folder / name}:{line}: "):
+        DataSource(str(folder)).read("train")
+
+
+def test_jsonl_with_blank_lines_and_labels_of_mixed_types_loads(tmp_path):
+    # datasets' reader failed on this valid file ("Expected object or value", no line): an int label beside string
+    # ones sends it to a fallback that cannot skip blank lines
+    folder = tmp_path / "d"
+    _split_files(folder, "train.jsonl",
+                 '{"text": "a", "label": "joy", "id": 1}\n\n{"text": "b", "label": 2, "id": "x"}\n')
+    raw = DataSource(str(folder)).read("train")
+    assert raw["text"] == ["a", "b"]
+    assert raw["label"] == ["joy", "2"]
+    assert raw["line"] == [1, 3]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"text": "a", "label": "joy"}\n{"text": "b", "label": "joy", "label": "anger"}\n',
+     r"train\.jsonl:2: an object names the key\(s\) \['label'\] more than once"),
+    ('[{"text": "a", "label": "joy", "text": "b"}]', r"train\.jsonl: an object names the key\(s\) \['text'\]"),
+    ("[]", r"train\.jsonl: the JSON array is empty"),
+])
+def test_json_objects_with_a_repeated_key_and_empty_arrays_are_refused(tmp_path, content, message):
+    folder = tmp_path / "d"
+    _split_files(folder, "train.jsonl", content)
+    with pytest.raises(ValueError, match=message):
         DataSource(str(folder)).read("train")
 
 

@@ -216,6 +216,18 @@ def test_server_runs_without_torch_and_answers_every_line(teacher, emotion_dir, 
     assert [r["label"] for r in from_files] == [r["label"] for r in lines]
 
 
+def test_server_truncates_at_the_side_the_tokenizer_truncated_in_training(teacher, tmp_path):
+    model, tokenizer = teacher
+    left = AutoTokenizer.from_pretrained(tokenizer.name_or_path, truncation_side="left")  # keeps a text's end
+    folder = export_onnx(model, tmp_path / "onnx", left, max_length=6)
+    texts = ["i am so very furious and mad today but happy glad cheerful delighted", "happy"]
+    reference = _logits(model, left, texts, max_length=6).softmax(-1)
+    right = _logits(model, tokenizer, texts[:1], max_length=6).softmax(-1)
+    assert (right[0] - reference[0]).abs().max() > 0.1  # so the check below tells the two sides apart
+    served = torch.tensor([list(p["probs"].values()) for p in ArtifactPredictor(folder).predict(texts)])
+    torch.testing.assert_close(served, reference, rtol=0, atol=ATOL, check_dtype=False)
+
+
 def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
     folder = export_onnx(teacher[0], tmp_path / "onnx", teacher[1])
     # a tokenizer that adds no [CLS]/[SEP]: an empty text is then no tokens at all
@@ -225,6 +237,11 @@ def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
     empty, happy = ArtifactPredictor(folder).predict(["", "happy"])
     assert "no tokens" in empty["error"] and "label" not in empty
     assert happy["label"] in teacher[0].config.id2label.values()
+
+
+def test_predict_refuses_one_string_instead_of_answering_each_character(onnx_folder):
+    with pytest.raises(TypeError, match=r"predict takes a list of texts, got one str \('i feel happy'\); pass \[text\]"):
+        ArtifactPredictor(onnx_folder).predict("i feel happy")
 
 
 def test_onnx_export_callback_writes_the_best_model(make_datamodule, emotion_dir, tiny_model_dir, tiny_trainer,
@@ -485,10 +502,22 @@ def test_serve_refuses_unusable_files_in_one_line(onnx_folder, tmp_path, capsys,
     assert str(folder) in error and "Traceback" not in error
 
 
+def test_serve_without_the_folders_runtime_names_the_package_in_one_line(onnx_folder, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # a server with only openvino installed
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(onnx_folder), "--input", os.devnull])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"{onnx_folder / 'model.onnx'}: running it needs the onnxruntime package, which is not installed; "
+        "pip install onnxruntime")
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--input", "{tmp}/missing.txt"], r"--input .*missing\.txt does not exist; give a text file"),
     (["--input", "{tmp}"], r"--input .* is a folder; give a text file"),
     (["--input", "{tmp}/in.txt", "--output", "{tmp}"], r"--output .* is a folder; give the path of the JSON-lines"),
+    (["--input", "{tmp}/in.txt", "--output", "{tmp}/in.txt/sub/out.jsonl"],
+     r"--output .*/in\.txt/sub/out\.jsonl: .*/in\.txt is a file, not a folder; give a path in a folder you can write"),
 ])
 def test_serve_refuses_bad_input_and_output_paths_in_one_line(onnx_folder, tmp_path, capsys, args, message):
     (tmp_path / "in.txt").write_text("happy\n")

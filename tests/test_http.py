@@ -173,17 +173,34 @@ def test_batched_answers_equal_each_text_alone(kind, request):
             assert got["probs"] == pytest.approx(alone["probs"], abs=1e-4)
 
 
-def test_dynamic_int8_warns_that_answers_depend_on_batch_mates(tiny_teacher_dir, folder, tmp_path):
+@pytest.fixture(scope="module")
+def ort_int8(tiny_teacher_dir, tmp_path_factory):
+    """An ONNX Runtime dynamic INT8 folder of the tiny teacher."""
     from emocompress.compression.export import quantize
 
-    int8 = tmp_path / "int8"
+    int8 = tmp_path_factory.mktemp("http") / "int8"
     quantize(AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir), "onnxruntime", out_dir=int8,
              tokenizer=AutoTokenizer.from_pretrained(tiny_teacher_dir))
-    warning = batch_mates_warning(ArtifactPredictor(int8), Settings(max_batch_size=8))
+    return int8
+
+
+def test_dynamic_int8_warns_that_answers_depend_on_batch_mates(ort_int8, folder):
+    warning = batch_mates_warning(ArtifactPredictor(ort_int8), Settings(max_batch_size=8))
     assert re.search(r"dynamic INT8 .* --max_batch_size 8 .* OpenVINO INT8 folder .* fp32 folder, or "
                      r"--max_batch_size 1$", warning)
-    assert batch_mates_warning(ArtifactPredictor(int8), Settings(max_batch_size=1)) is None
+    assert batch_mates_warning(ArtifactPredictor(ort_int8), Settings(max_batch_size=1)) is None
     assert batch_mates_warning(ArtifactPredictor(folder), Settings(max_batch_size=8)) is None  # fp32
+
+
+def test_stdin_server_warns_about_batch_mates_as_the_http_server_does(ort_int8, folder, tmp_path, capsys):
+    texts, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    texts.write_text("i feel happy\nfurious\n")
+    for served, batch_size, warned in ((ort_int8, 4, True), (ort_int8, 1, False), (folder, 4, False)):
+        serve_main([str(served), "--input", str(texts), "--output", str(out), "--batch_size", str(batch_size)])
+        err = capsys.readouterr().err.strip()
+        assert bool(re.fullmatch(r"python -m emocompress.deploy.serve: warning: this ONNX Runtime dynamic INT8 folder "
+                                 r".* --batch_size 4 .* or --batch_size 1", err)) == warned, err
+        assert len(out.read_text().splitlines()) == 2
 
 
 _BAD = {  # case -> (body bytes, status, what the message says, "field" or "limit" it names)
@@ -202,6 +219,9 @@ _BAD = {  # case -> (body bytes, status, what the message says, "field" or "limi
                      {"field": "texts[1]"}),
     "too_many_texts": (json.dumps({"texts": ["a"] * 9}).encode(), 413, r"9 texts .* max_texts=8",
                        {"limit": "max_texts"}),
+    # valid JSON, but no Unicode text: it once failed its batch with a 500, and every request merged into it
+    "lone_surrogate": (b'{"texts": ["a", "\\ud800"]}', 400,
+                       r"texts\[1\] holds a lone surrogate \(\\ud800 at character 0\)", {"field": "texts[1]"}),
     "text_too_long": (json.dumps({"texts": ["a", "b" * 201]}).encode(), 422, r"texts\[1\] has 201 .* max_chars=200",
                       {"limit": "max_chars", "field": "texts[1]"}),
     "body_too_big": (json.dumps({"texts": ["a" * 150] * 30}).encode(), 413, r"max_body_bytes=4000",
@@ -251,7 +271,8 @@ async def _post_all(url, bodies, **client_options):
 
 
 def test_full_queue_answers_503_with_retry_after(predictor):
-    with _running(_Slow(predictor, 0.3), max_batch_size=1, max_wait_ms=0, max_queue=2, max_texts=2) as base:
+    with _running(_Slow(predictor, 0.3), max_batch_size=1, max_wait_ms=0, max_queue=2, max_texts=2,
+                  queue_wait_ms=0) as base:
         responses = asyncio.run(_post_all(base, [{"text": f"text {i}"} for i in range(8)]))
         statuses = sorted(r.status_code for r in responses)
         busy = [r for r in responses if r.status_code == 503]
@@ -277,13 +298,37 @@ def test_a_full_queue_refuses_before_reading_the_body(predictor):
             again = await other.post("/v1/predict", json={"text": "c"})  # the same keep-alive connection
             return refused, answers, again
 
-    with _running(_Slow(predictor, 0.6), max_batch_size=1, max_queue=1, max_texts=1, workers=1) as base:
+    with _running(_Slow(predictor, 0.6), max_batch_size=1, max_queue=1, max_texts=1, workers=1,
+                  queue_wait_ms=0) as base:
         refused, answers, again = asyncio.run(scenario(base))
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["limit"] == "max_queue" and "busy" in refused.json()["error"]
         assert [r.status_code for r in answers] == [200, 200] and again.status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
         assert re.search(r'emocompress_http_requests_total\{path="/v1/predict",status="503"\} 1\.0', metrics)
+
+
+def test_a_request_that_finds_the_queue_full_waits_for_room_then_gets_503(predictor):
+    async def scenario(base, n):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            posts = [asyncio.ensure_future(client.post("/v1/predict", json={"text": f"text {i}"})) for i in range(n)]
+            await asyncio.sleep(0.15)  # one in the model, one queued, the rest waiting for room
+            waiting = _metric((await client.get("/metrics")).text, "emocompress_waiting_for_room")
+            return waiting, await asyncio.gather(*posts)
+
+    # one worker, 0.3 s a call, room for one text: without waiting, 2 of the 4 would be refused
+    with _running(_Slow(predictor, 0.3), max_batch_size=1, max_queue=1, max_texts=1, workers=1,
+                  queue_wait_ms=5000) as base:
+        waiting, answers = asyncio.run(scenario(base, 4))
+        assert waiting == 2 and [r.status_code for r in answers] == [200] * 4
+        assert [r.json()["predictions"][0] for r in answers] == predictor.predict([f"text {i}" for i in range(4)])
+    # a wait shorter than a model call: the ones that wait in vain get their 503 after waiting, not at once
+    with _running(_Slow(predictor, 0.6), max_batch_size=1, max_queue=1, max_texts=1, workers=1,
+                  queue_wait_ms=200) as base:
+        _, answers = asyncio.run(scenario(base, 4))
+        refused = [r for r in answers if r.status_code == 503]
+        assert [r.status_code for r in answers[:2]] == [200, 200] and len(refused) == 2
+        assert all(r.elapsed.total_seconds() >= 0.19 and r.headers["retry-after"] == "1" for r in refused)
 
 
 def test_slow_answer_504_and_slow_body_408(predictor):

@@ -3,6 +3,8 @@ predictor's length-sorted batches."""
 
 import copy
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -223,6 +225,18 @@ def test_overlay_quantizes_with_openvino_when_test_starts(make_datamodule, tiny_
     folder = tmp_path / init["init_args"]["dirname"]
     assert isinstance(model.model, OrtClassifier) and model.model.path == str(folder / "model.xml")
     assert read_metadata(folder).backend == "openvino" and logged["quant/size_mb"] > 0
+
+
+def test_openvino_folders_without_openvino_are_refused_in_one_line(ov_fp32, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # a server with only onnxruntime installed
+    message = (f"{ov_fp32 / 'model.xml'}: running it needs the openvino package, which is not installed; "
+               "pip install openvino")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(ov_fp32), "--input", os.devnull])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_artifact(ov_fp32)
 
 
 def test_onnx_folders_serve_through_the_same_predictor(bert, ov_fp32, texts, tmp_path):

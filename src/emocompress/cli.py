@@ -218,13 +218,15 @@ class EmoCLI(LightningCLI):
                              "ends; add a test file, or pass --test_after_fit false")
 
     def before_test(self):
-        self._warn_if_untrained("test")
+        self._warn_about_checkpoint("test")
 
     def before_predict(self):
-        self._warn_if_untrained("predict")
+        self._warn_about_checkpoint("predict")
 
-    def _warn_if_untrained(self, subcommand: str):
-        if self.config[subcommand].get("ckpt_path") is None and getattr(self.model, "head_is_new", False):
+    def _warn_about_checkpoint(self, subcommand: str):
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        runs.warn_if_truncated_otherwise(ckpt_path, self.datamodule, subcommand)
+        if ckpt_path is None and getattr(self.model, "head_is_new", False):
             rank_zero_warn(f"{subcommand} WITHOUT --ckpt_path on a model whose classification head was just "
                            "initialised at random: its outputs mean nothing. Pass --ckpt_path <best .ckpt> of a fit, "
                            "or --model.model_name <its hf_model export>.")

@@ -262,6 +262,21 @@ def checkpoint_of_its_run(config, subcommand: str, parser_of) -> None:
     log.info("%s: --ckpt_path %s is %s (run %s)", subcommand, keyword, os.path.relpath(path), folder)
 
 
+def warn_if_truncated_otherwise(ckpt_path: str | None, datamodule, subcommand: str) -> None:
+    """Warn when ``--ckpt_path`` was trained with another ``data.max_length`` (its datamodule hyper-parameters) than
+    this command uses: longer texts are then cut where neither its training nor its exports (``artifact.json``) cut
+    them, so the same text can get another answer here than from the run's ONNX folder. ``last`` and ``best`` find
+    a run of these settings, so only a ``.ckpt`` named by its path can differ."""
+    current = getattr(datamodule, "max_length", None)
+    if not ckpt_path or current is None or not Path(ckpt_path).is_file():
+        return
+    trained = read_checkpoint(ckpt_path).get("datamodule_hyper_parameters", {}).get("max_length")
+    if trained is not None and trained != current:
+        rank_zero_warn(f"{subcommand}: data.max_length is {current}, but {ckpt_path} was trained with {trained}: texts "
+                       f"of more than {min(current, trained)} tokens are cut otherwise than in its training and its "
+                       f"exports, so they can get other answers; pass --data.max_length {trained}")
+
+
 def refuse_changed_data(folder: Path, source, data_changed_ok: bool) -> None:
     """Resuming on data edited since the run began would continue on other texts, with a schedule sized for the
     old epoch: refused, naming the split, unless ``--data_changed_ok true``."""

@@ -32,7 +32,7 @@ _REPORT_ENTRIES = ("model_comparison.csv", "model_comparison.md", "per_class.csv
 
 _COLUMNS = ["model", "runs", "params", "nonzero_params", "sparsity", "size_mb", "gzip_mb",
             "latency_ms_median", "latency_ms_min", "latency_ms_max", "latency_ms_p90",
-            "throughput_per_s", "throughput_min_per_s", "throughput_max_per_s", "padded_tokens_per_text",
+            "throughput_per_s", "throughput_min_per_s", "throughput_max_per_s", "padded_tokens_per_text", "max_length",
             "energy_kwh_per_1k", "energy_kwh_per_1k_batch1", "energy_method",
             *(f"{key}{suffix}" for key in SCALARS for suffix in ("", "_std", "_low", "_high")),
             "macro_f1_diff", "macro_f1_diff_low", "macro_f1_diff_high", "macro_f1_diff_p",
@@ -77,8 +77,10 @@ def environment_info(num_threads: int, settings: dict) -> dict:
     return {**cpu_info(), "cores": os.cpu_count(), "threads": num_threads, "torch": torch.__version__,
             "onnxruntime": ort_version, "transformers": transformers.__version__,
             "python": platform.python_version(), **settings,
-            "sequence_length": f"each text tokenized to at most {DEFAULT_MAX_LENGTH} tokens; batch 1 unpadded, "
-                               "batches of texts of similar length (sorted by token count), padded to their longest"}
+            "sequence_length": "each text tokenized to at most the max_length its model was trained with (checkpoints) "
+                               f"or is served with (artifact folders), {DEFAULT_MAX_LENGTH} where none is recorded "
+                               "(hf_model exports): the max_length column; batch 1 unpadded, batches of texts of "
+                               "similar length (sorted by token count), padded to their longest"}
 
 
 def invoking_command() -> str:

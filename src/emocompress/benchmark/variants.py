@@ -15,7 +15,14 @@ from emocompress.compression.distillation import Distiller
 from emocompress.data.datamodule import EmotionDataModule
 from emocompress.data.sampling import padding_per_text, sort_by_length
 from emocompress.data.sources import DataSource, check_label_set
-from emocompress.deploy.format import ONNX_FILE, OPENVINO_WEIGHTS_FILE, TORCH_WEIGHTS_FILE, metadata_file, read_metadata
+from emocompress.deploy.format import (
+    DEFAULT_MAX_LENGTH,
+    ONNX_FILE,
+    OPENVINO_WEIGHTS_FILE,
+    TORCH_WEIGHTS_FILE,
+    metadata_file,
+    read_metadata,
+)
 from emocompress.deploy.runtime import precision_hint
 from emocompress.models.checkpoints import current_class_paths, label_columns, read_checkpoint, stored_labels
 from emocompress.models.classifier import EmotionClassifier, classification_metrics, metrics_report, model_inputs
@@ -61,6 +68,15 @@ def load_for_benchmark(path: str | Path, trust_remote_code: bool = False,
         return module.model.eval(), module.hparams.model_name, path
     return (load_folder(path, trust_remote_code, torch.get_num_threads(), inference_precision), str(path),
             _weights_file(path))
+
+
+def trained_max_length(path: str | Path) -> int | None:
+    """Tokens per text the model at ``path`` was trained with (a checkpoint's datamodule hyper-parameters) or is
+    served with (an artifact folder's metadata); None where nothing records it (an ``hf_model`` export)."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        return read_checkpoint(str(path)).get("datamodule_hyper_parameters", {}).get("max_length")
+    return read_metadata(path).max_length if metadata_file(path).is_file() else None
 
 
 def is_openvino_folder(path: str | Path) -> bool:
@@ -208,8 +224,10 @@ def measure(name: str, paths: list[str], data: str, split: str, latency_samples:
         columns = label_columns(trained_on, labels, str(_labels_file(path)))
         columns = None if columns == sorted(columns) else torch.tensor(columns)
         id2label = dict(enumerate(labels))
+        # texts cut where the model's training and its server cut them, not at this run's default
+        max_length = trained_max_length(path) or DEFAULT_MAX_LENGTH
         datamodule = EmotionDataModule(data, tokenizer=tokenizer_path, max_samples=max_samples, labels=labels,
-                                       trust_remote_code=trust_remote_code)
+                                       trust_remote_code=trust_remote_code, max_length=max_length)
         datamodule.setup("test" if split == "test" else "validate")
         lengths = datamodule.splits[split]["length"]
         dataset = datamodule.splits[split].remove_columns("length")
@@ -224,7 +242,7 @@ def measure(name: str, paths: list[str], data: str, split: str, latency_samples:
             total, nonzero = count_parameters(model)
             size_mb, gzip_mb = file_sizes_mb(weights)
             static = {"params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total,
-                      "size_mb": size_mb, "gzip_mb": gzip_mb,
+                      "size_mb": size_mb, "gzip_mb": gzip_mb, "max_length": max_length,
                       "padded_tokens_per_text": padding_per_text(lengths, order, batch_size)}
             variant = Variant(name, list(paths), model, static, id2label, singles, batches, target, columns)
         elif id2label != variant.id2label or not np.array_equal(target, variant.target):

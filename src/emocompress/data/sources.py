@@ -13,24 +13,20 @@ a stray ``;`` or a typo. Texts that occur with conflicting labels are only warne
 """
 
 import hashlib
-import io
-import json
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
 import datasets
-import pandas as pd
 from lightning.pytorch.utilities import rank_zero_warn
 
-from emocompress.io import split_lines
+from emocompress.data.files import BUILDERS, load_file
 
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
-BUILDERS = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 # Raw splits always hold string labels, whatever the source's label type (ints, ClassLabel ids).
 _RAW_FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("string"),
                                    "line": datasets.Value("int64")})
+_TEXT_FEATURES = datasets.Features({"text": datasets.Value("string"), "line": datasets.Value("int64")})
 _FIX_SOURCE = "give a folder of train/val/test files, a save_to_disk folder or a Hugging Face dataset name"
 
 
@@ -78,7 +74,12 @@ class DataSource:
         """Hub dataset, local dataset folder or save_to_disk folder, loaded once."""
         source = self.data
         if (Path(source) / "dataset_dict.json").exists():
-            return datasets.load_from_disk(source)
+            try:
+                return datasets.load_from_disk(source)
+            except (OSError, ValueError) as err:  # else the CLI's OSError report blames model.model_name
+                raise ValueError(f"data: {source} has a dataset_dict.json but cannot be loaded as a save_to_disk "
+                                 f"folder ({' '.join(str(err).split())}); save it again with "
+                                 "DatasetDict.save_to_disk, or remove the dataset_dict.json") from err
         if _looks_like_a_path(source) and not Path(source).expanduser().exists():
             # A hub name is `name` or `owner/name`; this is a local path with a typo, not a dataset to download.
             raise ValueError(f"data: {source} does not exist (resolved to {Path(source).expanduser().absolute()}); "
@@ -86,8 +87,10 @@ class DataSource:
         try:
             return datasets.load_dataset(source)
         except Exception as err:  # the hub and builders raise many types; all mean the same to the user
-            raise ValueError(f"data: {source!r} is no local folder, and datasets.load_dataset could not load it "
-                             f"({err}); {_FIX_SOURCE} that is reachable") from err
+            what = ("is a folder without train/val/test files (train.txt, train.csv, ...)" if Path(source).is_dir()
+                    else "is no local folder")
+            raise ValueError(f"data: {source!r} {what}, and datasets.load_dataset could not load it "
+                             f"({' '.join(str(err).split())}); {_FIX_SOURCE} that is reachable") from err
 
     def read(self, split: str) -> datasets.Dataset:
         """Columns ``text`` (str), ``label`` (str) and ``line`` (where the row came from), validated; read once."""
@@ -104,10 +107,15 @@ class DataSource:
                 raise ValueError(f"{where}: no {split} split; the dataset has {available}")
             dataset, line_numbers = self.dataset_dict[name], None  # rows of a dataset: numbered from 0
         else:
-            dataset, line_numbers = _load_file(path)
+            dataset, line_numbers = load_file(path)
+        is_txt = path is not None and path.suffix == ".txt"
         if self.max_samples:
-            dataset = dataset.select(range(min(self.max_samples, len(dataset))))
-        if path is not None and path.suffix == ".txt":
+            end = min(self.max_samples, len(dataset))
+            if is_txt:  # a row is a line, and blank lines are no examples: keep the lines up to the N-th text
+                filled = [i for i, line in enumerate(dataset["text"]) if line.lstrip("\ufeff").strip()]
+                end = filled[self.max_samples - 1] + 1 if len(filled) > self.max_samples else len(dataset)
+            dataset = dataset.select(range(end))
+        if is_txt:
             dataset = dataset.map(_parse_txt, batched=True, with_indices=True, remove_columns=dataset.column_names,
                                   fn_kwargs={"where": where}, features=_RAW_FEATURES, desc=f"parse {split}")
         else:
@@ -126,14 +134,15 @@ class DataSource:
         if path.suffix not in BUILDERS:
             raise ValueError(f"data.predict_file: {path} must end in one of {list(BUILDERS)}")
         try:
-            raw, line_numbers = _load_file(path)
+            raw, line_numbers = load_file(path)
         except ValueError as err:
             raise ValueError(f"data.predict_file: {err}") from None
         column = "text" if path.suffix == ".txt" else self.text_column
         if column not in raw.column_names:
             raise ValueError(f"{path}: no column {column!r}; the columns are {raw.column_names}; set data.text_column")
         raw = raw.map(_parse_text_lines, batched=True, with_indices=True, remove_columns=raw.column_names,
-                      fn_kwargs={"column": column, "line_numbers": line_numbers})
+                      fn_kwargs={"where": str(path), "column": column, "line_numbers": line_numbers},
+                      features=_TEXT_FEATURES)  # not the input's: a datasets.Json column would decode "42" to 42
         if len(raw) == 0:
             raise ValueError(f"data.predict_file: {path} has no texts (every line or {column!r} is blank); "
                              "give a file with one text per line")
@@ -220,126 +229,6 @@ def _looks_like_a_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or Path(source).suffix in BUILDERS
 
 
-def _load_file(path: Path) -> tuple[datasets.Dataset, list[int]]:
-    """The rows of a split or predict file and the physical line (``emocompress.io``) each row starts on."""
-    lines = split_lines(_check_content(path).removeprefix("\ufeff"))
-    if path.suffix == ".txt":  # every line is a row, blank ones too (skipped later, keeping the numbering)
-        return datasets.Dataset.from_dict({"text": lines}), list(range(1, len(lines) + 1))
-    try:
-        if path.suffix == ".csv":
-            # pandas directly, on the lines joined by \n alone: its reader (and datasets' csv builder) would
-            # also end a row at a bare \r. Strings as written ("007" stays "007"); empty cells are None.
-            frame = pd.read_csv(io.StringIO("\n".join(_csv_without_blank_lines(lines))), lineterminator="\n",
-                                dtype=str)
-            frame = frame.rename(columns=lambda name: name.rstrip("\r"))  # the header line of a \r\r\n file
-            dataset = datasets.Dataset.from_pandas(frame, preserve_index=False)
-        else:
-            dataset = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
-    except Exception as err:  # a malformed file surfaces as one of several pandas/pyarrow/datasets errors
-        raise ValueError(f"{path}: could not be read as {path.suffix[1:]} ({err}); fix the file's format") from err
-    if path.suffix == ".csv":
-        numbers = _csv_row_lines(lines)[1:]  # the first row is the header
-    else:
-        numbers = _json_row_lines(lines)
-    if len(numbers) != len(dataset):  # a JSON document (an array, {"data": [...]}): rows are items, not lines
-        numbers = list(range(1, len(dataset) + 1))
-    return dataset, numbers
-
-
-def _check_content(path: Path) -> str:
-    """The text of ``path``. Refuse, with a place, what ``datasets`` reports without one: bytes that are not
-    UTF-8, a file with no rows, and JSON rows that are not objects."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_no = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise ValueError(f"{path}:{line_no}: byte 0x{data[err.start]:02x} at column {column} is not UTF-8; "
-                         "save the file as UTF-8") from None
-    lines = [line for line in split_lines(text.lstrip("\ufeff")) if line.strip()]
-    if not lines:
-        raise ValueError(f"{path}: the file is empty; add rows or remove the file")
-    if path.suffix == ".csv" and len(lines) == 1:
-        raise ValueError(f"{path}: the file has a header row and no data rows; add rows below the header")
-    if path.suffix in (".json", ".jsonl"):
-        _check_json_rows(path, text)
-    return text
-
-
-def _check_json_rows(path: Path, text: str) -> None:
-    """Every row of a JSON-lines file (or of a JSON array) must be an object."""
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError:
-        document = None  # JSON lines: checked line by line below
-    if isinstance(document, list):
-        rows = [(f"{path}: item {i}", row) for i, row in enumerate(document)]
-    elif isinstance(document, dict):
-        return  # one object, or the `{"data": [...]}` layout datasets reads
-    else:
-        rows = []
-        for line_no, line in enumerate(split_lines(text.lstrip("\ufeff")), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{line_no}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}); each line must be one JSON "
-                                 'object such as {"text": "...", "label": "..."}') from None
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: a JSON {type(row).__name__}, not an object; each row must be one JSON "
-                             'object such as {"text": "...", "label": "..."}')
-
-
-def _json_row_lines(lines: list[str]) -> list[int]:
-    """The line of each row of a JSON-lines file: its non-blank lines (datasets skips the blank ones)."""
-    return [number for number, line in enumerate(lines, start=1) if line.strip()]
-
-
-def _csv_row_lines(lines: list[str]) -> list[int]:
-    """The line each row of a CSV file (header included) starts on: a field that starts with ``"`` runs to the
-    next lone ``"``, across lines (the rules of pandas' reader); blank lines outside such fields are no rows.
-
-    >>> _csv_row_lines(['text,label', '', '"two', 'lines, ""quoted"" too",joy', 'a"b,joy', ' \\r'])
-    [1, 3, 5]
-    """
-    return [number for number, starts_row in _csv_line_kinds(lines) if starts_row]
-
-
-def _csv_without_blank_lines(lines: list[str]) -> list[str]:
-    """``lines`` with the blank ones outside quoted fields emptied: pandas skips only empty lines and lines of
-    spaces and tabs, a line of ``\\r`` (from ``\\r\\r\\n``) or other white space would be a row of empty cells."""
-    kinds = dict(_csv_line_kinds(lines))
-    return ["" if kinds.get(number) is False else line for number, line in enumerate(lines, start=1)]
-
-
-def _csv_line_kinds(lines: list[str]) -> Iterator[tuple[int, bool]]:
-    """(line number, whether it starts a row) for every line outside a quoted field: True for a row's first line,
-    False for a blank line; the lines that continue a quoted field are left out."""
-    quoted = False
-    for number, line in enumerate(lines, start=1):
-        if not quoted:
-            yield number, bool(line.strip())
-            if not line.strip():
-                continue
-        field_start, closing = True, False  # at the start of a field; just after a " inside a quoted field
-        for char in line:
-            if quoted:
-                if closing and char != '"':
-                    quoted = closing = False  # the quoted part ended; pandas keeps the rest of the field
-                else:
-                    closing = not closing if char == '"' else False
-                    continue
-            if char == ",":
-                field_start = True
-            else:
-                quoted, field_start = field_start and char == '"', False
-        if closing:
-            quoted = False  # the line ended right after a closing "
-
-
 # ---- dataset.map functions (module level, so datasets can hash them for its cache) ----
 def _parse_txt(batch, indices, where):
     """``text;label`` lines -> text, label, line; blank lines are skipped."""
@@ -373,6 +262,25 @@ def _label_string(label, where: str, label_col: str) -> str:
     return str(label).strip()
 
 
+def _text_string(text, where: str, text_col: str) -> str:
+    """A text, stripped. Only a string: a JSON number, list or object would be trained on (or predicted) as its
+    Python spelling (``['a', 'b']``), and a number in a predict file stopped the tokenizer with a traceback."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: {text_col!r} is {text!r:.60}, a {type(text).__name__}; a text must be a string "
+                         "(in JSON, in double quotes); fix the row, or set data.text_column to the column of texts")
+    return text.strip()
+
+
+def _class_name(label: int, names: list[str], where: str, label_col: str) -> str:
+    """The name of a ``ClassLabel`` id. -1 is datasets' mark of a row without a label (a hidden test split), which
+    Python's indexing would turn into the last class: scored against it, or trained on it."""
+    if not 0 <= label < len(names):
+        raise ValueError(f"{where}: {label_col!r} is {label}, which names no class (its ClassLabel has ids 0 to "
+                         f"{len(names) - 1}; -1 marks a row without a label); use a split with labels, or give the "
+                         "texts to predict as data.predict_file")
+    return names[label]
+
+
 def _parse_row(batch, indices, where, line_numbers, text_col, label_col, names):
     """Rows of a table -> text, label (as str; ClassLabel ids become their names), line (``line_numbers[i]``,
     or the row index where there are no lines)."""
@@ -383,14 +291,15 @@ def _parse_row(batch, indices, where, line_numbers, text_col, label_col, names):
             raise ValueError(f"{where}:{line_no}: empty {text_col!r}; remove the row or add its text")
         if label is None or not str(label).strip():
             raise ValueError(f"{where}:{line_no}: empty {label_col!r}; every row needs a label")
-        out["text"].append(str(text).strip())
-        out["label"].append(names[label] if names is not None else _label_string(label, f"{where}:{line_no}", label_col))
+        out["text"].append(_text_string(text, f"{where}:{line_no}", text_col))
+        out["label"].append(_label_string(label, f"{where}:{line_no}", label_col) if names is None
+                            else _class_name(label, names, f"{where}:{line_no}", label_col))
         out["line"].append(line_no)
     return out
 
 
-def _parse_text_lines(batch, indices, column, line_numbers):
+def _parse_text_lines(batch, indices, where, column, line_numbers):
     """One text per line or row -> text, line (``line_numbers[i]``); blank texts are skipped."""
-    kept = [(str(t).lstrip("\ufeff").strip(), line_numbers[i]) for t, i in zip(batch[column], indices)
-            if t is not None and str(t).strip("\ufeff \t\r")]
+    kept = [(_text_string(t, f"{where}:{line_numbers[i]}", column).lstrip("\ufeff").strip(), line_numbers[i])
+            for t, i in zip(batch[column], indices) if t is not None and str(t).strip("\ufeff \t\r")]
     return {"text": [t for t, _ in kept], "line": [i for _, i in kept]}

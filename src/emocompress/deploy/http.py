@@ -11,7 +11,8 @@ to type a text and see a bar per emotion). Concurrent requests are merged into m
 ``emocompress.deploy.batching.Batcher``. Every refusal is a JSON object ``{"error": ..., "field"|"limit": ...}``:
 400 for a body that is not the JSON above (naming the field), 413 for a body over ``max_body_bytes`` or more than
 ``max_texts`` texts, 422 for a text over ``max_chars`` characters, 408 for a body not received within
-``timeout_s``, 503 with ``Retry-After`` when ``max_queue`` texts already wait, 504 when the answer takes longer
+``timeout_s``, 503 with ``Retry-After`` when ``max_queue`` texts already wait and no room comes within
+``queue_wait_ms``, 504 when the answer takes longer
 than ``timeout_s``, 500 (logged, never a traceback) if the model call fails. SIGTERM stops accepting
 connections, lets the requests in flight finish (at most ``drain_s``), then exits 0. See docs/serving.md.
 """
@@ -38,9 +39,15 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from emocompress.deploy.batching import Batcher, QueueFull
-from emocompress.deploy.middleware import AccessLog, Metrics, RefuseWhenFull, access_log
+from emocompress.deploy.middleware import AccessLog, Metrics, RefuseWhenFull, Room, access_log
 from emocompress.deploy.page import PAGE
 from emocompress.deploy.protocol import header_deadline_protocol
+from emocompress.deploy.serve import (  # its module is the stdin/stdout server
+    ArtifactPredictor,
+    add_inference_precision,
+    dynamic_int8_warning,
+    inference_precision,
+)
 
 log = logging.getLogger("emocompress.serve")
 
@@ -58,7 +65,10 @@ class Settings:
                                         "adds at most this fraction of their tokens")
     max_wait_ms: float = _setting(0.0, "linger: a free worker waits until the oldest queued request has waited this "
                                        "long (or the batch is full); 0: run what is queued at once")
-    max_queue: int = _setting(256, "texts waiting for the model before new requests get 503")
+    max_queue: int = _setting(256, "texts waiting for the model before new requests wait for room (queue_wait_ms), "
+                                   "then get 503")
+    queue_wait_ms: float = _setting(250.0, "a request that finds the queue full waits this long for room, its body "
+                                           "unread, before its 503; 0: refuse at once")
     max_texts: int = _setting(64, "texts per request (413 beyond)")
     max_body_bytes: int = _setting(1_000_000, "bytes per request body (413 beyond)")
     max_chars: int = _setting(10_000, "characters per text (422 beyond)")
@@ -72,7 +82,7 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             # 0 means: no linger, one call per core, only texts of one length in a call
-            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers", "max_padding"):
+            if value < 0 or value == 0 and f.name not in ("max_wait_ms", "workers", "max_padding", "queue_wait_ms"):
                 raise ValueError(f"--{f.name} must be positive, got {value}")
         if self.max_queue < self.max_texts:  # a request of max_texts texts could never be queued
             raise ValueError(f"--max_queue {self.max_queue} is below --max_texts {self.max_texts}; raise it or "
@@ -86,15 +96,8 @@ def _cores() -> int:
 
 
 def batch_mates_warning(predictor, settings: Settings) -> str | None:
-    """Why answers may depend on batch mates, or None. ONNX Runtime's dynamic INT8 (the only ORT INT8 that
-    ``quantize`` writes) computes each activation scale over the whole batch tensor, so a text's probabilities, even
-    its label, can change with the texts merged into its batch (reports/http_server). OpenVINO's NNCF INT8 has
-    scales fixed at calibration, and fp32 has none."""
-    if (predictor.backend, predictor.precision) != ("onnxruntime", "int8") or settings.max_batch_size == 1:
-        return None
-    return (f"this ONNX Runtime dynamic INT8 folder computes activation scales per batch, so with --max_batch_size "
-            f"{settings.max_batch_size} a text's answer can depend on the texts batched with it; for answers that "
-            "do not, serve an OpenVINO INT8 folder (fixed scales), an fp32 folder, or --max_batch_size 1")
+    """Why answers may depend on batch mates, or None (``dynamic_int8_warning`` at ``--max_batch_size``)."""
+    return dynamic_int8_warning(predictor, settings.max_batch_size, "--max_batch_size")
 
 
 class ApiError(Exception):
@@ -150,6 +153,12 @@ def parse_texts(body: bytes, settings: Settings) -> list[str]:
             raise ApiError(422, f"{name} has {len(text)} characters, more than max_chars={settings.max_chars}; "
                                 "shorten it (the model reads only its first max_length tokens)",
                            field=name, limit="max_chars", max=settings.max_chars)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # tokenizers refuses such a text, failing every request of its batch
+            raise ApiError(400, f"{name} holds a lone surrogate ({text[error.start].encode('unicode_escape').decode()} "
+                                f"at character {error.start}), which is no Unicode character; send the character "
+                                "itself or its UTF-16 pair", field=name) from None
     return texts
 
 
@@ -173,9 +182,16 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
     ``max_length``, ``backend``, ``precision``); its batcher starts and stops with the app's lifespan."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
+
+    def after_batch(size: int) -> None:
+        metrics.on_batch(size)
+        room.wake()  # its texts left the queue (and the next batch's, taken already): let waiting requests in
+
     batcher = Batcher(predictor.predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                      on_batch=metrics.on_batch, workers=settings.workers)
+                      on_batch=after_batch, workers=settings.workers)
+    room = Room(batcher, settings.queue_wait_ms / 1000)
     metrics.queue_depth.set_function(lambda: batcher.queued)
+    metrics.waiting.set_function(lambda: room.waiting)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -197,6 +213,16 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
         log.error("%s %s failed", request.method, request.url.path, exc_info=error)
         return JSONResponse({"error": "internal error; the server's log has the details"}, 500)
 
+    async def submit(texts: list[str]) -> asyncio.Future:
+        """The batcher's future of ``texts``; a request that finds the queue full waits for room once before its 503
+        (requests read and parsed at once can pass ``RefuseWhenFull`` together and find it full here)."""
+        for attempt in range(2):
+            try:
+                return batcher.submit(texts)
+            except QueueFull:
+                if attempt or not await room.wait():
+                    raise busy(settings) from None
+
     async def predict(request: Request):
         deadline = time.monotonic() + settings.timeout_s
         try:
@@ -204,11 +230,9 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
         except asyncio.TimeoutError:
             raise ApiError(408, f"the body was not received within timeout_s={settings.timeout_s}",
                            limit="timeout_s") from None
-        texts = parse_texts(body, settings)
+        answers = await submit(parse_texts(body, settings))
         try:
-            results = await asyncio.wait_for(batcher.submit(texts), max(deadline - time.monotonic(), 0.001))
-        except QueueFull:
-            raise busy(settings) from None
+            results = await asyncio.wait_for(answers, max(deadline - time.monotonic(), 0.001))
         except asyncio.TimeoutError:
             raise ApiError(504, f"no answer within timeout_s={settings.timeout_s}; the server is overloaded",
                            limit="timeout_s") from None
@@ -237,7 +261,7 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
     routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/model", model),
               Route("/health", health), Route("/ready", ready), Route("/metrics", prometheus), Route("/", page)]
     middleware = [Middleware(AccessLog, metrics=metrics),
-                  Middleware(RefuseWhenFull, batcher=batcher, refusal=busy(settings).response())]
+                  Middleware(RefuseWhenFull, room=room, refusal=busy(settings).response())]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={ApiError: refused, HTTPException: unrouted, Exception: failed})
     app.state.batcher, app.state.metrics = batcher, metrics
@@ -271,12 +295,6 @@ def _exit_on(signum: int, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``emocompress serve FOLDER [--host H] [--port P] [--max_batch_size N ...]``: serve the folder over HTTP."""
-    from emocompress.deploy.serve import (  # its module is the stdin/stdout server
-        ArtifactPredictor,
-        add_inference_precision,
-        inference_precision,
-    )
-
     parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="artifact folder: ONNX (OnnxExport, export_onnx, onnxruntime INT8) or OpenVINO (export_openvino, its INT8)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

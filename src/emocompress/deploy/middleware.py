@@ -1,6 +1,8 @@
 """The HTTP server's ASGI middleware and Prometheus metrics (``emocompress.deploy.http``): one access-log line and
 the metrics of every request, and the 503 of a full queue before a request's body is read."""
 
+import asyncio
+import collections
 import logging
 import time
 
@@ -28,6 +30,8 @@ class Metrics:
         self.batch_size = Histogram("emocompress_batch_size", "texts per model call", registry=self.registry,
                                     buckets=sizes)
         self.queue_depth = Gauge("emocompress_queue_depth", "texts waiting for the model", registry=self.registry)
+        self.waiting = Gauge("emocompress_waiting_for_room", "requests waiting for room in the full queue",
+                             registry=self.registry)
         self.texts = Counter("emocompress_texts", "texts predicted", registry=self.registry)
 
     def observe(self, path: str, status: int, seconds: float) -> None:
@@ -67,17 +71,66 @@ class AccessLog:
                             seconds * 1000)
 
 
-class RefuseWhenFull:
-    """ASGI middleware: a ``/v1/predict`` request that finds the queue full gets its 503 before its body is read,
-    parsed or routed. Under overload, refusing must cost much less than answering, or the refusals take the CPU
-    the answers need (reports/http_server, seventh and eighth runs)."""
+class Room:
+    """The requests that found the batcher's queue full, waiting, first come first served, for texts to leave it.
 
-    def __init__(self, app, batcher: Batcher, refusal: Response):
+    Args:
+        batcher: the queue.
+        wait_s: how long a request may wait for room; 0: none.
+    """
+
+    def __init__(self, batcher: Batcher, wait_s: float):
+        self.batcher, self.wait_s = batcher, wait_s
+        self.waiting = 0  # requests in ``wait``
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+
+    @property
+    def full(self) -> bool:
+        """The queue is full, or requests wait for room already (a newcomer queues behind them)."""
+        return self.waiting > 0 or self.batcher.queued >= self.batcher.max_queue
+
+    async def wait(self) -> bool:
+        """Whether room comes within ``wait_s``."""
+        if not self.wait_s:
+            return False
+        while self._waiting and self._waiting[0].done():  # timed out: they wait alike, so the oldest go first
+            self._waiting.popleft()
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        self.waiting += 1
+        self.wake()  # there may be room already, if those ahead have been let in
+        try:
+            await asyncio.wait_for(future, self.wait_s)  # on timeout it is cancelled: ``wake`` passes it by
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self.waiting -= 1
+        return True
+
+    def wake(self) -> None:
+        """On the event loop, once texts have left the queue: let in as many waiting requests as it has room for
+        (counting one text each; one with more may still find it full when it submits, and gets its 503 then)."""
+        room = self.batcher.max_queue - self.batcher.queued
+        while room > 0 and self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_result(None)
+                room -= 1
+
+
+class RefuseWhenFull:
+    """ASGI middleware: a ``/v1/predict`` request that finds the queue full waits for room (``Room``) without its
+    body being read, and gets its 503 before its body is read, parsed or routed if none comes. Under overload,
+    refusing must cost much less than answering, or the refusals take the CPU the answers need; and clients that
+    retry at once instead of after ``Retry-After`` would take it all (reports/http_server, eighth and ninth runs):
+    a request that waits costs no CPU."""
+
+    def __init__(self, app, room: Room, refusal: Response):
         # a Starlette response is an ASGI app: this one 503 is sent to every request refused
-        self.app, self.batcher, self.refusal = app, batcher, refusal
+        self.app, self.room, self.refusal = app, room, refusal
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/predict"
-                and self.batcher.queued >= self.batcher.max_queue):
+                and self.room.full and not await self.room.wait()):
             return await self.refusal(scope, receive, send)
         return await self.app(scope, receive, send)

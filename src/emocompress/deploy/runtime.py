@@ -2,6 +2,7 @@
 (OpenVINO), for the torch-free server and for ``emocompress.models.loading.OrtClassifier`` alike, behind one call:
 ``open_runtime(file, labels).logits(inputs)``. Torch-free (numpy, onnxruntime, openvino)."""
 
+import importlib
 import threading
 from pathlib import Path
 
@@ -27,6 +28,17 @@ def precision_hint(choice: str) -> str | None:
     return None if choice == "auto" else choice
 
 
+def _import_runtime(name: str, model_file: str | Path):
+    """The runtime package ``name`` (``onnxruntime``, ``openvino``): a server installs only the one its folders need
+    (docs/deployment.md), so a folder of the other kind gets one line naming its graph and the install, not a
+    traceback."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ValueError(f"{model_file}: running it needs the {name} package, which is not installed; "
+                         f"pip install {name}") from None
+
+
 def open_session(onnx_file: str | Path, labels: list[str], num_threads: int | None = None):
     """An ``onnxruntime.InferenceSession`` of an artifact's ``model.onnx`` on the CPU, checked against its labels.
 
@@ -36,12 +48,11 @@ def open_session(onnx_file: str | Path, labels: list[str], num_threads: int | No
         num_threads: intra-op threads (default: all cores).
 
     Raises:
-        ValueError: onnxruntime cannot load the file, the graph's output width is not the label count
-            (``check_output_width``), or it takes inputs other than ``INPUT_NAMES``; the message names the file.
+        ValueError: onnxruntime is not installed or cannot load the file, the graph's output width is not the label
+            count (``check_output_width``), or it takes inputs other than ``INPUT_NAMES``; the message names the file.
     """
-    import onnxruntime as ort
-
     onnx_file = Path(onnx_file)
+    ort = _import_runtime("onnxruntime", onnx_file)
     options = ort.SessionOptions()
     if num_threads:
         options.intra_op_num_threads = num_threads
@@ -93,17 +104,16 @@ class OpenVinoRuntime:
             which changes the logits from one CPU to another).
 
     Raises:
-        ValueError: OpenVINO cannot read or compile the file, its output width is not the label count, or it
-            takes inputs other than ``INPUT_NAMES``; the message names the file.
+        ValueError: OpenVINO is not installed or cannot read or compile the file, its output width is not the label
+            count, or it takes inputs other than ``INPUT_NAMES``; the message names the file.
     """
 
     def __init__(self, xml_file: str | Path, labels: list[str], num_threads: int | None = None,
                  hint: str = "latency", inference_precision: str | None = "f32"):
-        import openvino as ov
-
         if hint not in HINTS:
             raise ValueError(f"OpenVINO hint must be one of {list(HINTS)}, got {hint!r}")
         self.path = str(xml_file)
+        ov = _import_runtime("openvino", xml_file)
         config = {"PERFORMANCE_HINT": hint.upper()}
         if num_threads:
             config["INFERENCE_NUM_THREADS"] = num_threads

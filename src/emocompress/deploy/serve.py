@@ -14,20 +14,23 @@ the ``\n`` is dropped; a bare ``\r``, U+2028 and the like are part of the text, 
 and ``line`` is its line number in the input. Bytes that are not UTF-8 are replaced with U+FFFD
 rather than rejected, so one bad line cannot stop a batch. An empty or blank line is still a text:
 it is predicted from the special tokens alone (``[CLS] [SEP]``), which is the model's prior. Texts
-longer than the export's ``max_length`` tokens are truncated, as in training. Output is one JSON
-object per line: ``{"line": 1, "text": ..., "label": ..., "probs": {label: p, ...}}``; a text that
-yields no tokens at all (only with a tokenizer that adds no special tokens) gets ``"error"`` instead
-of ``label`` and ``probs``. ``--output`` is written under a temporary name and moved into place
+longer than the export's ``max_length`` tokens are truncated, as in training (on the ``truncation_side`` of
+``tokenizer_config.json``). Output is one JSON object per line: ``{"line": 1, "text": ..., "label": ...,
+"probs": {label: p, ...}}``; a text that yields no tokens at all (only with a tokenizer that adds no special tokens)
+gets ``"error"`` instead of ``label`` and ``probs``. ``--output`` is written under a temporary name and moved into place
 when every line is done, so a crash leaves an earlier output whole; ``--output`` naming the
 ``--input`` file is refused before anything is written.
 
 Texts are sorted by token count into batches (answers stay in input order): those of each 32 batches of an
 ``--input`` file together, so batches carry little padding. From stdin, answers are flushed after every batch of
 ``--batch_size`` lines, so with ``--batch_size 1`` the server is a co-process: one line in, one line out, as each
-line arrives. A reader that goes away early (``| head -1``) ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``. Everything
-else that stops it before it starts (a missing ``--input``, a folder as ``--output``, a closed stdin or
-stdout, a ``tokenizer.json`` or ``model.onnx`` that cannot be read, a tokenizer with ids past the model's
-vocabulary) is one line naming the file and the fix, with exit code 2.
+line arrives. With an ONNX Runtime INT8 folder a line's answer can depend on the lines batched with it (activation
+scales per batch): a warning on stderr says so unless ``--batch_size`` is 1. A reader that goes away early
+(``| head -1``) ends the server quietly with exit code 141 (128 + SIGPIPE), as ``yes | head -1`` ends ``yes``.
+Everything else that stops it before it starts (a missing ``--input``, a folder as ``--output`` or one that cannot
+be created, a closed stdin or stdout, a ``tokenizer.json`` or ``model.onnx`` that cannot be read, a tokenizer with
+ids past the model's vocabulary, a folder whose runtime is not installed) is one line naming the file and the fix,
+with exit code 2.
 """
 
 import argparse
@@ -119,7 +122,7 @@ class ArtifactPredictor:
             raise ValueError(f"{folder / TOKENIZER_FILE}: not a tokenizers file ({err}); {FIX} "
                              "(with the datamodule's tokenizer, which writes tokenizer.json)") from None
         self.pad_id = 0 if meta.pad_id is None else meta.pad_id
-        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.enable_truncation(self.max_length, direction=_truncation_side(folder))
         # Batches are padded here (_feeds), after grouping texts by length: on the right, to the batch's longest
         # text, what the model saw in training (and SmallEncoderClassifier needs).
         self.tokenizer.no_padding()
@@ -150,7 +153,12 @@ class ArtifactPredictor:
             One dict per text, in input order: ``{"label": str, "probs": {label: float}}`` (probabilities in
             label id order, summing to 1), or ``{"error": str}`` for a text that yields no tokens.
             ``padding_stats`` then holds the padding tokens the batches added.
+
+        Raises:
+            TypeError: ``texts`` is one ``str``, whose characters would each be answered as a text.
         """
+        if isinstance(texts, str):
+            raise TypeError(f"predict takes a list of texts, got one str ({texts[:40]!r}); pass [text]")
         encodings = self.tokenizer.encode_batch(list(texts))
         results = [{"error": "the text yields no tokens (the tokenizer adds no special tokens)"} for _ in encodings]
         # A text without tokens has nothing to attend to or pool over: its logits would be meaningless.
@@ -181,6 +189,16 @@ class ArtifactPredictor:
             feeds["attention_mask"][row, :n] = enc.attention_mask
             feeds["token_type_ids"][row, :n] = enc.type_ids
         return feeds
+
+
+def _truncation_side(folder: Path) -> str:
+    """The end a long text loses tokens at, as ``transformers`` cut it in training: the ``truncation_side`` the
+    exporter's tokenizer saved in ``tokenizer_config.json`` (``left`` keeps a text's end), else ``right``."""
+    try:
+        side = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("truncation_side")
+    except (OSError, ValueError, AttributeError):  # no such file (a hand-made folder), or not a JSON object
+        return "right"
+    return side if side in ("left", "right") else "right"
 
 
 def _batches(rows: list[int], lengths: list[int], size: int, max_padding: float | None) -> list[list[int]]:
@@ -224,6 +242,20 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _unwritable(output: str) -> str | None:
+    """Why the ``atomic_file`` of ``--output`` could not be created, or None: the nearest existing path above it must
+    be a folder this process may write (``atomic_file`` makes the folders below it). A device or pipe is opened as it
+    is, so it is not checked."""
+    if os.path.exists(output) and not os.path.isfile(output):
+        return None
+    above = Path(output).absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        return f"{above} is a file, not a folder"
+    return None if os.access(above, os.W_OK) else f"the folder {above} is not writable"
+
+
 def _check_streams(args: argparse.Namespace) -> str | None:
     """What stops the server before it loads a model: the one-line error, or None."""
     if args.input and (os.path.isdir(args.input) or not os.path.exists(args.input)):  # a FIFO or device is fine
@@ -233,12 +265,26 @@ def _check_streams(args: argparse.Namespace) -> str | None:
         return "stdin is closed; pipe the texts in or give --input FILE"
     if args.output and os.path.isdir(args.output):
         return f"--output {args.output} is a folder; give the path of the JSON-lines file to write"
+    if args.output and (problem := _unwritable(args.output)):
+        return f"--output {args.output}: {problem}; give a path in a folder you can write"
     if args.output is None and sys.stdout is None:
         return "stdout is closed; give --output FILE"
     if args.input and args.output and _same_file(args.input, args.output):
         # Opening the output for writing would empty the input before a line is read.
         return f"--output {args.output} is the --input file {args.input}; write the predictions elsewhere"
     return None
+
+
+def dynamic_int8_warning(predictor: ArtifactPredictor, batch_size: int, flag: str) -> str | None:
+    """Why answers may depend on batch mates, or None. ONNX Runtime's dynamic INT8 (the only ORT INT8 that
+    ``quantize`` writes) computes each activation scale over the whole batch tensor, so a text's probabilities, even
+    its label, can change with the texts batched with it (reports/http_server). OpenVINO's NNCF INT8 has scales fixed
+    at calibration, and fp32 has none. ``flag`` is the server's option that sets ``batch_size``."""
+    if (predictor.backend, predictor.precision) != ("onnxruntime", "int8") or batch_size == 1:
+        return None
+    return (f"this ONNX Runtime dynamic INT8 folder computes activation scales per batch, so with {flag} "
+            f"{batch_size} a text's answer can depend on the texts batched with it; for answers that "
+            f"do not, serve an OpenVINO INT8 folder (fixed scales), an fp32 folder, or {flag} 1")
 
 
 def add_inference_precision(parser: argparse.ArgumentParser) -> None:
@@ -279,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                                       inference_precision=inference_precision(args))
     except ValueError as error:
         parser.error(str(error))
+    if warning := dynamic_int8_warning(predictor, args.batch_size, "--batch_size"):
+        sys.stderr.write(f"{parser.prog}: warning: {warning}\n")  # as the HTTP server warns at startup
     try:
         _serve(predictor, args)
     except BrokenPipeError:
