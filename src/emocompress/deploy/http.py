@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -163,17 +163,21 @@ def parse_texts(body: bytes, settings: Settings) -> list[str]:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes; 499 (nginx's "client
+    closed request", for the log and the metrics: nobody is left to read it) if the client has gone."""
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, f"the body exceeds max_body_bytes={limit}; send fewer or shorter texts",
                        limit="max_body_bytes", max=limit)
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except ClientDisconnect:  # e.g. while it waited for room in the queue
+        raise ApiError(499, "the client closed the connection before its body was read") from None
     return bytes(body)
 
 

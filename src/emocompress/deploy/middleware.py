@@ -72,7 +72,8 @@ class AccessLog:
 
 
 class Room:
-    """The requests that found the batcher's queue full, waiting, first come first served, for texts to leave it.
+    """The requests that found the batcher's queue full, waiting, first come first served, for texts to leave it
+    (as many as the queue holds texts: a waiting room as large as the queue).
 
     Args:
         batcher: the queue.
@@ -90,8 +91,9 @@ class Room:
         return self.waiting > 0 or self.batcher.queued >= self.batcher.max_queue
 
     async def wait(self) -> bool:
-        """Whether room comes within ``wait_s``."""
-        if not self.wait_s:
+        """Whether room comes within ``wait_s``. At most ``max_queue`` requests wait: beyond, waiting would only
+        hold connections (an open-loop flood gets its 503s either way) and keep clients from sending."""
+        if not self.wait_s or self.waiting >= self.batcher.max_queue:
             return False
         while self._waiting and self._waiting[0].done():  # timed out: they wait alike, so the oldest go first
             self._waiting.popleft()
