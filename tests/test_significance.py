@@ -10,6 +10,7 @@ from emocompress.evaluation.significance import (
     bootstrap_indices,
     confusion_matrices,
     mcnemar_exact,
+    paired_class_differences,
     paired_difference,
     percentile_interval,
     resampled_metrics,
@@ -32,8 +33,10 @@ def test_resampled_metrics_are_trainings_and_sklearns_on_each_resample(seed):
         metrics = classification_metrics(num_classes)  # what training and the benchmark report
         metrics.update(torch.from_numpy(p), torch.from_numpy(t))
         ours = {name: values[r] for name, values in samples.items()}
+        absent = np.bincount(t, minlength=num_classes) == 0  # per class: None in the report, NaN here
         for name, value in metrics.compute().items():
-            np.testing.assert_allclose(ours[name], value.numpy(), atol=1e-6, err_msg=name)
+            expected = np.where(absent, np.nan, value.numpy()) if value.ndim else value.numpy()
+            np.testing.assert_allclose(ours[name], expected, atol=1e-6, err_msg=name)
         labels = sorted(set(t) | set(p))
         assert ours["accuracy"] == pytest.approx(accuracy_score(t, p))
         assert ours["macro_f1"] == pytest.approx(f1_score(t, p, average="macro", labels=labels))
@@ -87,6 +90,21 @@ def test_a_perfect_classifier_has_zero_width_intervals():
         assert percentile_interval(samples[name]) == (1.0, 1.0), name
     low, high = percentile_interval(samples["f1_per_class"])
     assert low.tolist() == high.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_rare_class_missed_by_some_resamples_keeps_a_perfect_models_f1_interval():
+    # 3 texts of 100: about 5% of resamples hold none; their F1 is undefined (NaN), not torchmetrics' 0,
+    # so a perfect model's interval stays [1, 1] and its change against itself [0, 0] on the other resamples
+    target = np.r_[np.zeros(50, int), np.ones(47, int), np.full(3, 2)]
+    samples = resampled_metrics(target, target.copy(), 4, bootstrap_indices(100, 1000, seed=0))
+    f1 = samples["f1_per_class"]
+    assert 0 < np.isnan(f1[:, 2]).sum() < 100 and np.isnan(f1[:, 3]).all()  # class 3: absent from the split
+    np.testing.assert_array_equal(np.isnan(samples["accuracy_per_class"]), np.isnan(f1))
+    low, high = percentile_interval(f1)
+    np.testing.assert_array_equal(low, [1.0, 1.0, 1.0, np.nan])
+    np.testing.assert_array_equal(high, [1.0, 1.0, 1.0, np.nan])
+    diffs = paired_class_differences(f1, f1)
+    assert diffs[2] == {"low": 0.0, "high": 0.0, "p": 1.0} and diffs[3] == dict.fromkeys(("low", "high", "p"))
 
 
 def test_identical_predictions_differ_by_exactly_zero_with_p_one():

@@ -47,7 +47,9 @@ def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     Returns:
         float64 values: ``accuracy``, ``macro_f1``, ``balanced_accuracy``, ``cohen_kappa``: (R,);
         ``f1_per_class``, ``accuracy_per_class``: (R, C). Kappa is NaN where it is undefined (observed and
-        chance agreement both 1: one class only, all predicted right).
+        chance agreement both 1: one class only, all predicted right); so are a class's F1 and accuracy on a
+        matrix without a text of that class, as ``metrics_report`` gives them None (torchmetrics' 0.0 would
+        put a class that a rare class's resamples miss at 0 in its interval, even for a perfect model).
 
     >>> m = metrics_from_confusion(torch.tensor([[[3, 1], [0, 2]]]))
     >>> [round(m[k][0].item(), 4) for k in ("accuracy", "macro_f1", "balanced_accuracy", "cohen_kappa")]
@@ -59,8 +61,12 @@ def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     tp = confusion.diagonal(dim1=1, dim2=2)
     fp, fn = confusion.sum(1) - tp, confusion.sum(2) - tp
     stats = {"tp": tp, "fp": fp, "fn": fn, "tn": confusion.sum((1, 2))[:, None] - tp - fp - fn}
-    return {name: _on_each(metric, confusion, stats)
-            for name, metric in classification_metrics(confusion.shape[-1]).items()}
+    values = {name: _on_each(metric, confusion, stats)
+              for name, metric in classification_metrics(confusion.shape[-1]).items()}
+    absent = confusion.sum(2) == 0  # (R, C) no text of the class in that matrix
+    for name in values.keys() & {"f1_per_class", "accuracy_per_class"}:
+        values[name] = values[name].masked_fill(absent, float("nan"))
+    return values
 
 
 def _on_each(metric: torch.nn.Module, confusion: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,6 +11,8 @@ difference between two models is measured on the same resampled texts each time.
     diff = paired_difference(samples["macro_f1"], base_samples["macro_f1"])
 """
 
+import warnings
+
 import numpy as np
 import torch
 from scipy.stats import binomtest
@@ -74,12 +76,14 @@ def resampled_metrics(target: np.ndarray, preds: np.ndarray | list[np.ndarray], 
 
 def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple:
     """The percentile bootstrap interval: the (1 - level)/2 and (1 + level)/2 quantiles of the resampled values
-    (along axis 0; NaN resamples ignored).
+    (along axis 0; NaN resamples ignored; NaN where all are, as for a class absent from the split).
 
     >>> [round(x, 9) for x in percentile_interval(np.arange(101.0))]
     [2.5, 97.5]
     """
-    low, high = np.nanquantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+        low, high = np.nanquantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
     return (float(low), float(high)) if np.ndim(low) == 0 else (low, high)
 
 
