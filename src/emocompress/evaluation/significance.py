@@ -99,13 +99,19 @@ def paired_difference(samples: np.ndarray, base_samples: np.ndarray, level: floa
         base_samples: (R,) the baseline's metric on the same resamples.
 
     Returns:
-        ``low``, ``high`` (the percentile interval of ``d``) and ``p``.
+        ``low``, ``high`` (the percentile interval of ``d``) and ``p``; NaN where ``d`` is undefined on every
+        resample.
 
     >>> d = paired_difference(np.array([0.9, 0.8, 0.85]), np.array([0.9, 0.8, 0.85]))
     >>> d["low"], d["high"], d["p"]
     (0.0, 0.0, 1.0)
+    >>> paired_difference(np.array([0.9, np.nan, 0.9, 0.9]), np.array([0.8, 0.8, 0.8, 0.8]))["p"]  # NaN: skipped
+    0.0
     """
     d = samples - base_samples
+    d = d[~np.isnan(d)]  # resamples where the metric is undefined for either (a class without texts) do not count
+    if not d.size:
+        return {"low": float("nan"), "high": float("nan"), "p": float("nan")}
     low, high = percentile_interval(d, level)
     p = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
     return {"low": low, "high": high, "p": p}
