@@ -5,6 +5,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from emocompress.compression.pruning import MagnitudePruning, sparsity
+from emocompress.models.checkpoints import load_network
 from emocompress.models.classifier import EmotionClassifier
 
 
@@ -127,6 +128,30 @@ def test_checkpoint_is_plain_and_resume_keeps_the_masks(fit, tmp_path):
     for key, was_zero in zero_before.items():
         if key.startswith("model.") and "embeddings" not in key:
             assert torch.all(after[key][was_zero] == 0), key
+
+
+class _SaveWeightsAt(Callback):
+    """Saves a weights-only checkpoint (as ``ModelCheckpoint(save_weights_only=True)``) after step ``step``."""
+
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path, weights_only=True)
+
+
+def test_a_weights_only_checkpoint_is_plain_too(fit, tmp_path):
+    # Lightning skips the callbacks' on_save_checkpoint for weights-only checkpoints: they held
+    # weight_orig/weight_mask, which no loader of the project reads (test --ckpt_path, HFExport failed).
+    ckpt = tmp_path / "weights.ckpt"
+    model, _ = fit([MagnitudePruning(amount=0.5), _SaveWeightsAt(2, ckpt)], max_steps=3)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not [k for k in state if k.endswith(("_orig", "_mask"))]
+    fresh = EmotionClassifier(model.hparams.model_name, model.id2label).model
+    load_network(fresh, str(ckpt))
+    assert sparsity(fresh) == pytest.approx(0.5, abs=1e-3)
+    assert not [k for k in model.model.state_dict() if k.endswith(("_orig", "_mask"))]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -77,6 +77,7 @@ class MagnitudePruning(Callback):
             raise ValueError(f"MagnitudePruning: {type(pl_module.model).__name__} has no prunable layers outside its "
                              f"classification head (targets: {names or 'none'}); prune a transformer model, set "
                              "include_embeddings: true to prune its embedding table, or remove the callback")
+        fold_masks_on_save(pl_module.model)
 
     # ---- pruning ----
     def _prune_to(self, pl_module: LightningModule, sparsity: float) -> None:
@@ -130,11 +131,7 @@ class MagnitudePruning(Callback):
             if prune.is_pruned(module):
                 prune.remove(module, "weight")
 
-    # ---- checkpoints ----
-    @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        fold_masks(checkpoint["state_dict"])
-
+    # ---- checkpoints (the model's state_dict folds the masks in: fold_masks_on_save, from setup) ----
     @override
     def state_dict(self) -> dict:
         return {"sparsity": self.sparsity}
@@ -144,14 +141,27 @@ class MagnitudePruning(Callback):
         self.sparsity = state_dict["sparsity"]
 
 
-def fold_masks(state: dict[str, torch.Tensor]) -> None:
-    """Replace each ``<name>_orig`` / ``<name>_mask`` pair of ``torch.nn.utils.prune`` in a state dict by the
-    plain ``<name>`` with the zeros folded in, so that a checkpoint loads into a model without masks (HF
-    export, test, a later run); the live model keeps its masks."""
-    for key in [k for k in state if k.endswith("_orig")]:
+def fold_masks(state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Replace each ``<name>_orig`` / ``<name>_mask`` pair of ``torch.nn.utils.prune`` in a state dict (its keys
+    under ``prefix``) by the plain ``<name>`` with the zeros folded in, so that a checkpoint loads into a model
+    without masks (HF export, test, a later run); the live model keeps its masks."""
+    for key in [k for k in state if k.startswith(prefix) and k.endswith("_orig")]:
         base = key.removesuffix("_orig")
         if base + "_mask" in state:
             state[base] = state.pop(key) * state.pop(base + "_mask")
+
+
+def fold_masks_on_save(module: nn.Module) -> None:
+    """Fold the masks into every ``state_dict`` of ``module`` from now on (``fold_masks``; once per module), and so
+    into every checkpoint of a LightningModule holding it: weights-only ones too (``ModelCheckpoint``'s
+    ``save_weights_only``), for which Lightning skips the callbacks' ``on_save_checkpoint``."""
+    if not getattr(module, "_folds_masks", False):
+        module.register_state_dict_post_hook(_fold_hook)
+        module._folds_masks = True
+
+
+def _fold_hook(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata) -> None:
+    fold_masks(state, prefix)
 
 
 def sparsity(module: nn.Module) -> float:

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.utils import prune
 from typing_extensions import override
 
-from emocompress.compression.pruning import fold_masks
+from emocompress.compression.pruning import fold_masks_on_save
 from emocompress.compression.schedule import PruningSchedule
 from emocompress.models import structure
 
@@ -101,6 +101,8 @@ class StructuredPruning(Callback):
         if not self.kept:  # not restored from a checkpoint
             self.kept = {"heads": [torch.ones(layer.heads, dtype=torch.bool) for layer in layers],
                          "ffn": [torch.ones(layer.ffn, dtype=torch.bool) for layer in layers]}
+        # checkpoints (weights-only ones too) hold plain weights with the removed units' zeros folded in
+        fold_masks_on_save(pl_module.model)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -155,10 +157,6 @@ class StructuredPruning(Callback):
         self.rebuilt = True
 
     # ---- checkpoints ----
-    @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        fold_masks(checkpoint["state_dict"])
-
     @override
     def state_dict(self) -> dict:
         return {"kept": {kind: [k.tolist() for k in kept] for kind, kept in self.kept.items()},
