@@ -1,6 +1,9 @@
+import warnings
+
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import prune
 
@@ -110,6 +113,20 @@ def test_cubic_schedule_reaches_the_target_at_an_end_step_off_its_grid(fit):
         max_steps=7)
     assert record.seen[4] == pytest.approx(0.6 * (1 - (1 / 5) ** 3), abs=1e-3)  # 0.595
     assert record.seen[5] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_a_best_checkpoint_from_before_the_final_sparsity_is_warned_about(fit, tmp_path):
+    # HFExport and the test after fit use the best checkpoint: chosen before end_step, it is less sparse than
+    # the run reports (prune/sparsity 0.6); keeping the first epoch's (the lowest loss) stands in for that choice.
+    first = ModelCheckpoint(dirpath=tmp_path, monitor="epoch", mode="min")
+    with pytest.warns(UserWarning, match=r"best checkpoint .* step 4, before the end of the pruning schedule \(step 6\)"):
+        fit([MagnitudePruning(amount=0.6, schedule="cubic", start_step=0, end_step=6, every_n_steps=2), first],
+            max_epochs=3, limit_train_batches=4)
+    with warnings.catch_warnings(record=True) as caught:  # ended within the first epoch: every checkpoint is final
+        warnings.simplefilter("always")
+        fit([MagnitudePruning(amount=0.6, schedule="cubic", start_step=0, end_step=3, every_n_steps=2),
+             ModelCheckpoint(dirpath=tmp_path / "ok", monitor="epoch", mode="min")], max_epochs=3, limit_train_batches=4)
+    assert not [w for w in caught if "best checkpoint" in str(w.message)]
 
 
 def test_checkpoint_is_plain_and_resume_keeps_the_masks(fit, tmp_path):

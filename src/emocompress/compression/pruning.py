@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import prune
 from typing_extensions import override
 
-from emocompress.compression.schedule import PruningSchedule
+from emocompress.compression.schedule import PruningSchedule, warn_if_best_is_early
 
 # Top-level module names of a transformers classification head (BERT/RoBERTa/DistilBERT/recurrent students).
 _HEAD_NAMES = ("classifier", "pre_classifier", "score")
@@ -127,6 +127,7 @@ class MagnitudePruning(Callback):
         if self.sparsity < self.schedule.amount:
             rank_zero_warn(f"training ended at {self.sparsity:.3f} sparsity, below the target {self.schedule.amount}: "
                            "set MagnitudePruning.end_step within the training steps")
+        warn_if_best_is_early(trainer, self.schedule)
         for _, module in self._targets(pl_module):
             if prune.is_pruned(module):
                 prune.remove(module, "weight")

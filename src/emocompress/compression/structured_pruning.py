@@ -11,7 +11,7 @@ from torch.nn.utils import prune
 from typing_extensions import override
 
 from emocompress.compression.pruning import fold_masks_on_save
-from emocompress.compression.schedule import PruningSchedule
+from emocompress.compression.schedule import PruningSchedule, warn_if_best_is_early
 from emocompress.models import structure
 
 _KINDS = {"heads": ("heads",), "ffn": ("ffn",), "both": ("heads", "ffn")}
@@ -101,7 +101,6 @@ class StructuredPruning(Callback):
         if not self.kept:  # not restored from a checkpoint
             self.kept = {"heads": [torch.ones(layer.heads, dtype=torch.bool) for layer in layers],
                          "ffn": [torch.ones(layer.ffn, dtype=torch.bool) for layer in layers]}
-        # checkpoints (weights-only ones too) hold plain weights with the removed units' zeros folded in
         fold_masks_on_save(pl_module.model)
 
     @override
@@ -149,6 +148,7 @@ class StructuredPruning(Callback):
         if trainer.global_step < self.schedule.final_step:
             rank_zero_warn(f"StructuredPruning: training ended with {_removed_shares(self.kept)} removed, short of "
                            f"the targets {self.amounts}: set start_step/end_step within the training steps")
+        warn_if_best_is_early(trainer, self.schedule)
         if not self.rebuilt:
             self._rebuild(trainer, pl_module)
 
