@@ -1,10 +1,14 @@
+import warnings
+
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import prune
 
 from emocompress.compression.pruning import MagnitudePruning, sparsity
+from emocompress.models.checkpoints import load_network
 from emocompress.models.classifier import EmotionClassifier
 
 
@@ -111,6 +115,20 @@ def test_cubic_schedule_reaches_the_target_at_an_end_step_off_its_grid(fit):
     assert record.seen[5] == pytest.approx(0.6, abs=1e-3)
 
 
+def test_a_best_checkpoint_from_before_the_final_sparsity_is_warned_about(fit, tmp_path):
+    # HFExport and the test after fit use the best checkpoint: chosen before end_step, it is less sparse than
+    # the run reports (prune/sparsity 0.6); keeping the first epoch's (the lowest loss) stands in for that choice.
+    first = ModelCheckpoint(dirpath=tmp_path, monitor="epoch", mode="min")
+    with pytest.warns(UserWarning, match=r"best checkpoint .* step 4, before the end of the pruning schedule \(step 6\)"):
+        fit([MagnitudePruning(amount=0.6, schedule="cubic", start_step=0, end_step=6, every_n_steps=2), first],
+            max_epochs=3, limit_train_batches=4)
+    with warnings.catch_warnings(record=True) as caught:  # ended within the first epoch: every checkpoint is final
+        warnings.simplefilter("always")
+        fit([MagnitudePruning(amount=0.6, schedule="cubic", start_step=0, end_step=3, every_n_steps=2),
+             ModelCheckpoint(dirpath=tmp_path / "ok", monitor="epoch", mode="min")], max_epochs=3, limit_train_batches=4)
+    assert not [w for w in caught if "best checkpoint" in str(w.message)]
+
+
 def test_checkpoint_is_plain_and_resume_keeps_the_masks(fit, tmp_path):
     model, trainer = fit([MagnitudePruning(amount=0.5)], max_steps=4)
     ckpt = tmp_path / "mid.ckpt"
@@ -127,6 +145,30 @@ def test_checkpoint_is_plain_and_resume_keeps_the_masks(fit, tmp_path):
     for key, was_zero in zero_before.items():
         if key.startswith("model.") and "embeddings" not in key:
             assert torch.all(after[key][was_zero] == 0), key
+
+
+class _SaveWeightsAt(Callback):
+    """Saves a weights-only checkpoint (as ``ModelCheckpoint(save_weights_only=True)``) after step ``step``."""
+
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path, weights_only=True)
+
+
+def test_a_weights_only_checkpoint_is_plain_too(fit, tmp_path):
+    # Lightning skips the callbacks' on_save_checkpoint for weights-only checkpoints: they held
+    # weight_orig/weight_mask, which no loader of the project reads (test --ckpt_path, HFExport failed).
+    ckpt = tmp_path / "weights.ckpt"
+    model, _ = fit([MagnitudePruning(amount=0.5), _SaveWeightsAt(2, ckpt)], max_steps=3)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not [k for k in state if k.endswith(("_orig", "_mask"))]
+    fresh = EmotionClassifier(model.hparams.model_name, model.id2label).model
+    load_network(fresh, str(ckpt))
+    assert sparsity(fresh) == pytest.approx(0.5, abs=1e-3)
+    assert not [k for k in model.model.state_dict() if k.endswith(("_orig", "_mask"))]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

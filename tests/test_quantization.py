@@ -12,6 +12,7 @@ from emocompress.callbacks.metrics import TestMetricsWriter
 from emocompress.compression.export import quantize
 from emocompress.compression.quantization import Int8Quantization, OnCpu
 from emocompress.data.datamodule import EmotionDataModule
+from emocompress.deploy.format import ONNX_FILE, TORCH_WEIGHTS_FILE
 from emocompress.models.classifier import EmotionClassifier
 from emocompress.models.loading import OrtClassifier, load_artifact
 
@@ -93,7 +94,8 @@ def test_callback_tests_the_int8_model(make_datamodule, tiny_model_dir, tiny_tra
     logged = trainer.test(model, datamodule=dm)[0]
     assert isinstance(model.model, OrtClassifier) if backend == "onnxruntime" else \
         any(isinstance(m, DynamicInt8Linear) for m in model.model.modules())
-    assert logged["quant/size_mb"] > 0
+    weights = tmp_path / "int8" / {"onnxruntime": ONNX_FILE, "torch": TORCH_WEIGHTS_FILE}[backend]
+    assert logged["quant/size_mb"] == pytest.approx(weights.stat().st_size / 1e6, rel=1e-6)  # the file's MB
     assert (tmp_path / "int8" / "artifact.json").is_file()
     report = json.loads((tmp_path / "test_metrics.json").read_text())  # TestMetricsWriter: the INT8 model's report
     assert report["macro_f1"] == pytest.approx(logged["test/macro_f1"])

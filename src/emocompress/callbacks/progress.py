@@ -48,8 +48,8 @@ class EpochSummary(Callback):
         texts = len(batch["labels"])
         self._texts += texts * trainer.world_size  # every rank trains on a batch of this size
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._loss_sum += float(loss) * texts
+        if loss is not None:  # Lightning divides it by accumulate_grad_batches (what backward sees): undone
+            self._loss_sum += float(loss) * trainer.accumulate_grad_batches * texts
             self._loss_texts += texts
         self._end = time.perf_counter()  # training time only: validation runs after the last batch
 

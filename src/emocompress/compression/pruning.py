@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import prune
 from typing_extensions import override
 
-from emocompress.compression.schedule import PruningSchedule
+from emocompress.compression.schedule import PruningSchedule, warn_if_best_is_early
 
 # Top-level module names of a transformers classification head (BERT/RoBERTa/DistilBERT/recurrent students).
 _HEAD_NAMES = ("classifier", "pre_classifier", "score")
@@ -77,6 +77,7 @@ class MagnitudePruning(Callback):
             raise ValueError(f"MagnitudePruning: {type(pl_module.model).__name__} has no prunable layers outside its "
                              f"classification head (targets: {names or 'none'}); prune a transformer model, set "
                              "include_embeddings: true to prune its embedding table, or remove the callback")
+        fold_masks_on_save(pl_module.model)
 
     # ---- pruning ----
     def _prune_to(self, pl_module: LightningModule, sparsity: float) -> None:
@@ -126,15 +127,12 @@ class MagnitudePruning(Callback):
         if self.sparsity < self.schedule.amount:
             rank_zero_warn(f"training ended at {self.sparsity:.3f} sparsity, below the target {self.schedule.amount}: "
                            "set MagnitudePruning.end_step within the training steps")
+        warn_if_best_is_early(trainer, self.schedule)
         for _, module in self._targets(pl_module):
             if prune.is_pruned(module):
                 prune.remove(module, "weight")
 
-    # ---- checkpoints ----
-    @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        fold_masks(checkpoint["state_dict"])
-
+    # ---- checkpoints (the model's state_dict folds the masks in: fold_masks_on_save, from setup) ----
     @override
     def state_dict(self) -> dict:
         return {"sparsity": self.sparsity}
@@ -144,14 +142,27 @@ class MagnitudePruning(Callback):
         self.sparsity = state_dict["sparsity"]
 
 
-def fold_masks(state: dict[str, torch.Tensor]) -> None:
-    """Replace each ``<name>_orig`` / ``<name>_mask`` pair of ``torch.nn.utils.prune`` in a state dict by the
-    plain ``<name>`` with the zeros folded in, so that a checkpoint loads into a model without masks (HF
-    export, test, a later run); the live model keeps its masks."""
-    for key in [k for k in state if k.endswith("_orig")]:
+def fold_masks(state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Replace each ``<name>_orig`` / ``<name>_mask`` pair of ``torch.nn.utils.prune`` in a state dict (its keys
+    under ``prefix``) by the plain ``<name>`` with the zeros folded in, so that a checkpoint loads into a model
+    without masks (HF export, test, a later run); the live model keeps its masks."""
+    for key in [k for k in state if k.startswith(prefix) and k.endswith("_orig")]:
         base = key.removesuffix("_orig")
         if base + "_mask" in state:
             state[base] = state.pop(key) * state.pop(base + "_mask")
+
+
+def fold_masks_on_save(module: nn.Module) -> None:
+    """Fold the masks into every ``state_dict`` of ``module`` from now on (``fold_masks``; once per module), and so
+    into every checkpoint of a LightningModule holding it: weights-only ones too (``ModelCheckpoint``'s
+    ``save_weights_only``), for which Lightning skips the callbacks' ``on_save_checkpoint``."""
+    if not getattr(module, "_folds_masks", False):
+        module.register_state_dict_post_hook(_fold_hook)
+        module._folds_masks = True
+
+
+def _fold_hook(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata) -> None:
+    fold_masks(state, prefix)
 
 
 def sparsity(module: nn.Module) -> float:

@@ -3,6 +3,10 @@
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lightning.pytorch.utilities import rank_zero_warn
+
+from emocompress.models.checkpoints import read_checkpoint
+
 
 @dataclass(frozen=True)
 class PruningSchedule:
@@ -97,3 +101,18 @@ class PruningSchedule:
             return self.amount
         progress = min(1.0, (step - self.start_step) / (self.end_step - self.start_step))
         return self.amount * (1 - (1 - progress) ** 3)
+
+
+def warn_if_best_is_early(trainer, schedule: PruningSchedule) -> None:
+    """Warn when the best checkpoint (what ``HFExport``, ``OnnxExport`` and the test after ``fit`` use) was saved
+    at or before ``schedule.final_step``, so before the final pruning: that model is less pruned than the run
+    reports. (A checkpoint at global step N holds N steps; the pruning of step N comes before step N runs.)"""
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    if not best or trainer.global_step <= schedule.final_step:  # short runs have the callbacks' own warning
+        return
+    step = read_checkpoint(best).get("global_step", schedule.final_step + 1)
+    if step <= schedule.final_step:
+        rank_zero_warn(f"{schedule.owner}: the best checkpoint ({best}) is from step {step}, before the end of the "
+                       f"pruning schedule (step {schedule.final_step}): the exports and the test after fit use it, "
+                       f"less pruned than the target; end the schedule within the first epoch (before the first "
+                       "checkpoint)")

@@ -10,8 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.utils import prune
 from typing_extensions import override
 
-from emocompress.compression.pruning import fold_masks
-from emocompress.compression.schedule import PruningSchedule
+from emocompress.compression.pruning import fold_masks_on_save
+from emocompress.compression.schedule import PruningSchedule, warn_if_best_is_early
 from emocompress.models import structure
 
 _KINDS = {"heads": ("heads",), "ffn": ("ffn",), "both": ("heads", "ffn")}
@@ -101,6 +101,7 @@ class StructuredPruning(Callback):
         if not self.kept:  # not restored from a checkpoint
             self.kept = {"heads": [torch.ones(layer.heads, dtype=torch.bool) for layer in layers],
                          "ffn": [torch.ones(layer.ffn, dtype=torch.bool) for layer in layers]}
+        fold_masks_on_save(pl_module.model)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -147,6 +148,7 @@ class StructuredPruning(Callback):
         if trainer.global_step < self.schedule.final_step:
             rank_zero_warn(f"StructuredPruning: training ended with {_removed_shares(self.kept)} removed, short of "
                            f"the targets {self.amounts}: set start_step/end_step within the training steps")
+        warn_if_best_is_early(trainer, self.schedule)
         if not self.rebuilt:
             self._rebuild(trainer, pl_module)
 
@@ -155,10 +157,6 @@ class StructuredPruning(Callback):
         self.rebuilt = True
 
     # ---- checkpoints ----
-    @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        fold_masks(checkpoint["state_dict"])
-
     @override
     def state_dict(self) -> dict:
         return {"kept": {kind: [k.tolist() for k in kept] for kind, kept in self.kept.items()},
