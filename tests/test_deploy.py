@@ -517,7 +517,7 @@ def test_serve_without_the_folders_runtime_names_the_package_in_one_line(onnx_fo
     (["--input", "{tmp}"], r"--input .* is a folder; give a text file"),
     (["--input", "{tmp}/in.txt", "--output", "{tmp}"], r"--output .* is a folder; give the path of the JSON-lines"),
     (["--input", "{tmp}/in.txt", "--output", "{tmp}/in.txt/sub/out.jsonl"],
-     r"--output .*/in\.txt/sub/out\.jsonl: .*/in\.txt is a file, not a folder; give a path in a folder you can write"),
+     r"--output .*/in\.txt/sub/out\.jsonl: .*/in\.txt/sub: .*/in\.txt is a file, so the folder cannot be made there"),
 ])
 def test_serve_refuses_bad_input_and_output_paths_in_one_line(onnx_folder, tmp_path, capsys, args, message):
     (tmp_path / "in.txt").write_text("happy\n")

@@ -21,7 +21,7 @@ from emocompress.callbacks.metrics import TestMetricsWriter
 from emocompress.compression.quantization import Int8Quantization
 from emocompress.data.sources import SPLIT_NAMES, split_fingerprint
 from emocompress.io import atomic_write_text
-from emocompress.models.checkpoints import current_class_paths, read_checkpoint
+from emocompress.models.checkpoints import checkpoint_max_length, current_class_paths, read_checkpoint
 
 log = logging.getLogger(__name__)
 # Settings that may differ between a run and its resumption.
@@ -270,7 +270,7 @@ def warn_if_truncated_otherwise(ckpt_path: str | None, datamodule, subcommand: s
     current = getattr(datamodule, "max_length", None)
     if not ckpt_path or current is None or not Path(ckpt_path).is_file():
         return
-    trained = read_checkpoint(ckpt_path).get("datamodule_hyper_parameters", {}).get("max_length")
+    trained = checkpoint_max_length(ckpt_path)
     if trained is not None and trained != current:
         rank_zero_warn(f"{subcommand}: data.max_length is {current}, but {ckpt_path} was trained with {trained}: texts "
                        f"of more than {min(current, trained)} tokens are cut otherwise than in its training and its "

@@ -24,7 +24,13 @@ from emocompress.deploy.format import (
     read_metadata,
 )
 from emocompress.deploy.runtime import precision_hint
-from emocompress.models.checkpoints import current_class_paths, label_columns, read_checkpoint, stored_labels
+from emocompress.models.checkpoints import (
+    checkpoint_max_length,
+    current_class_paths,
+    label_columns,
+    read_checkpoint,
+    stored_labels,
+)
 from emocompress.models.classifier import EmotionClassifier, classification_metrics, metrics_report, model_inputs
 from emocompress.models.loading import is_distiller_checkpoint, load_folder
 
@@ -75,7 +81,7 @@ def trained_max_length(path: str | Path) -> int | None:
     served with (an artifact folder's metadata); None where nothing records it (an ``hf_model`` export)."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        return read_checkpoint(str(path)).get("datamodule_hyper_parameters", {}).get("max_length")
+        return checkpoint_max_length(str(path))
     return read_metadata(path).max_length if metadata_file(path).is_file() else None
 
 

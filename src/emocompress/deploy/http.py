@@ -42,11 +42,11 @@ from emocompress.deploy.batching import Batcher, QueueFull
 from emocompress.deploy.middleware import AccessLog, Metrics, RefuseWhenFull, Room, access_log
 from emocompress.deploy.page import PAGE
 from emocompress.deploy.protocol import header_deadline_protocol
+from emocompress.deploy.runtime import precision_hint
 from emocompress.deploy.serve import (  # its module is the stdin/stdout server
     ArtifactPredictor,
     add_inference_precision,
     dynamic_int8_warning,
-    inference_precision,
 )
 
 log = logging.getLogger("emocompress.serve")
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         threads = args.num_threads or max(1, _cores() // settings.workers)
         # One run of the graph per batcher batch, cut only where its padding would cost more than a call's overhead.
         predictor = ArtifactPredictor(args.folder, threads, batch_size=settings.max_batch_size,
-                                      max_padding=settings.max_padding, inference_precision=inference_precision(args))
+                                      max_padding=settings.max_padding,
+                                      inference_precision=precision_hint(args.inference_precision))
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     _exit_on(signal.SIGTERM, 0)

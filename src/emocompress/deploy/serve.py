@@ -47,7 +47,7 @@ from tokenizers import Tokenizer
 
 from emocompress.deploy.format import FIX, ONNX_FILE, OPENVINO_FILE, TOKENIZER_FILE, read_metadata
 from emocompress.deploy.runtime import PRECISION_CHOICES, open_runtime, precision_hint
-from emocompress.io import atomic_file, iter_lines
+from emocompress.io import atomic_file, check_can_create, iter_lines
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -242,20 +242,6 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _unwritable(output: str) -> str | None:
-    """Why the ``atomic_file`` of ``--output`` could not be created, or None: the nearest existing path above it must
-    be a folder this process may write (``atomic_file`` makes the folders below it). A device or pipe is opened as it
-    is, so it is not checked."""
-    if os.path.exists(output) and not os.path.isfile(output):
-        return None
-    above = Path(output).absolute().parent
-    while not above.exists():
-        above = above.parent
-    if not above.is_dir():
-        return f"{above} is a file, not a folder"
-    return None if os.access(above, os.W_OK) else f"the folder {above} is not writable"
-
-
 def _check_streams(args: argparse.Namespace) -> str | None:
     """What stops the server before it loads a model: the one-line error, or None."""
     if args.input and (os.path.isdir(args.input) or not os.path.exists(args.input)):  # a FIFO or device is fine
@@ -265,8 +251,11 @@ def _check_streams(args: argparse.Namespace) -> str | None:
         return "stdin is closed; pipe the texts in or give --input FILE"
     if args.output and os.path.isdir(args.output):
         return f"--output {args.output} is a folder; give the path of the JSON-lines file to write"
-    if args.output and (problem := _unwritable(args.output)):
-        return f"--output {args.output}: {problem}; give a path in a folder you can write"
+    if args.output and (os.path.isfile(args.output) or not os.path.exists(args.output)):  # a device opens as it is
+        try:
+            check_can_create(Path(args.output).absolute().parent)  # atomic_file makes the folders below it
+        except ValueError as err:
+            return f"--output {args.output}: {err}"
     if args.output is None and sys.stdout is None:
         return "stdout is closed; give --output FILE"
     if args.input and args.output and _same_file(args.input, args.output):
@@ -294,10 +283,6 @@ def add_inference_precision(parser: argparse.ArgumentParser) -> None:
                              "CPU; bf16, or auto (OpenVINO's choice: bf16 where the CPU has it), is faster there")
 
 
-def inference_precision(args: argparse.Namespace) -> str | None:
-    return precision_hint(args.inference_precision)
-
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m emocompress.deploy.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
     one JSON object per output line (see the module docstring). With ``--port`` it is the HTTP server instead
@@ -322,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(problem)
     try:
         predictor = ArtifactPredictor(args.folder, args.num_threads, args.batch_size,
-                                      inference_precision=inference_precision(args))
+                                      inference_precision=precision_hint(args.inference_precision))
     except ValueError as error:
         parser.error(str(error))
     if warning := dynamic_int8_warning(predictor, args.batch_size, "--batch_size"):

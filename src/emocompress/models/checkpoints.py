@@ -61,6 +61,11 @@ def read_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def checkpoint_max_length(path: str) -> int | None:
+    """The ``data.max_length`` a Lightning checkpoint was trained with (its datamodule hyper-parameters), or None."""
+    return read_checkpoint(path).get("datamodule_hyper_parameters", {}).get("max_length")
+
+
 def label_columns(model_labels: list[str], data_labels: list[str], where: str) -> list[int]:
     """For each of the data's labels, the model's class id of the label with that name: the column of the
     model's logits that belongs to it. The labels stored with the weights are the truth; the same labels in
