@@ -39,6 +39,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -389,7 +390,10 @@ def main():
         args.folder.parent.mkdir(parents=True, exist_ok=True)
         prepare(args.folder)
     texts = [line.rsplit(";", 1)[0] for line in args.data.read_text().splitlines()[:args.texts]]
-    logs = args.folder.parent
+    # the servers' logs and the load generators' scratch files: a folder of their own, not beside the artifact
+    # (where a run's own files, e.g. another ours.log, would be overwritten)
+    logs = Path(tempfile.mkdtemp(prefix="http_load-"))
+    print(f"server logs and load-generator files: {logs}", file=sys.stderr)
     use_wrk = args.client == "wrk" or args.client == "auto" and shutil.which("wrk") is not None
     use_h2load = args.burst_client == "h2load" or args.burst_client == "auto" and shutil.which("h2load") is not None
     results = {"cpu": os.cpu_count(), **cpu_info(), "folder": str(args.folder), "duration_s": args.duration,
