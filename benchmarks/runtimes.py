@@ -20,8 +20,12 @@ Builds, from one fine-tuned ``hf_model`` folder, in one process:
 
 Then times them in interleaved rounds (``emocompress.benchmark.timing.interleaved_times``, same threads): batch 1 over
 the first ``--test_texts`` test texts, and batch 32 over the same texts, once in file order and once sorted by
-token count (as ``ArtifactPredictor`` batches). Macro F1 is each model's on those texts (batches of 32, untimed),
-with a 95% paired-bootstrap interval of its difference to torch fp32 (``emocompress.evaluation.significance``).
+token count, every variant fed the same padded arrays (the engines alone). And, texts in and class ids out, the same
+texts as requests of 32 in file order (what a caller with 32 texts has): the peers as their users call them (the
+request tokenized, padded to its longest text, one call), ours through ``ArtifactPredictor`` (the request sorted by
+token count and cut into calls where padding would add more than ``max_padding`` of the tokens), one untimed pass
+first (OpenVINO compiles kernels for each new input shape once). Macro F1 is each model's on those texts (batches of
+32, untimed), with a 95% paired-bootstrap interval of its difference to torch fp32 (``emocompress.evaluation.significance``).
 Prints a markdown table and writes ``results.json`` to ``--out``.
 """
 
@@ -39,6 +43,7 @@ from emocompress.compression.openvino import export_openvino, macro_f1
 from emocompress.data.sources import DataSource
 from emocompress.deploy.format import ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE, read_metadata
 from emocompress.deploy.runtime import open_runtime
+from emocompress.deploy.serve import ArtifactPredictor
 from emocompress.evaluation.significance import bootstrap_indices, paired_difference, resampled_metrics
 from emocompress.hardware import cpu_info
 from emocompress.models import pretrained
@@ -103,7 +108,8 @@ def peer_ort_static(model, tokenizer, calibration: list[dict], out: Path, thread
 
 
 def ours(model, tokenizer, train: list[str], val: tuple[list[str], list[int]], out: Path, args) -> dict:
-    """name -> (call on numpy inputs or on torch tensors, which, the files shipped) for our backends."""
+    """name -> (call on numpy inputs or on torch tensors, which, the files shipped) for our backends (their folders:
+    ``out / "ort_int8"``, ``"ov_fp32"``, ``"ov_int8"``)."""
     ort_int8 = quantize(model, "onnxruntime", include_embeddings=True, out_dir=out / "ort_int8", tokenizer=tokenizer)
     folders = {"ours, OpenVINO fp32": export_openvino(model, out / "ov_fp32", tokenizer),
                "ours, OpenVINO INT8 accuracy-controlled": export_openvino(
@@ -129,6 +135,24 @@ def ours(model, tokenizer, train: list[str], val: tuple[list[str], list[int]], o
 
 def _torch_call(model):
     return lambda feeds: model(**feeds).logits
+
+
+def request_calls(variants: dict, tokenizer, out: Path, label2id: dict, threads: int) -> dict:
+    """name -> call on a request's texts returning class ids: the peers as their users call them (``encode``: the
+    request padded to its longest text, one call), ours through ``ArtifactPredictor`` with its defaults (length cuts
+    at ``max_padding``), as ``emocompress serve`` and ``predict`` answer."""
+    def padded(call):
+        return lambda texts: np.asarray(call(encode(tokenizer, texts))).argmax(-1)
+
+    def predicted(predictor):
+        return lambda texts: np.array([label2id[r["label"]] for r in predictor.predict(texts)])
+
+    calls = {name: padded(variants[name][0]) for name in variants if name.startswith("peer: ")}
+    for name, folder, precision in (("ORT dynamic INT8", "ort_int8", "f32"), ("OpenVINO INT8", "ov_int8", "f32"),
+                                    ("OpenVINO INT8, precision auto", "ov_int8", None)):
+        calls[f"ours, {name} (ArtifactPredictor)"] = predicted(
+            ArtifactPredictor(out / folder, threads, inference_precision=precision))
+    return calls
 
 
 def main():
@@ -190,6 +214,8 @@ def main():
         call, files = peer_ort_static(model, tokenizer, calibration, tmp, args.threads)
         variants["peer: ORT static QDQ INT8, MatMul only"] = (call, "np", files)
         rows = measure(variants, tokenizer, texts, target, len(labels), args)
+        rows[-1]["requests"] = measure_requests(request_calls(variants, tokenizer, tmp, label2id, args.threads),
+                                                texts, target, len(labels), args)
     write(rows, args)
 
 
@@ -227,6 +253,25 @@ def measure(variants: dict, tokenizer, texts: list[str], target: np.ndarray, num
     return rows
 
 
+def measure_requests(calls: dict, texts: list[str], target: np.ndarray, num_classes: int, args) -> list[dict]:
+    """Each call's texts/s on ``texts`` as requests of 32 in file order (median over rounds, least, greatest), its
+    texts/s over the first peer's in each round (the same rounds: median, least, greatest) and its macro F1."""
+    requests = [texts[s:s + 32] for s in range(0, len(texts), 32)]
+    times = interleaved_times({n: (lambda i, c=c: c(requests[i])) for n, c in calls.items()},
+                              list(range(len(requests))), args.rounds, warmup=len(requests))
+    per_s = {name: np.array([len(texts) / (sum(r) / 1e3) for r in rounds]) for name, rounds in times.items()}
+    peer = per_s[next(iter(calls))]
+    rows = []
+    for name, call in calls.items():
+        ratios = per_s[name] / peer
+        preds = np.concatenate([call(r) for r in requests])
+        rows.append({"variant": name, "texts_per_s": [percentile(list(per_s[name]), 50), per_s[name].min(),
+                                                      per_s[name].max()],
+                     "ratio_to_first_peer": [percentile(list(ratios), 50), ratios.min(), ratios.max()],
+                     "macro_f1": macro_f1(target, preds, num_classes)})
+    return rows
+
+
 def write(rows: list[dict], args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,6 +287,13 @@ def write(rows: list[dict], args) -> None:
                      f"{d['diff']:+.4f} ({d['low']:+.4f}, {d['high']:+.4f}) | "
                      f"{r['mb']:.1f} |")
     lines.append(f"\npadded tokens per text at batch 32: {rows[-1]['padded_tokens_per_text']}")
+    lines += ["", "Requests of 32 texts in file order, texts in, class ids out:", "",
+              "| variant | texts/s, median (min-max) | over the OpenVINO + NNCF peer, median of rounds (min-max) | "
+              "macro F1 |", "|---|---|---|---|"]
+    for r in rows[-1]["requests"]:
+        (v, lo, hi), (q, qlo, qhi) = r["texts_per_s"], r["ratio_to_first_peer"]
+        lines.append(f"| {r['variant']} | {v:.0f} ({lo:.0f}-{hi:.0f}) | {q:.2f}x ({qlo:.2f}-{qhi:.2f}) | "
+                     f"{r['macro_f1']:.4f} |")
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
 

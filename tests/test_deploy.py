@@ -467,6 +467,27 @@ def test_serve_splits_on_newlines_only_and_numbers_physical_lines(onnx_folder, t
     assert [r["label"] for r in records] == [p["label"] for p in ArtifactPredictor(onnx_folder).predict(texts)]
 
 
+def test_serve_max_padding_cuts_calls_not_answers(onnx_folder, tmp_path, monkeypatch, capsys):
+    """--max_padding (0.25 by default) cuts a sorted batch into calls; the answers are those of whole batches."""
+    texts = ["a", "so happy", "i am so angry at you right now because you never listen to me at all", "b", "ok"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    calls = []
+    feeds = serve.ArtifactPredictor._feeds
+    monkeypatch.setattr(serve.ArtifactPredictor, "_feeds", lambda self, enc: calls.append(len(enc)) or feeds(self, enc))
+    answers = {}
+    for flag in ([], ["--max_padding", "0.25"], ["--max_padding", "100"]):
+        calls.clear()
+        main([str(onnx_folder), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.jsonl"), *flag])
+        answers[tuple(flag)] = [json.loads(line)["label"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        answers[tuple(flag) + ("calls",)] = list(calls)
+    assert answers[()] == answers[("--max_padding", "0.25")] == answers[("--max_padding", "100")]
+    assert answers[("calls",)] == answers[("--max_padding", "0.25", "calls")] and len(answers[("calls",)]) > 1
+    assert answers[("--max_padding", "100", "calls")] == [5]  # one call: no padding bound
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(onnx_folder), "--input", str(tmp_path / "in.txt"), "--max_padding", "-1"])
+    assert exit_info.value.code == 2 and "max_padding must be at least 0" in capsys.readouterr().err
+
+
 def _more_tokens(spec: dict) -> None:
     """Token ids past the tiny BERT's embedding table (28 rows): the tokenizer of another model."""
     size = len(spec["model"]["vocab"])

@@ -456,8 +456,8 @@ def test_max_padding_cuts_batches_without_changing_answers(folder, predictor):
     each answer equals the text's alone (fp32)."""
     texts = [text * (1 + i % 4) for i, text in enumerate(_texts(24, 7))]  # lengths 1x to 4x
     alone = [predictor.predict([text])[0] for text in texts]
-    cut = ArtifactPredictor(folder, num_threads=1, batch_size=8, max_padding=0.25)
-    whole = ArtifactPredictor(folder, num_threads=1, batch_size=8)
+    cut = ArtifactPredictor(folder, num_threads=1, batch_size=8)  # max_padding 0.25 by default
+    whole = ArtifactPredictor(folder, num_threads=1, batch_size=8, max_padding=None)
     for got in (cut.predict(texts), whole.predict(texts)):
         assert [g["label"] for g in got] == [a["label"] for a in alone]
         assert max(abs(g["probs"][k] - p) for g, a in zip(got, alone) for k, p in a["probs"].items()) < 1e-4

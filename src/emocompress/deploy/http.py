@@ -44,6 +44,7 @@ from emocompress.deploy.page import PAGE
 from emocompress.deploy.protocol import header_deadline_protocol
 from emocompress.deploy.runtime import precision_hint
 from emocompress.deploy.serve import (  # its module is the stdin/stdout server
+    MAX_PADDING,
     ArtifactPredictor,
     add_inference_precision,
     dynamic_int8_warning,
@@ -61,8 +62,8 @@ class Settings:
     """What a server accepts and how it batches (each is a ``--flag`` of ``emocompress serve``)."""
 
     max_batch_size: int = _setting(8, "texts per model call (a batch is padded to its longest text)")
-    max_padding: float = _setting(0.25, "a batch's texts, sorted by length, are cut into model calls whose padding "
-                                        "adds at most this fraction of their tokens")
+    max_padding: float = _setting(MAX_PADDING, "a batch's texts, sorted by length, are cut into model calls whose "
+                                               "padding adds at most this fraction of their tokens")
     max_wait_ms: float = _setting(0.0, "linger: a free worker waits until the oldest queued request has waited this "
                                        "long (or the batch is full); 0: run what is queued at once")
     max_queue: int = _setting(256, "texts waiting for the model before new requests wait for room (queue_wait_ms), "
