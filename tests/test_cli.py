@@ -337,12 +337,16 @@ def test_distill_fit_test_and_export(emotion_dir, tiny_teacher_dir, tmp_path):
     exported = AutoModelForSequenceClassification.from_pretrained(run / "hf_model").eval()
     assert exported.config.num_hidden_layers == 1
     # the benchmark reads the student from the Distiller checkpoint too: the same network as the export
-    from emocompress.benchmark.variants import load_for_benchmark
+    from emocompress.benchmark.variants import file_sizes_mb, load_for_benchmark, weights_sizes_mb
 
     from_checkpoint, _, _ = load_for_benchmark(best)
     ids = torch.tensor([[2, 5, 6, 3]])
     with torch.no_grad():
         torch.testing.assert_close(from_checkpoint(input_ids=ids).logits, exported(input_ids=ids).logits)
+    # its size is the student as exported, not the checkpoint (optimizer state, hyper-parameters)
+    shipped = file_sizes_mb(run / "hf_model" / "model.safetensors")
+    assert weights_sizes_mb(from_checkpoint, best) == pytest.approx(shipped, rel=1e-3)
+    assert shipped[0] < 0.5 * best.stat().st_size / 1e6
     # the student tests like any model, from its checkpoint, in a fresh process
     _ok(run_cli("test", *args, "--ckpt_path", best, cwd=tmp_path))
     assert json.loads((run.parent / "version_1" / "test_metrics.json").read_text()) == report

@@ -2,6 +2,7 @@
 the split."""
 
 import gzip
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,17 @@ def file_sizes_mb(path: Path) -> tuple[float, float]:
     return len(data) / 1e6, len(gzip.compress(data, compresslevel=6)) / 1e6
 
 
+def weights_sizes_mb(model: nn.Module, weights: Path) -> tuple[float, float]:
+    """``file_sizes_mb`` of the weights as shipped: a folder's weights file; for a ``.ckpt``, which also holds the
+    optimizer's state (twice the weights with Adam) and a Distiller's teacher, the ``model.safetensors`` that
+    ``HFExport`` would write of its model."""
+    if weights.suffix != ".ckpt":
+        return file_sizes_mb(weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return file_sizes_mb(Path(tmp) / "model.safetensors")
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, non-zero) weights of a model: float parameters, INT8 packed weights, or ONNX initializers or OpenVINO
     constants (all of a graph's constant tensors, which includes quantization scales: a few hundred values)."""
@@ -246,7 +258,7 @@ def measure(name: str, paths: list[str], data: str, split: str, latency_samples:
         if variant is None:
             singles = [collate([dataset[i]]) for i in range(min(latency_samples, len(dataset)))]
             total, nonzero = count_parameters(model)
-            size_mb, gzip_mb = file_sizes_mb(weights)
+            size_mb, gzip_mb = weights_sizes_mb(model, weights)
             static = {"params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total,
                       "size_mb": size_mb, "gzip_mb": gzip_mb, "max_length": max_length,
                       "padded_tokens_per_text": padding_per_text(lengths, order, batch_size)}
