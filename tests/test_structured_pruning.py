@@ -205,6 +205,34 @@ def test_per_layer_scope_and_taylor_importance(fit):
     assert structure.shape(model.model) == [{"heads": 2, "ffn": 12}] * 2
 
 
+def test_taylor_scores_each_step_once_from_its_whole_gradient(fit, monkeypatch):
+    """Under gradient accumulation each step is scored once, from the gradient of all its batches: scored after
+    every backward, a step's first batch was counted again inside the second's .grad."""
+    from emocompress.compression import structured_pruning
+
+    scored, grads = [], []
+    score = structured_pruning._taylor_scores
+
+    def ffn_grad(model):
+        layer = structure.layers(model)[0]
+        return layer.get(layer.fam.ffn_out).weight.grad.clone()
+
+    class Grads(Callback):
+        def on_after_backward(self, trainer, pl_module):
+            grads.append((trainer.global_step, ffn_grad(pl_module.model)))
+
+    def spy(model):
+        scored.append(ffn_grad(model))
+        return score(model)
+
+    monkeypatch.setattr(structured_pruning, "_taylor_scores", spy)
+    fit([Grads(), StructuredPruning(ffn_amount=0.5, head_amount=0.0, importance="taylor", score_batches=2,
+                                    start_step=2)], max_steps=3, accumulate_grad_batches=2)
+    assert len(scored) == 2 and len([s for s, _ in grads if s < 2]) == 4  # steps 0 and 1: 4 backward passes
+    for step, got in enumerate(scored):  # the gradient after the step's last backward: both of its batches
+        torch.testing.assert_close(got, [g for s, g in grads if s == step][-1])
+
+
 def test_the_last_head_of_a_layer_is_never_removed():
     kept = [torch.ones(2, dtype=torch.bool), torch.ones(8, dtype=torch.bool)]
     # layer 0's heads score far lowest: global ranking would take both

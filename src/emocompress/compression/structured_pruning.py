@@ -32,7 +32,8 @@ class StructuredPruning(Callback):
 
     - ``magnitude``: sum of absolute weights of the unit (all four matrices).
     - ``taylor``: first-order Taylor importance ``|sum(activation * gradient)|`` of the unit's output,
-      accumulated over the ``score_batches`` training batches before each pruning step (Michel et al.
+      accumulated over the ``score_batches`` optimizer steps before each pruning step, each scored once from
+      its whole gradient (all its accumulated batches, unscaled under AMP) (Michel et al.
       2019, "Are Sixteen Heads Really Better than One?"; Molchanov et al. 2019), read from the gradients
       training computes anyway (``_taylor_scores``). Scores are averaged across DDP ranks.
 
@@ -52,7 +53,8 @@ class StructuredPruning(Callback):
         head_amount: final share of all attention heads removed, in [0, 1).
         ffn_amount: final share of all FFN neurons removed, in [0, 1).
         importance: ``magnitude`` or ``taylor``.
-        score_batches: with ``taylor``, training batches whose gradients score the units before each pruning.
+        score_batches: with ``taylor``, optimizer steps whose gradients score the units before each pruning (one
+            batch each without gradient accumulation).
         scope: ``global`` (rank across layers) or ``per_layer`` (the same share in every layer).
         schedule: ``one_shot`` removes everything at ``start_step``; ``cubic`` raises the removed share from 0
             at ``start_step`` to the amounts at ``end_step`` (Zhu & Gupta 2017), every ``every_n_steps`` steps and
@@ -110,12 +112,17 @@ class StructuredPruning(Callback):
             _apply_masks(pl_module.model, self.kept)
 
     @override
-    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        # Once per step, not after each backward: with gradient accumulation each backward's .grad also holds the
+        # step's earlier batches (counted again), and under fp16 AMP it is still multiplied by the loss scale,
+        # which changes between steps. Here the gradient is the step's whole one, unscaled by Lightning.
         if self.importance != "taylor" or self.rebuilt:
             return
         step, upcoming = trainer.global_step, self.schedule.next_pruning_step(trainer.global_step)
         if upcoming is not None and upcoming - step <= self.score_batches:
-            self._scores = _add_scores(self._scores, _taylor_scores(pl_module.model))
+            scores = _taylor_scores(pl_module.model)
+            if all(torch.isfinite(t).all() for values in scores.values() for t in values):  # AMP skips inf steps
+                self._scores = _add_scores(self._scores, scores)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
