@@ -244,6 +244,35 @@ def test_predict_refuses_one_string_instead_of_answering_each_character(onnx_fol
         ArtifactPredictor(onnx_folder).predict("i feel happy")
 
 
+def test_hf_export_cuts_texts_where_training_did_and_a_later_run_may_take_more(make_datamodule, tiny_model_dir,
+                                                                              tiny_trainer, tmp_path):
+    from transformers import pipeline
+
+    from emocompress.benchmark.variants import trained_max_length
+    from emocompress.callbacks.export import HFExport
+
+    dm = make_datamodule(batch_size=4, max_length=8)
+    trainer = tiny_trainer(max_steps=1, callbacks=[HFExport()], enable_checkpointing=False)
+    trainer.fit(EmotionClassifier(tiny_model_dir, dm.id2label), datamodule=dm)
+    folder = tmp_path / "hf_model"
+    long_text = "i feel so very happy today " * 6  # 30 words, over 8 tokens
+    # a transformers user cuts at the trained max_length (8), not at the tokenizer's 512/unset limit
+    assert AutoTokenizer.from_pretrained(folder).model_max_length == 8 == trained_max_length(folder)
+    classify = pipeline("text-classification", model=str(folder), top_k=None)
+    assert classify.preprocess(long_text, truncation=True)["input_ids"].shape == (1, 8)
+    scores = {s["label"]: s["score"] for s in classify([long_text], truncation=True)[0]}
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    cut = _logits(model, AutoTokenizer.from_pretrained(tiny_model_dir), [long_text], max_length=8).softmax(-1)[0]
+    assert [scores[model.config.id2label[i]] for i in range(len(cut))] == pytest.approx(cut.tolist(), abs=1e-6)
+    # fine-tuning from the folder may still take a longer max_length, up to the model's 512 positions
+    longer = make_datamodule(model_dir=folder, batch_size=4, max_length=32)
+    with pytest.raises(ValueError, match="at most 512 tokens"):
+        make_datamodule(model_dir=folder, max_length=513)
+    again = tiny_trainer(max_steps=1, callbacks=[HFExport("again")], enable_checkpointing=False)
+    again.fit(EmotionClassifier(str(folder), longer.id2label), datamodule=longer)
+    assert AutoTokenizer.from_pretrained(tmp_path / "again").model_max_length == 32
+
+
 def test_onnx_export_callback_writes_the_best_model(make_datamodule, emotion_dir, tiny_model_dir, tiny_trainer,
                                                     tmp_path):
     dm = make_datamodule(batch_size=4)

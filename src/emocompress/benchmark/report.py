@@ -76,10 +76,10 @@ def environment_info(num_threads: int, settings: dict) -> dict:
     return {**cpu_info(), "cores": os.cpu_count(), "threads": num_threads, "torch": torch.__version__,
             "onnxruntime": ort_version, "transformers": transformers.__version__,
             "python": platform.python_version(), **settings,
-            "sequence_length": "each text tokenized to at most the max_length its model was trained with (checkpoints) "
-                               f"or is served with (artifact folders), {DEFAULT_MAX_LENGTH} where none is recorded "
-                               "(hf_model exports): the max_length column; batch 1 unpadded, batches of texts of "
-                               "similar length (sorted by token count), padded to their longest"}
+            "sequence_length": "each text tokenized to at most the max_length its model was trained with (checkpoints, "
+                               f"hf_model exports) or is served with (artifact folders), {DEFAULT_MAX_LENGTH} where "
+                               "none is recorded (older hf_model exports): the max_length column; batch 1 unpadded, "
+                               "batches of texts of similar length (sorted by token count), padded to their longest"}
 
 
 def invoking_command() -> str:
