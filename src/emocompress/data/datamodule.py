@@ -5,6 +5,7 @@ into the label set, tokenized splits, class counts and seeded, sharded loaders.
 """
 
 import dataclasses
+import itertools
 import logging
 import os
 from functools import cached_property
@@ -27,7 +28,7 @@ from emocompress.data.sampling import (
     padding_per_text,
     sort_by_length,
 )
-from emocompress.data.sources import DataSource, check_label_set
+from emocompress.data.sources import DataSource, check_label_set, warn_shared_texts
 from emocompress.deploy.format import DEFAULT_MAX_LENGTH
 from emocompress.models import pretrained
 
@@ -87,6 +88,7 @@ class EmotionDataModule(LightningDataModule):
         self.counts_before: list[int] = []
         self.counts_after: list[int] = []
         self._augmented_rows: datasets.Dataset | None = None
+        self._compared: set[tuple[str, str]] = set()  # pairs of splits checked for shared texts
 
     # ---- label set, known before setup so the model can be built with the right head ----
     @cached_property
@@ -156,10 +158,20 @@ class EmotionDataModule(LightningDataModule):
         for split in needed:
             if split not in self.splits:
                 self._tokenize(split)
+        self._warn_shared_texts()
         if stage == "fit" and not self.counts_after:
             self.counts_before, self.counts_after = _count_classes(
                 self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1], self.hparams,
                 self.augmentation, self.trainer.logger if self.trainer is not None else None)
+
+    def _warn_shared_texts(self) -> None:
+        """One warning per pair of the splits read so far that share texts (train/val at fit, then with test)."""
+        for pair in itertools.combinations(("train", "val", "test"), 2):
+            if pair not in self._compared and all(split in self.splits for split in pair):
+                self._compared.add(pair)
+                first, second = pair
+                warn_shared_texts(self.raw_split(first), self.source.locate(first)[1], self.raw_split(second),
+                                  self.source.locate(second)[1])
 
     def _tokenize(self, split: str) -> None:
         if split == "predict":
