@@ -228,6 +228,23 @@ def test_server_truncates_at_the_side_the_tokenizer_truncated_in_training(teache
     torch.testing.assert_close(served, reference, rtol=0, atol=ATOL, check_dtype=False)
 
 
+def test_server_pads_on_the_side_the_tokenizer_padded_in_training(teacher, tmp_path):
+    import onnx
+
+    model, tokenizer = teacher
+    left = AutoTokenizer.from_pretrained(tokenizer.name_or_path, padding_side="left")
+    folder = export_onnx(model, tmp_path / "onnx", left)
+    # attention fused, as OnnxExport writes it, with the (B, T) mask: its default mask assumes right padding
+    assert any(node.op_type == "Attention" for node in onnx.load(folder / "model.onnx").graph.node)
+    texts = ["happy", "i am so very furious and mad today", "glad cheerful"]  # one batch, three lengths
+    reference = _logits(model, left, texts).softmax(-1)  # (3, C), padded on the left
+    right = _logits(model, tokenizer, texts).softmax(-1)
+    assert (right - reference).abs().max() > 10 * ATOL  # absolute positions: the padding side shows
+    predictor = ArtifactPredictor(folder, batch_size=len(texts), sort_by_length=False)
+    served = torch.tensor([list(p["probs"].values()) for p in predictor.predict(texts)])
+    torch.testing.assert_close(served, reference, rtol=0, atol=ATOL, check_dtype=False)
+
+
 def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
     folder = export_onnx(teacher[0], tmp_path / "onnx", teacher[1])
     # a tokenizer that adds no [CLS]/[SEP]: an empty text is then no tokens at all
