@@ -158,20 +158,11 @@ class EmotionDataModule(LightningDataModule):
         for split in needed:
             if split not in self.splits:
                 self._tokenize(split)
-        self._warn_shared_texts()
+        _warn_shared_texts(self.source, self.splits, self._compared)
         if stage == "fit" and not self.counts_after:
             self.counts_before, self.counts_after = _count_classes(
                 self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1], self.hparams,
                 self.augmentation, self.trainer.logger if self.trainer is not None else None)
-
-    def _warn_shared_texts(self) -> None:
-        """One warning per pair of the splits read so far that share texts (train/val at fit, then with test)."""
-        for pair in itertools.combinations(("train", "val", "test"), 2):
-            if pair not in self._compared and all(split in self.splits for split in pair):
-                self._compared.add(pair)
-                first, second = pair
-                warn_shared_texts(self.raw_split(first), self.source.locate(first)[1], self.raw_split(second),
-                                  self.source.locate(second)[1])
 
     def _tokenize(self, split: str) -> None:
         if split == "predict":
@@ -225,6 +216,17 @@ def _check_settings(hp) -> None:
             raise ValueError(f"data.{key} must be a positive integer, got {hp[key]}")
     if hp.labels is not None and len(set(hp.labels)) != len(hp.labels):
         raise ValueError(f"data.labels has duplicates: {hp.labels}")
+
+
+def _warn_shared_texts(source: DataSource, read: dict, compared: set[tuple[str, str]]) -> None:
+    """One warning per pair of the splits ``read`` so far that share texts (train/val at fit, then with test);
+    ``compared`` keeps the pairs done."""
+    for pair in itertools.combinations(("train", "val", "test"), 2):
+        if pair not in compared and all(split in read for split in pair):
+            compared.add(pair)
+            first, second = pair
+            warn_shared_texts(source.read(first), source.locate(first)[1], source.read(second),
+                              source.locate(second)[1])
 
 
 def _check_max_length(max_length: int, model_name: str, tokenizer, trust_remote_code: bool) -> None:
