@@ -1,4 +1,6 @@
 import json
+import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -391,6 +393,25 @@ def test_conflicting_labels_are_warned_with_their_lines(tmp_path, tiny_model_dir
                                          r".*train\.txt:7 'anger'"):
         dm.setup("fit")
     assert dm.counts_before == [4, 3]  # kept, not dropped
+
+
+def test_texts_shared_between_splits_are_warned_once_per_pair(tmp_path, tiny_model_dir):
+    folder = _write(tmp_path / "d", train=JOY_ANGER, val="new joy;joy\nmad day 1;anger\nglad day 2;joy\n",
+                    test="other;anger\nnew joy;joy\nglad day 0;joy\n")
+    dm = _datamodule(folder, tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+        dm.setup("test")
+        dm.setup("test")  # again: no second warning
+    shared = [str(w.message) for w in caught if "also in" in str(w.message)]
+    assert len(shared) == 3
+    assert re.search(r"val\.txt: 2 text\(s\) also in .*train\.txt \(kept\), e\.g\. .*val\.txt:2 = .*train\.txt:4 "
+                     r"'mad day 1'", shared[0])
+    assert re.search(r"test\.txt: 1 text\(s\) also in .*train\.txt .*test\.txt:3 = .*train\.txt:1 'glad day 0'",
+                     shared[1])
+    assert re.search(r"test\.txt: 1 text\(s\) also in .*val\.txt .*test\.txt:2 = .*val\.txt:1 'new joy'", shared[2])
+    assert dm.splits["val"].num_rows == 3  # kept, not dropped
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [

@@ -228,6 +228,23 @@ def test_server_truncates_at_the_side_the_tokenizer_truncated_in_training(teache
     torch.testing.assert_close(served, reference, rtol=0, atol=ATOL, check_dtype=False)
 
 
+def test_server_pads_on_the_side_the_tokenizer_padded_in_training(teacher, tmp_path):
+    import onnx
+
+    model, tokenizer = teacher
+    left = AutoTokenizer.from_pretrained(tokenizer.name_or_path, padding_side="left")
+    folder = export_onnx(model, tmp_path / "onnx", left)
+    # attention fused, as OnnxExport writes it, with the (B, T) mask: its default mask assumes right padding
+    assert any(node.op_type == "Attention" for node in onnx.load(folder / "model.onnx").graph.node)
+    texts = ["happy", "i am so very furious and mad today", "glad cheerful"]  # one batch, three lengths
+    reference = _logits(model, left, texts).softmax(-1)  # (3, C), padded on the left
+    right = _logits(model, tokenizer, texts).softmax(-1)
+    assert (right - reference).abs().max() > 10 * ATOL  # absolute positions: the padding side shows
+    predictor = ArtifactPredictor(folder, batch_size=len(texts), sort_by_length=False)
+    served = torch.tensor([list(p["probs"].values()) for p in predictor.predict(texts)])
+    torch.testing.assert_close(served, reference, rtol=0, atol=ATOL, check_dtype=False)
+
+
 def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
     folder = export_onnx(teacher[0], tmp_path / "onnx", teacher[1])
     # a tokenizer that adds no [CLS]/[SEP]: an empty text is then no tokens at all
@@ -242,6 +259,35 @@ def test_text_without_tokens_gets_an_error_line(teacher, tmp_path):
 def test_predict_refuses_one_string_instead_of_answering_each_character(onnx_folder):
     with pytest.raises(TypeError, match=r"predict takes a list of texts, got one str \('i feel happy'\); pass \[text\]"):
         ArtifactPredictor(onnx_folder).predict("i feel happy")
+
+
+def test_hf_export_cuts_texts_where_training_did_and_a_later_run_may_take_more(make_datamodule, tiny_model_dir,
+                                                                              tiny_trainer, tmp_path):
+    from transformers import pipeline
+
+    from emocompress.benchmark.variants import trained_max_length
+    from emocompress.callbacks.export import HFExport
+
+    dm = make_datamodule(batch_size=4, max_length=8)
+    trainer = tiny_trainer(max_steps=1, callbacks=[HFExport()], enable_checkpointing=False)
+    trainer.fit(EmotionClassifier(tiny_model_dir, dm.id2label), datamodule=dm)
+    folder = tmp_path / "hf_model"
+    long_text = "i feel so very happy today " * 6  # 30 words, over 8 tokens
+    # a transformers user cuts at the trained max_length (8), not at the tokenizer's 512/unset limit
+    assert AutoTokenizer.from_pretrained(folder).model_max_length == 8 == trained_max_length(folder)
+    classify = pipeline("text-classification", model=str(folder), top_k=None)
+    assert classify.preprocess(long_text, truncation=True)["input_ids"].shape == (1, 8)
+    scores = {s["label"]: s["score"] for s in classify([long_text], truncation=True)[0]}
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    cut = _logits(model, AutoTokenizer.from_pretrained(tiny_model_dir), [long_text], max_length=8).softmax(-1)[0]
+    assert [scores[model.config.id2label[i]] for i in range(len(cut))] == pytest.approx(cut.tolist(), abs=1e-6)
+    # fine-tuning from the folder may still take a longer max_length, up to the model's 512 positions
+    longer = make_datamodule(model_dir=folder, batch_size=4, max_length=32)
+    with pytest.raises(ValueError, match="at most 512 tokens"):
+        make_datamodule(model_dir=folder, max_length=513)
+    again = tiny_trainer(max_steps=1, callbacks=[HFExport("again")], enable_checkpointing=False)
+    again.fit(EmotionClassifier(str(folder), longer.id2label), datamodule=longer)
+    assert AutoTokenizer.from_pretrained(tmp_path / "again").model_max_length == 32
 
 
 def test_onnx_export_callback_writes_the_best_model(make_datamodule, emotion_dir, tiny_model_dir, tiny_trainer,

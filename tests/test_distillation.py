@@ -17,12 +17,13 @@ def trainer(tiny_trainer):
 
 @pytest.fixture
 def fit(make_datamodule, trainer, tiny_teacher_dir):
-    """``fit(max_steps=2, **distiller_kwargs) -> (model, trainer, dm)``: a Distiller of the tiny teacher, fitted."""
-    def fit(max_steps=2, **kwargs):
+    """``fit(max_steps=2, precision="32-true", **distiller_kwargs) -> (model, trainer, dm)``: a Distiller of the
+    tiny teacher, fitted."""
+    def fit(max_steps=2, precision="32-true", **kwargs):
         dm = make_datamodule(tiny_teacher_dir, batch_size=4)
         model = Distiller(teacher=tiny_teacher_dir, model_name=tiny_teacher_dir, id2label=dm.id2label, lr=1e-2,
                           **kwargs)
-        fitted = trainer(max_steps=max_steps)
+        fitted = trainer(max_steps=max_steps, precision=precision)
         fitted.fit(model, datamodule=dm)
         return model, fitted, dm
 
@@ -99,6 +100,16 @@ def test_cached_teacher_logits_equal_live_ones_and_are_reused(fit, tmp_path, mon
     monkeypatch.setattr(Teacher, "logits", lambda self, texts: pytest.fail("teacher ran again"))
     again, _, _ = fit(max_steps=1, logits_cache=str(cache))
     torch.testing.assert_close(again.cached_logits, model.cached_logits)
+
+
+def test_logits_cached_in_another_precision_are_not_reused(fit, tmp_path):
+    cache = tmp_path / "cache"
+    fp32, _, _ = fit(max_steps=1, logits_cache=str(cache))
+    bf16, _, _ = fit(max_steps=1, logits_cache=str(cache), precision="bf16-mixed")
+    assert len(list(cache.glob("teacher-*.pt"))) == 2  # one entry per precision
+    # the bf16 run's logits are the teacher's under bf16 autocast, not the fp32 run's
+    assert not torch.equal(bf16.cached_logits, fp32.cached_logits)
+    torch.testing.assert_close(bf16.cached_logits, fp32.cached_logits, atol=0.1, rtol=0.1)
 
 
 def test_corrupt_cache_is_a_clear_error(fit, tmp_path):

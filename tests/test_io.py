@@ -118,3 +118,22 @@ def test_export_folder_names_stay_inside_the_run_folder(dirname):
     for callback in (HFExport, OnnxExport, Int8Quantization):
         with pytest.raises(ValueError, match=rf"{callback.__name__}.dirname must be a plain folder name"):
             callback(dirname=dirname)
+
+
+def _strict(text: str):
+    """``json.loads`` as JavaScript's JSON.parse or jq read: the bare NaN/Infinity tokens are errors."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_an_undefined_metric_is_written_as_null_that_strict_parsers_read(tmp_path):
+    from types import SimpleNamespace
+
+    from emocompress.callbacks.metrics import TestMetricsWriter
+
+    report = {"macro_f1": 0.5, "cohen_kappa": float("nan"), "intervals": {"cohen_kappa": [float("-inf"), 1.0]}}
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True)
+    TestMetricsWriter().on_test_end(trainer, SimpleNamespace(test_report=report))
+    assert _strict((tmp_path / "test_metrics.json").read_text()) == {
+        "macro_f1": 0.5, "cohen_kappa": None, "intervals": {"cohen_kappa": [None, 1.0]}}

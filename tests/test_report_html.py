@@ -23,9 +23,9 @@ ENVIRONMENT = {"cpu": "test CPU", "cpu_flags": ["avx2"], "bootstrap": 200, "boot
                "command": "emocompress benchmark --models '{...}'"}
 
 
-@pytest.fixture(scope="module")
-def report_dir(tmp_path_factory):
-    """A tiny saved report: a baseline, a model worse on "joy" (predicted "anger" 9 times of 12), one the same."""
+def _write_tiny_report(out: Path, kappa: float | None = None) -> None:
+    """A tiny saved report: a baseline, a model worse on "joy" (predicted "anger" 9 times of 12), one the same;
+    with ``kappa``, every model's Cohen's kappa set to it (NaN: undefined, as for a model predicting one class)."""
     worse = [0 if t == 1 and i < 27 else t for i, t in enumerate(TARGET)]
     variants = [_synthetic_variant("base", TARGET, TARGET, ID2LABEL),
                 _synthetic_variant("worse", TARGET, worse, ID2LABEL),
@@ -34,10 +34,18 @@ def report_dir(tmp_path_factory):
                      "latency_ms_p90": ms, "throughput_per_s": 1e3 / ms, "throughput_min_per_s": 900 / ms,
                      "throughput_max_per_s": 1100 / ms} for name, ms in (("base", 10.0), ("worse", 2.0), ("same", 5.0))}
     rows, per_class, reports, _ = compare(variants, timing, "base", 200, 0)
+    if kappa is not None:
+        for report in reports.values():
+            report["cohen_kappa"] = report["intervals"]["cohen_kappa"][0] = report["runs"][0]["cohen_kappa"] = kappa
     predictions = {"labels": list(ID2LABEL.values()), "target": TARGET,
                    "predictions": {v.name: [p.tolist() for p in v.preds] for v in variants}}
-    out = tmp_path_factory.mktemp("report")
     write_report(out, rows, per_class, reports, predictions, "test", "base", ENVIRONMENT, False, page_title="tiny")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    _write_tiny_report(out)
     return out
 
 
@@ -144,6 +152,17 @@ def test_regenerate_redraws_figures_and_page_without_measuring(report_dir, tmp_p
         assert [r["model"] for r in csv.DictReader(f)] == ["base", "worse", "same"]
     assert main([str(tmp_path / "nothing")]) == 2
     assert "nothing/model_comparison.csv is missing" in capsys.readouterr().err
+
+
+def test_an_undefined_kappa_is_null_in_the_report_files_and_regenerate_reads_them(tmp_path):
+    _write_tiny_report(tmp_path, kappa=float("nan"))
+    for name in ("reports.json", "predictions.json", "environment.json"):
+        text = (tmp_path / name).read_text()
+        json.loads(text, parse_constant=lambda token: pytest.fail(f"{name}: bare {token}, which JSON.parse rejects"))
+    saved = json.loads((tmp_path / "reports.json").read_text())
+    assert saved["worse"]["cohen_kappa"] is None and saved["worse"]["intervals"]["cohen_kappa"][0] is None
+    (tmp_path / "report.html").unlink()
+    assert main([str(tmp_path)]) == 0 and (tmp_path / "report.html").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -10,6 +10,8 @@ Stdlib only, on purpose: ``emocompress.deploy.serve`` uses it on servers that ha
 """
 
 import contextlib
+import json
+import math
 import os
 import secrets
 import shutil
@@ -157,6 +159,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace ``path``'s content with ``text`` in one step (see ``atomic_file``)."""
     with atomic_file(path) as f:
         f.write(text)
+
+
+def _finite_or_null(value):
+    """``value`` with every NaN or infinite float inside it (dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def json_text(value, indent: int | None = 2, **kwargs) -> str:
+    """``value`` as strict JSON: a NaN or infinite number (Cohen's kappa of a model that predicts one class) is
+    written ``null``, not Python's bare ``NaN``/``Infinity`` tokens, which ``JSON.parse``, jq and other strict
+    parsers reject. Readers of our files take ``null`` where a number may be undefined.
+
+    >>> json_text({"kappa": float("nan"), "f1": [0.5, float("inf")]}, indent=None)
+    '{"kappa": null, "f1": [0.5, null]}'
+    """
+    return json.dumps(_finite_or_null(value), indent=indent, allow_nan=False, **kwargs)
 
 
 def run_dir(trainer) -> Path:

@@ -3,7 +3,6 @@
 import csv
 import fnmatch
 import hashlib
-import json
 import os
 import platform
 import re
@@ -20,7 +19,7 @@ from emocompress.deploy.format import DEFAULT_MAX_LENGTH
 from emocompress.evaluation.plots import close_figure, confusion_figure, per_class_plot, tradeoff_plot
 from emocompress.evaluation.significance import SCALARS
 from emocompress.hardware import cpu_info
-from emocompress.io import check_can_create, check_not_cwd
+from emocompress.io import check_can_create, check_not_cwd, json_text
 
 # Every entry a report folder may hold (shell patterns). A non-empty --out_dir with anything else in it is not a
 # report of ours and is never replaced: pointed at reports/ or logs/, a replace would erase committed results.
@@ -77,10 +76,10 @@ def environment_info(num_threads: int, settings: dict) -> dict:
     return {**cpu_info(), "cores": os.cpu_count(), "threads": num_threads, "torch": torch.__version__,
             "onnxruntime": ort_version, "transformers": transformers.__version__,
             "python": platform.python_version(), **settings,
-            "sequence_length": "each text tokenized to at most the max_length its model was trained with (checkpoints) "
-                               f"or is served with (artifact folders), {DEFAULT_MAX_LENGTH} where none is recorded "
-                               "(hf_model exports): the max_length column; batch 1 unpadded, batches of texts of "
-                               "similar length (sorted by token count), padded to their longest"}
+            "sequence_length": "each text tokenized to at most the max_length its model was trained with (checkpoints, "
+                               f"hf_model exports) or is served with (artifact folders), {DEFAULT_MAX_LENGTH} where "
+                               "none is recorded (older hf_model exports): the max_length column; batch 1 unpadded, "
+                               "batches of texts of similar length (sorted by token count), padded to their longest"}
 
 
 def invoking_command() -> str:
@@ -313,7 +312,7 @@ def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: di
     (out / "model_comparison.md").write_text(_comparison_markdown(rows, baseline)
                                              + (_fastest_markdown(picks) if picks else ""))
     if picks:
-        (out / "fastest.json").write_text(json.dumps(picks, indent=2))
+        (out / "fastest.json").write_text(json_text(picks))
     absent = next(iter(reports.values()))["absent_classes"]  # the split's: the same for every variant
     note = (f"\nAbsent from the {split} split (support 0, so no F1 or accuracy; empty cells): "
             f"{', '.join(absent)}. Macro F1 averages the classes in the split or predicted.\n" if absent else "")
@@ -327,9 +326,9 @@ def write_report(out: Path, rows: list[dict], per_class: list[dict], reports: di
         fig.savefig(out / report["confusion_figure"], dpi=120)
         close_figure(fig)
     write_figures_and_page(out, rows, per_class, reports, environment, baseline, page_title)
-    (out / "environment.json").write_text(json.dumps(environment, indent=2))
-    (out / "reports.json").write_text(json.dumps(reports, indent=2))
-    (out / "predictions.json").write_text(json.dumps(predictions))
+    (out / "environment.json").write_text(json_text(environment))
+    (out / "reports.json").write_text(json_text(reports))  # NaN -> null
+    (out / "predictions.json").write_text(json_text(predictions, indent=None))
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 

@@ -25,6 +25,7 @@ from emocompress.deploy.format import (
     read_metadata,
 )
 from emocompress.deploy.runtime import precision_hint
+from emocompress.models import pretrained
 from emocompress.models.checkpoints import (
     checkpoint_max_length,
     current_class_paths,
@@ -78,12 +79,13 @@ def load_for_benchmark(path: str | Path, trust_remote_code: bool = False,
 
 
 def trained_max_length(path: str | Path) -> int | None:
-    """Tokens per text the model at ``path`` was trained with (a checkpoint's datamodule hyper-parameters) or is
-    served with (an artifact folder's metadata); None where nothing records it (an ``hf_model`` export)."""
+    """Tokens per text the model at ``path`` was trained with (a checkpoint's datamodule hyper-parameters, an
+    ``hf_model`` export's tokenizer) or is served with (an artifact folder's metadata); None where nothing records
+    it (an ``hf_model`` export older than the record)."""
     path = Path(path)
     if path.suffix == ".ckpt":
         return checkpoint_max_length(str(path))
-    return read_metadata(path).max_length if metadata_file(path).is_file() else None
+    return read_metadata(path).max_length if metadata_file(path).is_file() else pretrained.exported_max_length(path)
 
 
 def is_openvino_folder(path: str | Path) -> bool:

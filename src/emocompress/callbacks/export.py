@@ -45,7 +45,9 @@ class HFExport(_BestModelExport):
     """When ``fit`` ends, write the best checkpoint's ``pl_module.model`` with ``save_pretrained``,
     plus the datamodule's tokenizer, to ``<log_dir>/<dirname>``. The model's config carries the
     label names (``id2label``), so ``AutoModelForSequenceClassification.from_pretrained(dir)`` and
-    ``AutoTokenizer.from_pretrained(dir)`` are all a user needs.
+    ``AutoTokenizer.from_pretrained(dir)`` are all a user needs. The tokenizer's ``model_max_length`` is the
+    ``data.max_length`` the model was trained with, so ``pipeline("text-classification", dir)`` called with
+    ``truncation=True`` cuts long texts where training and the ONNX/OpenVINO servers cut them.
 
     The folder is written under a temporary name and renamed into place, so it is never half-written.
     Without a ``ModelCheckpoint`` (or before it saved anything) the final weights are exported.
@@ -62,8 +64,8 @@ class HFExport(_BestModelExport):
             model.save_pretrained(tmp)
             pretrained.mark_saved_config(tmp)
             tokenizer = getattr(datamodule, "tokenizer", None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+            if tokenizer is not None:  # model_max_length: the training max_length, where pipelines cut texts
+                pretrained.save_trained_tokenizer(tokenizer, tmp, datamodule_max_length(datamodule), model.config)
 
 
 class OnnxExport(_BestModelExport):

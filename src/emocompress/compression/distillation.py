@@ -136,6 +136,7 @@ class Teacher:
         self.batch_size = batch_size
         self.device = torch.device("cpu")
         self.max_length: int | None = None
+        self.precision = "32-true"
         self._forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def tokenizer_for(self, model_name: str):
@@ -145,11 +146,14 @@ class Teacher:
             else pretrained.load_tokenizer(path, trust_remote_code=self.trust_remote_code)
 
     def prepare(self, device: torch.device, max_length: int,
-                forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                precision: str = "32-true"):
         """Run on ``device``, truncating texts to ``max_length`` tokens as the data does; call before
-        the methods below. ``forward_context``: the precision context (autocast) for ``logits``."""
+        the methods below. ``forward_context``: the precision context (autocast) for ``logits``; ``precision``:
+        the Trainer's name for it (``32-true``, ``bf16-mixed``), part of the cache key."""
         self.network.to(device)
         self.device, self.max_length, self._forward_context = device, max_length, forward_context
+        self.precision = precision
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """The teacher's inputs for raw ``texts``: (N, T) tensors, padded to the longest, on its device."""
@@ -175,13 +179,15 @@ class Teacher:
         return out
 
     def cache_file(self, folder: str | Path) -> Path:
-        """The cache file in ``folder``, named by a hash of the weights, the tokenizer and ``max_length``."""
+        """The cache file in ``folder``, named by a hash of the weights, the tokenizer, ``max_length`` and the
+        precision the logits are computed in (bf16 logits differ from fp32 ones in the second decimal)."""
         digest = hashlib.sha256()
         for name, tensor in sorted(self.network.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         digest.update(tokenizer_spec(self.tokenizer).encode())
         digest.update(f"max_length={self.max_length}".encode())
+        digest.update(f"precision={self.precision}".encode())
         return Path(folder) / f"teacher-{digest.hexdigest()[:16]}.pt"
 
     def cached_logits(self, texts: Iterable[str], folder: str | Path, write: bool = True) -> torch.Tensor:
@@ -316,7 +322,8 @@ class Distiller(EmotionClassifier):
 
     def on_fit_start(self):
         datamodule = self.trainer.datamodule
-        self._teacher.prepare(self.device, datamodule.max_length, self.trainer.precision_plugin.forward_context)
+        self._teacher.prepare(self.device, datamodule.max_length, self.trainer.precision_plugin.forward_context,
+                              str(self.trainer.precision))
         self.train_texts = datamodule.texts("train")
         self.cached_logits = None
         if self._needs_teacher and self.hparams.logits_cache is not None:

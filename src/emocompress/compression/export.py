@@ -74,7 +74,7 @@ def quantize(model: nn.Module, backend: Backend = "onnxruntime", include_embeddi
         return quantized
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="emocompress-int8-"))
     _save(out_dir, _onnx_meta(model, tokenizer, max_length, **meta), model.config, tokenizer,
-          lambda tmp: _write_onnx_int8(model, tmp / ONNX_FILE, include_embeddings))
+          lambda tmp: _write_onnx_int8(model, tmp / ONNX_FILE, include_embeddings, _pads_left(tokenizer)))
     return OrtClassifier(out_dir / ONNX_FILE, model.config, num_threads)
 
 
@@ -103,7 +103,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, tokenizer=None, optimize:
     out_dir = Path(out_dir)
     meta = _onnx_meta(model, tokenizer, max_length, backend="onnxruntime", precision="fp32")
     _save(out_dir, meta, model.config, tokenizer,
-          lambda tmp: _write_onnx_fp32(model, tmp / ONNX_FILE, optimize))
+          lambda tmp: _write_onnx_fp32(model, tmp / ONNX_FILE, optimize, _pads_left(tokenizer)))
     return out_dir
 
 
@@ -145,7 +145,13 @@ def _onnx_meta(model: nn.Module, tokenizer, max_length: int, **meta) -> Artifact
                         id2label=_id2label(model.config))
 
 
-def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool) -> None:
+def _pads_left(tokenizer) -> bool:
+    """Whether ``tokenizer`` pads on the left (``padding_side``), as the server then does too."""
+    return getattr(tokenizer, "padding_side", "right") == "left"
+
+
+def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool, pads_left: bool = False) -> None:
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     config = model.config
@@ -159,7 +165,12 @@ def _write_onnx_fp32(model: nn.Module, out_file: Path, optimize: bool) -> None:
                           opset_version=17, dynamo=False)
     if optimize and hasattr(config, "num_attention_heads"):  # fuse attention (small-encoder students have none)
         heads, hidden = _fusion_heads(config)
-        optimized = optimize_model(str(out_file), model_type="bert", num_heads=heads, hidden_size=hidden)
+        options = FusionOptions("bert")
+        # The fused Attention's default mask is each row's token count, which assumes padding on the right;
+        # left-padded batches need the full (B, T) mask.
+        options.use_raw_attention_mask(pads_left)
+        optimized = optimize_model(str(out_file), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                   optimization_options=options)
         optimized.save_model_to_file(str(out_file))
 
 
@@ -177,9 +188,9 @@ def _fusion_heads(config) -> tuple[int, int]:
     return heads, heads * (config.hidden_size // config.num_attention_heads)
 
 
-def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool) -> None:
+def _write_onnx_int8(model: nn.Module, out_file: Path, include_embeddings: bool, pads_left: bool) -> None:
     fp32_file = out_file.with_name("fp32.onnx")
-    _write_onnx_fp32(model, fp32_file, optimize=True)
+    _write_onnx_fp32(model, fp32_file, optimize=True, pads_left=pads_left)
     # Without the embedding ops, only the matrix multiplications (and fused attention, LSTMs, convolutions)
     # become INT8.
     op_types = None if include_embeddings else ["MatMul", "Attention", "LSTM", "Conv"]

@@ -5,6 +5,7 @@ into the label set, tokenized splits, class counts and seeded, sharded loaders.
 """
 
 import dataclasses
+import itertools
 import logging
 import os
 from functools import cached_property
@@ -27,7 +28,7 @@ from emocompress.data.sampling import (
     padding_per_text,
     sort_by_length,
 )
-from emocompress.data.sources import DataSource, check_label_set
+from emocompress.data.sources import DataSource, check_label_set, warn_shared_texts
 from emocompress.deploy.format import DEFAULT_MAX_LENGTH
 from emocompress.models import pretrained
 
@@ -87,6 +88,7 @@ class EmotionDataModule(LightningDataModule):
         self.counts_before: list[int] = []
         self.counts_after: list[int] = []
         self._augmented_rows: datasets.Dataset | None = None
+        self._compared: set[tuple[str, str]] = set()  # pairs of splits checked for shared texts
 
     # ---- label set, known before setup so the model can be built with the right head ----
     @cached_property
@@ -156,6 +158,7 @@ class EmotionDataModule(LightningDataModule):
         for split in needed:
             if split not in self.splits:
                 self._tokenize(split)
+        _warn_shared_texts(self.source, self.splits, self._compared)
         if stage == "fit" and not self.counts_after:
             self.counts_before, self.counts_after = _count_classes(
                 self.splits["train"]["labels"], self.id2label, self.source.locate("train")[1], self.hparams,
@@ -213,6 +216,17 @@ def _check_settings(hp) -> None:
             raise ValueError(f"data.{key} must be a positive integer, got {hp[key]}")
     if hp.labels is not None and len(set(hp.labels)) != len(hp.labels):
         raise ValueError(f"data.labels has duplicates: {hp.labels}")
+
+
+def _warn_shared_texts(source: DataSource, read: dict, compared: set[tuple[str, str]]) -> None:
+    """One warning per pair of the splits ``read`` so far that share texts (train/val at fit, then with test);
+    ``compared`` keeps the pairs done."""
+    for pair in itertools.combinations(("train", "val", "test"), 2):
+        if pair not in compared and all(split in read for split in pair):
+            compared.add(pair)
+            first, second = pair
+            warn_shared_texts(source.read(first), source.locate(first)[1], source.read(second),
+                              source.locate(second)[1])
 
 
 def _check_max_length(max_length: int, model_name: str, tokenizer, trust_remote_code: bool) -> None:

@@ -220,6 +220,22 @@ def warn_conflicting_labels(raw: datasets.Dataset, where: str, shown: int = 3) -
     return len(conflicts)
 
 
+def warn_shared_texts(first: datasets.Dataset, first_where: str, second: datasets.Dataset, second_where: str) -> int:
+    """Warn, in one line, about texts of ``second`` that are also in ``first`` (two splits); return how many. Not an
+    error: real data sets have such duplicates (dair-ai/emotion's test split shares 11 texts with train), but a
+    score on them is not a score on unseen texts."""
+    line_of: dict[str, int] = {}
+    for text, line in zip(first["text"], first["line"]):
+        line_of.setdefault(text, line)
+    shared = {text: line for text, line in zip(second["text"], second["line"]) if text in line_of}
+    if shared:
+        text, line = next(iter(shared.items()))
+        rank_zero_warn(f"{second_where}: {len(shared)} text(s) also in {first_where} (kept), e.g. {second_where}:"
+                       f"{line} = {first_where}:{line_of[text]} {text[:80]!r}; scores on them are not on unseen "
+                       "texts; deduplicate the splits if that matters")
+    return len(shared)
+
+
 def _looks_like_a_path(source: str) -> bool:
     """``./x``, ``/x``, ``~/x``, ``a/b/c`` or ``x.csv`` are paths; ``emotion`` and ``owner/name`` may be hub names.
 

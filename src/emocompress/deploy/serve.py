@@ -127,10 +127,12 @@ class ArtifactPredictor:
             raise ValueError(f"{folder / TOKENIZER_FILE}: not a tokenizers file ({err}); {FIX} "
                              "(with the datamodule's tokenizer, which writes tokenizer.json)") from None
         self.pad_id = 0 if meta.pad_id is None else meta.pad_id
-        self.tokenizer.enable_truncation(self.max_length, direction=_truncation_side(folder))
-        # Batches are padded here (_feeds), after grouping texts by length: on the right, to the batch's longest
-        # text, what the model saw in training (and SmallEncoderClassifier needs).
+        self.tokenizer.enable_truncation(self.max_length, direction=_tokenizer_side(folder, "truncation_side"))
+        # Batches are padded here (_feeds), after grouping texts by length, to the batch's longest text, on the
+        # side the model saw in training: the right (which SmallEncoderClassifier needs), unless the tokenizer
+        # was saved with padding_side left (absolute positions then count from the padding).
         self.tokenizer.no_padding()
+        self.padding_side = _tokenizer_side(folder, "padding_side")
 
         self.runtime = open_runtime(self.model_file, self.labels, num_threads, hint, inference_precision)
         self._check_vocabulary(folder)
@@ -183,24 +185,26 @@ class ArtifactPredictor:
         return results
 
     def _feeds(self, encodings: list) -> dict[str, np.ndarray]:
-        """(B, T) int64 inputs of the encodings, padded on the right to the longest."""
+        """(B, T) int64 inputs of the encodings, padded to the longest on ``padding_side``."""
         width = max(len(enc.ids) for enc in encodings)
         feeds = {"input_ids": np.full((len(encodings), width), self.pad_id, dtype=np.int64),
                  "attention_mask": np.zeros((len(encodings), width), dtype=np.int64),
                  "token_type_ids": np.zeros((len(encodings), width), dtype=np.int64)}
         for row, enc in enumerate(encodings):
             n = len(enc.ids)
-            feeds["input_ids"][row, :n] = enc.ids
-            feeds["attention_mask"][row, :n] = enc.attention_mask
-            feeds["token_type_ids"][row, :n] = enc.type_ids
+            tokens = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            feeds["input_ids"][row, tokens] = enc.ids
+            feeds["attention_mask"][row, tokens] = enc.attention_mask
+            feeds["token_type_ids"][row, tokens] = enc.type_ids
         return feeds
 
 
-def _truncation_side(folder: Path) -> str:
-    """The end a long text loses tokens at, as ``transformers`` cut it in training: the ``truncation_side`` the
-    exporter's tokenizer saved in ``tokenizer_config.json`` (``left`` keeps a text's end), else ``right``."""
+def _tokenizer_side(folder: Path, key: str) -> str:
+    """The side ``transformers`` cut (``key`` ``truncation_side``: ``left`` keeps a text's end) or padded
+    (``padding_side``) texts at in training, as the exporter's tokenizer saved it in ``tokenizer_config.json``;
+    else ``right``."""
     try:
-        side = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("truncation_side")
+        side = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):  # no such file (a hand-made folder), or not a JSON object
         return "right"
     return side if side in ("left", "right") else "right"

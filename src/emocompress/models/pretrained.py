@@ -52,9 +52,43 @@ def position_limit(config, tokenizer=None) -> int | None:
     >>> position_limit(SimpleNamespace(), SimpleNamespace(model_max_length=int(1e30))) is None
     True
     """
-    # An unset model_max_length is a huge placeholder (1e30), not a limit.
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    # An unset model_max_length is a huge placeholder (1e30), not a limit. An hf_model export's tokenizer says
+    # its training max_length there (save_trained_tokenizer) and keeps the model's own limit under POSITION_LIMIT.
+    tokens = getattr(tokenizer, "init_kwargs", {}).get(POSITION_LIMIT, getattr(tokenizer, "model_max_length", None))
+    limits = [getattr(config, "max_position_embeddings", None), tokens]
     return min((n for n in limits if isinstance(n, int) and n < 1_000_000), default=None)
+
+
+# The tokenizer_config.json key of an hf_model export that keeps the model's own token limit (position_limit),
+# since its model_max_length is the max_length it was trained with.
+POSITION_LIMIT = "position_limit"
+
+
+def save_trained_tokenizer(tokenizer, folder, max_length: int, config) -> None:
+    """Save ``tokenizer`` into a model folder with ``model_max_length`` set to the ``max_length`` the model was
+    trained with, so that transformers users cut texts where training (and our ONNX/OpenVINO servers) cut them:
+    ``pipeline(..., truncation=True)`` and ``tokenizer(text, truncation=True)`` use it. The model's own limit goes
+    to ``tokenizer_config.json``'s ``position_limit``, which ``position_limit`` reads, so a later run fine-tuned
+    from the folder may still take a longer ``data.max_length`` within the model's positions.
+    ``tokenizer`` itself is left as it is.
+    """
+    import copy
+
+    saved = copy.deepcopy(tokenizer)
+    saved.init_kwargs[POSITION_LIMIT] = position_limit(config, tokenizer)
+    saved.model_max_length = max_length
+    saved.save_pretrained(folder)
+
+
+def exported_max_length(folder) -> int | None:
+    """The training ``max_length`` that ``save_trained_tokenizer`` recorded in a model folder, or None for a folder
+    it did not write (an hf_model export older than the record, a hub model)."""
+    import json
+    from pathlib import Path
+
+    file = Path(folder) / "tokenizer_config.json"
+    config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    return config.get("model_max_length") if POSITION_LIMIT in config else None
 
 
 # A structurally pruned model's config.json names another model type, so that a plain transformers

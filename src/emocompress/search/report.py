@@ -19,6 +19,7 @@ from emocompress.benchmark.html import write_html_report
 from emocompress.benchmark.report import invoking_command, markdown_table
 from emocompress.benchmark.run import benchmark
 from emocompress.evaluation.plots import close_figure
+from emocompress.io import json_text
 from emocompress.search.choice import Choice, within_budget
 from emocompress.search.trials import COMMAND_FILE, Shared
 
@@ -245,7 +246,7 @@ def finish(study: optuna.Study, choice: Choice, budget, shared: Shared, referenc
                              (Path(chosen.user_attrs["run"]) / COMMAND_FILE).read_text().strip()}
         if run_test:
             summary["test"] = test_verdict(out, shared, front, chosen, budget, verdict_settings, trust_remote_code)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json_text(summary))
     (out / "summary.md").write_text(_summary_markdown(summary, rows, budget, shown))
     # the benchmark's page, with the trials as its table and the front as its figure
     write_html_report(out, "compress: the search's trials (val)", rows, columns=shown,
