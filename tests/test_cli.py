@@ -812,6 +812,11 @@ def test_a_checkpoint_predicted_at_another_max_length_warns(emotion_dir, tiny_mo
                                          r"with 16: texts of more than 16 tokens are cut otherwise .* pass "
                                          r"--data.max_length 16$"):
         _run_in_process(predict, monkeypatch, tmp_path)
+    # its hf_model export as the model, without --ckpt_path: its tokenizer records the 16
+    exported = tmp_path / "logs" / "tiny" / "version_0" / "hf_model"
+    with pytest.warns(UserWarning, match=rf"test: data.max_length is 128, but {re.escape(str(exported))} was trained "
+                                         r"with 16: .* pass --data.max_length 16$"):
+        _run_in_process(["test", *tiny_args(emotion_dir, exported)], monkeypatch, tmp_path)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from emocompress.compression.quantization import Int8Quantization
 from emocompress.data.sources import SPLIT_NAMES, split_fingerprint
 from emocompress.io import atomic_write_text
 from emocompress.models.checkpoints import checkpoint_max_length, current_class_paths, read_checkpoint
+from emocompress.models.pretrained import exported_max_length
 
 log = logging.getLogger(__name__)
 # Settings that may differ between a run and its resumption.
@@ -266,13 +267,19 @@ def warn_if_truncated_otherwise(ckpt_path: str | None, datamodule, subcommand: s
     """Warn when ``--ckpt_path`` was trained with another ``data.max_length`` (its datamodule hyper-parameters) than
     this command uses: longer texts are then cut where neither its training nor its exports (``artifact.json``) cut
     them, so the same text can get another answer here than from the run's ONNX folder. ``last`` and ``best`` find
-    a run of these settings, so only a ``.ckpt`` named by its path can differ."""
+    a run of these settings, so only a ``.ckpt`` named by its path can differ. Without ``--ckpt_path``, the same
+    for an ``hf_model`` export as the model (its tokenizer records the max_length it was trained with)."""
     current = getattr(datamodule, "max_length", None)
-    if not ckpt_path or current is None or not Path(ckpt_path).is_file():
+    if current is None:
         return
-    trained = checkpoint_max_length(ckpt_path)
+    if ckpt_path:
+        source = ckpt_path
+        trained = checkpoint_max_length(ckpt_path) if Path(ckpt_path).is_file() else None
+    else:
+        source = datamodule.hparams.get("tokenizer") if hasattr(datamodule, "hparams") else None
+        trained = exported_max_length(source) if source and Path(source).is_dir() else None
     if trained is not None and trained != current:
-        rank_zero_warn(f"{subcommand}: data.max_length is {current}, but {ckpt_path} was trained with {trained}: texts "
+        rank_zero_warn(f"{subcommand}: data.max_length is {current}, but {source} was trained with {trained}: texts "
                        f"of more than {min(current, trained)} tokens are cut otherwise than in its training and its "
                        f"exports, so they can get other answers; pass --data.max_length {trained}")
 
