@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from emocompress.evaluation.energy import check_country, new_tracker, summary
-from emocompress.io import atomic_write_text, run_dir
+from emocompress.io import atomic_write_text, json_text, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class EnergyTracking(Callback):
         energy = summary(self._tracker.final_emissions_data, self._tracker)
         self._tracker = None
         record = {**(read_energy(out) or {}), "fit": energy}
-        atomic_write_text(out / ENERGY_FILE, json.dumps(record, indent=2))
+        atomic_write_text(out / ENERGY_FILE, json_text(record))
         log.info("fit used %.6f kWh (%s, codecarbon %s)", energy["energy_kwh"], energy["energy_method"],
                  energy["cpu_tracker"])
 

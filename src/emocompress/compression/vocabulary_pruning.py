@@ -24,7 +24,7 @@ from torch import nn
 from typing_extensions import override
 
 from emocompress.compression.export import datamodule_max_length
-from emocompress.io import atomic_write_text, run_dir, split_lines
+from emocompress.io import atomic_write_text, json_text, run_dir, split_lines
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class VocabularyPruning(Callback):
                  self.stats["vocab_size_before"], self.stats["params_before"] / 1e6, self.stats["params_after"] / 1e6)
         if trainer.is_global_zero:
             out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out, json.dumps(self.stats, indent=2))
+            atomic_write_text(out, json_text(self.stats))
             if trainer.logger is not None:
                 flat = {**self.stats, **{f"test_{k}": v for k, v in self.stats.get("test", {}).items()}}
                 trainer.logger.log_metrics({f"vocab/{k}": float(v) for k, v in flat.items()

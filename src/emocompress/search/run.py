@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from emocompress.benchmark.variants import data_labels
-from emocompress.io import atomic_write_text, check_can_create
+from emocompress.io import atomic_write_text, check_can_create, json_text
 from emocompress.models.checkpoints import read_checkpoint
 from emocompress.search import choice, report, trials
 from emocompress.search.space import (
@@ -168,7 +168,7 @@ def teacher_reference(shared: Shared, budget: Budget, trust_remote_code: bool = 
     reference = trials.measure_model(shared.teacher, shared.data, data_labels(shared.data), budget.batch_size,
                                      budget.latency_samples, budget.warmup, trust_remote_code=trust_remote_code)
     reference.update(data=shared.data, batch_size=budget.batch_size)
-    atomic_write_text(path, json.dumps(reference, indent=2))
+    atomic_write_text(path, json_text(reference))
     return reference
 
 

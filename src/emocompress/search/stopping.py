@@ -6,12 +6,11 @@ whose val macro F1 after epoch k is already far below what the budget allows is 
 as pruned. The margin keeps students that start slowly (more epochs would lift them) alive.
 """
 
-import json
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from emocompress.io import atomic_write_text, run_dir
+from emocompress.io import atomic_write_text, json_text, run_dir
 
 # Written into the run folder of a stopped fit: the search reads it to record the trial as pruned.
 STOPPED_FILE = "stopped_early.json"
@@ -43,5 +42,5 @@ class HopelessTrialStop(Callback):
         trainer.should_stop = True
         folder = run_dir(trainer)
         if trainer.is_global_zero:
-            atomic_write_text(folder / STOPPED_FILE, json.dumps(
+            atomic_write_text(folder / STOPPED_FILE, json_text(
                 {"epoch": epoch, self.monitor: float(value), "min_value": self.min_value}, indent=2))
