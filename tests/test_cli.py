@@ -240,6 +240,22 @@ def test_an_unknown_subcommand_lists_them_all(capsys):
                                        "test, predict, benchmark, vocab, serve, compress (emocompress --help)\n")
 
 
+@pytest.mark.parametrize(("args", "abbreviated"), [
+    (("fit", "--trainer.max_ep", "7", "--print_config"), "--trainer.max_ep"),  # --print_config: no run before the fix
+    (("benchmark", "--out", "x"), "--out"),
+    (("vocab", "--vocab", "4000", "--data", "x"), "--vocab"),
+    (("compress", "--teach", "x"), "--teach"),
+    (("serve", "folder", "--max_batch", "3"), "--max_batch"),
+], ids=["fit", "benchmark", "vocab", "compress", "serve"])
+def test_abbreviated_options_are_refused(args, abbreviated, capsys):
+    # argparse's allow_abbrev took `--trainer.max_ep 7` as --trainer.max_epochs 7 (and a typo that is the prefix of one
+    # key as that key), silently
+    with pytest.raises(SystemExit) as exit_info:
+        emocompress_main(list(args))
+    assert exit_info.value.code == 2
+    assert f"error: unrecognized arguments: {abbreviated} " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("model", "expected"), [("EmotionClassifier", "--model.warmup_ratio"),
                                                  ("Distiller", "--model.temperature")])
 def test_model_help(model, expected, capsys):

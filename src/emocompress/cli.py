@@ -111,6 +111,11 @@ class EmoCLI(LightningCLI):
 
     _resumed: runs.Resumed | None = None  # fit --ckpt_path last: the run it continues
 
+    def init_parser(self, **kwargs):
+        # Every parser (the main one and each subcommand's) comes from here. No abbreviations: argparse would take
+        # `--trainer.max_ep 3` (or a typo that is a prefix of one key) as that key, silently.
+        return super().init_parser(allow_abbrev=False, **kwargs)
+
     def add_arguments_to_parser(self, parser):
         parser.set_defaults({"model": {"class_path": f"{EmotionClassifier.__module__}.{EmotionClassifier.__name__}"}})
         # The network (model.model_name, of any EmotionClassifier subclass) decides the tokenizer the data is
@@ -287,7 +292,8 @@ def _run(args: list[str] | None) -> None:
     if argv and argv[0] in _FUNCTIONS:
         # Not Trainer methods: plain functions, parsed by jsonargparse from their signatures and docstrings;
         # -c is --config, as for the Trainer subcommands.
-        CLI(_FUNCTIONS[argv[0]], args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False)
+        CLI(_FUNCTIONS[argv[0]], args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False,
+            allow_abbrev=False)
         return
     # TF32 matmuls on Ampere+ GPUs (Lightning warns when it is left unset); no effect on the CPU. Unmeasured here:
     # no GPU has run this project yet (docs/usage.md, "Several GPUs or processes").

@@ -299,7 +299,8 @@ def _exit_on(signum: int, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``emocompress serve FOLDER [--host H] [--port P] [--max_batch_size N ...]``: serve the folder over HTTP."""
-    parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("folder", help="artifact folder: ONNX (OnnxExport, export_onnx, onnxruntime INT8) or OpenVINO (export_openvino, its INT8)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
