@@ -292,6 +292,7 @@ def test_model_help(model, expected, capsys):
     (("--data.oversample_to", "2"), r"data.oversample_to must be in (0, 1]"),
     (("--data.no_such_key", "1"), "no_such_key"),
     (("--data.class_weighting", "inverted"), "inverted"),
+    (("--data.num_workers", "-1"), "data.num_workers must be 0 (load in the main process) or more, got -1"),
 ])
 def test_bad_config_fails_with_a_clear_message(emotion_dir, tiny_model_dir, tmp_path, extra, message, capsys,
                                                monkeypatch):
