@@ -187,12 +187,10 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
 
-    def after_batch(size: int) -> None:
-        metrics.on_batch(size)
-        room.wake()  # its texts left the queue (and the next batch's, taken already): let waiting requests in
-
+    # after every batch, answered or failed, its texts have left the queue (and the next batch's, taken already):
+    # waiting requests are let in
     batcher = Batcher(predictor.predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                      on_batch=after_batch, workers=settings.workers)
+                      on_batch=metrics.on_batch, workers=settings.workers, on_done=lambda: room.wake())
     room = Room(batcher, settings.queue_wait_ms / 1000)
     metrics.queue_depth.set_function(lambda: batcher.queued)
     metrics.waiting.set_function(lambda: room.waiting)
