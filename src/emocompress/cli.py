@@ -143,10 +143,8 @@ class EmoCLI(LightningCLI):
 
     _resumed: runs.Resumed | None = None  # fit --ckpt_path last: the run it continues
 
-    def init_parser(self, **kwargs):
-        # Every parser (the main one and each subcommand's) comes from here. No abbreviations: argparse would take
-        # `--trainer.max_ep 3` (or a typo that is a prefix of one key) as that key, silently. Parse errors are raised,
-        # for main to print in one line, not printed after the usage.
+    def init_parser(self, **kwargs):  # every parser, main and subcommands: no abbreviations (--trainer.max_ep was
+        # taken as --trainer.max_epochs, silently); parse errors raised, for main to print in one line
         return super().init_parser(allow_abbrev=False, exit_on_error=False, **kwargs)
 
     def add_arguments_to_parser(self, parser):
