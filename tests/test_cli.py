@@ -240,6 +240,44 @@ def test_an_unknown_subcommand_lists_them_all(capsys):
                                        "test, predict, benchmark, vocab, serve, compress (emocompress --help)\n")
 
 
+@pytest.mark.parametrize(("args", "abbreviated"), [
+    (("fit", "--trainer.max_ep", "7", "--print_config"), "--trainer.max_ep"),  # --print_config: no run before the fix
+    (("benchmark", "--out", "x"), "--out"),
+    (("vocab", "--vocab", "4000", "--data", "x"), "--vocab"),
+    (("compress", "--teach", "x"), "--teach"),
+    (("serve", "folder", "--max_batch", "3"), "--max_batch"),
+], ids=["fit", "benchmark", "vocab", "compress", "serve"])
+def test_abbreviated_options_are_refused(args, abbreviated, capsys):
+    # argparse's allow_abbrev took `--trainer.max_ep 7` as --trainer.max_epochs 7 (and a typo that is the prefix of one
+    # key as that key), silently
+    with pytest.raises(SystemExit) as exit_info:
+        emocompress_main(list(args))
+    assert exit_info.value.code == 2
+    assert f"error: unrecognized arguments: {abbreviated} " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (("fit", "--trainer.max_epochs", "abc"), "trainer.max_epochs: got 'abc', expected int or null; fix "
+                                             "--trainer.max_epochs (or the key in your config file)"),
+    (("fit", "--model.lr", "fast"), "model.lr: got 'fast', expected float or null; fix --model.lr"),
+    (("fit", "--model.warmup", "0.2"), "model.warmup: no such option; see the options with --model.help CLASS"),
+    (("fit", "--data.class_weighting", "inverted"), "data.class_weighting: got 'inverted', expected one of 'none', "
+                                                    "'inverse', 'sqrt_inverse'; fix --data.class_weighting"),
+    (("fit", "--trainer.precision", "17"), "trainer.precision: got '17', expected one of 64, 32, 16, "),
+    (("fit", "--data.no_such_key", "1"), "unrecognized arguments: --data.no_such_key 1; check the spelling"),
+    (("benchmark", "--models", "a"), "models: got 'a', expected dict; fix --models"),
+    (("vocab", "--data", "x", "--vocab_size", "many", "--out_dir", "y"), "vocab_size: got 'many', expected int"),
+    (("fit", "-c", "no_such.yaml"), "config: File does not exist: '"),
+], ids=["max_epochs", "lr", "warmup", "class_weighting", "precision", "no_such_key", "models", "vocab_size", "config"])
+def test_parse_errors_are_one_line_naming_the_key(args, line, capsys):
+    # jsonargparse printed the usage (dozens of lines), then its nested report of every Union subtype it tried
+    with pytest.raises(SystemExit) as exit_info:
+        emocompress_main(list(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emocompress: error: {line}") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize(("model", "expected"), [("EmotionClassifier", "--model.warmup_ratio"),
                                                  ("Distiller", "--model.temperature")])
 def test_model_help(model, expected, capsys):
@@ -254,6 +292,7 @@ def test_model_help(model, expected, capsys):
     (("--data.oversample_to", "2"), r"data.oversample_to must be in (0, 1]"),
     (("--data.no_such_key", "1"), "no_such_key"),
     (("--data.class_weighting", "inverted"), "inverted"),
+    (("--data.num_workers", "-1"), "data.num_workers must be 0 (load in the main process) or more, got -1"),
 ])
 def test_bad_config_fails_with_a_clear_message(emotion_dir, tiny_model_dir, tmp_path, extra, message, capsys,
                                                monkeypatch):
@@ -871,10 +910,11 @@ def test_model_name_is_the_network_and_links_the_data_tokenizer(emotion_dir, tin
     assert cli.model.hparams.model_name == cli.datamodule.hparams.tokenizer == tiny_teacher_dir
     assert cli.datamodule.tokenizer.name_or_path == tiny_teacher_dir
 
+    capsys.readouterr()
     with pytest.raises(SystemExit):  # a link target: one setting, so tokenizer and network cannot disagree
-        EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, run=False,
-               args=[*map(str, args), "--data.tokenizer", tiny_teacher_dir])
-    assert 'Linked "data.tokenizer" must be given via "model.init_args.model_name"' in capsys.readouterr().err
+        main(["fit", *map(str, args), "--data.tokenizer", tiny_teacher_dir])
+    assert capsys.readouterr().err == ('emocompress: error: Linked "data.tokenizer" must be given via '
+                                       '"model.init_args.model_name".\n')
 
 
 def test_a_checkpoint_save_that_fails_midway_leaves_the_earlier_file(emotion_dir, tiny_model_dir, tmp_path,

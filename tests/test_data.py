@@ -348,6 +348,7 @@ def test_missing_source_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
     ({"oversample_to": 1.5}, r"data\.oversample_to must be in \(0, 1\]"),
     ({"batch_size": 0}, r"data\.batch_size must be a positive integer"),
     ({"labels": ["joy", "joy"]}, "data.labels has duplicates"),
+    ({"num_workers": -1}, r"data\.num_workers must be 0 \(load in the main process\) or more, got -1"),
 ])
 def test_bad_settings_fail_at_construction(emotion_dir, tiny_model_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -253,14 +253,15 @@ def test_streamed_body_over_the_limit_is_refused(url):
 class _Slow:
     """The predictor, ``seconds`` slower per model call (or failing), to fill the queue."""
 
-    def __init__(self, predictor, seconds: float = 0.0, fail: bool = False):
-        self.predictor, self.seconds, self.fail = predictor, seconds, fail
+    def __init__(self, predictor, seconds: float = 0.0, fail: bool = False, fail_first: int = 0):
+        self.predictor, self.seconds, self.fail, self.fail_first = predictor, seconds, fail, fail_first
         self.labels, self.max_length = predictor.labels, predictor.max_length
         self.backend, self.precision = predictor.backend, predictor.precision
 
     def predict(self, texts):
         time.sleep(self.seconds)
-        if self.fail:
+        self.fail_first -= 1  # fail_first: only the first calls fail
+        if self.fail or self.fail_first >= 0:
             raise RuntimeError("secret internals")
         return self.predictor.predict(texts)
 
@@ -338,6 +339,24 @@ def test_a_request_that_finds_the_queue_full_waits_for_room_then_gets_503(predic
         assert all(r.headers["retry-after"] == "1" for r in refused)
 
 
+async def _until(client: httpx.AsyncClient, holds) -> str:
+    """The server's /metrics text once ``holds(text)``; polled, bounded: 10 s."""
+    for _ in range(200):
+        if holds(metrics := (await client.get("/metrics")).text):
+            return metrics
+        await asyncio.sleep(0.05)
+    raise AssertionError("the server never got there")
+
+
+async def _fill_the_queue(client: httpx.AsyncClient) -> list[asyncio.Future]:
+    """The posts of "a", in the model, and "b", filling a queue of one text (workers=1, max_queue=1)."""
+    posts = [asyncio.ensure_future(client.post("/v1/predict", json={"text": "a"}))]
+    await asyncio.sleep(0.2)  # "a" in the model
+    posts.append(asyncio.ensure_future(client.post("/v1/predict", json={"text": "b"})))
+    await _until(client, lambda m: _metric(m, "emocompress_queue_depth") == 1)  # "b" fills the queue
+    return posts
+
+
 def test_a_client_gone_while_its_request_waited_is_logged_499_not_500(predictor):
     body = b'{"text": "gone"}'
     request = (b"POST /v1/predict HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
@@ -347,17 +366,10 @@ def test_a_client_gone_while_its_request_waited_is_logged_499_not_500(predictor)
 
     async def scenario(base, port):
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            async def until(holds):  # bounded: 10 s
-                for _ in range(200):
-                    if holds(metrics := (await client.get("/metrics")).text):
-                        return metrics
-                    await asyncio.sleep(0.05)
-                raise AssertionError("the server never got there")
+            def until(holds):
+                return _until(client, holds)
 
-            posts = [asyncio.ensure_future(client.post("/v1/predict", json={"text": "a"}))]
-            await asyncio.sleep(0.2)  # "a" in the model
-            posts.append(asyncio.ensure_future(client.post("/v1/predict", json={"text": "b"})))
-            await until(lambda m: _metric(m, "emocompress_queue_depth") == 1)  # "b" fills the queue
+            posts = await _fill_the_queue(client)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(request)
             await writer.drain()
@@ -370,6 +382,26 @@ def test_a_client_gone_while_its_request_waited_is_logged_499_not_500(predictor)
                   queue_wait_ms=5000) as base:
         answers, metrics = asyncio.run(scenario(base, int(base.rsplit(":", 1)[1])))
         assert [r.status_code for r in answers] == [200, 200] and 'status="500"' not in metrics
+
+
+def test_requests_waiting_for_room_are_let_in_after_a_failed_batch(predictor):
+    # the waiting room was woken only after answered batches: after failed ones a waiting request waited for the next
+    # answered batch, here in vain (both batches ahead of it fail), and got its 503 at the end of queue_wait_ms
+    async def scenario(base):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            def until(holds):
+                return _until(client, holds)
+
+            posts = await _fill_the_queue(client)
+            posts.append(asyncio.ensure_future(client.post("/v1/predict", json={"text": "c"})))
+            await until(lambda m: _metric(m, "emocompress_waiting_for_room") == 1)  # "c" waits for room
+            return await asyncio.gather(*posts)
+
+    with _running(_Slow(predictor, 1.0, fail_first=2), max_batch_size=1, max_queue=1, max_texts=1, workers=1,
+                  queue_wait_ms=5000) as base:
+        answers = asyncio.run(scenario(base))
+        assert [r.status_code for r in answers] == [500, 500, 200]
+        assert answers[2].json()["predictions"] == predictor.predict(["c"])
 
 
 def test_slow_answer_504_and_slow_body_408(predictor):

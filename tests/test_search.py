@@ -330,6 +330,16 @@ def test_cli_refuses_a_bad_budget_in_one_line(search_models, emotion_dir, tmp_pa
     assert message in capsys.readouterr().err
 
 
+def test_a_bad_trial_argument_is_refused_before_the_search(search_models, emotion_dir, tmp_path):
+    # a mistyped key in `args` failed every trial's fit, one by one, instead of the command
+    runner = FakeRunner(search_models)
+    with pytest.raises(ValueError, match=r"^args --trainer.max_epoch 1: unrecognized arguments: --trainer.max_epoch 1; "
+                                         r"check the spelling .*; fix the search's args"):
+        _search(tmp_path, search_models, emotion_dir, _space(tmp_path, ["same"]), runner,
+                args=["--trainer.max_epoch", "1"])
+    assert runner.calls == [] and not (tmp_path / "search").exists()
+
+
 def test_cli_reads_one_budget_key_as_yaml(search_models, emotion_dir, tmp_path, capsys):
     # `--budget.KEY VALUE` reaches the search as a string: read as YAML, 0 is the integer 0 (refused as such), and
     # a valid number such as `--budget.timeout_min 12` is no longer refused as the string '12'

@@ -12,9 +12,11 @@
 without a ``class_path`` it is the ``EmotionClassifier``.
 """
 
+import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -91,6 +93,36 @@ def _trainer_refusals():
         raise ValueError(f"trainer: {str(err).splitlines()[0].rstrip('.!')}; fix that trainer.* setting") from err
 
 
+def _one_line(message: str) -> str:
+    """A jsonargparse parse error as one line: the dotted key, the value given and what it takes, instead of its
+    nested report (every Union subtype it tried, the value's Python type), which it prints after the usage.
+
+    >>> _one_line('Parser key "data.batch_size":\\n  Expected a <class \\'int\\'>. Got value: x')
+    "data.batch_size: got 'x', expected int; fix --data.batch_size (or the key in your config file)"
+    """
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if message.startswith("unrecognized arguments"):
+        return f"{message}; check the spelling (--help lists every option)"
+    if not keys:  # required arguments: already one line
+        return " ".join(message.split())
+    key = ".".join(keys)  # a model's option (lr) is reported inside the model's key (model)
+    if option := re.search(r"Option '([^']+)' is not accepted", message):
+        return f"{key}.{option[1]}: no such option; see the options with --{key}.help CLASS (or --help)"
+    expected, choices = [], []  # choices: of every Literal subtype (precision: 64, '64', 'bf16-mixed', ...)
+    for found in re.findall(r"Expected an? (.+?)(?:\. Got value: .*)?$", message, re.MULTILINE):
+        if literal := re.fullmatch(r"typing\.Literal\[(.*)\]", found):
+            choices.append(literal[1])
+            continue
+        found = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", found).replace("NoneType", "null")
+        found = "a class path" if found.startswith(("path", "dot import path")) else found
+        expected += [found] if found not in expected else []
+    expected = ([f"one of {', '.join(choices)}"] if choices else []) + expected
+    given = re.search(r"Got value: (.*)", message) or re.search(r"Given value: (.*)", message)
+    if not expected or not given:  # e.g. 'Parser key "config": File does not exist: ...'
+        return f"{key}: {' '.join(message.split(':', 1)[1].split())}"
+    return f"{key}: got {given[1]!r}, expected {' or '.join(expected)}; fix --{key} (or the key in your config file)"
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now, not the stream of the first call (``main`` may run many
     times in one process, as in tests, each with its own stderr)."""
@@ -110,6 +142,10 @@ class EmoCLI(LightningCLI):
     ``runs``; the hooks here call them."""
 
     _resumed: runs.Resumed | None = None  # fit --ckpt_path last: the run it continues
+
+    def init_parser(self, **kwargs):  # every parser, main and subcommands: no abbreviations (--trainer.max_ep was
+        # taken as --trainer.max_epochs, silently); parse errors raised, for main to print in one line
+        return super().init_parser(allow_abbrev=False, exit_on_error=False, **kwargs)
 
     def add_arguments_to_parser(self, parser):
         parser.set_defaults({"model": {"class_path": f"{EmotionClassifier.__module__}.{EmotionClassifier.__name__}"}})
@@ -269,6 +305,11 @@ def main(args: list[str] | None = None):
         package_log.propagate = False
     try:
         _run(args)
+    except argparse.ArgumentError as err:  # a parse error (exit_on_error=False): no traceback to offer
+        if os.environ.get("EMOCOMPRESS_DEBUG"):
+            raise
+        sys.stderr.write(f"emocompress: error: {_one_line(str(err))}\n")
+        sys.exit(2)
     except ValueError as err:
         # Our errors name the file, line or config key and the fix: one line, not a traceback.
         if os.environ.get("EMOCOMPRESS_DEBUG"):
@@ -286,8 +327,9 @@ def _run(args: list[str] | None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in _FUNCTIONS:
         # Not Trainer methods: plain functions, parsed by jsonargparse from their signatures and docstrings;
-        # -c is --config, as for the Trainer subcommands.
-        CLI(_FUNCTIONS[argv[0]], args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False)
+        # -c is --config, as for the Trainer subcommands; abbreviations and parse errors as in EmoCLI.init_parser.
+        CLI(_FUNCTIONS[argv[0]], args=["--config" if a == "-c" else a for a in argv[1:]], as_positional=False,
+            allow_abbrev=False, exit_on_error=False)
         return
     # TF32 matmuls on Ampere+ GPUs (Lightning warns when it is left unset); no effect on the CPU. Unmeasured here:
     # no GPU has run this project yet (docs/usage.md, "Several GPUs or processes").

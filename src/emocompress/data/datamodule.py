@@ -61,7 +61,7 @@ class EmotionDataModule(LightningDataModule):
         augment: perturbed copies of every train text (``emocompress.data.augment``), a transfer set that only
             a ``Distiller``'s teacher can label; ``{copies: 4}`` adds 4 per text, ``null`` none.
         predict_file: texts for ``predict`` (``.txt``, a text a line, or ``.csv``/``.json(l)``); default: test.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (0: load in the main process).
         seed: seed of the oversampling draws and the shuffling (the same on every rank); default: the run's
             ``seed_everything``.
         trust_remote_code: let the ``tokenizer`` folder (and, linked, the model and a teacher) run its own Python
@@ -214,6 +214,8 @@ def _check_settings(hp) -> None:
     for key in ("max_length", "batch_size", "eval_batch_size", "max_samples", "min_label_count"):
         if hp[key] is not None and hp[key] < 1:
             raise ValueError(f"data.{key} must be a positive integer, got {hp[key]}")
+    if hp.num_workers < 0:  # torch's DataLoader refused it only at the first loader, without naming the key
+        raise ValueError(f"data.num_workers must be 0 (load in the main process) or more, got {hp.num_workers}")
     if hp.labels is not None and len(set(hp.labels)) != len(hp.labels):
         raise ValueError(f"data.labels has duplicates: {hp.labels}")
 

@@ -47,13 +47,14 @@ class Batcher:
         max_wait_ms: linger: a free worker starts once the oldest queued request has waited this long or the
             batch is full; 0 (default): at once, with what is queued.
         max_queue: texts that may wait at once; ``submit`` raises ``QueueFull`` beyond it.
-        on_batch: called with each batch's size after its model call (metrics).
+        on_batch: called with each answered batch's size after its model call (metrics).
+        on_done: called after every batch, answered or failed: its texts have left the queue (the waiting room).
         workers: model calls that may run at once, each in its own thread.
     """
 
     def __init__(self, predict: Callable[[list[str]], list[dict]], max_batch_size: int = 32,
                  max_wait_ms: float = 0.0, max_queue: int = 1024, on_batch: Callable[[int], None] | None = None,
-                 workers: int = 1):
+                 workers: int = 1, on_done: Callable[[], None] | None = None):
         for name, value, least in (("max_batch_size", max_batch_size, 1), ("max_wait_ms", max_wait_ms, 0),
                                    ("max_queue", max_queue, 1), ("workers", workers, 1)):
             if value < least:
@@ -63,6 +64,7 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.on_batch = on_batch or (lambda size: None)
+        self.on_done = on_done or (lambda: None)
         self.queued = 0  # texts waiting, not yet in a model call
         self._pending: collections.deque[_Request] = collections.deque()
         self._lock = threading.Lock()  # _pending and queued: the worker threads take batches from them too
@@ -197,22 +199,26 @@ class Batcher:
                 log.exception("model call on %d texts failed", sum(len(request.texts) for request in batch))
                 outcome = error
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
-                loop.call_soon_threadsafe(_settle, batch, outcome, self.on_batch)
+                loop.call_soon_threadsafe(_settle, batch, outcome, self.on_batch, self.on_done)
             with self._lock:
                 more = self._pending and (not self.max_wait or self.queued >= self.max_batch_size)
                 current[0] = self._take(self.workers - len(self._running) + 1) if more else []  # + this one
 
 
-def _settle(batch: list[_Request], outcome: list[dict] | Exception, on_batch: Callable[[int], None]) -> None:
+def _settle(batch: list[_Request], outcome: list[dict] | Exception, on_batch: Callable[[int], None],
+            on_done: Callable[[], None]) -> None:
     """On the event loop: each request of ``batch`` gets its slice of the answers, in order (or the error)."""
-    if not isinstance(outcome, Exception):
-        on_batch(sum(len(request.texts) for request in batch))
-    start = 0
-    for request in batch:
-        end = start + len(request.texts)
-        if not request.future.done():
-            if isinstance(outcome, Exception):
-                request.future.set_exception(outcome)
-            else:
-                request.future.set_result(outcome[start:end])
-        start = end
+    try:
+        if not isinstance(outcome, Exception):
+            on_batch(sum(len(request.texts) for request in batch))
+        start = 0
+        for request in batch:
+            end = start + len(request.texts)
+            if not request.future.done():
+                if isinstance(outcome, Exception):
+                    request.future.set_exception(outcome)
+                else:
+                    request.future.set_result(outcome[start:end])
+            start = end
+    finally:  # after a failed batch too: requests waiting for room waited for the next answered batch, or in vain
+        on_done()

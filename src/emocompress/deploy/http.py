@@ -188,12 +188,10 @@ def create_app(predictor, settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
 
-    def after_batch(size: int) -> None:
-        metrics.on_batch(size)
-        room.wake()  # its texts left the queue (and the next batch's, taken already): let waiting requests in
-
+    # after every batch, answered or failed, its texts have left the queue (and the next batch's, taken already):
+    # waiting requests are let in
     batcher = Batcher(predictor.predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                      on_batch=after_batch, workers=settings.workers)
+                      on_batch=metrics.on_batch, workers=settings.workers, on_done=lambda: room.wake())
     room = Room(batcher, settings.queue_wait_ms / 1000)
     metrics.queue_depth.set_function(lambda: batcher.queued)
     metrics.waiting.set_function(lambda: room.waiting)
@@ -300,7 +298,8 @@ def _exit_on(signum: int, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``emocompress serve FOLDER [--host H] [--port P] [--max_batch_size N ...]``: serve the folder over HTTP."""
-    parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("folder", help="artifact folder: ONNX (OnnxExport, export_onnx, onnxruntime INT8) or OpenVINO (export_openvino, its INT8)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)

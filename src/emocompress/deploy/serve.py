@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         from emocompress.deploy.http import main as serve_http
 
         return serve_http(argv)
-    parser = argparse.ArgumentParser(prog="python -m emocompress.deploy.serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m emocompress.deploy.serve", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("folder", help="ONNX or OpenVINO artifact folder (OnnxExport, export_onnx, export_openvino, "
                                        "Int8Quantization)")
     parser.add_argument("--input", help="text file, one text per line; stdin if omitted")

@@ -140,6 +140,7 @@ def _settings(teacher, data, space, budget, base, args, first, out_dir, seed, wo
             if not Path(file).is_file():
                 raise ValueError(f"{key}: {file} does not exist; give the configs {what} starts from")
     firsts = [check_settings(dimensions, s or {}, f"first[{i}]") for i, s in enumerate(first or [])]
+    trials.check_fit_args(base, list(map(str, args or [])))
     try:
         check_can_create(out_dir)  # a file there was a FileExistsError traceback
     except ValueError as err:

@@ -135,6 +135,23 @@ def run_fit(args: list[str], folder: Path) -> int:
                               env=env).returncode
 
 
+def check_fit_args(base: list[str], args: list[str]) -> None:
+    """Refuse the search's ``args`` (added to every trial's fit) that the fit refuses, a mistyped key or a bad value,
+    once before the search rather than in every trial: parsed on the ``base`` configs by the fit's own parser, in a
+    process of its own as the trials are (``--print_config``: parsed, nothing built)."""
+    if not args:
+        return
+    command = [sys.executable, "-m", "emocompress.cli", "fit", *(a for file in base for a in ("-c", file)), *args,
+               "--print_config"]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"})
+    if result.returncode:
+        lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+        reason = next((line for line in lines if line.startswith("emocompress: error: ")), lines[-1])
+        raise ValueError(f"args {shlex.join(args)}: {reason.removeprefix('emocompress: error: ')}; fix the search's "
+                         "args, which every trial's fit gets")
+
+
 def stopped_early(folder: Path) -> dict | None:
     """What ``HopelessTrialStop`` recorded in the run folder, or None if it did not stop the fit."""
     path = folder / STOPPED_FILE
