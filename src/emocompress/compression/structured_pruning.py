@@ -116,13 +116,10 @@ class StructuredPruning(Callback):
         # Once per step, not after each backward: with gradient accumulation each backward's .grad also holds the
         # step's earlier batches (counted again), and under fp16 AMP it is still multiplied by the loss scale,
         # which changes between steps. Here the gradient is the step's whole one, unscaled by Lightning.
-        if self.importance != "taylor" or self.rebuilt:
-            return
         step, upcoming = trainer.global_step, self.schedule.next_pruning_step(trainer.global_step)
-        if upcoming is not None and upcoming - step <= self.score_batches:
-            scores = _taylor_scores(pl_module.model)
-            if all(torch.isfinite(t).all() for values in scores.values() for t in values):  # AMP skips inf steps
-                self._scores = _add_scores(self._scores, scores)
+        if self.importance == "taylor" and not self.rebuilt and upcoming is not None \
+                and upcoming - step <= self.score_batches:
+            self._scores = _add_scores(self._scores, _taylor_scores(pl_module.model))
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
@@ -200,6 +197,8 @@ def _taylor_scores(model) -> dict[str, list[torch.Tensor]]:
             if param.grad is None:
                 return {}
             per_column = (module.weight.detach() * param.grad).sum(0).float()  # (in_features,)
+            if not torch.isfinite(per_column).all():  # a step fp16 AMP skips (inf gradients): not scored
+                return {}
             if kind == "heads":
                 per_column = per_column.view(layer.heads, layer.head_size).sum(1)
             scores[kind].append(per_column.abs().cpu())
