@@ -25,8 +25,9 @@ texts as requests of 32 in file order (what a caller with 32 texts has): the pee
 request tokenized, padded to its longest text, one call), ours through ``ArtifactPredictor`` (the request sorted by
 token count and cut into calls where padding would add more than ``max_padding`` of the tokens), one untimed pass
 first (OpenVINO compiles kernels for each new input shape once). Macro F1 is each model's on those texts (batches of
-32, untimed), with a 95% paired-bootstrap interval of its difference to torch fp32 (``emocompress.evaluation.significance``).
-Prints a markdown table and writes ``results.json`` to ``--out``.
+32, untimed), with a 95% paired-bootstrap interval of its difference to torch fp32
+(``emocompress.evaluation.significance``). Batch 1 is also compared round by round with the faster peer. Prints
+markdown tables and writes ``results.json`` to ``--out``.
 """
 
 import argparse
@@ -240,9 +241,10 @@ def measure(variants: dict, tokenizer, texts: list[str], target: np.ndarray, num
             f1 = macro_f1(target, preds, num_classes)
             base = base or (samples, f1)
             medians = [percentile(r, 50) for r in times["singles"][name]]
-            row = {"variant": name, "macro_f1": f1, "f1_diff": {"diff": f1 - base[1], **paired_difference(samples, base[0])},
+            row = {"variant": name, "macro_f1": f1,
+                   "f1_diff": {"diff": f1 - base[1], **paired_difference(samples, base[0])},
                    "mb": sum(f.stat().st_size for f in files) / 1e6,
-                   "batch1_ms": [percentile(medians, 50), min(medians), max(medians)]}
+                   "batch1_ms": [percentile(medians, 50), min(medians), max(medians)], "batch1_round_ms": medians}
             for kind in ("batch 32", "batch 32 sorted"):
                 per_s = [len(texts) / (sum(r) / 1e3) for r in times[kind][name]]
                 row[kind] = [percentile(per_s, 50), min(per_s), max(per_s)]
@@ -287,6 +289,14 @@ def write(rows: list[dict], args) -> None:
                      f"{d['diff']:+.4f} ({d['low']:+.4f}, {d['high']:+.4f}) | "
                      f"{r['mb']:.1f} |")
     lines.append(f"\npadded tokens per text at batch 32: {rows[-1]['padded_tokens_per_text']}")
+    # batch 1 paired by round: the same round's medians, so drift between rounds (this VM's batch-1 times are
+    # bimodal) moves both sides of each ratio
+    peer = min((r for r in rows[:-1] if r["variant"].startswith("peer: ")), key=lambda r: r["batch1_ms"][0])
+    lines += ["", f"Batch 1, the faster peer's ({peer['variant']}) median ms over each variant's, round by round:", "",
+              "| variant | median of rounds (min-max) |", "|---|---|"]
+    for r in rows[:-1]:
+        ratios = np.array(peer["batch1_round_ms"]) / np.array(r["batch1_round_ms"])
+        lines.append(f"| {r['variant']} | {np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f}) |")
     lines += ["", "Requests of 32 texts in file order, texts in, class ids out:", "",
               "| variant | texts/s, median (min-max) | over the OpenVINO + NNCF peer, median of rounds (min-max) | "
               "macro F1 |", "|---|---|---|---|"]
