@@ -64,7 +64,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 MODEL_FILES = {"onnxruntime": ONNX_FILE, "openvino": OPENVINO_FILE}
 # A batch of texts sorted by length is cut where padding would add more than this fraction of its tokens: a
 # request of 32 tweets in file order pads 29 tokens per text in one call, 3.7 in the four calls this makes, and the
-# teacher's OpenVINO INT8 answers it 1.27-1.37x faster than OpenVINO + NNCF in one call (reports/runtimes, section
+# teacher's OpenVINO INT8 answers it 1.21-1.37x faster than OpenVINO + NNCF in one call (reports/runtimes, section
 # 9); each extra call costs less than the padding it saves, on small models too (reports/http_server).
 MAX_PADDING = 0.25
 
