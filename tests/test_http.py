@@ -525,6 +525,10 @@ def test_bad_folder_and_settings_exit_2_in_one_line(tmp_path, capsys):
             # the socket layer served 70000 on port 4464, and -1 ended uvicorn with exit code 3
             (main, [str(tmp_path), "--port", "70000"], r"--port must be from 0 to 65535 \(0: a free port\), got 70000"),
             (main, [str(tmp_path), "--port", "-1"], r"--port must be from 0 to 65535"),
+            # argparse's own errors came after its usage lines
+            (main, [str(tmp_path), "--port", "abc"], r"emocompress serve: error: argument --port: invalid int value"),
+            (serve_main, [str(tmp_path), "--input", str(tmp_path / "nope.txt")],
+             r"python -m emocompress.deploy.serve: error: --input .*nope\.txt does not exist"),
             # python -m emocompress.deploy.serve with --port is this server
             (serve_main, [str(tmp_path / "missing"), "--port", "0"], r"emocompress serve: error: .*not a folder")):
         with pytest.raises(SystemExit) as exit_info:

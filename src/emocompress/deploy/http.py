@@ -17,7 +17,6 @@ than ``timeout_s``, 500 (logged, never a traceback) if the model call fails. SIG
 connections, lets the requests in flight finish (at most ``drain_s``), then exits 0. See docs/serving.md.
 """
 
-import argparse
 import asyncio
 import contextlib
 import copy
@@ -46,6 +45,7 @@ from emocompress.deploy.runtime import precision_hint
 from emocompress.deploy.serve import (  # its module is the stdin/stdout server
     MAX_PADDING,
     ArtifactPredictor,
+    OneLineParser,
     add_inference_precision,
     dynamic_int8_warning,
 )
@@ -298,8 +298,7 @@ def _exit_on(signum: int, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``emocompress serve FOLDER [--host H] [--port P] [--max_batch_size N ...]``: serve the folder over HTTP."""
-    parser = argparse.ArgumentParser(prog="emocompress serve", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+    parser = OneLineParser(prog="emocompress serve", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="artifact folder: ONNX (OnnxExport, export_onnx, onnxruntime INT8) or OpenVINO (export_openvino, its INT8)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)

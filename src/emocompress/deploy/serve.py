@@ -292,6 +292,17 @@ def add_inference_precision(parser: argparse.ArgumentParser) -> None:
                              "CPU; bf16, or auto (OpenVINO's choice: bf16 where the CPU has it), is faster there")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``prog: error: message`` with exit code 2, without the usage
+    lines argparse prints before it (``--help`` still shows them); no abbreviated options."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m emocompress.deploy.serve FOLDER [--input FILE] [--output FILE]``: one text per input line,
     one JSON object per output line (see the module docstring). With ``--port`` it is the HTTP server instead
@@ -301,8 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         from emocompress.deploy.http import main as serve_http
 
         return serve_http(argv)
-    parser = argparse.ArgumentParser(prog="python -m emocompress.deploy.serve", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+    parser = OneLineParser(prog="python -m emocompress.deploy.serve", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="ONNX or OpenVINO artifact folder (OnnxExport, export_onnx, export_openvino, "
                                        "Int8Quantization)")
     parser.add_argument("--input", help="text file, one text per line; stdin if omitted")
