@@ -14,11 +14,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-# Lightning before any test module imports scikit-learn: typing caches a Union by equality, so once sklearn has built
-# Optional[Union[float, int]], Lightning's Optional[Union[int, float]] (trainer.limit_*_batches) is that object, and
-# jsonargparse, trying float first, parses `--trainer.limit_train_batches 1` (one batch) as 1.0 (every batch). The
-# emocompress command imports Lightning first; tests that ran after sklearn's import (test_benchmark) did not.
-import lightning.pytorch  # noqa: F401
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertTokenizerFast

@@ -830,6 +830,17 @@ def test_a_broken_save_to_disk_folder_is_named_as_data(tiny_model_dir, tmp_path,
     assert "model.model_name" not in err
 
 
+def test_limit_batches_stay_integers_after_scikit_learn_was_imported(emotion_dir, tiny_model_dir, tmp_path):
+    # typing caches Unions by equality: scikit-learn's Optional[Union[float, int]], built before Lightning's
+    # Optional[Union[int, float]], made jsonargparse read `1` (one batch) as 1.0 (every batch) in that process
+    code = "import sys, sklearn.metrics; from emocompress.cli import main; main(sys.argv[1:])"
+    args = ["fit", *tiny_args(emotion_dir, tiny_model_dir), "--trainer.limit_train_batches", "1", "--print_config"]
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"^  limit_train_batches: 1$", done.stdout, re.MULTILINE), done.stdout
+
+
 def test_testing_a_fresh_head_warns_loudly(emotion_dir, tiny_model_dir, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="test WITHOUT --ckpt_path on a model whose classification head was just "
                                          "initialised at random"):

@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import sys
+import typing
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import transformers
 from jsonargparse import CLI
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -323,6 +325,20 @@ def main(args: list[str] | None = None):
         sys.exit(2)
 
 
+def _int_before_float(function) -> None:
+    """Put ``int`` before ``float`` again in ``function``'s Union annotations. Lightning writes
+    ``limit_train_batches: Optional[Union[int, float]]`` (an int is a number of batches, a float a fraction), but
+    typing caches Unions by equality: in a process that built ``Optional[Union[float, int]]`` before importing
+    Lightning (importing scikit-learn does), the annotation is that float-first object, and jsonargparse, trying the
+    members in order, parses ``--trainer.limit_train_batches 1`` (one batch) as 1.0 (every batch). A Union of the
+    flattened members is cached under another key, so it keeps the order given."""
+    for name, hint in function.__annotations__.items():
+        members = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Union and float in members and int in members \
+                and members.index(float) < members.index(int):
+            function.__annotations__[name] = typing.Union[tuple(sorted(members, key=lambda t: t is not int))]
+
+
 def _run(args: list[str] | None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in _FUNCTIONS:
@@ -341,6 +357,7 @@ def _run(args: list[str] | None) -> None:
     # configs/trainer/default.yaml has two ModelCheckpoints, the val/macro_f1 one first: `test` after `fit` uses its best
     # checkpoint, which is what we want, and Lightning warns about exactly that on every fit.
     warnings.filterwarnings("ignore", message=r".*called with Trainer configured with multiple `ModelCheckpoint`")
+    _int_before_float(Trainer.__init__)
     EmoCLI(EmotionClassifier, EmotionDataModule, subclass_mode_model=True, args=args,
            save_config_callback=runs.RunRecord, save_config_kwargs={"overwrite": True},
            trainer_defaults={"default_root_dir": "logs"})
