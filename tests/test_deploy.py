@@ -265,8 +265,8 @@ def test_hf_export_cuts_texts_where_training_did_and_a_later_run_may_take_more(m
                                                                               tiny_trainer, tmp_path):
     from transformers import pipeline
 
-    from emocompress.benchmark.variants import trained_max_length
     from emocompress.callbacks.export import HFExport
+    from emocompress.models.loading import trained_max_length
 
     dm = make_datamodule(batch_size=4, max_length=8)
     trainer = tiny_trainer(max_steps=1, callbacks=[HFExport()], enable_checkpointing=False)

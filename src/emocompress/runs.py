@@ -21,8 +21,8 @@ from emocompress.callbacks.metrics import TestMetricsWriter
 from emocompress.compression.quantization import Int8Quantization
 from emocompress.data.sources import SPLIT_NAMES, split_fingerprint
 from emocompress.io import atomic_write_text
-from emocompress.models.checkpoints import checkpoint_max_length, current_class_paths, read_checkpoint
-from emocompress.models.pretrained import exported_max_length
+from emocompress.models.checkpoints import current_class_paths, read_checkpoint
+from emocompress.models.loading import trained_max_length
 
 log = logging.getLogger(__name__)
 # Settings that may differ between a run and its resumption.
@@ -270,14 +270,10 @@ def warn_if_truncated_otherwise(ckpt_path: str | None, datamodule, subcommand: s
     a run of these settings, so only a ``.ckpt`` named by its path can differ. Without ``--ckpt_path``, the same
     for an ``hf_model`` export as the model (its tokenizer records the max_length it was trained with)."""
     current = getattr(datamodule, "max_length", None)
-    if current is None:
+    source = ckpt_path or (datamodule.hparams.get("tokenizer") if hasattr(datamodule, "hparams") else None)
+    if current is None or not source or not Path(source).exists():  # a hub name, 'last' resolved elsewhere
         return
-    if ckpt_path:
-        source = ckpt_path
-        trained = checkpoint_max_length(ckpt_path) if Path(ckpt_path).is_file() else None
-    else:
-        source = datamodule.hparams.get("tokenizer") if hasattr(datamodule, "hparams") else None
-        trained = exported_max_length(source) if source and Path(source).is_dir() else None
+    trained = trained_max_length(source)
     if trained is not None and trained != current:
         rank_zero_warn(f"{subcommand}: data.max_length is {current}, but {source} was trained with {trained}: texts "
                        f"of more than {min(current, trained)} tokens are cut otherwise than in its training and its "

@@ -25,16 +25,9 @@ from emocompress.deploy.format import (
     read_metadata,
 )
 from emocompress.deploy.runtime import precision_hint
-from emocompress.models import pretrained
-from emocompress.models.checkpoints import (
-    checkpoint_max_length,
-    current_class_paths,
-    label_columns,
-    read_checkpoint,
-    stored_labels,
-)
+from emocompress.models.checkpoints import current_class_paths, label_columns, read_checkpoint, stored_labels
 from emocompress.models.classifier import EmotionClassifier, classification_metrics, metrics_report, model_inputs
-from emocompress.models.loading import is_distiller_checkpoint, load_folder
+from emocompress.models.loading import is_distiller_checkpoint, load_folder, trained_max_length
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", ONNX_FILE, OPENVINO_WEIGHTS_FILE, TORCH_WEIGHTS_FILE)
 
@@ -76,16 +69,6 @@ def load_for_benchmark(path: str | Path, trust_remote_code: bool = False,
         return module.model.eval(), module.hparams.model_name, path
     return (load_folder(path, trust_remote_code, torch.get_num_threads(), inference_precision), str(path),
             _weights_file(path))
-
-
-def trained_max_length(path: str | Path) -> int | None:
-    """Tokens per text the model at ``path`` was trained with (a checkpoint's datamodule hyper-parameters, an
-    ``hf_model`` export's tokenizer) or is served with (an artifact folder's metadata); None where nothing records
-    it (an ``hf_model`` export older than the record)."""
-    path = Path(path)
-    if path.suffix == ".ckpt":
-        return checkpoint_max_length(str(path))
-    return read_metadata(path).max_length if metadata_file(path).is_file() else pretrained.exported_max_length(path)
 
 
 def is_openvino_folder(path: str | Path) -> bool:

@@ -44,6 +44,7 @@ from emocompress.deploy.protocol import header_deadline_protocol
 from emocompress.deploy.runtime import precision_hint
 from emocompress.deploy.serve import (  # its module is the stdin/stdout server
     MAX_PADDING,
+    MAX_PADDING_HELP,
     ArtifactPredictor,
     OneLineParser,
     add_inference_precision,
@@ -62,8 +63,7 @@ class Settings:
     """What a server accepts and how it batches (each is a ``--flag`` of ``emocompress serve``)."""
 
     max_batch_size: int = _setting(8, "texts per model call (a batch is padded to its longest text)")
-    max_padding: float = _setting(MAX_PADDING, "a batch's texts, sorted by length, are cut into model calls whose "
-                                               "padding adds at most this fraction of their tokens")
+    max_padding: float = _setting(MAX_PADDING, MAX_PADDING_HELP)
     max_wait_ms: float = _setting(0.0, "linger: a free worker waits until the oldest queued request has waited this "
                                        "long (or the batch is full); 0: run what is queued at once")
     max_queue: int = _setting(256, "texts waiting for the model before new requests wait for room (queue_wait_ms), "
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                             help=f"{f.metadata['help']} (default {f.default})")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:  # the socket layer served 70000 on 4464 (70000 - 65536) and exited 3 on -1
-        parser.exit(2, f"{parser.prog}: error: --port must be from 0 to 65535 (0: a free port), got {args.port}\n")
+        parser.error(f"--port must be from 0 to 65535 (0: a free port), got {args.port}")
     try:
         settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
         threads = args.num_threads or max(1, _cores() // settings.workers)
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                                       max_padding=settings.max_padding,
                                       inference_precision=precision_hint(args.inference_precision))
     except ValueError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        parser.error(str(error))
     _exit_on(signal.SIGTERM, 0)
     _exit_on(signal.SIGINT, 128 + signal.SIGINT)
     server = make_server(create_app(predictor, settings), args.host, args.port, settings, args.log_level, args.http)
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         if server.started:
             raise
         # a port in use or an unknown host: uvicorn logged why and exits 3, a code no other command ends with
-        parser.exit(2, f"{parser.prog}: error: --host {args.host} --port {args.port}: cannot listen there (the line "
-                       "above says why); give a free --port, or an address of this machine as --host\n")
+        parser.error(f"--host {args.host} --port {args.port}: cannot listen there (the line above says why); give a "
+                     "free --port, or an address of this machine as --host")
     if not server.started:
         sys.exit(1)
 

@@ -67,6 +67,8 @@ MODEL_FILES = {"onnxruntime": ONNX_FILE, "openvino": OPENVINO_FILE}
 # teacher's OpenVINO INT8 answers it 1.21-1.37x faster than OpenVINO + NNCF in one call (reports/runtimes, section
 # 9); each extra call costs less than the padding it saves, on small models too (reports/http_server).
 MAX_PADDING = 0.25
+MAX_PADDING_HELP = ("a batch's texts, sorted by length, are cut into model calls whose padding adds at most this "
+                    "fraction of their tokens (0: only texts of one length share a call)")
 
 
 class ArtifactPredictor:
@@ -321,9 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="texts per model call; answers are flushed after each batch (1: answer every line "
                              "as it arrives)")
     parser.add_argument("--num_threads", type=int, default=None, help="runtime threads (default: all cores)")
-    parser.add_argument("--max_padding", type=float, default=MAX_PADDING,
-                        help="a batch's texts, sorted by length, are cut into model calls whose padding adds at most "
-                             "this fraction of their tokens (0: only texts of one length share a call)")
+    parser.add_argument("--max_padding", type=float, default=MAX_PADDING, help=MAX_PADDING_HELP)
     add_inference_precision(parser)
     args = parser.parse_args(argv)
     if problem := _check_streams(args):

@@ -22,7 +22,17 @@ from emocompress.models import (
     structure,
     students,  # noqa: F401  (registers SmallEncoderClassifier with the Auto classes)
 )
-from emocompress.models.checkpoints import load_network, read_checkpoint
+from emocompress.models.checkpoints import checkpoint_max_length, load_network, read_checkpoint
+
+
+def trained_max_length(path: str | Path) -> int | None:
+    """Tokens per text the model at ``path`` was trained with (a checkpoint's datamodule hyper-parameters, an
+    ``hf_model`` export's tokenizer) or is served with (an artifact folder's metadata); None where nothing records
+    it (an ``hf_model`` export older than the record, a hub model)."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        return checkpoint_max_length(str(path))
+    return read_metadata(path).max_length if metadata_file(path).is_file() else pretrained.exported_max_length(path)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ whose val macro F1 after epoch k is already far below what the budget allows is 
 as pruned. The margin keeps students that start slowly (more epochs would lift them) alive.
 """
 
-
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
